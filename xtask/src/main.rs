@@ -1,1 +1,355 @@
-fn main() {}
+//! `cargo xtask`: Stencil's host tool. It builds apps for `x86_64-unknown-none`, boots them in
+//! QEMU and runs the test tiers. See docs/xtask.md for usage and docs/ARCHITECTURE.md for the
+//! build flags, kernel command line and exit codes it implements.
+
+mod apps;
+mod cargo_build;
+mod cmdline;
+mod harness;
+mod proc;
+mod qemu;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::qemu::{AccelChoice, EXIT_XTASK_ERROR, Firmware, Machine, Vm};
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes of `build` and `run`:
+  0-99     the app's own exit code
+  100-104  reported by libos: 100 panic, 101 CPU exception, 102 stack overflow,
+           103 bad kernel command line, 104 out of memory
+  110      the guest crashed (triple fault / reset: QEMU exited 0)
+  111      timeout: the guest was killed
+  112      QEMU failed (exited 1 or with an unexpected status)
+  113      xtask error (bad usage, build failure, QEMU missing, unknown app)
+  130      interrupted (Ctrl-C); QEMU was killed
+`test` exits 0 if every test passed, else 1.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Stencil's host tool: build apps, boot them in QEMU, run the tests",
+    after_help = EXIT_CODES_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build apps for x86_64-unknown-none and print the path of each ELF
+    Build(BuildCmd),
+    /// Build an app and boot it in QEMU; serial output goes to the terminal
+    #[command(after_help = EXIT_CODES_HELP)]
+    Run(RunCmd),
+    /// Run the host tests, then boot every declared QEMU test case; ends with `N passed, N failed`
+    Test(TestCmd),
+}
+
+#[derive(Debug, Args)]
+struct BuildOpts {
+    /// Build with the release profile (default: dev)
+    #[arg(long)]
+    release: bool,
+    /// Cargo.toml of an app crate outside the workspace (one that depends on libos by path); it
+    /// builds in its own target directory
+    #[arg(long, value_name = "PATH")]
+    manifest_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct BuildCmd {
+    /// App package names (default: every app of the workspace, or the --manifest-path crate)
+    #[arg(value_name = "APP")]
+    apps: Vec<String>,
+    #[command(flatten)]
+    build: BuildOpts,
+}
+
+#[derive(Debug, Args)]
+struct RunCmd {
+    /// The app's package name (under apps/ or tests/apps/)
+    #[arg(value_name = "APP", required_unless_present_any = ["elf", "manifest_path"])]
+    app: Option<String>,
+    #[command(flatten)]
+    build: BuildOpts,
+    /// Boot this prebuilt ELF instead of building an app
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["app", "release", "manifest_path"])]
+    elf: Option<PathBuf>,
+    /// Accelerator
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// QEMU machine type
+    #[arg(long, value_enum, default_value_t = Machine::Microvm)]
+    machine: Machine,
+    /// Guest memory (QEMU -m syntax: 256M, 2G, ...)
+    #[arg(long, default_value = "256M")]
+    mem: String,
+    /// Number of virtual CPUs
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
+    smp: u32,
+    /// Firmware for q35 (microvm always uses QEMU's bios-microvm.bin)
+    #[arg(long, value_enum, default_value_t = Firmware::Auto)]
+    firmware: Firmware,
+    /// Start QEMU's gdb stub on tcp::1234; the guest waits for the debugger (no timeout unless
+    /// --timeout is given)
+    #[arg(long)]
+    gdb: bool,
+    /// Kill the guest after this many seconds and exit 111 [default: 60; 0: never]
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Build, then print the QEMU command line instead of running it
+    #[arg(long)]
+    dry_run: bool,
+    /// Guest log level: kernel option log=LEVEL
+    #[arg(long, value_name = "LEVEL", value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
+    log: Option<String>,
+    /// Turn page-table sharing off: kernel option share=off
+    #[arg(long)]
+    no_share: bool,
+    /// Extra kernel options, passed through as is (repeatable)
+    #[arg(long, value_name = "OPTIONS")]
+    cmdline: Vec<String>,
+    /// Arguments for the app (after `--`)
+    #[arg(last = true, value_name = "APP ARGS")]
+    args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct TestCmd {
+    /// Run only the QEMU cases whose name contains this (host tests still run unless --no-host)
+    filter: Option<String>,
+    /// Skip the host tests (cargo test)
+    #[arg(long)]
+    no_host: bool,
+    /// Skip the QEMU cases
+    #[arg(long)]
+    no_qemu: bool,
+    /// List the QEMU cases (after the filter) and exit
+    #[arg(long)]
+    list: bool,
+    /// Show every case's serial output live
+    #[arg(long)]
+    show_output: bool,
+    /// Accelerator for the QEMU cases
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Firmware for q35 cases
+    #[arg(long, value_enum, default_value_t = Firmware::Auto)]
+    firmware: Firmware,
+}
+
+/// Error: xtask got this signal and stopped its child; it exits with 128 + signal.
+#[derive(Debug)]
+pub struct Interrupted(pub i32);
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "interrupted (signal {})", self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { EXIT_XTASK_ERROR } else { 0 });
+        }
+    };
+    // Every guard is dropped inside `real_main`: `exit` runs no destructors.
+    let code = match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => match e.downcast_ref::<Interrupted>() {
+            Some(Interrupted(sig)) => {
+                eprintln!("stencil: interrupted");
+                proc::signal_exit_code(*sig)
+            }
+            None => {
+                eprintln!("xtask: error: {e:#}");
+                EXIT_XTASK_ERROR
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+fn real_main(cli: Cli) -> Result<i32> {
+    proc::install_signal_handlers()?;
+    let root = workspace_root();
+    match cli.command {
+        Cmd::Build(b) => {
+            for (_, elf) in build_apps(&root, &b.apps, &b.build)? {
+                println!("{}", elf.display());
+            }
+            Ok(0)
+        }
+        Cmd::Run(r) => run(&root, r),
+        Cmd::Test(t) => harness::run(
+            &root,
+            &harness::Options {
+                filter: t.filter,
+                no_host: t.no_host,
+                no_qemu: t.no_qemu,
+                list: t.list,
+                show_output: t.show_output,
+                accel: t.accel,
+                firmware: t.firmware,
+            },
+        ),
+    }
+}
+
+/// The workspace root: the parent of xtask's own directory.
+fn workspace_root() -> PathBuf {
+    // `cargo run` sets CARGO_MANIFEST_DIR at run time too; prefer it (the tree may have moved).
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+}
+
+/// Builds the named apps (or all of them) in one cargo call; returns (package, ELF) pairs.
+fn build_apps(root: &Path, names: &[String], opts: &BuildOpts) -> Result<Vec<(String, PathBuf)>> {
+    let (dir, manifest, wanted) = match &opts.manifest_path {
+        Some(m) => {
+            let m = m
+                .canonicalize()
+                .with_context(|| format!("--manifest-path {}", m.display()))?;
+            let meta = apps::load(&m)?;
+            let wanted: Vec<(String, String)> = if names.is_empty() {
+                let pkg = meta
+                    .packages
+                    .iter()
+                    .find(|p| p.manifest_path == m)
+                    .with_context(|| {
+                        format!("{} has no [package]; name the app to build", m.display())
+                    })?;
+                vec![(pkg.name.clone(), pkg.id.clone())]
+            } else {
+                names
+                    .iter()
+                    .map(|n| {
+                        let pkg =
+                            meta.packages
+                                .iter()
+                                .find(|p| &p.name == n)
+                                .with_context(|| {
+                                    format!("no package `{n}` in the workspace of {}", m.display())
+                                })?;
+                        Ok((pkg.name.clone(), pkg.id.clone()))
+                    })
+                    .collect::<Result<_>>()?
+            };
+            let dir = m.parent().map(Path::to_path_buf).unwrap_or_default();
+            (dir, Some(m), wanted)
+        }
+        None => {
+            let meta = apps::load(&root.join("Cargo.toml"))?;
+            let all = apps::apps(&meta)?;
+            let wanted: Vec<(String, String)> = if names.is_empty() {
+                all.iter().map(|a| (a.name.clone(), a.id.clone())).collect()
+            } else {
+                names
+                    .iter()
+                    .map(|n| apps::find(&all, n).map(|a| (a.name.clone(), a.id.clone())))
+                    .collect::<Result<_>>()?
+            };
+            if wanted.is_empty() {
+                bail!("this workspace has no apps (under apps/ or tests/apps/)");
+            }
+            (root.to_path_buf(), None, wanted)
+        }
+    };
+    let packages: Vec<String> = wanted.iter().map(|(n, _)| n.clone()).collect();
+    let req = cargo_build::BuildRequest {
+        dir: &dir,
+        manifest_path: manifest.as_deref(),
+        packages: &packages,
+        release: opts.release,
+    };
+    let artifacts = cargo_build::build(&req)?;
+    let map = cargo_build::executables_by_package(&artifacts, &wanted)?;
+    Ok(packages
+        .into_iter()
+        .map(|n| {
+            let elf = map[&n].clone();
+            (n, elf)
+        })
+        .collect())
+}
+
+fn run(root: &Path, r: RunCmd) -> Result<i32> {
+    let kernel = match &r.elf {
+        Some(elf) => {
+            if !elf.is_file() {
+                bail!("--elf {}: no such file", elf.display());
+            }
+            elf.clone()
+        }
+        None => {
+            let names: Vec<String> = r.app.iter().cloned().collect();
+            let built = build_apps(root, &names, &r.build)?;
+            let [(_, elf)] = <[_; 1]>::try_from(built)
+                .map_err(|b| anyhow::anyhow!("expected one app, built {}", b.len()))?;
+            elf
+        }
+    };
+
+    let (accel, notice) = qemu::detect_accel(r.accel)?;
+    if let Some(n) = notice {
+        eprintln!("{n}");
+    }
+    let mut options = Vec::new();
+    if let Some(level) = &r.log {
+        options.push(format!("log={level}"));
+    }
+    if r.no_share {
+        options.push("share=off".to_owned());
+    }
+    options.extend(r.cmdline.iter().cloned());
+
+    let mut vm = Vm::new(kernel, r.machine, accel);
+    vm.mem = r.mem.clone();
+    vm.smp = r.smp;
+    vm.gdb = r.gdb;
+    vm.cmdline = cmdline::kernel_cmdline(&options, &r.args);
+    vm.set_firmware(r.firmware)?;
+
+    if r.dry_run {
+        if let Err(e) = qemu::find_qemu() {
+            eprintln!("stencil: warning: {e:#}");
+        }
+        println!("{}", vm.shell_line());
+        return Ok(0);
+    }
+    vm.qemu = qemu::find_qemu()?;
+    let timeout = match (r.timeout, r.gdb) {
+        (Some(0), _) | (None, true) => None,
+        (Some(secs), _) => Some(Duration::from_secs(secs)),
+        (None, false) => Some(Duration::from_secs(60)),
+    };
+    if r.gdb {
+        eprintln!(
+            "stencil: QEMU waits for gdb on localhost:1234; connect with: gdb {} -ex 'target \
+             remote :1234'",
+            vm.kernel.display()
+        );
+    }
+    let res = qemu::run(&vm, timeout, true)?;
+    if res.code != 0
+        && let Some(summary) = &res.summary
+    {
+        eprintln!("{summary}");
+    }
+    Ok(res.code)
+}

@@ -1,0 +1,395 @@
+//! `cargo xtask test`: host tests, then every declared QEMU case, then `N passed, N failed`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::Interrupted;
+use crate::apps::{self, App, TestCase};
+use crate::cargo_build::{self, BuildRequest};
+use crate::cmdline::kernel_cmdline;
+use crate::proc::{self, ChildGuard, Echo, Ending, Stop};
+use crate::qemu::{self, AccelChoice, Firmware, Vm};
+
+/// Lines of serial output shown for a failed case.
+const TAIL_LINES: usize = 40;
+
+#[derive(Debug)]
+pub struct Options {
+    pub filter: Option<String>,
+    pub no_host: bool,
+    pub no_qemu: bool,
+    pub list: bool,
+    pub show_output: bool,
+    pub accel: AccelChoice,
+    pub firmware: Firmware,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+fn say(msg: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{msg}");
+    let _ = out.flush();
+}
+
+/// Runs the harness; returns the exit code (0 iff nothing failed).
+pub fn run(root: &Path, opts: &Options) -> Result<i32> {
+    let meta = apps::load(&root.join("Cargo.toml"))?;
+    let apps = apps::apps(&meta)?;
+    let cases: Vec<(&App, &TestCase)> = apps
+        .iter()
+        .flat_map(|a| a.cases.iter().map(move |c| (a, c)))
+        .filter(|(_, c)| opts.filter.as_deref().is_none_or(|f| c.name.contains(f)))
+        .collect();
+    if opts.list {
+        for (app, case) in &cases {
+            say(&format!(
+                "{} (app {}, {})",
+                case.name, app.name, case.machine
+            ));
+        }
+        return Ok(0);
+    }
+    let mut totals = Totals::default();
+    if !opts.no_host {
+        host_tests(root, &apps, &mut totals)?;
+    }
+    if !opts.no_qemu {
+        qemu_cases(root, &cases, opts, &mut totals)?;
+    }
+    say(&format!(
+        "{} passed, {} failed",
+        totals.passed, totals.failed
+    ));
+    Ok(if totals.failed == 0 { 0 } else { 1 })
+}
+
+/// Reads `N passed` and `M failed` from a libtest `test result:` line.
+pub fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let (_, rest) = line.split_once("test result:")?;
+    let (mut passed, mut failed) = (None, None);
+    for part in rest.split(';') {
+        let words: Vec<&str> = part.split_whitespace().collect();
+        if let [.., n, word] = words.as_slice() {
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match *word {
+                "passed" => passed = Some(n),
+                "failed" => failed = Some(n),
+                _ => {}
+            }
+        }
+    }
+    Some((passed?, failed?))
+}
+
+fn host_tests(root: &Path, apps: &[App], totals: &mut Totals) -> Result<()> {
+    let mut cmd = Command::new(cargo_build::cargo());
+    cmd.current_dir(root)
+        .args(["test", "--workspace", "--no-fail-fast"]);
+    for app in apps {
+        cmd.args(["--exclude", &app.name]);
+    }
+    say(&format!(
+        "xtask: host tests: cargo test --workspace --no-fail-fast{}",
+        apps.iter()
+            .map(|a| format!(" --exclude {}", a.name))
+            .collect::<String>()
+    ));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut guard =
+        ChildGuard::spawn(&mut cmd, Stop::Terminate).context("cannot run cargo test")?;
+    let out = guard.child_mut().stdout.take().expect("piped");
+    let counter = proc::lines(
+        out,
+        Echo::Stdout,
+        Totals::default(),
+        |t: &mut Totals, line| {
+            if let Some((p, f)) = parse_test_result(line) {
+                t.passed += p;
+                t.failed += f;
+            }
+        },
+    );
+    let ending = guard.wait(None)?;
+    drop(guard);
+    let mut host = counter.join().unwrap_or_default();
+    match ending {
+        Ending::Interrupted(sig) => return Err(Interrupted(sig).into()),
+        Ending::TimedOut => unreachable!("no deadline"),
+        Ending::Exited(status) => {
+            if !status.success() && host.failed == 0 {
+                say(&format!(
+                    "xtask: host tests: cargo test failed ({status}) with no failing test \
+                     reported (a build error?): counted as 1 failure"
+                ));
+                host.failed = 1;
+            }
+        }
+    }
+    say(&format!(
+        "xtask: host tests: {} passed, {} failed",
+        host.passed, host.failed
+    ));
+    totals.passed += host.passed;
+    totals.failed += host.failed;
+    Ok(())
+}
+
+fn qemu_cases(
+    root: &Path,
+    cases: &[(&App, &TestCase)],
+    opts: &Options,
+    totals: &mut Totals,
+) -> Result<()> {
+    if cases.is_empty() {
+        match &opts.filter {
+            Some(f) => say(&format!("xtask: no QEMU test case matches `{f}`")),
+            None => say("xtask: no QEMU test cases are declared"),
+        }
+        return Ok(());
+    }
+    let qemu_path = match qemu::find_qemu() {
+        Ok(p) => p,
+        Err(e) => {
+            say(&format!("xtask: error: {e:#}"));
+            say(&format!(
+                "xtask: {} QEMU cases not run: counted as failed",
+                cases.len()
+            ));
+            totals.failed += cases.len() as u64;
+            return Ok(());
+        }
+    };
+    let (accel, notice) = qemu::detect_accel(opts.accel)?;
+    if let Some(n) = notice {
+        eprintln!("{n}");
+    }
+
+    // One cargo invocation per profile (usually just one) for all the apps with cases.
+    let mut elfs: BTreeMap<(bool, String), Result<std::path::PathBuf, String>> = BTreeMap::new();
+    for release in [false, true] {
+        let mut wanted: Vec<(String, String)> = Vec::new();
+        for (app, case) in cases {
+            if case.release == release && !wanted.iter().any(|(n, _)| *n == app.name) {
+                wanted.push((app.name.clone(), app.id.clone()));
+            }
+        }
+        if wanted.is_empty() {
+            continue;
+        }
+        let names: Vec<String> = wanted.iter().map(|(n, _)| n.clone()).collect();
+        let profile = if release { "release" } else { "dev" };
+        say(&format!(
+            "xtask: building {} app(s) ({profile}): {}",
+            names.len(),
+            names.join(" ")
+        ));
+        let req = BuildRequest {
+            dir: root,
+            manifest_path: None,
+            packages: &names,
+            release,
+        };
+        let built = cargo_build::build(&req)
+            .and_then(|arts| cargo_build::executables_by_package(&arts, &wanted));
+        match built {
+            Ok(map) => {
+                for (name, elf) in map {
+                    elfs.insert((release, name), Ok(elf));
+                }
+            }
+            Err(e) if e.is::<Interrupted>() => return Err(e),
+            Err(e) => {
+                say(&format!("xtask: build failed: {e:#}"));
+                for name in names {
+                    elfs.insert((release, name), Err(format!("build failed: {e:#}")));
+                }
+            }
+        }
+    }
+
+    say(&format!(
+        "xtask: running {} QEMU case(s) with {accel}",
+        cases.len()
+    ));
+    for (app, case) in cases {
+        let label = format!("test {} ({}, {}) ...", case.name, app.name, case.machine);
+        let elf = match elfs.get(&(case.release, app.name.clone())) {
+            Some(Ok(elf)) => elf.clone(),
+            Some(Err(why)) => {
+                say(&format!("{label} FAILED (not run)\n    {why}"));
+                totals.failed += 1;
+                continue;
+            }
+            None => unreachable!("every case's app was built or failed"),
+        };
+        if opts.show_output {
+            say(&label);
+        } else {
+            print!("{label} ");
+            let _ = std::io::stdout().flush();
+        }
+        let mut vm = Vm::new(elf, case.machine, accel);
+        vm.qemu = qemu_path.clone();
+        vm.mem = case.mem.clone();
+        vm.smp = case.smp;
+        vm.cmdline = kernel_cmdline(&case.cmdline, &case.args);
+        vm.set_firmware(opts.firmware)?;
+        let res = qemu::run(
+            &vm,
+            Some(Duration::from_secs(case.timeout)),
+            opts.show_output,
+        )?;
+        if let Some(sig) = res.interrupted {
+            say("interrupted");
+            return Err(Interrupted(sig).into());
+        }
+        let serial = String::from_utf8_lossy(&res.serial);
+        let reasons = judge(case, res.code, &serial);
+        let secs = res.elapsed.as_secs_f64();
+        if reasons.is_empty() {
+            say(&format!("ok ({secs:.2} s)"));
+            totals.passed += 1;
+            continue;
+        }
+        totals.failed += 1;
+        let mut report = format!("FAILED ({secs:.2} s)\n");
+        for r in &reasons {
+            report.push_str(&format!("    {r}\n"));
+        }
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        if !stderr.trim().is_empty() {
+            report.push_str("    --- QEMU stderr ---\n");
+            for l in tail(&stderr, 10) {
+                report.push_str(&format!("    {l}\n"));
+            }
+        }
+        if !opts.show_output {
+            report.push_str(&format!(
+                "    --- last {TAIL_LINES} lines of serial output ---\n"
+            ));
+            for l in tail(&serial, TAIL_LINES) {
+                report.push_str(&format!("    | {l}\n"));
+            }
+        }
+        report.push_str(&format!("    command: {}", vm.shell_line()));
+        say(&report);
+    }
+    Ok(())
+}
+
+fn tail(text: &str, n: usize) -> Vec<&str> {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+/// Why a case failed (empty: it passed).
+pub fn judge(case: &TestCase, code: i32, serial: &str) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if code != case.exit {
+        reasons.push(format!(
+            "exit code: expected {} ({}), got {} ({})",
+            case.exit,
+            qemu::describe(case.exit),
+            code,
+            qemu::describe(code)
+        ));
+        if code == qemu::EXIT_TIMEOUT {
+            reasons.push(format!("the guest did not exit within {} s", case.timeout));
+        }
+    }
+    let mut from = 0;
+    let mut previous: Option<&str> = None;
+    for want in &case.expect {
+        match serial[from..].find(want.as_str()) {
+            Some(at) => {
+                from += at + want.len();
+                previous = Some(want);
+            }
+            None => {
+                let place = match previous {
+                    Some(p) => format!(" after `{p}`"),
+                    None => String::new(),
+                };
+                let anywhere = if previous.is_some() && serial.contains(want.as_str()) {
+                    " (it appears earlier: wrong order)"
+                } else {
+                    ""
+                };
+                reasons.push(format!("serial output lacks `{want}`{place}{anywhere}"));
+                break;
+            }
+        }
+    }
+    for bad in &case.reject {
+        if serial.contains(bad.as_str()) {
+            reasons.push(format!("serial output contains rejected `{bad}`"));
+        }
+    }
+    reasons
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_result_lines() {
+        let ok = "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; \
+                  finished in 0.01s";
+        assert_eq!(parse_test_result(ok), Some((12, 0)));
+        let bad = "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(parse_test_result(bad), Some((3, 2)));
+        assert_eq!(parse_test_result("running 3 tests"), None);
+        assert_eq!(parse_test_result("test result: garbage"), None);
+    }
+
+    fn case(exit: i32, expect: &[&str], reject: &[&str]) -> TestCase {
+        TestCase {
+            name: "c".to_owned(),
+            machine: Default::default(),
+            args: vec![],
+            cmdline: vec![],
+            exit,
+            expect: expect.iter().map(|s| (*s).to_owned()).collect(),
+            reject: reject.iter().map(|s| (*s).to_owned()).collect(),
+            timeout: 5,
+            mem: "256M".to_owned(),
+            smp: 1,
+            release: false,
+        }
+    }
+
+    #[test]
+    fn judging() {
+        let out = "boot\nHello from Stencil\narg[1] = a b\nbye\n";
+        assert!(judge(&case(0, &["Hello", "arg[1] = a b"], &["panicked"]), 0, out).is_empty());
+        let r = judge(&case(0, &["arg[1]", "Hello"], &[]), 0, out);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("wrong order"), "{r:?}");
+        let r = judge(&case(0, &["missing"], &["bye"]), 100, out);
+        assert_eq!(r.len(), 3, "{r:?}");
+        assert!(r[0].contains("got 100 (guest panicked)"));
+        let r = judge(&case(0, &[], &[]), qemu::EXIT_TIMEOUT, "");
+        assert!(r[1].contains("within 5 s"));
+        assert!(judge(&case(3, &[], &[]), 3, "").is_empty());
+    }
+
+    #[test]
+    fn tails() {
+        assert_eq!(tail("a\nb\nc\n", 2), ["b", "c"]);
+        assert_eq!(tail("a", 5), ["a"]);
+        assert!(tail("", 5).is_empty());
+    }
+}
