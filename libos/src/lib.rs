@@ -1,1 +1,57 @@
-#![no_std]
+//! # Stencil libos
+//!
+//! A library OS for x86_64 whose tasks get their address spaces from shared, prebuilt page-table
+//! templates. An app is a `#![no_std]`, `#![no_main]` binary crate that depends on `libos` and
+//! declares its entry point with [`main!`]:
+//!
+//! ```ignore
+//! #![no_std]
+//! #![no_main]
+//! libos::main!(main);
+//! fn main() {
+//!     libos::println!("Hello from Stencil");
+//! }
+//! ```
+//!
+//! `cargo xtask run <app>` builds it for `x86_64-unknown-none` and boots it in QEMU. See
+//! `docs/ARCHITECTURE.md` for the boot sequence, memory layout and exit codes.
+//!
+//! The pure parts (command line, memory map, frame allocator) also build on the host, where
+//! `cargo test -p libos` tests them; everything that touches hardware is compiled only for
+//! `target_os = "none"`.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod cmdline;
+pub mod memmap;
+pub mod mm;
+
+#[cfg(target_os = "none")]
+mod arch;
+#[cfg(target_os = "none")]
+mod boot;
+#[cfg(target_os = "none")]
+#[doc(hidden)]
+pub mod console;
+#[cfg(target_os = "none")]
+mod rt;
+#[cfg(target_os = "none")]
+mod stack;
+#[cfg(target_os = "none")]
+mod sync;
+#[cfg(target_os = "none")]
+pub mod time;
+
+#[cfg(target_os = "none")]
+pub use boot::{cmdline as kernel_cmdline, share_mode};
+#[cfg(target_os = "none")]
+pub use mm::heap::{HeapStats, stats as heap_stats};
+#[cfg(target_os = "none")]
+pub use rt::{Termination, args, exit};
+
+/// Frames of RAM currently free in the frame allocator.
+#[cfg(target_os = "none")]
+pub fn free_frames() -> usize {
+    mm::kernel::frames().free_frames()
+}

@@ -1,0 +1,327 @@
+//! Boot-time memory setup: the kernel page tables (the kernel half of every address space),
+//! the global frame allocator, and mapping helpers for the kernel half.
+
+use core::sync::atomic::AtomicU32;
+
+use ::x86_64::registers::control::{Cr3, Cr3Flags};
+use ::x86_64::structures::paging::{
+    FrameAllocator as PtFrameAllocator, Mapper, OffsetPageTable, Page, PageTable,
+    PageTableFlags as F, PhysFrame, Size1GiB, Size2MiB, Size4KiB,
+};
+use ::x86_64::{PhysAddr, VirtAddr};
+use spin::Once;
+
+use super::frame::{FrameAllocator, metadata_bytes};
+use super::layout::{DIRECT_MAP, EARLY_LIMIT, KERNEL_BASE, KSTACKS, PAGE_SIZE, phys_to_virt};
+use crate::arch::x86_64::cpu;
+use crate::memmap::Range;
+use crate::sync::IrqMutex;
+
+static FRAMES: Once<FrameAllocator<'static>> = Once::new();
+static KERNEL_PT: Once<IrqMutex<OffsetPageTable<'static>>> = Once::new();
+static KERNEL_ROOT: Once<PhysFrame> = Once::new();
+
+/// The global frame allocator (after [`init`]).
+pub fn frames() -> &'static FrameAllocator<'static> {
+    FRAMES.get().expect("frame allocator used before mm::init")
+}
+
+#[allow(
+    dead_code,
+    reason = "used by the task layer (tasks issue) to build address-space roots"
+)]
+/// Physical frame of the kernel's L4 table (its upper half is every task's upper half).
+pub fn kernel_root() -> PhysFrame {
+    *KERNEL_ROOT
+        .get()
+        .expect("kernel page tables used before mm::init")
+}
+
+unsafe extern "C" {
+    static __image_start_phys: u8;
+    static __image_end_phys: u8;
+    static __text_start: u8;
+    static __text_end: u8;
+    static __rodata_start: u8;
+    static __rodata_end: u8;
+    static __data_start: u8;
+    static __data_end: u8;
+}
+
+fn sym(p: *const u8) -> u64 {
+    p as u64
+}
+
+/// Hands out zeroed frames from a fixed physical range below 1 GiB, reached through the boot
+/// mapping at `KERNEL_BASE`. Used only while the real page tables are built.
+struct BumpFrames {
+    next: u64,
+    end: u64,
+}
+
+// SAFETY: every frame returned is unused RAM inside the reserved bump range, returned once.
+unsafe impl PtFrameAllocator<Size4KiB> for BumpFrames {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        if self.next >= self.end {
+            return None;
+        }
+        let p = self.next;
+        self.next += PAGE_SIZE;
+        // SAFETY: p < EARLY_LIMIT, so KERNEL_BASE + p is mapped writable by the boot tables, and
+        // the frame belongs to the bump range, which nothing else uses.
+        unsafe { core::ptr::write_bytes((KERNEL_BASE + p) as *mut u8, 0, PAGE_SIZE as usize) };
+        Some(PhysFrame::containing_address(PhysAddr::new(p)))
+    }
+}
+
+/// Hands out zeroed frames from the global allocator (after the switch to the real tables).
+struct KernelFrames;
+
+// SAFETY: frames come from the global allocator with count 1 and are owned by the page tables.
+unsafe impl PtFrameAllocator<Size4KiB> for KernelFrames {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        let pfn = frames().alloc()?;
+        let phys = pfn as u64 * PAGE_SIZE;
+        // SAFETY: a freshly allocated frame, mapped writable in the direct map.
+        unsafe { core::ptr::write_bytes(phys_to_virt(phys) as *mut u8, 0, PAGE_SIZE as usize) };
+        Some(PhysFrame::containing_address(PhysAddr::new(phys)))
+    }
+}
+
+/// Why memory setup failed.
+#[derive(Debug)]
+pub(crate) enum InitError {
+    /// No usable RAM range below 1 GiB can hold the allocator metadata and boot page tables.
+    NoEarlyMemory(u64),
+    /// The bump range ran out while building the kernel page tables.
+    TablesTooBig,
+}
+
+impl core::fmt::Display for InitError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            InitError::NoEarlyMemory(need) => write!(
+                f,
+                "out of memory: need {} KiB of free RAM below 1 GiB for frame metadata and page tables",
+                need / 1024
+            ),
+            InitError::TablesTooBig => {
+                write!(f, "kernel page tables did not fit their reserved range")
+            }
+        }
+    }
+}
+
+fn page_flags(f: cpu::Features, writable: bool, exec: bool) -> F {
+    let mut flags = F::PRESENT;
+    if writable {
+        flags |= F::WRITABLE;
+    }
+    if !exec && f.nx {
+        flags |= F::NO_EXECUTE;
+    }
+    if f.pge {
+        flags |= F::GLOBAL;
+    }
+    flags
+}
+
+/// Builds the kernel page tables, switches to them and starts the frame allocator.
+///
+/// # Safety
+/// Call once, early in boot, while the boot page tables (identity + `KERNEL_BASE` map of the first
+/// 1 GiB) are active, with `ram` the normalised usable RAM ranges.
+pub(crate) unsafe fn init(ram: &[Range]) -> Result<(), InitError> {
+    let feat = cpu::features();
+    let max_phys = ram.last().map_or(0, |r| r.end);
+    let nframes = (max_phys / PAGE_SIZE) as usize;
+    let image_start = sym(&raw const __image_start_phys);
+    let image_end = sym(&raw const __image_end_phys).next_multiple_of(PAGE_SIZE);
+    let (count_bytes, bitmap_bytes) = metadata_bytes(nframes);
+    let meta_bytes = (count_bytes as u64).next_multiple_of(8) + bitmap_bytes as u64;
+    let meta_bytes = meta_bytes.next_multiple_of(PAGE_SIZE);
+    let image_pages = (image_end - image_start) / PAGE_SIZE;
+    let bump_frames = 16 + max_phys.div_ceil(1 << 30) * 2 + image_pages / 512 + 2;
+    let need = meta_bytes + bump_frames * PAGE_SIZE;
+
+    // Place metadata + bump tables in RAM below 1 GiB, above the image.
+    let floor = image_end.max(1 << 20);
+    let place = ram.iter().find_map(|r| {
+        let start = r.start.max(floor);
+        (start + need <= r.end.min(EARLY_LIMIT)).then_some(start)
+    });
+    let meta_phys = place.ok_or(InitError::NoEarlyMemory(need))?;
+    let bump_start = meta_phys + meta_bytes;
+    let mut bump = BumpFrames {
+        next: bump_start,
+        end: bump_start + bump_frames * PAGE_SIZE,
+    };
+
+    // Build the new tables through the boot mapping (phys p at KERNEL_BASE + p).
+    let root = bump.allocate_frame().ok_or(InitError::TablesTooBig)?;
+    // SAFETY: `root` is a zeroed frame below 1 GiB reached through the boot mapping; nothing
+    // else references it.
+    let root_table =
+        unsafe { &mut *((KERNEL_BASE + root.start_address().as_u64()) as *mut PageTable) };
+    // SAFETY: all frames this mapper touches come from `bump` (below 1 GiB), which the boot
+    // mapping at KERNEL_BASE covers.
+    let mut pt = unsafe { OffsetPageTable::new(root_table, VirtAddr::new(KERNEL_BASE)) };
+    let parent = F::PRESENT | F::WRITABLE;
+
+    // Direct map: 1 GiB pages where every 2 MiB piece holds RAM, else 2 MiB pages.
+    let has_ram = |s: u64, e: u64| ram.iter().any(|r| r.start < e && r.end > s);
+    let data = page_flags(feat, true, false);
+    let mut gib = 0;
+    while gib < max_phys {
+        let full = (0..512).all(|i| has_ram(gib + i * (2 << 20), gib + (i + 1) * (2 << 20)));
+        if full && feat.huge_1g {
+            let page = Page::<Size1GiB>::containing_address(VirtAddr::new(DIRECT_MAP + gib));
+            let frame = PhysFrame::<Size1GiB>::containing_address(PhysAddr::new(gib));
+            // SAFETY: maps RAM into the direct map, which no other mapping aliases mutably.
+            unsafe {
+                pt.map_to_with_table_flags(page, frame, data | F::HUGE_PAGE, parent, &mut bump)
+            }
+            .map_err(|_| InitError::TablesTooBig)?
+            .ignore();
+        } else {
+            for i in 0..512u64 {
+                let s = gib + i * (2 << 20);
+                if s >= max_phys || !has_ram(s, s + (2 << 20)) {
+                    continue;
+                }
+                let page = Page::<Size2MiB>::containing_address(VirtAddr::new(DIRECT_MAP + s));
+                let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(s));
+                // SAFETY: as above.
+                unsafe {
+                    pt.map_to_with_table_flags(page, frame, data | F::HUGE_PAGE, parent, &mut bump)
+                }
+                .map_err(|_| InitError::TablesTooBig)?
+                .ignore();
+            }
+        }
+        gib += 1 << 30;
+    }
+
+    // The image, with W^X: text R-X, rodata R--, data/bss RW-.
+    let sections = [
+        (
+            sym(&raw const __text_start),
+            sym(&raw const __text_end),
+            page_flags(feat, false, true),
+        ),
+        (
+            sym(&raw const __rodata_start),
+            sym(&raw const __rodata_end),
+            page_flags(feat, false, false),
+        ),
+        (
+            sym(&raw const __data_start),
+            sym(&raw const __data_end),
+            page_flags(feat, true, false),
+        ),
+    ];
+    for (start, end, flags) in sections {
+        let mut v = start;
+        while v < end {
+            let page = Page::<Size4KiB>::containing_address(VirtAddr::new(v));
+            let frame = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(v - KERNEL_BASE));
+            // SAFETY: maps the image's own pages at their link addresses, as the boot map did.
+            unsafe { pt.map_to_with_table_flags(page, frame, flags, parent, &mut bump) }
+                .map_err(|_| InitError::TablesTooBig)?
+                .ignore();
+            v += PAGE_SIZE;
+        }
+    }
+
+    // Pre-create the L3 table of the kernel-stack area so later stack mappings change only
+    // tables below the L4 entries that every address space copies.
+    let stacks_l3 = bump.allocate_frame().ok_or(InitError::TablesTooBig)?;
+    let l4_index = (KSTACKS >> 39) as usize & 511;
+    pt.level_4_table_mut()[l4_index].set_frame(stacks_l3, parent);
+
+    // Switch. The code, stack and statics all live in the image, which the new tables map at the
+    // same addresses.
+    // SAFETY: `root` maps everything the kernel touches from here on (image, direct map).
+    unsafe { Cr3::write(root, Cr3Flags::empty()) };
+    cpu::enable_global_pages();
+
+    // Start the frame allocator over the metadata area, now reached through the direct map.
+    let counts_ptr = phys_to_virt(meta_phys) as *mut AtomicU32;
+    let bitmap_ptr = phys_to_virt(meta_phys + (count_bytes as u64).next_multiple_of(8)) as *mut u64;
+    // SAFETY: the metadata range is RAM reserved for exactly this purpose, mapped writable in the
+    // direct map, suitably aligned (page / 8 bytes), and never used for anything else.
+    let (counts, bitmap) = unsafe {
+        core::ptr::write_bytes(counts_ptr, 0, nframes);
+        (
+            core::slice::from_raw_parts(counts_ptr, nframes),
+            core::slice::from_raw_parts_mut(bitmap_ptr, nframes.div_ceil(64)),
+        )
+    };
+    let fa = FRAMES.call_once(|| FrameAllocator::new(counts, bitmap));
+    for r in ram {
+        // Leave the first MiB alone (real-mode leftovers, firmware tables).
+        let s = r.start.max(1 << 20);
+        if s < r.end {
+            fa.add_free_range((s / PAGE_SIZE) as usize, (r.end / PAGE_SIZE) as usize);
+        }
+    }
+    let used_end = bump.next;
+    for phys in (image_start..image_end)
+        .chain(meta_phys..used_end)
+        .step_by(PAGE_SIZE as usize)
+    {
+        fa.reserve((phys / PAGE_SIZE) as usize);
+    }
+
+    // SAFETY: the root table is now reached through the direct map, and the mapper only ever
+    // follows frames that the direct map covers.
+    let table = unsafe { &mut *(phys_to_virt(root.start_address().as_u64()) as *mut PageTable) };
+    // SAFETY: `table` is the active L4; from now on all kernel-half changes go through this mapper.
+    let mapper = unsafe { OffsetPageTable::new(table, VirtAddr::new(DIRECT_MAP)) };
+    KERNEL_PT.call_once(|| IrqMutex::new(mapper));
+    KERNEL_ROOT.call_once(|| root);
+    log::debug!(
+        "mm: {} MiB RAM, {} frames free, metadata {} KiB at {:#x}, {} boot table frames",
+        max_phys >> 20,
+        fa.free_frames(),
+        meta_bytes / 1024,
+        meta_phys,
+        (used_end - bump_start) / PAGE_SIZE
+    );
+    Ok(())
+}
+
+/// Maps a freshly allocated, zeroed frame at `virt` in the kernel half (writable, NX).
+/// Returns the frame number, or `None` when memory is exhausted.
+pub(crate) fn map_new_kernel_page(virt: u64) -> Option<usize> {
+    let pfn = frames().alloc()?;
+    let phys = pfn as u64 * PAGE_SIZE;
+    // SAFETY: a fresh frame, reached through the direct map.
+    unsafe { core::ptr::write_bytes(phys_to_virt(phys) as *mut u8, 0, PAGE_SIZE as usize) };
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
+    let frame = PhysFrame::containing_address(PhysAddr::new(phys));
+    let flags = page_flags(cpu::features(), true, false);
+    let mut pt = KERNEL_PT.get().expect("mm not initialised").lock();
+    // SAFETY: `virt` is in the kernel-stack area, which only this module maps; the page is not
+    // mapped yet (callers map each stack page once).
+    match unsafe {
+        pt.map_to_with_table_flags(
+            page,
+            frame,
+            flags,
+            F::PRESENT | F::WRITABLE,
+            &mut KernelFrames,
+        )
+    } {
+        Ok(flush) => {
+            // The page was not present before, and x86 never caches not-present translations:
+            // there is nothing to flush.
+            flush.ignore();
+            Some(pfn)
+        }
+        Err(_) => {
+            frames().dec_ref(pfn);
+            None
+        }
+    }
+}

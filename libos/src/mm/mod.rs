@@ -1,0 +1,31 @@
+//! Memory management: layout, physical frames, kernel page tables and the kernel heap.
+//!
+//! ```text
+//!  virtual address                       what                                  L4 index
+//!  ──────────────────────────────────────────────────────────────────────────────────────
+//!  0x0000_0000_0000_0000 ┐
+//!                        │  lower half: per task. Templates attach here in slots   0..255
+//!                        │  aligned to their attach level (1 GiB or 512 GiB), so a
+//!  0x0000_7fff_ffff_ffff ┘  whole subtree attaches with one entry.
+//!        (non-canonical hole)
+//!  0xffff_8000_0000_0000 ┐  direct map: all RAM, physical address p at DIRECT_MAP + p   256..
+//!                        │  (1 GiB pages when the CPU has them, else 2 MiB; NX)
+//!                        ┘
+//!  0xffff_ff00_0000_0000 ┐  kernel stacks: one slot per stack, an unmapped guard page  510
+//!                        ┘  below every stack (a hit is reported as a stack overflow)
+//!  0xffff_ffff_8000_0000 ┐  the libos + app image, at KERNEL_BASE + its physical      511
+//!                        ┘  address (text R-X, rodata R--, data/bss RW-)
+//! ```
+//!
+//! The upper half (L4 256..511) is the kernel template, identical in every address space
+//! (DESIGN invariant 6). Physical memory: the image is loaded at 1 MiB; the frame allocator's
+//! metadata and the first page tables are carved from RAM below 1 GiB at boot; everything else
+//! is handed out by [`frame::FrameAllocator`].
+
+pub mod frame;
+pub mod layout;
+
+#[cfg(target_os = "none")]
+pub(crate) mod heap;
+#[cfg(target_os = "none")]
+pub(crate) mod kernel;

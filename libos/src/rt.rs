@@ -1,0 +1,174 @@
+//! The app runtime: entry macro, exit, panics, command-line arguments.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Debug;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use spin::Once;
+
+use crate::arch::x86_64;
+
+/// Exit code of a panic (see docs/ARCHITECTURE.md, "Exit codes").
+pub const EXIT_PANIC: u32 = 100;
+/// Exit code of a fatal CPU exception.
+pub const EXIT_EXCEPTION: u32 = 101;
+/// Exit code of a kernel stack overflow.
+pub const EXIT_STACK_OVERFLOW: u32 = 102;
+/// Exit code of a malformed kernel command line.
+pub const EXIT_BAD_CMDLINE: u32 = 103;
+/// Exit code of running out of memory during boot.
+pub const EXIT_OOM: u32 = 104;
+/// Highest exit code an app may use.
+pub const MAX_APP_EXIT: i32 = 99;
+
+static ARGS: Once<Vec<String>> = Once::new();
+
+pub(crate) fn set_args(args: Vec<String>) {
+    ARGS.call_once(|| args);
+}
+
+/// The app's command-line arguments: what follows `--` on the kernel command line
+/// (`cargo xtask run <app> -- <args>`). There is no program name at index 0.
+///
+/// ```no_run
+/// for (i, a) in libos::args().iter().enumerate() {
+///     libos::println!("arg[{i}] = {a}");
+/// }
+/// ```
+pub fn args() -> &'static [String] {
+    ARGS.get().map_or(&[], Vec::as_slice)
+}
+
+/// Ends the app (and the VM) with `code`, which `cargo xtask run` returns as its own exit code.
+///
+/// Codes 0–99 belong to the app; 100 and above are reserved for libos's failure reports, so a
+/// code outside 0–99 is reported and replaced by 99.
+///
+/// ```no_run
+/// libos::exit(7);
+/// ```
+pub fn exit(code: i32) -> ! {
+    let code = if (0..=MAX_APP_EXIT).contains(&code) {
+        code
+    } else {
+        crate::println!(
+            "stencil: exit code {code} is outside 0..={MAX_APP_EXIT}; exiting with {MAX_APP_EXIT}"
+        );
+        MAX_APP_EXIT
+    };
+    log::debug!("exit({code}) after {:?}", crate::time::uptime());
+    raw_exit(code as u32)
+}
+
+/// Exits with one of libos's reserved codes (100..).
+pub(crate) fn fatal_exit(code: u32) -> ! {
+    raw_exit(code)
+}
+
+fn raw_exit(code: u32) -> ! {
+    // isa-debug-exit makes QEMU exit with (v << 1) | 1; v = code + 1 keeps 0 and 1 for crashes
+    // and QEMU's own errors.
+    x86_64::debug_exit(code + 1);
+    crate::console::emergency_write(format_args!(
+        "stencil: exit({code}): no isa-debug-exit device at port 0xf4; halting\n"
+    ));
+    x86_64::halt_forever()
+}
+
+/// What `main` may return: `()`, an `i32` exit code, or a `Result` (an `Err` is printed and
+/// exits with 1).
+pub trait Termination {
+    /// The exit code this value stands for.
+    fn report(self) -> i32;
+}
+
+impl Termination for () {
+    fn report(self) -> i32 {
+        0
+    }
+}
+
+impl Termination for i32 {
+    fn report(self) -> i32 {
+        self
+    }
+}
+
+impl<T: Termination, E: Debug> Termination for Result<T, E> {
+    fn report(self) -> i32 {
+        match self {
+            Ok(v) => v.report(),
+            Err(e) => {
+                crate::println!("Error: {e:?}");
+                1
+            }
+        }
+    }
+}
+
+/// Declares the app's entry point.
+///
+/// ```ignore
+/// #![no_std]
+/// #![no_main]
+/// libos::main!(main);
+/// fn main() {
+///     libos::println!("Hello from Stencil");
+/// }
+/// ```
+///
+/// `main` may return `()`, `i32` or `Result<T, E: Debug>` (see [`Termination`]).
+#[macro_export]
+macro_rules! main {
+    ($main:path) => {
+        #[doc(hidden)]
+        #[unsafe(export_name = "__stencil_app_main")]
+        pub fn __stencil_app_main() -> i32 {
+            $crate::Termination::report($main())
+        }
+    };
+}
+
+unsafe extern "Rust" {
+    /// Defined by the app through [`main!`].
+    fn __stencil_app_main() -> i32;
+}
+
+/// Runs the app's `main` and exits with its code.
+pub(crate) fn run_main() -> ! {
+    // SAFETY: `main!` defines this symbol with exactly this signature; an app without `main!`
+    // fails to link, with the symbol named in the error.
+    let code = unsafe { __stencil_app_main() };
+    exit(code)
+}
+
+static PANICKING: AtomicBool = AtomicBool::new(false);
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    if PANICKING.swap(true, Ordering::Relaxed) {
+        crate::console::emergency_write(format_args!(
+            "\npanicked while panicking: {}\n",
+            info.message()
+        ));
+        fatal_exit(EXIT_PANIC);
+    }
+    match info.location() {
+        Some(loc) => crate::console::emergency_write(format_args!(
+            "\npanicked at {}:{}:{}:\n{}\n",
+            loc.file(),
+            loc.line(),
+            loc.column(),
+            info.message()
+        )),
+        None => crate::console::emergency_write(format_args!("\npanicked:\n{}\n", info.message())),
+    }
+    let rbp: u64;
+    // SAFETY: reads the frame-pointer register; no memory access.
+    unsafe {
+        core::arch::asm!("mov {}, rbp", out(reg) rbp, options(nomem, nostack, preserves_flags))
+    };
+    crate::arch::x86_64::traps::backtrace(rbp);
+    fatal_exit(EXIT_PANIC)
+}
