@@ -30,6 +30,13 @@ Exit codes of `build` and `run`:
   130      interrupted (Ctrl-C); QEMU was killed
 `test` exits 0 if every test passed, else 1.";
 
+const TEST_HELP: &str = "\
+Host tests: cargo test --workspace --no-fail-fast --exclude <every app>.
+QEMU cases: declared in each app's Cargo.toml as [[package.metadata.stencil.test]]
+(see docs/xtask.md), built in one cargo call per profile and booted one after another.
+The last line is `N passed, N failed`. Exit status: 0 if nothing failed, else 1;
+130 on Ctrl-C; 113 on an xtask error.";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cargo xtask",
@@ -50,6 +57,7 @@ enum Cmd {
     #[command(after_help = EXIT_CODES_HELP)]
     Run(RunCmd),
     /// Run the host tests, then boot every declared QEMU test case; ends with `N passed, N failed`
+    #[command(after_help = TEST_HELP)]
     Test(TestCmd),
 }
 
@@ -75,7 +83,7 @@ struct BuildCmd {
 
 #[derive(Debug, Args)]
 struct RunCmd {
-    /// The app's package name (under apps/ or tests/apps/)
+    /// The app's package name (an app of the workspace; not needed with --elf or --manifest-path)
     #[arg(value_name = "APP", required_unless_present_any = ["elf", "manifest_path"])]
     app: Option<String>,
     #[command(flatten)]
