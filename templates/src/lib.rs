@@ -1,2 +1,66 @@
-//! Stencil's page-table template engine (filled in by the engine issue).
+//! Stencil's page-table template engine.
+//!
+//! A *template* is a sealed set of mappings whose page tables are built once. An *address
+//! space* attaches a template's subtrees **by reference** — one entry per 512 GiB (or per 1 GiB
+//! slot) — so spawning costs the same whatever the template's size. When a space must change a
+//! translation inside a shared subtree, it copies the tables on its path top-down, stopping at
+//! the leaf's table (the PMD level decides which L1 is copied), and every sibling stays shared.
+//!
+//! ```text
+//!  template T (sealed, never written)          space A (spawned, Mode::Share)
+//!  ┌────────┐                                   ┌────────┐
+//!  │ T.L4   │ (private root, never in CR3)      │ A.L4   │ owned, count 1
+//!  └──┬─────┘                                   └──┬──┬──┘
+//!     │ [0]                          attach: [0]   │  │ [256..511] kernel half, verbatim,
+//!     ▼                              one entry     │  │            never followed
+//!  ┌────────┐ <────────────────────────────────────┘  ▼
+//!  │ T.L3   │ count 2 (T + A)                       (kernel tables)
+//!  └──┬──┬──┘
+//!     ▼  ▼  one L2 per 1 GiB slot
+//!  ┌──────┐ ┌──────┐
+//!  │ L2   │ │ L2   │ ──► 512 × L1 ──► data frames (Private pages: read-only + COW bit)
+//!  └──────┘ └──────┘
+//!
+//!  A writes to a Private page under L2 #1, L1 #7:  unshare top-down (invariant 4)
+//!
+//!  A.L4 ─► A.L3' (copy; T.L3 back to count 1; every L2 +1)
+//!           ├─[0]─► T.L2 #0            still shared
+//!           └─[1]─► A.L2' (copy; its 512 L1s +1)
+//!                     ├─[k≠7]─► T.L1 #k        still shared (511 siblings)
+//!                     └─[7]──► A.L1' (copy; its data frames +1)
+//!                                └─► new frame (copy of the page), writable; old frame −1
+//! ```
+//!
+//! * [`PhysMem`]: the only access to physical memory (frames, counts, pointers).
+//! * [`TemplateBuilder`] → [`Template`]: regions ([`RegionSpec`]: [`Kind`], [`Perm`],
+//!   [`PageSize`], [`Backing`]) sealed into prebuilt tables.
+//! * [`AddressSpace`]: spawned in [`Mode::Share`] or [`Mode::Copy`]; `translate`,
+//!   `resolve_fault`, `map`, `unmap`, `protect`, `snapshot`, `stats`. Every change returns a
+//!   [`Flush`] token.
+//! * [`sim`]: simulated memory and a software MMU for host tests and benchmarks.
+//!
+//! PTE bits: see [`entry`] — software bit 9 ([`COW_BIT`]) marks copy-on-write; `ACCESSED` and
+//! `DIRTY` are preset so the CPU never writes a shared table. Only the lower half (L4 entries
+//! 0..256) is ever followed or changed.
 #![no_std]
+
+extern crate alloc;
+
+pub mod entry;
+mod error;
+mod flush;
+mod mem;
+mod raw;
+pub mod sim;
+mod space;
+mod template;
+mod walk;
+
+pub use entry::COW_BIT;
+pub use error::{Error, Fault, Name};
+pub use flush::Flush;
+pub use mem::PhysMem;
+pub use space::{Access, AddressSpace, KernelHalf, Mode, SpaceStats, Translation};
+pub use template::{
+    Backing, Kind, PageSize, Perm, Region, RegionSpec, Template, TemplateBuilder, TemplateStats,
+};

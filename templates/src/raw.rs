@@ -1,0 +1,64 @@
+//! Raw access to frames: the only module (with the simulated memory) that dereferences
+//! pointers. Everything above it works with frame numbers and `u64` entries.
+
+use crate::mem::PhysMem;
+use x86_64::structures::paging::PhysFrame;
+
+/// Entries per table.
+pub(crate) const ENTRIES: usize = 512;
+const FRAME: usize = 4096;
+
+fn entry_ptr<M: PhysMem>(mem: &M, table: PhysFrame, index: usize) -> *mut u64 {
+    assert!(index < ENTRIES);
+    mem.frame_ptr(table).cast::<u64>().wrapping_add(index)
+}
+
+/// Read entry `index` of `table`. The caller holds a reference to `table`.
+#[inline]
+pub(crate) fn read<M: PhysMem>(mem: &M, table: PhysFrame, index: usize) -> u64 {
+    let p = entry_ptr(mem, table, index);
+    // SAFETY: the caller holds a reference to `table`, so by the `PhysMem` contract its pointer is
+    // valid, 8-aligned and 4096 bytes long; `index < 512` keeps the read inside the frame.
+    unsafe { p.read() }
+}
+
+/// Write entry `index` of `table`. The caller holds a reference to `table` and owns it
+/// exclusively (invariant 3); that is a logical rule the cursor enforces, not a memory-safety one.
+#[inline]
+pub(crate) fn write<M: PhysMem>(mem: &M, table: PhysFrame, index: usize, value: u64) {
+    let p = entry_ptr(mem, table, index);
+    // SAFETY: as in `read`: valid, aligned, in bounds while the caller holds a reference.
+    unsafe { p.write(value) }
+}
+
+/// Fill a frame with zeroes.
+pub(crate) fn zero<M: PhysMem>(mem: &M, frame: PhysFrame) {
+    let p = mem.frame_ptr(frame);
+    // SAFETY: the caller holds a reference to `frame`: 4096 writable bytes.
+    unsafe { p.write_bytes(0, FRAME) }
+}
+
+/// Copy all 4096 bytes of `src` into `dst` (distinct frames, both referenced by the caller).
+pub(crate) fn copy<M: PhysMem>(mem: &M, src: PhysFrame, dst: PhysFrame) {
+    assert_ne!(src, dst);
+    let (s, d) = (mem.frame_ptr(src), mem.frame_ptr(dst));
+    // SAFETY: both frames are referenced, so both pointers are valid for 4096 bytes; distinct
+    // frames never overlap (`PhysMem` contract).
+    unsafe { core::ptr::copy_nonoverlapping(s, d, FRAME) }
+}
+
+/// Read `buf.len()` bytes at `offset` in `frame` (`offset + len <= 4096`).
+pub(crate) fn read_bytes<M: PhysMem>(mem: &M, frame: PhysFrame, offset: usize, buf: &mut [u8]) {
+    assert!(offset + buf.len() <= FRAME);
+    let p = mem.frame_ptr(frame).wrapping_add(offset);
+    // SAFETY: in bounds of a referenced frame; `buf` is a distinct Rust allocation.
+    unsafe { core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) }
+}
+
+/// Write `data` at `offset` in `frame` (`offset + len <= 4096`).
+pub(crate) fn write_bytes<M: PhysMem>(mem: &M, frame: PhysFrame, offset: usize, data: &[u8]) {
+    assert!(offset + data.len() <= FRAME);
+    let p = mem.frame_ptr(frame).wrapping_add(offset);
+    // SAFETY: in bounds of a referenced frame; `data` is a distinct Rust allocation.
+    unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
+}

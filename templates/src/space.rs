@@ -1,0 +1,615 @@
+//! Address spaces: created from templates, changed by faults, `map`, `unmap`, `protect`,
+//! turned into new templates by `snapshot`.
+
+use crate::entry::{self, LOWER_HALF_END, SIZE_2M, SIZE_4K};
+use crate::error::{Error, Fault, Name};
+use crate::flush::Flush;
+use crate::mem::{PhysMem, frame_at};
+use crate::raw;
+use crate::template::{Kind, PageSize, Perm, Region, Template, Tree, check_range, zeroed_page};
+use crate::walk;
+use alloc::vec::Vec;
+use x86_64::structures::paging::PhysFrame;
+use x86_64::structures::paging::page_table::{PageTable, PageTableEntry};
+use x86_64::{PhysAddr, VirtAddr};
+
+/// How templates are attached at spawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Attach by reference: one entry per 512 GiB (or per 1 GiB slot when templates share a
+    /// 512 GiB range). Cost independent of template size.
+    Share,
+    /// Sharing off: deep-copy every table and take a reference to every data frame (what
+    /// fork() does). Observably identical to `Share`; only the cost differs.
+    Copy,
+}
+
+/// The kind of access that faulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// A data read.
+    Read,
+    /// A data write.
+    Write,
+    /// An instruction fetch.
+    Execute,
+}
+
+/// Raw L4 entries 256..512 (the kernel half), copied verbatim into every root and never
+/// followed, counted, changed or freed by the engine (invariant 6).
+#[derive(Debug, Clone)]
+pub struct KernelHalf {
+    entries: [u64; 256],
+}
+
+impl KernelHalf {
+    /// From the 256 upper entries of an L4.
+    pub fn new(entries: &[PageTableEntry; 256]) -> Self {
+        let mut raw = [0u64; 256];
+        for (r, e) in raw.iter_mut().zip(entries) {
+            // Every bit of an entry is either a flag (0–11, 52–63) or the address (12–51).
+            *r = e.flags().bits() | e.addr().as_u64();
+        }
+        KernelHalf { entries: raw }
+    }
+
+    /// From a whole L4 (its entries 256..512).
+    pub fn from_table(l4: &PageTable) -> Self {
+        let mut raw = [0u64; 256];
+        for (i, r) in raw.iter_mut().enumerate() {
+            let e = &l4[256 + i];
+            *r = e.flags().bits() | e.addr().as_u64();
+        }
+        KernelHalf { entries: raw }
+    }
+}
+
+/// What `translate` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// Physical address of the translated byte.
+    pub phys: PhysAddr,
+    /// Leaf size.
+    pub page_size: PageSize,
+    /// `WRITABLE` is set (a copy-on-write page is not writable until its fault is resolved).
+    pub writable: bool,
+    /// `NO_EXECUTE` is clear.
+    pub executable: bool,
+    /// The copy-on-write software bit is set.
+    pub copy_on_write: bool,
+}
+
+/// Page-table accounting of one space (a diagnostic walk of its lower half).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpaceStats {
+    /// Tables exclusively owned by the space, root included: its page-table memory.
+    pub tables_owned: usize,
+    /// Tables reachable only through shared tables or shared themselves (template tables).
+    pub tables_shared: usize,
+    /// Entries of owned tables that point at shared tables (attachments).
+    pub shared_attachments: usize,
+    /// 4 KiB pages mapped by leaves in owned tables.
+    pub pages_in_owned_tables: usize,
+    /// 4 KiB pages mapped by leaves in shared tables.
+    pub pages_in_shared_tables: usize,
+    /// 4 KiB pages of frames referenced only by this space (private data).
+    pub private_pages: usize,
+}
+
+impl SpaceStats {
+    /// Page-table bytes this space costs on its own.
+    pub fn page_table_bytes(&self) -> usize {
+        self.tables_owned * SIZE_4K as usize
+    }
+}
+
+/// A task's address space: an owned L4, attached template subtrees, private tables.
+/// Dropping it releases everything it references.
+#[derive(Debug)]
+pub struct AddressSpace<M: PhysMem> {
+    tree: Tree<M>,
+    mode: Mode,
+    regions: Vec<Region>,
+    templates: Vec<Template<M>>,
+}
+
+impl<M: PhysMem> AddressSpace<M> {
+    /// A new space with `templates` attached (their claimed 1 GiB slots must be disjoint) and the
+    /// kernel half installed. In `Share` mode the cost is one entry per 512 GiB range used, or
+    /// per claimed 1 GiB slot in a 512 GiB range claimed by several templates, plus a copy of
+    /// the templates' region lists.
+    pub fn new(
+        mem: &M,
+        templates: &[&Template<M>],
+        mode: Mode,
+        kernel: Option<&KernelHalf>,
+    ) -> Result<Self, Error> {
+        let mut slots: Vec<(u64, usize)> = Vec::new();
+        for (n, t) in templates.iter().enumerate() {
+            slots.extend(t.slots().iter().map(|&s| (s, n)));
+        }
+        slots.sort_unstable();
+        if let Some(w) = slots.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(Error::SlotConflict { slot: w[0].0 << 30 });
+        }
+        let tree = Tree::new(mem)?;
+        let mut c = tree.cursor();
+        if let Some(k) = kernel {
+            c.install_kernel(&k.entries);
+        }
+        let copy = mode == Mode::Copy;
+        let mut k = 0;
+        while k < slots.len() {
+            // All claimed slots in one 512 GiB range (one L4 entry).
+            let l4 = (slots[k].0 >> 9) as usize;
+            let mut j = k;
+            while j < slots.len() && (slots[j].0 >> 9) as usize == l4 {
+                j += 1;
+            }
+            let group = &slots[k..j];
+            let single = group.iter().all(|&(_, n)| n == group[0].1);
+            if single {
+                let e = templates[group[0].1].l4_entry(l4);
+                if entry::present(e) {
+                    c.attach(l4, None, e, copy)?;
+                }
+            } else {
+                for &(slot, n) in group {
+                    let t = templates[n];
+                    let tc = walk::Cursor::new(mem, t.root());
+                    let e = tc.l3_entry(l4, (slot & 511) as usize);
+                    if entry::present(e) {
+                        c.attach(l4, Some((slot & 511) as usize), e, copy)?;
+                    }
+                }
+            }
+            k = j;
+        }
+        let mut regions: Vec<Region> = templates
+            .iter()
+            .flat_map(|t| t.regions().iter().cloned())
+            .collect();
+        regions.sort_by_key(|r| r.start);
+        let templates = templates.iter().map(|t| (*t).clone()).collect();
+        Ok(AddressSpace {
+            tree,
+            mode,
+            regions,
+            templates,
+        })
+    }
+
+    /// The root table (for CR3).
+    pub fn root(&self) -> PhysFrame {
+        self.tree.root
+    }
+
+    /// The root table's physical address (for CR3).
+    pub fn root_phys(&self) -> PhysAddr {
+        self.tree.root.start_address()
+    }
+
+    /// The mode the space was created in.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The regions, sorted by address.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// The templates this space was spawned from.
+    pub fn templates(&self) -> &[Template<M>] {
+        &self.templates
+    }
+
+    /// The region containing `va`.
+    pub fn region(&self, va: VirtAddr) -> Option<&Region> {
+        find(&self.regions, va.as_u64())
+    }
+
+    /// What the CPU would translate `va` to now (`None`: not present).
+    pub fn translate(&self, va: VirtAddr) -> Option<Translation> {
+        let va = va.as_u64();
+        if va >= LOWER_HALF_END {
+            return None;
+        }
+        let l = self.tree.cursor().leaf(va)?;
+        Some(Translation {
+            phys: PhysAddr::new(entry::addr(l.entry) + (va - l.va)),
+            page_size: if l.level == 1 {
+                PageSize::Size4KiB
+            } else {
+                PageSize::Size2MiB
+            },
+            writable: entry::writable(l.entry),
+            executable: entry::executable(l.entry),
+            copy_on_write: entry::cow(l.entry),
+        })
+    }
+
+    /// Resolve a page fault at `va` for `access`: copy-on-write (unsharing the path, then
+    /// copying the page, or taking it over if no one else references it), demand-zero, or a
+    /// spurious fault (the translation already allows the access: flush the stale TLB entry).
+    /// Otherwise a typed [`Fault`]. On `OutOfFrames` the translations are unchanged.
+    pub fn resolve_fault(&mut self, va: VirtAddr, access: Access) -> Result<Flush, Fault> {
+        let addr = va.as_u64();
+        if addr >= LOWER_HALF_END {
+            return Err(Fault::NotLowerHalf { addr });
+        }
+        let oom = |_| Fault::OutOfFrames { addr };
+        let r = find(&self.regions, addr).ok_or(Fault::Unmapped { addr })?;
+        let name = || r.name.clone();
+        match access {
+            Access::Write if !r.perm.write => {
+                return Err(Fault::WriteToReadOnly {
+                    addr,
+                    region: name(),
+                });
+            }
+            Access::Execute if !r.perm.exec => {
+                return Err(Fault::ExecuteNoExec {
+                    addr,
+                    region: name(),
+                });
+            }
+            _ => {}
+        }
+        let mem = &self.tree.mem;
+        let mut c = self.tree.cursor();
+        let page = addr & !(SIZE_4K - 1);
+        let Some(l) = c.leaf(addr) else {
+            if !r.demand_zero {
+                return Err(Fault::Unmapped { addr });
+            }
+            let t = c
+                .owned_table(page, 1, true)
+                .map_err(oom)?
+                .ok_or(Fault::OutOfFrames { addr })?;
+            let f = zeroed_page(mem, PageSize::Size4KiB).map_err(oom)?;
+            c.set(
+                t,
+                page,
+                1,
+                entry::leaf(f, 1, r.perm.write, r.perm.exec, false),
+            );
+            return Ok(Flush::None);
+        };
+        if access == Access::Write && !entry::writable(l.entry) {
+            if !entry::cow(l.entry) {
+                return Err(Fault::WriteToReadOnly {
+                    addr,
+                    region: name(),
+                });
+            }
+            let t = c
+                .owned_table(l.va, l.level, false)
+                .map_err(oom)?
+                .ok_or(Fault::Unmapped { addr })?;
+            let e = c.get(t, l.va, l.level);
+            let old = frame_at(entry::addr(e));
+            let writable = entry::with_write(e, true, false);
+            if mem.ref_count(old) == 1 {
+                // No one else sees this frame: take it over.
+                c.set(t, l.va, l.level, writable);
+            } else {
+                let size = if l.level == 1 {
+                    PageSize::Size4KiB
+                } else {
+                    PageSize::Size2MiB
+                };
+                let new = copy_page(mem, entry::addr(e), size).map_err(oom)?;
+                c.set(t, l.va, l.level, (writable & !entry::ADDR_MASK) | new);
+                walk::release_leaf(mem, e, l.level);
+            }
+            return Ok(Flush::Page(VirtAddr::new(l.va)));
+        }
+        if access == Access::Execute && !entry::executable(l.entry) {
+            return Err(Fault::ExecuteNoExec {
+                addr,
+                region: name(),
+            });
+        }
+        Ok(Flush::Page(VirtAddr::new(page)))
+    }
+
+    /// Map `start..start+len` as private memory (a stack, heap growth): demand-zero, or
+    /// populated now with zeroed frames if `populate`. Must not overlap any region.
+    pub fn map(
+        &mut self,
+        start: VirtAddr,
+        len: u64,
+        perm: Perm,
+        name: &str,
+        populate: bool,
+    ) -> Result<Flush, Error> {
+        let start = start.as_u64();
+        let end = check_range(start, len, SIZE_4K)?;
+        if let Some(r) = self.regions.iter().find(|r| r.start < end && start < r.end) {
+            return Err(Error::Overlap {
+                addr: r.start.max(start),
+            });
+        }
+        if populate {
+            let mem = &self.tree.mem;
+            let mut c = self.tree.cursor();
+            let mut va = start;
+            let mut table = None;
+            let result = loop {
+                if va == end {
+                    break Ok(());
+                }
+                if table.is_none() || entry::index(va, 1) == 0 {
+                    match c.owned_table(va, 1, true) {
+                        Ok(t) => table = t,
+                        Err(e) => break Err(e),
+                    }
+                }
+                let Some(t) = table else {
+                    break Err(Error::OutOfFrames);
+                };
+                match zeroed_page(mem, PageSize::Size4KiB) {
+                    Ok(f) => c.set(t, va, 1, entry::leaf(f, 1, perm.write, perm.exec, false)),
+                    Err(e) => break Err(e),
+                }
+                va += SIZE_4K;
+            };
+            if let Err(e) = result {
+                // Every table on the paths of start..va is owned already: no allocation here.
+                if va > start {
+                    c.prepare_clear(start, va)?;
+                    c.clear(start, va);
+                }
+                return Err(e);
+            }
+        }
+        let region = Region {
+            name: Name::from(name),
+            start,
+            end,
+            kind: Kind::Private,
+            perm,
+            demand_zero: true,
+            page_size: PageSize::Size4KiB,
+        };
+        let at = self.regions.partition_point(|r| r.start < start);
+        self.regions.insert(at, region);
+        Ok(Flush::None)
+    }
+
+    /// Remove every mapping in `start..start+len` (any region kind; holes are fine), unsharing
+    /// only tables the range covers partially. Fails before changing anything if the range
+    /// splits a 2 MiB page or (while unsharing) frames run out.
+    pub fn unmap(&mut self, start: VirtAddr, len: u64) -> Result<Flush, Error> {
+        let start = start.as_u64();
+        let end = check_range(start, len, SIZE_4K)?;
+        check_huge_split(&self.regions, start, end)?;
+        let mut c = self.tree.cursor();
+        c.prepare_clear(start, end)?;
+        c.clear(start, end);
+        carve(&mut self.regions, start, end);
+        Ok(range_flush(start, end))
+    }
+
+    /// Change the rights of `start..start+len`, which must be covered by `Private` regions.
+    /// Writable pages become copy-on-write (or stay writable if they already are); read-only
+    /// pages lose their copy-on-write bit. Fails before changing anything on error.
+    pub fn protect(&mut self, start: VirtAddr, len: u64, perm: Perm) -> Result<Flush, Error> {
+        let start = start.as_u64();
+        let end = check_range(start, len, SIZE_4K)?;
+        let mut va = start;
+        while va < end {
+            let r = find(&self.regions, va).ok_or(Error::NotMapped { addr: va })?;
+            if r.kind != Kind::Private {
+                return Err(Error::NotPrivate {
+                    addr: va,
+                    region: r.name.clone(),
+                });
+            }
+            va = r.end;
+        }
+        check_huge_split(&self.regions, start, end)?;
+        let new_entry = |e: u64| {
+            let w = perm.write && entry::writable(e);
+            let cow = perm.write && !entry::writable(e);
+            entry::with_exec(entry::with_write(e, w, cow), perm.exec)
+        };
+        self.update_leaves(&[(start, end)], |_, e| new_entry(e))?;
+        let mut pieces = carve(&mut self.regions, start, end);
+        for p in &mut pieces {
+            p.perm = perm;
+        }
+        self.regions.extend(pieces);
+        self.regions.sort_by_key(|r| r.start);
+        Ok(range_flush(start, end))
+    }
+
+    /// Apply `f(region, entry) -> entry` to every present leaf in `ranges`, in two phases:
+    /// unshare the paths of the leaves that change (may fail; invisible), then write.
+    fn update_leaves(
+        &mut self,
+        ranges: &[(u64, u64)],
+        f: impl Fn(&Region, u64) -> u64,
+    ) -> Result<bool, Error> {
+        let mut c = self.tree.cursor();
+        let mut changed = false;
+        for phase in 0..2 {
+            for &(start, end) in ranges {
+                let mut va = start;
+                while let Some(l) = c.next_leaf(va, end) {
+                    if l.va < start || l.end() > end {
+                        return Err(Error::SplitsHugePage { addr: l.va });
+                    }
+                    let Some(r) = find(&self.regions, l.va) else {
+                        va = l.end();
+                        continue;
+                    };
+                    let new = f(r, l.entry);
+                    if new != l.entry {
+                        let t = c
+                            .owned_table(l.va, l.level, false)?
+                            .ok_or(Error::NotMapped { addr: l.va })?;
+                        if phase == 1 {
+                            c.set(t, l.va, l.level, new);
+                            changed = true;
+                        }
+                    }
+                    va = l.end();
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Turn `ranges` (`(start, len)`, 4 KiB aligned, disjoint) of this space into a new template
+    /// — the fork-server primitive. The template maps the same frames; writable `Private` pages
+    /// become copy-on-write both in the template and in this space. `Shared` pages stay shared,
+    /// demand-zero pages not yet touched stay demand-zero. On error nothing changes.
+    pub fn snapshot(&mut self, ranges: &[(VirtAddr, u64)]) -> Result<(Template<M>, Flush), Error> {
+        let mut rs = Vec::with_capacity(ranges.len());
+        for &(s, len) in ranges {
+            let s = s.as_u64();
+            rs.push((s, check_range(s, len, SIZE_4K)?));
+        }
+        rs.sort_unstable();
+        if let Some(w) = rs.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(Error::Overlap { addr: w[1].0 });
+        }
+        for &(s, e) in &rs {
+            check_huge_split(&self.regions, s, e)?;
+        }
+        let mem = &self.tree.mem;
+        let make_cow = |r: &Region, e: u64| {
+            if r.kind == Kind::Private && entry::writable(e) {
+                entry::with_write(e, false, true)
+            } else {
+                e
+            }
+        };
+        // Build the template's tables; dropped (and released) on any error.
+        let tree = Tree::new(mem)?;
+        {
+            let src = self.tree.cursor();
+            let mut dst = tree.cursor();
+            for &(start, end) in &rs {
+                let mut va = start;
+                while let Some(l) = src.next_leaf(va, end) {
+                    if l.va < start || l.end() > end {
+                        return Err(Error::SplitsHugePage { addr: l.va });
+                    }
+                    if let Some(r) = find(&self.regions, l.va) {
+                        let t = dst
+                            .owned_table(l.va, l.level, true)?
+                            .ok_or(Error::OutOfFrames)?;
+                        walk::retain_leaf(mem, l.entry);
+                        dst.set(t, l.va, l.level, make_cow(r, l.entry));
+                    }
+                    va = l.end();
+                }
+            }
+        }
+        let changed = self.update_leaves(&rs, make_cow)?;
+        let mut regions = Vec::new();
+        for &(s, e) in &rs {
+            for r in self.regions.iter().filter(|r| r.start < e && s < r.end) {
+                let mut piece = r.clone();
+                piece.start = piece.start.max(s);
+                piece.end = piece.end.min(e);
+                regions.push(piece);
+            }
+        }
+        regions.sort_by_key(|r| r.start);
+        let flush = if changed { Flush::All } else { Flush::None };
+        Ok((Template::from_parts(tree, regions), flush))
+    }
+
+    /// Page-table accounting (walks the owned tables and the shared ones below them).
+    pub fn stats(&self) -> SpaceStats {
+        let mut s = SpaceStats::default();
+        self.tree.cursor().account(&mut s);
+        s
+    }
+}
+
+/// A flush of `start..end` (the whole space if the range reaches the end of the lower half,
+/// whose end is not a canonical address).
+fn range_flush(start: u64, end: u64) -> Flush {
+    if end >= LOWER_HALF_END {
+        Flush::All
+    } else {
+        Flush::Range {
+            start: VirtAddr::new(start),
+            end: VirtAddr::new(end),
+        }
+    }
+}
+
+fn find(regions: &[Region], va: u64) -> Option<&Region> {
+    let i = regions.partition_point(|r| r.end <= va);
+    regions.get(i).filter(|r| r.contains(va))
+}
+
+/// A range boundary inside a 2 MiB-page region must be 2 MiB aligned.
+fn check_huge_split(regions: &[Region], start: u64, end: u64) -> Result<(), Error> {
+    for r in regions.iter().filter(|r| r.page_size == PageSize::Size2MiB) {
+        for b in [start, end] {
+            if r.start < b && b < r.end && b % SIZE_2M != 0 {
+                return Err(Error::SplitsHugePage { addr: b });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remove `start..end` from `regions`; returns the removed pieces.
+fn carve(regions: &mut Vec<Region>, start: u64, end: u64) -> Vec<Region> {
+    let mut kept = Vec::with_capacity(regions.len() + 1);
+    let mut removed = Vec::new();
+    for r in regions.drain(..) {
+        if r.end <= start || end <= r.start {
+            kept.push(r);
+            continue;
+        }
+        if r.start < start {
+            let mut left = r.clone();
+            left.end = start;
+            kept.push(left);
+        }
+        if end < r.end {
+            let mut right = r.clone();
+            right.start = end;
+            kept.push(right);
+        }
+        let mut mid = r;
+        mid.start = mid.start.max(start);
+        mid.end = mid.end.min(end);
+        removed.push(mid);
+    }
+    kept.sort_by_key(|r| r.start);
+    *regions = kept;
+    removed
+}
+
+/// A private copy of the page at `src` (4 KiB or a 2 MiB run).
+fn copy_page<M: PhysMem>(mem: &M, src: u64, size: PageSize) -> Result<u64, Error> {
+    match size {
+        PageSize::Size4KiB => {
+            let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+            raw::copy(mem, frame_at(src), f);
+            Ok(f.start_address().as_u64())
+        }
+        PageSize::Size2MiB => {
+            let run = mem.alloc_huge_frame().ok_or(Error::OutOfFrames)?;
+            let base = run.start_address().as_u64();
+            for k in 0..512 {
+                raw::copy(
+                    mem,
+                    frame_at(src + k * SIZE_4K),
+                    frame_at(base + k * SIZE_4K),
+                );
+            }
+            Ok(base)
+        }
+    }
+}

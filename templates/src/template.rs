@@ -1,0 +1,444 @@
+//! Regions, the template builder, and sealed templates.
+
+use crate::entry::{self, SIZE_1G, SIZE_2M, SIZE_4K};
+use crate::error::{Error, Name};
+use crate::mem::{PhysMem, frame_at};
+use crate::raw;
+use crate::walk::{self, Cursor};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use x86_64::structures::paging::PhysFrame;
+use x86_64::{PhysAddr, VirtAddr};
+
+/// How a region's frames are shared between the tasks that map it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// One set of frames, writable, every write visible to every task (shared heaps).
+    Shared,
+    /// Copy-on-write: a task's first write to a page copies it for that task.
+    Private,
+    /// Never writable: a write is a [`Fault::WriteToReadOnly`](crate::Fault::WriteToReadOnly).
+    ReadOnly,
+}
+
+/// Leaf size of a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PageSize {
+    /// 4 KiB leaves in L1 tables.
+    Size4KiB,
+    /// 2 MiB leaves in L2 tables (`HUGE_PAGE`).
+    Size2MiB,
+}
+
+impl PageSize {
+    /// Bytes per page.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            PageSize::Size4KiB => SIZE_4K,
+            PageSize::Size2MiB => SIZE_2M,
+        }
+    }
+    pub(crate) const fn level(self) -> u8 {
+        match self {
+            PageSize::Size4KiB => 1,
+            PageSize::Size2MiB => 2,
+        }
+    }
+}
+
+/// Access rights of a region (always readable; kernel-mode, `USER_ACCESSIBLE` never set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Perm {
+    /// Writable (for `Private`: copy-on-write).
+    pub write: bool,
+    /// Executable (`NO_EXECUTE` clear).
+    pub exec: bool,
+}
+
+impl Perm {
+    /// Read-only data.
+    pub const R: Perm = Perm {
+        write: false,
+        exec: false,
+    };
+    /// Read-write data.
+    pub const RW: Perm = Perm {
+        write: true,
+        exec: false,
+    };
+    /// Code.
+    pub const RX: Perm = Perm {
+        write: false,
+        exec: true,
+    };
+    /// Writable code.
+    pub const RWX: Perm = Perm {
+        write: true,
+        exec: true,
+    };
+}
+
+/// Where a template region's frames come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// Fresh zeroed frames, allocated at `seal()` (2 MiB pages need
+    /// [`PhysMem::alloc_huge_frame`]).
+    Zeroed,
+    /// The given frames, one per page in order, each aligned to the page size (e.g. an image's
+    /// sections). The template takes its own reference to each; the caller keeps its own.
+    Frames(Vec<PhysAddr>),
+    /// One frame (or 2 MiB run) mapped at every page of the region: lets benchmarks build huge
+    /// templates without the memory. One reference per page.
+    Alias(PhysAddr),
+}
+
+/// A region to add to a [`TemplateBuilder`].
+#[derive(Debug, Clone)]
+pub struct RegionSpec {
+    /// Name used in fault reports, e.g. `"libdata"`.
+    pub name: Name,
+    /// First address (lower half, aligned to `page_size`).
+    pub start: VirtAddr,
+    /// Length in bytes (a non-zero multiple of `page_size`).
+    pub len: u64,
+    /// Sharing behaviour.
+    pub kind: Kind,
+    /// Executable.
+    pub exec: bool,
+    /// Leaf size.
+    pub page_size: PageSize,
+    /// Frames.
+    pub backing: Backing,
+}
+
+impl RegionSpec {
+    /// A non-executable region of 4 KiB pages backed by fresh zeroed frames.
+    pub fn new(name: &str, start: u64, len: u64, kind: Kind) -> Self {
+        RegionSpec {
+            name: Name::from(name),
+            start: VirtAddr::new_truncate(start),
+            len,
+            kind,
+            exec: false,
+            page_size: PageSize::Size4KiB,
+            backing: Backing::Zeroed,
+        }
+    }
+    /// Make it executable.
+    pub fn exec(mut self) -> Self {
+        self.exec = true;
+        self
+    }
+    /// Use 2 MiB pages.
+    pub fn huge(mut self) -> Self {
+        self.page_size = PageSize::Size2MiB;
+        self
+    }
+    /// Set the backing.
+    pub fn backing(mut self, backing: Backing) -> Self {
+        self.backing = backing;
+        self
+    }
+}
+
+/// A mapped region of a template or an address space, as recorded for fault resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// Name for reports.
+    pub name: Name,
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// Sharing behaviour.
+    pub kind: Kind,
+    /// Current access rights.
+    pub perm: Perm,
+    /// Pages not present are mapped to fresh zeroed frames on first touch (private `map`s).
+    pub demand_zero: bool,
+    /// Leaf size.
+    pub page_size: PageSize,
+}
+
+impl Region {
+    pub(crate) fn contains(&self, va: u64) -> bool {
+        self.start <= va && va < self.end
+    }
+}
+
+/// Check `start..start+len` is a non-empty, lower-half range aligned to `align`.
+pub(crate) fn check_range(start: u64, len: u64, align: u64) -> Result<u64, Error> {
+    if len == 0 {
+        return Err(Error::Empty);
+    }
+    if !start.is_multiple_of(align) || !len.is_multiple_of(align) {
+        return Err(Error::Misaligned { addr: start });
+    }
+    let end = start
+        .checked_add(len)
+        .ok_or(Error::NotLowerHalf { addr: start })?;
+    if end > entry::LOWER_HALF_END {
+        return Err(Error::NotLowerHalf {
+            addr: start.max(entry::LOWER_HALF_END),
+        });
+    }
+    Ok(end)
+}
+
+/// A tree of tables rooted at an L4 of count 1, released on drop. Templates and address spaces
+/// each own one.
+#[derive(Debug)]
+pub(crate) struct Tree<M: PhysMem> {
+    pub(crate) mem: M,
+    pub(crate) root: PhysFrame,
+}
+
+impl<M: PhysMem> Tree<M> {
+    pub(crate) fn new(mem: &M) -> Result<Self, Error> {
+        Ok(Tree {
+            mem: mem.clone(),
+            root: walk::alloc_table(mem)?,
+        })
+    }
+    pub(crate) fn cursor(&self) -> Cursor<'_, M> {
+        Cursor::new(&self.mem, self.root)
+    }
+}
+
+impl<M: PhysMem> Drop for Tree<M> {
+    fn drop(&mut self) {
+        // Releases entries 0..256 only: the kernel half is never followed.
+        walk::release_table(&self.mem, self.root, 4);
+    }
+}
+
+/// Collects regions, then [`seal`](Self::seal)s them into a [`Template`].
+#[derive(Debug)]
+pub struct TemplateBuilder<M: PhysMem> {
+    mem: M,
+    regions: Vec<(Region, Backing)>,
+}
+
+impl<M: PhysMem> TemplateBuilder<M> {
+    /// An empty builder allocating from `mem`.
+    pub fn new(mem: &M) -> Self {
+        TemplateBuilder {
+            mem: mem.clone(),
+            regions: Vec::new(),
+        }
+    }
+
+    /// Add a region; rejects misaligned, empty, kernel-half, overlapping or badly backed ones.
+    pub fn add(&mut self, spec: RegionSpec) -> Result<&mut Self, Error> {
+        let size = spec.page_size.bytes();
+        let start = spec.start.as_u64();
+        let end = check_range(start, spec.len, size)?;
+        let pages = spec.len / size;
+        match &spec.backing {
+            Backing::Zeroed => {}
+            Backing::Frames(frames) => {
+                if frames.len() as u64 != pages || frames.iter().any(|f| f.as_u64() % size != 0) {
+                    return Err(Error::BadBacking);
+                }
+            }
+            Backing::Alias(f) => {
+                if f.as_u64() % size != 0 {
+                    return Err(Error::BadBacking);
+                }
+            }
+        }
+        if let Some((r, _)) = self
+            .regions
+            .iter()
+            .find(|(r, _)| r.start < end && start < r.end)
+        {
+            return Err(Error::Overlap {
+                addr: r.start.max(start),
+            });
+        }
+        let perm = Perm {
+            write: spec.kind != Kind::ReadOnly,
+            exec: spec.exec,
+        };
+        let region = Region {
+            name: spec.name,
+            start,
+            end,
+            kind: spec.kind,
+            perm,
+            demand_zero: false,
+            page_size: spec.page_size,
+        };
+        self.regions.push((region, spec.backing));
+        Ok(self)
+    }
+
+    /// Build every table and seal the result. On failure (out of frames) nothing is leaked.
+    pub fn seal(self) -> Result<Template<M>, Error> {
+        let tree = Tree::new(&self.mem)?;
+        let mem = &self.mem;
+        let mut cursor = tree.cursor();
+        for (r, backing) in &self.regions {
+            let size = r.page_size.bytes();
+            let level = r.page_size.level();
+            let (write, cow) = leaf_write_bits(r.kind, r.perm.write);
+            let mut table = None;
+            for (n, va) in (r.start..r.end).step_by(size as usize).enumerate() {
+                // One descent per table, not per page.
+                if table.is_none() || entry::index(va, level) == 0 {
+                    table = cursor.owned_table(va, level, true)?;
+                }
+                let t = table.ok_or(Error::OutOfFrames)?;
+                let frame = match backing {
+                    Backing::Zeroed => zeroed_page(mem, r.page_size)?,
+                    Backing::Frames(fs) => {
+                        mem.inc_ref(frame_at(fs[n].as_u64()));
+                        fs[n].as_u64()
+                    }
+                    Backing::Alias(f) => {
+                        mem.inc_ref(frame_at(f.as_u64()));
+                        f.as_u64()
+                    }
+                };
+                cursor.set(
+                    t,
+                    va,
+                    level,
+                    entry::leaf(frame, level, write, r.perm.exec, cow),
+                );
+            }
+        }
+        let mut regions: Vec<Region> = self.regions.into_iter().map(|(r, _)| r).collect();
+        regions.sort_by_key(|r| r.start);
+        Ok(Template::from_parts(tree, regions))
+    }
+}
+
+/// Leaf `WRITABLE` and `COW` bits for a page of a template region of `kind`.
+pub(crate) fn leaf_write_bits(kind: Kind, write: bool) -> (bool, bool) {
+    match kind {
+        Kind::Shared => (write, false),
+        Kind::Private => (false, write),
+        Kind::ReadOnly => (false, false),
+    }
+}
+
+/// A fresh zeroed 4 KiB frame or 2 MiB run; returns its address.
+pub(crate) fn zeroed_page<M: PhysMem>(mem: &M, size: PageSize) -> Result<u64, Error> {
+    match size {
+        PageSize::Size4KiB => {
+            let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+            raw::zero(mem, f);
+            Ok(f.start_address().as_u64())
+        }
+        PageSize::Size2MiB => {
+            let run = mem.alloc_huge_frame().ok_or(Error::OutOfFrames)?;
+            let base = run.start_address().as_u64();
+            for k in 0..512 {
+                raw::zero(mem, frame_at(base + k * SIZE_4K));
+            }
+            Ok(base)
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<M: PhysMem> {
+    tree: Tree<M>,
+    regions: Vec<Region>,
+    /// 1 GiB slot numbers (`va >> 30`) claimed by the regions, sorted.
+    slots: Vec<u64>,
+}
+
+/// A sealed, immutable set of mappings with prebuilt tables, attached by reference to every
+/// address space spawned from it. Cloning is cheap (a reference count); the tables are released
+/// when the last clone and the last space using them are gone.
+///
+/// Its tables live under a private L4 (never loaded into CR3). Each 1 GiB slot its regions touch
+/// is *claimed*: a spawn attaches one L4 entry per 512 GiB if no other template claims slots in
+/// it, otherwise one L3 entry per claimed 1 GiB slot.
+#[derive(Debug)]
+pub struct Template<M: PhysMem> {
+    inner: Arc<Inner<M>>,
+}
+
+impl<M: PhysMem> Clone for Template<M> {
+    fn clone(&self) -> Self {
+        Template {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<M: PhysMem> Template<M> {
+    pub(crate) fn from_parts(tree: Tree<M>, regions: Vec<Region>) -> Self {
+        let mut slots: Vec<u64> = Vec::new();
+        for r in &regions {
+            for s in (r.start / SIZE_1G)..=((r.end - 1) / SIZE_1G) {
+                slots.push(s);
+            }
+        }
+        slots.sort_unstable();
+        slots.dedup();
+        // The engine shares templates only through this Arc; a kernel PhysMem is Send + Sync.
+        #[allow(clippy::arc_with_non_send_sync)]
+        let inner = Arc::new(Inner {
+            tree,
+            regions,
+            slots,
+        });
+        Template { inner }
+    }
+
+    /// The regions, sorted by address.
+    pub fn regions(&self) -> &[Region] {
+        &self.inner.regions
+    }
+
+    /// The 1 GiB slots (`address >> 30`) this template claims, sorted.
+    pub fn slots(&self) -> &[u64] {
+        &self.inner.slots
+    }
+
+    /// The template's private L4 (for inspection and tests; never loaded into CR3).
+    pub fn root(&self) -> PhysFrame {
+        self.inner.tree.root
+    }
+
+    /// Entry `l4` of the template's root (0 if absent).
+    pub(crate) fn l4_entry(&self, l4: usize) -> u64 {
+        raw::read(&self.inner.tree.mem, self.inner.tree.root, l4)
+    }
+
+    /// Number of tables below the root, and of leaf entries (a diagnostic walk).
+    pub fn stats(&self) -> TemplateStats {
+        let mut s = TemplateStats::default();
+        count(&self.inner.tree.mem, self.inner.tree.root, 4, &mut s);
+        s
+    }
+}
+
+/// Size of a template's tree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TemplateStats {
+    /// Tables below the root (L3, L2, L1).
+    pub tables: usize,
+    /// Leaf entries (pages mapped).
+    pub leaves: usize,
+}
+
+fn count<M: PhysMem>(mem: &M, table: PhysFrame, level: u8, s: &mut TemplateStats) {
+    let n = if level == 4 { 256 } else { 512 };
+    for i in 0..n {
+        let e = raw::read(mem, table, i);
+        if !entry::present(e) {
+            continue;
+        }
+        if entry::is_leaf(e, level) {
+            s.leaves += 1;
+        } else {
+            s.tables += 1;
+            count(mem, frame_at(entry::addr(e)), level - 1, s);
+        }
+    }
+}

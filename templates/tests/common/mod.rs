@@ -1,0 +1,175 @@
+//! Test helpers: a task that accesses memory through the software MMU and resolves faults like
+//! a kernel, and an invariant checker that walks every live tree.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use templates::sim::{CpuFault, SimMem, SoftMmu};
+use templates::{Access, AddressSpace, Fault, PhysMem, Template};
+use x86_64::structures::paging::PhysFrame;
+use x86_64::{PhysAddr, VirtAddr};
+
+pub const PRESENT: u64 = 1;
+pub const WRITABLE: u64 = 1 << 1;
+pub const HUGE: u64 = 1 << 7;
+pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+pub fn frame(addr: u64) -> PhysFrame {
+    PhysFrame::containing_address(PhysAddr::new(addr))
+}
+
+pub fn entry(mem: &SimMem, table: PhysFrame, i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    mem.read(table, i * 8, &mut b);
+    u64::from_le_bytes(b)
+}
+
+/// Access `va` like a task: the MMU raises a fault, the kernel resolves it, the access retries.
+/// The first CPU fault is returned too, so tests can show "faults before, succeeds after".
+pub fn access(
+    space: &mut AddressSpace<SimMem>,
+    mem: &SimMem,
+    va: u64,
+    acc: Access,
+) -> Result<PhysAddr, Fault> {
+    let mmu = SoftMmu::new(mem);
+    for _ in 0..3 {
+        match mmu.translate(space.root(), va, acc) {
+            Ok(pa) => return Ok(pa),
+            Err(CpuFault { .. }) => space.resolve_fault(VirtAddr::new(va), acc)?.ignore(),
+        }
+    }
+    panic!("fault at {va:#x} not resolved after 3 tries");
+}
+
+pub fn read_u64(space: &mut AddressSpace<SimMem>, mem: &SimMem, va: u64) -> Result<u64, Fault> {
+    access(space, mem, va, Access::Read)?;
+    Ok(SoftMmu::new(mem)
+        .read_u64(space.root(), va)
+        .expect("resolved"))
+}
+
+pub fn write_u64(
+    space: &mut AddressSpace<SimMem>,
+    mem: &SimMem,
+    va: u64,
+    v: u64,
+) -> Result<(), Fault> {
+    access(space, mem, va, Access::Write)?;
+    SoftMmu::new(mem)
+        .write_u64(space.root(), va, v)
+        .expect("resolved");
+    Ok(())
+}
+
+/// Walk every tree from `roots` (each root held once by its owner) and compute the count every
+/// frame must have: one per entry pointing at it (each table's entries counted once however
+/// many parents share it) plus one per handle (`roots`, `external`).
+pub fn expected_counts(
+    mem: &SimMem,
+    roots: &[PhysFrame],
+    external: &[PhysFrame],
+) -> HashMap<PhysFrame, u32> {
+    let mut counts: HashMap<PhysFrame, u32> = HashMap::new();
+    let mut seen = HashSet::new();
+    for &r in roots {
+        *counts.entry(r).or_default() += 1;
+        visit(mem, r, 4, &mut counts, &mut seen);
+    }
+    for &f in external {
+        *counts.entry(f).or_default() += 1;
+    }
+    counts
+}
+
+fn visit(
+    mem: &SimMem,
+    table: PhysFrame,
+    level: u8,
+    counts: &mut HashMap<PhysFrame, u32>,
+    seen: &mut HashSet<PhysFrame>,
+) {
+    if !seen.insert(table) {
+        return;
+    }
+    let n = if level == 4 { 256 } else { 512 };
+    for i in 0..n {
+        let e = entry(mem, table, i);
+        if e & PRESENT == 0 {
+            continue;
+        }
+        let target = frame(e & ADDR);
+        *counts.entry(target).or_default() += 1;
+        if level > 1 && e & HUGE == 0 {
+            visit(mem, target, level - 1, counts, seen);
+        }
+    }
+}
+
+/// Invariant 2: every allocated frame's count equals its references, and nothing else is
+/// allocated (no leak).
+pub fn check_counts(mem: &SimMem, roots: &[PhysFrame], external: &[PhysFrame]) {
+    let expected = expected_counts(mem, roots, external);
+    let actual: HashMap<PhysFrame, u32> = mem.allocated().into_iter().collect();
+    for (f, n) in &actual {
+        let e = expected.get(f).copied().unwrap_or(0);
+        assert_eq!(
+            *n,
+            e,
+            "frame {:#x}: count {n}, references {e}",
+            f.start_address().as_u64()
+        );
+    }
+    for (f, e) in &expected {
+        assert!(
+            actual.contains_key(f),
+            "frame {:#x} referenced {e} times but not allocated",
+            f.start_address().as_u64()
+        );
+    }
+}
+
+/// A fingerprint of everything in a template that must never change (invariant 1): all its
+/// tables, and every data frame of a non-writable leaf (`Shared` pages are writable by design).
+pub fn template_fingerprint(mem: &SimMem, t: &Template<SimMem>) -> u64 {
+    let mut h = 0u64;
+    let mut seen = HashSet::new();
+    fp(mem, t.root(), 4, &mut h, &mut seen);
+    h
+}
+
+fn fp(mem: &SimMem, table: PhysFrame, level: u8, h: &mut u64, seen: &mut HashSet<PhysFrame>) {
+    if !seen.insert(table) {
+        return;
+    }
+    *h = h.rotate_left(7) ^ mem.checksum(table);
+    let n = if level == 4 { 256 } else { 512 };
+    for i in 0..n {
+        let e = entry(mem, table, i);
+        if e & PRESENT == 0 {
+            continue;
+        }
+        if level == 1 || e & HUGE != 0 {
+            if e & WRITABLE == 0 {
+                let pages = if level == 1 { 1 } else { 512 };
+                for k in 0..pages {
+                    *h = h.rotate_left(7) ^ mem.checksum(frame((e & ADDR) + k * 4096));
+                }
+            }
+        } else {
+            fp(mem, frame(e & ADDR), level - 1, h, seen);
+        }
+    }
+}
+
+/// Allocate a frame the test owns, filled with a recognisable pattern.
+pub fn pattern_frame(mem: &SimMem, seed: u64) -> PhysFrame {
+    let f = mem.alloc_frame().expect("test frame");
+    for w in 0..512u64 {
+        mem.write(f, (w * 8) as usize, &pattern(seed, w * 8).to_le_bytes());
+    }
+    f
+}
+
+pub fn pattern(seed: u64, offset: u64) -> u64 {
+    (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ offset).wrapping_add(0x1234_5678) | 1
+}

@@ -1,0 +1,695 @@
+//! One test (or a few) per operation, each checking behaviour through the software MMU.
+
+mod common;
+
+use common::*;
+use templates::sim::{CpuFault, SimMem, SoftMmu};
+use templates::*;
+use x86_64::structures::paging::page_table::PageTableEntry;
+use x86_64::structures::paging::{PageTableFlags, PhysFrame};
+use x86_64::{PhysAddr, VirtAddr};
+
+const GIB: u64 = 1 << 30;
+const MIB2: u64 = 2 << 20;
+const BASE: u64 = GIB; // slot 1
+
+fn va(x: u64) -> VirtAddr {
+    VirtAddr::new(x)
+}
+
+fn mem() -> SimMem {
+    SimMem::new(1 << 20)
+}
+
+/// A template with code (RX, read-only), data (Private RW), a shared heap, 3 pages each.
+fn small_template(m: &SimMem) -> Template<SimMem> {
+    let mut b = TemplateBuilder::new(m);
+    b.add(RegionSpec::new("libcode", BASE, 3 * 4096, Kind::ReadOnly).exec())
+        .unwrap();
+    b.add(RegionSpec::new(
+        "libdata",
+        BASE + 0x10_0000,
+        3 * 4096,
+        Kind::Private,
+    ))
+    .unwrap();
+    b.add(RegionSpec::new(
+        "shheap",
+        BASE + 0x40_0000,
+        3 * 4096,
+        Kind::Shared,
+    ))
+    .unwrap();
+    b.seal().unwrap()
+}
+
+fn both_modes() -> [Mode; 2] {
+    [Mode::Share, Mode::Copy]
+}
+
+#[test]
+fn write_to_private_template_page_faults_then_succeeds_and_is_private() {
+    for mode in both_modes() {
+        let m = mem();
+        let t = small_template(&m);
+        let fp = template_fingerprint(&m, &t);
+        let mut a = AddressSpace::new(&m, &[&t], mode, None).unwrap();
+        let mut b = AddressSpace::new(&m, &[&t], mode, None).unwrap();
+        let mmu = SoftMmu::new(&m);
+        let x = BASE + 0x10_0000 + 8;
+        // Before the unshare the CPU raises a write-protect fault on a present page.
+        let f = mmu.write_u64(a.root(), x, 7).unwrap_err();
+        assert_eq!(
+            f,
+            CpuFault {
+                addr: x,
+                present: true,
+                write: true,
+                fetch: false
+            }
+        );
+        // Reads work without any fault.
+        assert_eq!(mmu.read_u64(a.root(), x).unwrap(), 0);
+        let flush = a.resolve_fault(va(x), Access::Write).unwrap();
+        assert_eq!(flush, Flush::Page(va(BASE + 0x10_0000)));
+        mmu.write_u64(a.root(), x, 7).unwrap();
+        assert_eq!(mmu.read_u64(a.root(), x).unwrap(), 7);
+        assert_eq!(
+            mmu.read_u64(b.root(), x).unwrap(),
+            0,
+            "isolation ({mode:?})"
+        );
+        write_u64(&mut b, &m, x, 9).unwrap();
+        assert_eq!(read_u64(&mut a, &m, x).unwrap(), 7);
+        assert_eq!(read_u64(&mut b, &m, x).unwrap(), 9);
+        assert_eq!(template_fingerprint(&m, &t), fp, "template never written");
+        check_counts(&m, &[a.root(), b.root(), t.root()], &[]);
+        drop((a, b, t));
+        assert_eq!(m.frames_in_use(), 0);
+    }
+}
+
+#[test]
+fn shared_region_writes_visible_everywhere() {
+    for mode in both_modes() {
+        let m = mem();
+        let t = small_template(&m);
+        let mut a = AddressSpace::new(&m, &[&t], mode, None).unwrap();
+        let mut b = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+        let x = BASE + 0x40_0000 + 4096 + 16;
+        write_u64(&mut a, &m, x, 42).unwrap();
+        assert_eq!(read_u64(&mut b, &m, x).unwrap(), 42);
+        // No unshare was needed: the page is writable in the template.
+        assert_eq!(a.stats().private_pages, 0);
+    }
+}
+
+#[test]
+fn unshare_copies_exactly_l3_l2_l1_and_one_page() {
+    let m = mem();
+    let mut b = TemplateBuilder::new(&m);
+    // 4 MiB: two L1 tables under one L2.
+    b.add(RegionSpec::new("data", BASE, 2 * MIB2, Kind::Private))
+        .unwrap();
+    let t = b.seal().unwrap();
+    let mut a = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+    let s0 = a.stats();
+    assert_eq!(s0.tables_owned, 1, "share: only the root is owned");
+    assert_eq!(
+        s0.shared_attachments, 1,
+        "one L4 entry attaches the template"
+    );
+    assert_eq!(s0.page_table_bytes(), 4096);
+    let before = m.frames_in_use();
+    write_u64(&mut a, &m, BASE + 5 * 4096, 1).unwrap();
+    let s1 = a.stats();
+    assert_eq!(s1.tables_owned, 4, "root + L3 + L2 + L1 copies");
+    assert_eq!(
+        m.frames_in_use() - before,
+        4,
+        "3 table copies + 1 page copy"
+    );
+    assert_eq!(s1.private_pages, 1);
+    // The other L1 (second 2 MiB) is still the template's.
+    let l2 = {
+        let l3 = frame(entry(&m, a.root(), 0) & ADDR);
+        frame(entry(&m, l3, 1) & ADDR)
+    };
+    let tl2 = {
+        let l3 = frame(entry(&m, t.root(), 0) & ADDR);
+        frame(entry(&m, l3, 1) & ADDR)
+    };
+    assert_ne!(l2, tl2);
+    assert_ne!(
+        entry(&m, l2, 0) & ADDR,
+        entry(&m, tl2, 0) & ADDR,
+        "L1 #0 copied"
+    );
+    assert_eq!(
+        entry(&m, l2, 1) & ADDR,
+        entry(&m, tl2, 1) & ADDR,
+        "L1 #1 still shared"
+    );
+    // A second write in the same L1 copies only the page.
+    let before = m.frames_in_use();
+    write_u64(&mut a, &m, BASE + 6 * 4096, 1).unwrap();
+    assert_eq!(m.frames_in_use() - before, 1);
+    check_counts(&m, &[a.root(), t.root()], &[]);
+}
+
+#[test]
+fn cow_takes_over_a_frame_no_one_else_references() {
+    let m = mem();
+    let mut a = AddressSpace::new(&m, &[], Mode::Share, None).unwrap();
+    a.map(va(BASE), 4096, Perm::RW, "heap", true)
+        .unwrap()
+        .ignore();
+    write_u64(&mut a, &m, BASE, 5).unwrap();
+    let (t, flush) = a.snapshot(&[(va(BASE), 4096)]).unwrap();
+    assert_eq!(flush, Flush::All);
+    assert!(a.translate(va(BASE)).unwrap().copy_on_write);
+    drop(t);
+    let pa = a.translate(va(BASE)).unwrap().phys;
+    let before = m.frames_in_use();
+    write_u64(&mut a, &m, BASE, 6).unwrap();
+    assert_eq!(
+        a.translate(va(BASE)).unwrap().phys,
+        pa,
+        "taken over, not copied"
+    );
+    assert_eq!(m.frames_in_use(), before);
+}
+
+#[test]
+fn read_only_and_unmapped_and_noexec_faults_are_typed_and_named() {
+    for mode in both_modes() {
+        let m = mem();
+        let t = small_template(&m);
+        let mut a = AddressSpace::new(&m, &[&t], mode, None).unwrap();
+        let e = write_u64(&mut a, &m, BASE + 8, 1).unwrap_err();
+        assert_eq!(
+            e,
+            Fault::WriteToReadOnly {
+                addr: BASE + 8,
+                region: "libcode".into()
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "write to read-only region 'libcode' at 0x40000008"
+        );
+        let e = access(&mut a, &m, BASE + 0x10_0000, Access::Execute).unwrap_err();
+        assert!(matches!(e, Fault::ExecuteNoExec { ref region, .. } if &**region == "libdata"));
+        access(&mut a, &m, BASE, Access::Execute).unwrap();
+        let e = read_u64(&mut a, &m, BASE + 0x20_0000).unwrap_err();
+        assert_eq!(
+            e,
+            Fault::Unmapped {
+                addr: BASE + 0x20_0000
+            }
+        );
+        let e = a
+            .resolve_fault(va(0xffff_8000_0000_0000), Access::Read)
+            .unwrap_err();
+        assert!(matches!(e, Fault::NotLowerHalf { .. }));
+        // A spurious fault (already allowed) asks for a page flush only.
+        assert_eq!(
+            a.resolve_fault(va(BASE + 8), Access::Read).unwrap(),
+            Flush::Page(va(BASE))
+        );
+    }
+}
+
+#[test]
+fn demand_zero_map_and_populate() {
+    let m = mem();
+    let mut a = AddressSpace::new(&m, &[], Mode::Share, None).unwrap();
+    assert_eq!(
+        a.map(va(0x7000_0000), 8 * 4096, Perm::RW, "stack", false)
+            .unwrap(),
+        Flush::None
+    );
+    assert!(
+        a.translate(va(0x7000_0000)).is_none(),
+        "demand-zero: nothing mapped yet"
+    );
+    let f = SoftMmu::new(&m)
+        .read_u64(a.root(), 0x7000_1000)
+        .unwrap_err();
+    assert!(!f.present);
+    assert_eq!(read_u64(&mut a, &m, 0x7000_1000).unwrap(), 0);
+    write_u64(&mut a, &m, 0x7000_1008, 3).unwrap();
+    assert_eq!(read_u64(&mut a, &m, 0x7000_1008).unwrap(), 3);
+    a.map(va(0x7100_0000), 3 * 4096, Perm::R, "ro", true)
+        .unwrap()
+        .ignore();
+    let tr = a.translate(va(0x7100_2000)).unwrap();
+    assert!(!tr.writable && !tr.executable && !tr.copy_on_write);
+    assert_eq!(
+        read_u64(&mut a, &m, 0x7100_2000).unwrap(),
+        0,
+        "zeroed despite poisoned memory"
+    );
+    assert!(matches!(
+        write_u64(&mut a, &m, 0x7100_2000, 1),
+        Err(Fault::WriteToReadOnly { .. })
+    ));
+    check_counts(&m, &[a.root()], &[]);
+}
+
+#[test]
+fn map_rejects_bad_ranges() {
+    let m = mem();
+    let t = small_template(&m);
+    let mut a = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+    assert_eq!(
+        a.map(va(BASE + 4096), 4096, Perm::RW, "x", false),
+        Err(Error::Overlap { addr: BASE + 4096 })
+    );
+    assert_eq!(
+        a.map(va(0x1001), 4096, Perm::RW, "x", false),
+        Err(Error::Misaligned { addr: 0x1001 })
+    );
+    assert_eq!(
+        a.map(va(0x1000), 0, Perm::RW, "x", false),
+        Err(Error::Empty)
+    );
+    assert!(matches!(
+        a.map(va(0x7fff_ffff_f000), 0x2000, Perm::RW, "x", false),
+        Err(Error::NotLowerHalf { .. })
+    ));
+    // Mapping next to template pages in the same L1 unshares the path; the template is intact.
+    let fp = template_fingerprint(&m, &t);
+    a.map(va(BASE + 3 * 4096), 4096, Perm::RW, "x", true)
+        .unwrap()
+        .ignore();
+    write_u64(&mut a, &m, BASE + 3 * 4096, 1).unwrap();
+    assert_eq!(template_fingerprint(&m, &t), fp);
+    check_counts(&m, &[a.root(), t.root()], &[]);
+}
+
+#[test]
+fn unmap_removes_only_in_this_space() {
+    for mode in both_modes() {
+        let m = mem();
+        let t = small_template(&m);
+        let mut a = AddressSpace::new(&m, &[&t], mode, None).unwrap();
+        let mut b = AddressSpace::new(&m, &[&t], mode, None).unwrap();
+        let flush = a.unmap(va(BASE + 0x10_0000 + 4096), 4096).unwrap();
+        assert_eq!(
+            flush,
+            Flush::Range {
+                start: va(BASE + 0x10_1000),
+                end: va(BASE + 0x10_2000)
+            }
+        );
+        assert!(a.translate(va(BASE + 0x10_1000)).is_none());
+        assert_eq!(
+            read_u64(&mut a, &m, BASE + 0x10_1000),
+            Err(Fault::Unmapped {
+                addr: BASE + 0x10_1000
+            })
+        );
+        assert_eq!(read_u64(&mut a, &m, BASE + 0x10_2000), Ok(0));
+        assert_eq!(read_u64(&mut b, &m, BASE + 0x10_1000), Ok(0));
+        // Unmapping a whole 1 GiB slot releases the attachment without copying anything.
+        let before = a.stats().tables_owned;
+        a.unmap(va(GIB * 3), GIB).unwrap().ignore();
+        assert_eq!(a.stats().tables_owned, before);
+        check_counts(&m, &[a.root(), b.root(), t.root()], &[]);
+        drop((a, b, t));
+        assert_eq!(m.frames_in_use(), 0);
+    }
+}
+
+#[test]
+fn protect_changes_rights_of_private_memory_only() {
+    let m = mem();
+    let t = small_template(&m);
+    let mut a = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+    let data = BASE + 0x10_0000;
+    write_u64(&mut a, &m, data, 1).unwrap();
+    a.protect(va(data), 3 * 4096, Perm::R).unwrap().ignore();
+    assert!(matches!(
+        write_u64(&mut a, &m, data, 2),
+        Err(Fault::WriteToReadOnly { .. })
+    ));
+    assert!(matches!(
+        write_u64(&mut a, &m, data + 4096, 2),
+        Err(Fault::WriteToReadOnly { .. })
+    ));
+    a.protect(va(data), 3 * 4096, Perm::RWX).unwrap().ignore();
+    write_u64(&mut a, &m, data, 2).unwrap();
+    write_u64(&mut a, &m, data + 4096, 3).unwrap();
+    access(&mut a, &m, data, Access::Execute).unwrap();
+    assert!(matches!(
+        a.protect(va(BASE), 4096, Perm::RW),
+        Err(Error::NotPrivate { .. })
+    ));
+    assert!(matches!(
+        a.protect(va(data), 4 * 4096, Perm::RW),
+        Err(Error::NotMapped { .. })
+    ));
+    let mut b = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+    assert_eq!(read_u64(&mut b, &m, data + 4096), Ok(0));
+    check_counts(&m, &[a.root(), b.root(), t.root()], &[]);
+}
+
+#[test]
+fn snapshot_is_a_fork_server() {
+    for mode in both_modes() {
+        let m = mem();
+        let t = small_template(&m);
+        let mut server = AddressSpace::new(&m, &[&t], mode, None).unwrap();
+        let heap = 2 * GIB;
+        server
+            .map(va(heap), 16 * 4096, Perm::RW, "heap", false)
+            .unwrap()
+            .ignore();
+        write_u64(&mut server, &m, heap + 8, 100).unwrap();
+        write_u64(&mut server, &m, BASE + 0x10_0000, 200).unwrap();
+        let (snap, flush) = server
+            .snapshot(&[(va(BASE), GIB), (va(heap), GIB)])
+            .unwrap();
+        assert_eq!(flush, Flush::All);
+        let fp = template_fingerprint(&m, &snap);
+        let mut kids: Vec<_> = (0..3)
+            .map(|_| AddressSpace::new(&m, &[&snap], mode, None).unwrap())
+            .collect();
+        for (i, k) in kids.iter_mut().enumerate() {
+            assert_eq!(read_u64(k, &m, heap + 8), Ok(100));
+            assert_eq!(read_u64(k, &m, BASE + 0x10_0000), Ok(200));
+            assert_eq!(
+                read_u64(k, &m, heap + 5 * 4096),
+                Ok(0),
+                "untouched demand-zero page"
+            );
+            write_u64(k, &m, heap + 8, i as u64).unwrap();
+            write_u64(k, &m, heap + 9 * 4096, 50 + i as u64).unwrap();
+        }
+        write_u64(&mut server, &m, heap + 8, 101).unwrap();
+        for (i, k) in kids.iter_mut().enumerate() {
+            assert_eq!(read_u64(k, &m, heap + 8), Ok(i as u64));
+            assert_eq!(read_u64(k, &m, heap + 9 * 4096), Ok(50 + i as u64));
+        }
+        assert_eq!(read_u64(&mut server, &m, heap + 8), Ok(101));
+        assert_eq!(read_u64(&mut server, &m, heap + 9 * 4096), Ok(0));
+        // Shared stays shared across the snapshot.
+        write_u64(&mut kids[0], &m, BASE + 0x40_0000, 77).unwrap();
+        assert_eq!(read_u64(&mut server, &m, BASE + 0x40_0000), Ok(77));
+        assert_eq!(
+            kids[1]
+                .regions()
+                .iter()
+                .find(|r| r.start == heap)
+                .unwrap()
+                .name
+                .as_ref(),
+            "heap"
+        );
+        assert_eq!(template_fingerprint(&m, &snap), fp);
+        let mut roots: Vec<PhysFrame> = kids.iter().map(|k| k.root()).collect();
+        roots.extend([server.root(), t.root(), snap.root()]);
+        check_counts(&m, &roots, &[]);
+        drop((kids, server, t, snap));
+        assert_eq!(m.frames_in_use(), 0);
+    }
+}
+
+#[test]
+fn kernel_half_is_copied_verbatim_and_never_followed() {
+    let m = mem();
+    let mut entries: [PageTableEntry; 256] = core::array::from_fn(|_| PageTableEntry::new());
+    // Point at frames that do not exist in the simulated memory: following them would panic.
+    entries[0].set_addr(
+        PhysAddr::new(0x7777_0000_0000),
+        PageTableFlags::PRESENT | PageTableFlags::WRITABLE,
+    );
+    entries[255].set_addr(
+        PhysAddr::new(0x1000),
+        PageTableFlags::PRESENT | PageTableFlags::GLOBAL,
+    );
+    let k = KernelHalf::new(&entries);
+    let t = small_template(&m);
+    for mode in both_modes() {
+        let mut a = AddressSpace::new(&m, &[&t], mode, Some(&k)).unwrap();
+        a.unmap(va(0), 1 << 47).unwrap().ignore();
+        assert_eq!(entry(&m, a.root(), 256), 0x7777_0000_0000 | 3);
+        assert_eq!(entry(&m, a.root(), 511), 0x1000 | 1 | 1 << 8);
+        assert!(a.translate(va(0xffff_8000_0000_0000)).is_none());
+        drop(a);
+    }
+    drop(t);
+    assert_eq!(m.frames_in_use(), 0);
+}
+
+#[test]
+fn share_spawn_is_flat_copy_spawn_is_linear() {
+    let m = mem();
+    let alias = pattern_frame(&m, 1);
+    let mut owned = Vec::new();
+    for size in [MIB2, 64 * MIB2, GIB] {
+        let mut b = TemplateBuilder::new(&m);
+        b.add(
+            RegionSpec::new("big", BASE, size, Kind::Private)
+                .backing(Backing::Alias(alias.start_address())),
+        )
+        .unwrap();
+        let t = b.seal().unwrap();
+        let s = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+        let c = AddressSpace::new(&m, &[&t], Mode::Copy, None).unwrap();
+        assert_eq!(s.stats().tables_owned, 1);
+        assert_eq!(c.stats().tables_owned, t.stats().tables + 1);
+        assert_eq!(c.stats().tables_shared, 0);
+        owned.push((c.stats().tables_owned, size));
+        assert_eq!(m.ref_count(alias), 1 + 2 * (size / 4096) as u32);
+    }
+    assert_eq!(owned, vec![(4, MIB2), (3 + 64, 64 * MIB2), (3 + 512, GIB)]);
+    assert_eq!(m.ref_count(alias), 1);
+    m.dec_ref(alias);
+    assert_eq!(m.frames_in_use(), 0);
+}
+
+#[test]
+fn templates_in_one_512g_range_attach_per_slot_and_conflicts_are_rejected() {
+    let m = mem();
+    let mk = |start: u64| {
+        let mut b = TemplateBuilder::new(&m);
+        b.add(RegionSpec::new("r", start, 4096, Kind::Private))
+            .unwrap();
+        b.seal().unwrap()
+    };
+    let t1 = mk(GIB);
+    let t2 = mk(2 * GIB);
+    let t3 = mk(GIB + 0x1000);
+    let t4 = mk(600 * GIB);
+    for mode in both_modes() {
+        let mut a = AddressSpace::new(&m, &[&t1, &t2, &t4], mode, None).unwrap();
+        if mode == Mode::Share {
+            let s = a.stats();
+            assert_eq!(
+                s.tables_owned, 2,
+                "root + own L3 for the 512 GiB range with two templates"
+            );
+            assert_eq!(s.shared_attachments, 3);
+        }
+        write_u64(&mut a, &m, GIB, 1).unwrap();
+        write_u64(&mut a, &m, 2 * GIB, 2).unwrap();
+        write_u64(&mut a, &m, 600 * GIB, 3).unwrap();
+        assert_eq!(read_u64(&mut a, &m, GIB), Ok(1));
+        assert_eq!(
+            AddressSpace::new(&m, &[&t1, &t3], mode, None).unwrap_err(),
+            Error::SlotConflict { slot: GIB }
+        );
+        assert_eq!(
+            AddressSpace::new(&m, &[&t1, &t1], mode, None).unwrap_err(),
+            Error::SlotConflict { slot: GIB }
+        );
+    }
+    check_counts(&m, &[t1.root(), t2.root(), t3.root(), t4.root()], &[]);
+}
+
+#[test]
+fn builder_rejects_bad_layouts() {
+    let m = mem();
+    let mut b = TemplateBuilder::new(&m);
+    b.add(RegionSpec::new("a", BASE, 8192, Kind::Private))
+        .unwrap();
+    assert_eq!(
+        b.add(RegionSpec::new("b", BASE + 4096, 8192, Kind::Private))
+            .unwrap_err(),
+        Error::Overlap { addr: BASE + 4096 }
+    );
+    assert_eq!(
+        b.add(RegionSpec::new("c", BASE + 4096, 4096, Kind::Private).huge())
+            .unwrap_err(),
+        Error::Misaligned { addr: BASE + 4096 }
+    );
+    assert_eq!(
+        b.add(RegionSpec::new("d", BASE + MIB2, 4096, Kind::Private).huge())
+            .unwrap_err(),
+        Error::Misaligned { addr: BASE + MIB2 }
+    );
+    assert_eq!(
+        b.add(RegionSpec::new("e", BASE + MIB2, 0, Kind::Private))
+            .unwrap_err(),
+        Error::Empty
+    );
+    assert!(matches!(
+        b.add(RegionSpec::new(
+            "f",
+            0xffff_8000_0000_0000,
+            4096,
+            Kind::Private
+        )),
+        Err(Error::NotLowerHalf { .. })
+    ));
+    let bad = Backing::Frames(vec![PhysAddr::new(0x1000)]);
+    assert_eq!(
+        b.add(RegionSpec::new("g", BASE + MIB2, 8192, Kind::Private).backing(bad))
+            .unwrap_err(),
+        Error::BadBacking
+    );
+    assert_eq!(
+        b.add(
+            RegionSpec::new("h", BASE + MIB2, 4096, Kind::Private)
+                .backing(Backing::Alias(PhysAddr::new(0x1001)))
+        )
+        .unwrap_err(),
+        Error::BadBacking
+    );
+    let t = b.seal().unwrap();
+    assert_eq!(t.regions().len(), 1);
+    assert_eq!(t.slots(), &[1]);
+}
+
+#[test]
+fn given_frames_back_a_region_and_stay_the_callers() {
+    let m = mem();
+    let frames: Vec<PhysFrame> = (0..3).map(|i| pattern_frame(&m, i)).collect();
+    let mut b = TemplateBuilder::new(&m);
+    let addrs = frames.iter().map(|f| f.start_address()).collect();
+    b.add(
+        RegionSpec::new("image", BASE, 3 * 4096, Kind::ReadOnly)
+            .exec()
+            .backing(Backing::Frames(addrs)),
+    )
+    .unwrap();
+    let t = b.seal().unwrap();
+    let mut a = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        let pa = access(&mut a, &m, BASE + i as u64 * 4096 + 16, Access::Read).unwrap();
+        assert_eq!(pa, f.start_address() + 16u64);
+        assert_eq!(
+            read_u64(&mut a, &m, BASE + i as u64 * 4096 + 16),
+            Ok(pattern(i as u64, 16))
+        );
+    }
+    check_counts(&m, &[a.root(), t.root()], &frames);
+    drop((a, t));
+    for f in frames {
+        assert_eq!(m.dec_ref(f), 0);
+    }
+    assert_eq!(m.frames_in_use(), 0);
+}
+
+#[test]
+fn huge_pages_translate_cow_and_refuse_splits() {
+    for mode in both_modes() {
+        let m = mem();
+        let mut b = TemplateBuilder::new(&m);
+        b.add(RegionSpec::new("hdata", BASE, 2 * MIB2, Kind::Private).huge())
+            .unwrap();
+        b.add(
+            RegionSpec::new("hcode", BASE + 4 * MIB2, MIB2, Kind::ReadOnly)
+                .huge()
+                .exec(),
+        )
+        .unwrap();
+        let t = b.seal().unwrap();
+        let fp = template_fingerprint(&m, &t);
+        let mut a = AddressSpace::new(&m, &[&t], mode, None).unwrap();
+        let mut c = AddressSpace::new(&m, &[&t], mode, None).unwrap();
+        let tr = a.translate(va(BASE + 0x1234)).unwrap();
+        assert_eq!(tr.page_size, PageSize::Size2MiB);
+        assert!(tr.copy_on_write && !tr.writable);
+        write_u64(&mut a, &m, BASE + MIB2 - 8, 11).unwrap();
+        assert_eq!(read_u64(&mut a, &m, BASE + MIB2 - 8), Ok(11));
+        assert_eq!(read_u64(&mut c, &m, BASE + MIB2 - 8), Ok(0));
+        assert_eq!(read_u64(&mut a, &m, BASE + MIB2), Ok(0));
+        assert_eq!(
+            a.unmap(va(BASE + 4096), 4096),
+            Err(Error::SplitsHugePage { addr: BASE + 4096 })
+        );
+        assert_eq!(
+            a.protect(va(BASE), 4096, Perm::R),
+            Err(Error::SplitsHugePage { addr: BASE + 4096 })
+        );
+        assert!(matches!(
+            a.snapshot(&[(va(BASE + MIB2 / 2), MIB2)]),
+            Err(Error::SplitsHugePage { .. })
+        ));
+        a.protect(va(BASE), MIB2, Perm::R).unwrap().ignore();
+        assert!(matches!(
+            write_u64(&mut a, &m, BASE, 1),
+            Err(Fault::WriteToReadOnly { .. })
+        ));
+        a.unmap(va(BASE + MIB2), MIB2).unwrap().ignore();
+        assert_eq!(
+            read_u64(&mut a, &m, BASE + MIB2),
+            Err(Fault::Unmapped { addr: BASE + MIB2 })
+        );
+        assert_eq!(template_fingerprint(&m, &t), fp);
+        check_counts(&m, &[a.root(), c.root(), t.root()], &[]);
+        drop((a, c, t));
+        assert_eq!(m.frames_in_use(), 0);
+    }
+}
+
+#[test]
+fn running_out_of_frames_is_an_error_not_a_leak() {
+    let m = SimMem::new(64);
+    let t = small_template(&m);
+    let used = m.frames_in_use();
+    m.set_budget(used + 2);
+    // Copy needs more than 2 frames.
+    assert_eq!(
+        AddressSpace::new(&m, &[&t], Mode::Copy, None).unwrap_err(),
+        Error::OutOfFrames
+    );
+    assert_eq!(m.frames_in_use(), used);
+    let mut a = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+    // Root took one frame: an unshare needs 3 + 1 page.
+    let e = write_u64(&mut a, &m, BASE + 0x10_0000, 1).unwrap_err();
+    assert_eq!(
+        e,
+        Fault::OutOfFrames {
+            addr: BASE + 0x10_0000
+        }
+    );
+    assert_eq!(read_u64(&mut a, &m, BASE + 0x10_0000), Ok(0));
+    check_counts(&m, &[a.root(), t.root()], &[]);
+    m.set_budget(1000);
+    write_u64(&mut a, &m, BASE + 0x10_0000, 1).unwrap();
+    drop((a, t));
+    assert_eq!(m.frames_in_use(), 0);
+}
+
+#[test]
+fn flush_tokens_merge() {
+    let p = Flush::Page(va(0x1000));
+    assert_eq!(Flush::None.merge(p), p);
+    assert_eq!(
+        p.merge(Flush::Page(va(0x5000))),
+        Flush::Range {
+            start: va(0x1000),
+            end: va(0x5001)
+        }
+    );
+    assert_eq!(p.merge(Flush::All), Flush::All);
+}
+
+#[test]
+fn cow_bit_is_software_bit_9() {
+    assert_eq!(COW_BIT, PageTableFlags::BIT_9);
+}
