@@ -37,6 +37,8 @@ pub mod console;
 #[cfg(target_os = "none")]
 mod rt;
 #[cfg(target_os = "none")]
+pub mod space;
+#[cfg(target_os = "none")]
 mod stack;
 #[cfg(target_os = "none")]
 mod sync;

@@ -12,6 +12,9 @@ use ::x86_64::structures::idt::InterruptDescriptorTable;
 use core::fmt::Write;
 use spin::Once;
 
+/// End of the lower half: page faults below it belong to the current address space.
+const LOWER_HALF_END: u64 = 1 << 47;
+
 /// Vectors that have a stub (CPU exceptions 0..32, legacy/local interrupts 32..48, spurious 255).
 const STUB_VECTORS: usize = 48;
 
@@ -241,6 +244,14 @@ fn exception(frame: &mut TrapFrame) {
     } else {
         0
     };
+    let mut unresolved = None;
+    if frame.vector == 14 && cr2 < LOWER_HALF_END {
+        match crate::space::handle_page_fault(cr2, frame.error_code) {
+            Some(Ok(())) => return,
+            Some(Err(fault)) => unresolved = Some(fault),
+            None => {}
+        }
+    }
     if let Some(guard) =
         crate::stack::guard_hit(cr2).filter(|_| frame.vector == 8 || frame.vector == 14)
     {
@@ -265,6 +276,9 @@ fn exception(frame: &mut TrapFrame) {
             cr2,
             describe_pf_error(frame.error_code)
         );
+        if let Some(fault) = unresolved {
+            let _ = writeln!(out, "  address space: {fault}");
+        }
     }
     let _ = writeln!(
         out,

@@ -1,0 +1,329 @@
+//! Address spaces built from page-table templates, on the real MMU.
+//!
+//! This is the bridge between the template engine (`templates` crate) and the hardware:
+//! [`KernelMem`] gives the engine the global frame allocator and the direct map; [`Template`]s are
+//! built from app data; a [`Space`] is spawned from templates in the boot's share mode
+//! (`share=on|off`) with the kernel half attached, and [`Space::read`]/[`Space::write`] run
+//! *inside* it: CR3 switches to the space, the copy goes through the MMU, and page faults in the
+//! lower half (copy-on-write, demand-zero) are resolved by the engine from the page-fault handler.
+//! Tasks (the next step) run whole functions inside a space the same way.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicPtr, Ordering};
+
+use ::x86_64::registers::control::{Cr3, Cr3Flags};
+use ::x86_64::structures::paging::{PageTable, PhysFrame, Size2MiB};
+use ::x86_64::{PhysAddr, VirtAddr};
+use templates::{Access, AddressSpace, Backing, Flush, KernelHalf, PhysMem, RegionSpec};
+
+pub use templates::{Error, Fault, Kind, Mode, SpaceStats};
+
+use crate::mm::kernel::{frames, kernel_root};
+use crate::mm::layout::{PAGE_SIZE, phys_to_virt};
+
+/// The engine's view of physical memory: the global frame allocator and the direct map.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelMem;
+
+fn pfn(f: PhysFrame) -> usize {
+    (f.start_address().as_u64() / PAGE_SIZE) as usize
+}
+
+// SAFETY: frames come from the global allocator (count 1, unused by anyone else); `frame_ptr`
+// points into the direct map, which maps all RAM writable for the whole run; distinct frames do
+// not overlap; a 2 MiB run is counted on its head and freed as a whole.
+unsafe impl PhysMem for KernelMem {
+    fn alloc_frame(&self) -> Option<PhysFrame> {
+        let p = frames().alloc()?;
+        Some(PhysFrame::containing_address(PhysAddr::new(
+            p as u64 * PAGE_SIZE,
+        )))
+    }
+
+    fn alloc_huge_frame(&self) -> Option<PhysFrame<Size2MiB>> {
+        let head = frames().alloc_contiguous(512, 512)?;
+        Some(PhysFrame::containing_address(PhysAddr::new(
+            head as u64 * PAGE_SIZE,
+        )))
+    }
+
+    fn inc_ref(&self, frame: PhysFrame) {
+        frames().inc_ref(pfn(frame));
+    }
+
+    fn dec_ref(&self, frame: PhysFrame) -> u32 {
+        frames().dec_ref(pfn(frame))
+    }
+
+    fn dec_ref_huge(&self, run: PhysFrame<Size2MiB>) -> u32 {
+        let head = (run.start_address().as_u64() / PAGE_SIZE) as usize;
+        let left = frames().dec_ref(head);
+        if left == 0 {
+            for p in head + 1..head + 512 {
+                frames().dec_ref(p);
+            }
+        }
+        left
+    }
+
+    fn ref_count(&self, frame: PhysFrame) -> u32 {
+        frames().ref_count(pfn(frame))
+    }
+
+    fn frame_ptr(&self, frame: PhysFrame) -> *mut u8 {
+        phys_to_virt(frame.start_address().as_u64()) as *mut u8
+    }
+}
+
+/// A sealed template (see the `templates` crate).
+pub type Template = templates::Template<KernelMem>;
+
+/// Builds a [`Template`] from app data.
+///
+/// ```no_run
+/// use libos::space::{Kind, TemplateBuilder};
+/// let t = TemplateBuilder::new()
+///     .region("table", 0x4000_0000, 1 << 20, Kind::ReadOnly, |off, page| page.fill((off >> 12) as u8))
+///     .expect("out of memory")
+///     .seal()
+///     .expect("bad layout");
+/// ```
+#[derive(Debug)]
+pub struct TemplateBuilder {
+    inner: templates::TemplateBuilder<KernelMem>,
+    held: Vec<PhysFrame>,
+}
+
+impl Default for TemplateBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TemplateBuilder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        TemplateBuilder {
+            inner: templates::TemplateBuilder::new(&KernelMem),
+            held: Vec::new(),
+        }
+    }
+
+    fn release_held(&mut self) {
+        for f in self.held.drain(..) {
+            KernelMem.dec_ref(f);
+        }
+    }
+
+    /// Adds a region of 4 KiB pages at `start` (lower half, page aligned) of `len` bytes whose
+    /// contents `fill(offset, page)` writes, page by page, before the template is sealed.
+    pub fn region(
+        mut self,
+        name: &str,
+        start: u64,
+        len: u64,
+        kind: Kind,
+        mut fill: impl FnMut(u64, &mut [u8; 4096]),
+    ) -> Result<Self, Error> {
+        let pages = len.div_ceil(PAGE_SIZE);
+        let mut backing = Vec::new();
+        backing
+            .try_reserve_exact(pages as usize)
+            .map_err(|_| Error::OutOfFrames)?;
+        for i in 0..pages {
+            let Some(f) = KernelMem.alloc_frame() else {
+                self.release_held();
+                return Err(Error::OutOfFrames);
+            };
+            self.held.push(f);
+            // SAFETY: a frame we just allocated, reached through the direct map; nobody else
+            // references it yet.
+            let page = unsafe { &mut *(KernelMem.frame_ptr(f) as *mut [u8; 4096]) };
+            page.fill(0);
+            fill(i * PAGE_SIZE, page);
+            backing.push(f.start_address());
+        }
+        let spec =
+            RegionSpec::new(name, start, pages * PAGE_SIZE, kind).backing(Backing::Frames(backing));
+        if let Err(e) = self.inner.add(spec) {
+            self.release_held();
+            return Err(e);
+        }
+        Ok(self)
+    }
+
+    /// Adds a region whose every page maps the same zeroed frame, read-only: a way to build very
+    /// large templates (benchmarks) without the memory.
+    pub fn alias_region(mut self, name: &str, start: u64, len: u64) -> Result<Self, Error> {
+        let f = KernelMem.alloc_frame().ok_or(Error::OutOfFrames)?;
+        // SAFETY: a fresh frame reached through the direct map.
+        unsafe { core::ptr::write_bytes(KernelMem.frame_ptr(f), 0, PAGE_SIZE as usize) };
+        self.held.push(f);
+        let spec = RegionSpec::new(name, start, len, Kind::ReadOnly)
+            .backing(Backing::Alias(f.start_address()));
+        if let Err(e) = self.inner.add(spec) {
+            self.release_held();
+            return Err(e);
+        }
+        Ok(self)
+    }
+
+    /// Seals the template: its tables are built and never written again.
+    pub fn seal(mut self) -> Result<Template, Error> {
+        let inner =
+            core::mem::replace(&mut self.inner, templates::TemplateBuilder::new(&KernelMem));
+        let r = inner.seal();
+        // The template holds its own references to the frames now (or the build failed).
+        self.release_held();
+        r
+    }
+}
+
+/// The space the CPU is currently running in (null: the kernel's own tables).
+static CURRENT: AtomicPtr<AddressSpace<KernelMem>> = AtomicPtr::new(core::ptr::null_mut());
+
+/// An address space spawned from templates.
+#[derive(Debug)]
+pub struct Space {
+    inner: alloc::boxed::Box<AddressSpace<KernelMem>>,
+}
+
+fn kernel_half() -> KernelHalf {
+    // SAFETY: the kernel L4 is a live table reached through the direct map; we only read it.
+    let l4 =
+        unsafe { &*(phys_to_virt(kernel_root().start_address().as_u64()) as *const PageTable) };
+    KernelHalf::from_table(l4)
+}
+
+/// The engine mode for the boot's `share=` option.
+pub fn mode() -> Mode {
+    if crate::share_mode() {
+        Mode::Share
+    } else {
+        Mode::Copy
+    }
+}
+
+impl Space {
+    /// Spawns a space with `templates` attached, in the boot's share mode.
+    pub fn new(templates: &[&Template]) -> Result<Space, Error> {
+        Self::with_mode(templates, mode())
+    }
+
+    /// Spawns a space in an explicit mode (benchmarks compare both in one boot).
+    pub fn with_mode(templates: &[&Template], mode: Mode) -> Result<Space, Error> {
+        let inner = AddressSpace::new(&KernelMem, templates, mode, Some(&kernel_half()))?;
+        Ok(Space {
+            inner: alloc::boxed::Box::new(inner),
+        })
+    }
+
+    /// Page-table accounting for this space.
+    pub fn stats(&self) -> SpaceStats {
+        self.inner.stats()
+    }
+
+    fn check(&self, va: u64, len: usize, write: bool) -> Result<(), Fault> {
+        let mut a = va;
+        while a < va + len as u64 {
+            let r = self
+                .inner
+                .region(VirtAddr::new(a))
+                .ok_or(Fault::Unmapped { addr: a })?;
+            if write && !r.perm.write {
+                return Err(Fault::WriteToReadOnly {
+                    addr: a,
+                    region: r.name.clone(),
+                });
+            }
+            a = r.end;
+        }
+        Ok(())
+    }
+
+    fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let ptr: *mut AddressSpace<KernelMem> = &mut *self.inner;
+        CURRENT.store(ptr, Ordering::Release);
+        // SAFETY: the space's root has the kernel half installed, so code, stack and data stay
+        // mapped across the switch.
+        unsafe { Cr3::write(self.inner.root(), Cr3Flags::empty()) };
+        let r = f();
+        // SAFETY: back to the kernel's own tables.
+        unsafe { Cr3::write(kernel_root(), Cr3Flags::empty()) };
+        CURRENT.store(core::ptr::null_mut(), Ordering::Release);
+        r
+    }
+
+    /// Reads `buf.len()` bytes at `va` inside the space (through the MMU).
+    pub fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        self.check(va, buf.len(), false)?;
+        self.enter(|| {
+            // SAFETY: `check` found every byte inside a region of this space, which is loaded;
+            // faults (demand-zero) are resolved by the page-fault handler.
+            unsafe { core::ptr::copy_nonoverlapping(va as *const u8, buf.as_mut_ptr(), buf.len()) }
+        });
+        Ok(())
+    }
+
+    /// Writes `data` at `va` inside the space (through the MMU: a `Private` template page is
+    /// unshared and copied on the first write).
+    pub fn write(&mut self, va: u64, data: &[u8]) -> Result<(), Fault> {
+        self.check(va, data.len(), true)?;
+        self.enter(|| {
+            // SAFETY: as in `read`, and every byte is in a writable region; copy-on-write faults
+            // are resolved by the page-fault handler.
+            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), va as *mut u8, data.len()) }
+        });
+        Ok(())
+    }
+
+    /// Turns this space's memory into a new template (the fork-server primitive).
+    pub fn snapshot(&mut self, ranges: &[(u64, u64)]) -> Result<Template, Error> {
+        let r: Vec<(VirtAddr, u64)> = ranges.iter().map(|&(s, l)| (VirtAddr::new(s), l)).collect();
+        let (t, flush) = self.inner.snapshot(&r)?;
+        flush.ignore(); // the space is not loaded (only `enter` loads it, and it restores CR3)
+        Ok(t)
+    }
+}
+
+/// Honours a flush token for the loaded space.
+fn apply(flush: Flush) {
+    use ::x86_64::instructions::tlb;
+    match flush {
+        Flush::None => {}
+        Flush::Page(va) => tlb::flush(va),
+        Flush::Range { start, end } => {
+            let mut a = start.as_u64() & !(PAGE_SIZE - 1);
+            while a < end.as_u64() {
+                tlb::flush(VirtAddr::new(a));
+                a += PAGE_SIZE;
+            }
+        }
+        Flush::All => {
+            let (root, flags) = Cr3::read();
+            // SAFETY: reloading the same root only drops non-global TLB entries.
+            unsafe { Cr3::write(root, flags) };
+        }
+    }
+}
+
+/// Called by the page-fault handler for lower-half addresses. Returns `Ok` when the fault was
+/// resolved (retry the instruction) and the engine's reason otherwise.
+pub(crate) fn handle_page_fault(addr: u64, error_code: u64) -> Option<Result<(), Fault>> {
+    let ptr = CURRENT.load(Ordering::Acquire);
+    if ptr.is_null() {
+        return None;
+    }
+    let access = if error_code & 16 != 0 {
+        Access::Execute
+    } else if error_code & 2 != 0 {
+        Access::Write
+    } else {
+        Access::Read
+    };
+    // SAFETY: CURRENT points at the space `enter` loaded, which is borrowed mutably by `enter`'s
+    // caller for the whole time it is loaded; the faulting access happens inside that borrow and
+    // nothing else touches the space meanwhile (one CPU, no preemption inside `enter`).
+    let space = unsafe { &mut *ptr };
+    Some(space.resolve_fault(VirtAddr::new(addr), access).map(apply))
+}
