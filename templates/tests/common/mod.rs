@@ -92,8 +92,8 @@ fn visit(
         return;
     }
     let n = if level == 4 { 256 } else { 512 };
-    for i in 0..n {
-        let e = entry(mem, table, i);
+    let entries = mem.words(table);
+    for &e in &entries[..n] {
         if e & PRESENT == 0 {
             continue;
         }
@@ -143,8 +143,8 @@ fn fp(mem: &SimMem, table: PhysFrame, level: u8, h: &mut u64, seen: &mut HashSet
     }
     *h = h.rotate_left(7) ^ mem.checksum(table);
     let n = if level == 4 { 256 } else { 512 };
-    for i in 0..n {
-        let e = entry(mem, table, i);
+    let entries = mem.words(table);
+    for &e in &entries[..n] {
         if e & PRESENT == 0 {
             continue;
         }
