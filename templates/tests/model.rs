@@ -96,6 +96,13 @@ enum Op {
     DropTemplate { t: usize },
 }
 
+/// Accesses pick a candidate page (`< n_cand()`) or, more often, a page the space maps
+/// (`n_cand() + k`: the k-th of its mapped pages, counting only the first two 4 KiB pages of a
+/// 2 MiB page), so that reads and writes hit the same pages again and again.
+fn access_page() -> impl Strategy<Value = usize> {
+    prop_oneof![1 => 0..n_cand(), 2 => n_cand()..n_cand() + 64]
+}
+
 fn kind() -> impl Strategy<Value = Kind> {
     prop_oneof![Just(Kind::Private), Just(Kind::Shared), Just(Kind::ReadOnly)]
 }
@@ -122,14 +129,14 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => build(),
         3 => (prop::collection::vec(0..4usize, 1..=2), mode()).prop_map(|(tpls, mode)| Op::Spawn { tpls, mode }),
-        4 => (sp.clone(), page.clone(), 0..4usize).prop_map(|(sp, page, word)| Op::Read { sp, page, word }),
-        6 => (sp.clone(), page.clone(), 0..4usize, 1..1000u64).prop_map(|(sp, page, word, value)| Op::Write { sp, page, word, value }),
-        1 => (sp.clone(), page.clone()).prop_map(|(sp, page)| Op::Exec { sp, page }),
+        4 => (sp.clone(), access_page(), 0..4usize).prop_map(|(sp, page, word)| Op::Read { sp, page, word }),
+        6 => (sp.clone(), access_page(), 0..4usize, 1..1000u64).prop_map(|(sp, page, word, value)| Op::Write { sp, page, word, value }),
+        1 => (sp.clone(), access_page()).prop_map(|(sp, page)| Op::Exec { sp, page }),
         2 => (sp.clone(), page.clone(), len_pages(), perm(), any::<bool>())
             .prop_map(|(sp, page, pages, perm, populate)| Op::Map { sp, page, pages, perm, populate }),
         2 => (sp.clone(), page.clone(), len_pages()).prop_map(|(sp, page, pages)| Op::Unmap { sp, page, pages }),
         2 => (sp.clone(), page.clone(), len_pages(), perm()).prop_map(|(sp, page, pages, perm)| Op::Protect { sp, page, pages, perm }),
-        2 => (sp.clone(), prop::collection::vec((page.clone(), prop_oneof![len_pages(), Just(GIB / 4096)]), 1..=2))
+        3 => (sp.clone(), prop::collection::vec((page.clone(), prop_oneof![len_pages(), Just(GIB / 4096)]), 1..=2))
             .prop_map(|(sp, ranges)| Op::Snapshot { sp, ranges }),
         1 => sp.prop_map(|sp| Op::DropSpace { sp }),
         1 => (0..4usize).prop_map(|t| Op::DropTemplate { t }),
@@ -157,6 +164,8 @@ struct World {
     /// Out-of-frames errors are legitimate only while a failure is injected.
     inject: bool,
     ooms: usize,
+    /// What every access returned, to compare runs.
+    trace: Vec<String>,
 }
 
 fn words_of(pa: u64) -> [u64; 4] {
@@ -224,11 +233,14 @@ impl World {
             }
             Op::Read { sp, page, word } => {
                 let Some(i) = self.sp(*sp) else { return };
-                let va = cand(*page) + OFFS[*word];
+                let pg = self.page_of(i, *page);
+                let va = pg + OFFS[*word];
                 let m = self.m.clone();
                 let ms = &mut self.spaces[i];
-                let expected = ms.pages.get(&cand(*page)).map(|p| p.words()[*word]);
-                match (read_u64(&mut ms.s, &m, va), expected) {
+                let expected = ms.pages.get(&pg).map(|p| p.words()[*word]);
+                let r = read_u64(&mut ms.s, &m, va);
+                self.trace.push(format!("read {va:#x} {r:?}"));
+                match (r, expected) {
                     (Ok(v), Some(e)) => assert_eq!(v, e, "read {va:#x}"),
                     (Err(Fault::Unmapped { .. }), None) => {}
                     (Err(Fault::OutOfFrames { .. }), Some(_)) => self.oom_ok(),
@@ -237,11 +249,13 @@ impl World {
             }
             Op::Write { sp, page, word, value } => {
                 let Some(i) = self.sp(*sp) else { return };
-                let va = cand(*page) + OFFS[*word];
+                let pg = self.page_of(i, *page);
+                let va = pg + OFFS[*word];
                 let m = self.m.clone();
                 let ms = &mut self.spaces[i];
-                let mp = ms.pages.get_mut(&cand(*page));
+                let mp = ms.pages.get_mut(&pg);
                 let r = write_u64(&mut ms.s, &m, va, *value);
+                self.trace.push(format!("write {va:#x} {r:?}"));
                 match (r, mp) {
                     (Ok(()), Some(p)) => {
                         assert!(p.perm.write, "write to {va:#x} should have failed");
@@ -263,11 +277,13 @@ impl World {
             }
             Op::Exec { sp, page } => {
                 let Some(i) = self.sp(*sp) else { return };
-                let va = cand(*page);
+                let va = self.page_of(i, *page);
                 let m = self.m.clone();
                 let ms = &mut self.spaces[i];
                 let exec = ms.pages.get(&va).map(|p| p.perm.exec);
-                match (access(&mut ms.s, &m, va, Access::Execute), exec) {
+                let r = access(&mut ms.s, &m, va, Access::Execute).map(|_| ());
+                self.trace.push(format!("exec {va:#x} {r:?}"));
+                match (r, exec) {
                     (Ok(_), Some(true)) | (Err(Fault::ExecuteNoExec { .. }), Some(false)) | (Err(Fault::Unmapped { .. }), None) => {}
                     (Err(Fault::OutOfFrames { .. }), Some(true)) => self.oom_ok(),
                     (r, e) => panic!("exec {va:#x}: {r:?}, model {e:?}"),
@@ -378,6 +394,20 @@ impl World {
                 }
             }
         }
+    }
+
+    /// The page an access op means (see `access_page`).
+    fn page_of(&self, sp: usize, page: usize) -> u64 {
+        if page < n_cand() {
+            return cand(page);
+        }
+        let hot: Vec<u64> = self.spaces[sp]
+            .pages
+            .iter()
+            .filter(|(va, p)| p.huge_base.is_none_or(|b| **va - b < 2 * 4096))
+            .map(|(va, _)| *va)
+            .collect();
+        if hot.is_empty() { cand(page % n_cand()) } else { hot[(page - n_cand()) % hot.len()] }
     }
 
     fn sp(&self, sp: usize) -> Option<usize> {
@@ -519,16 +549,27 @@ fn splits(pages: &BTreeMap<u64, MPage>, b: u64) -> bool {
     pages.get(&b).and_then(|p| p.huge_base).is_some_and(|hb| hb != b)
 }
 
-fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) {
+/// Run a program, checking after every step; returns the access trace and the number of
+/// allocations made.
+fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>, u64) {
     let m = SimMem::new(1 << 16);
-    let mut w = World { m: m.clone(), templates: vec![], spaces: vec![], external: vec![], inject: fail_at.is_some(), ooms: 0 };
+    let mut w = World {
+        m: m.clone(),
+        templates: vec![],
+        spaces: vec![],
+        external: vec![],
+        inject: fail_at.is_some(),
+        ooms: 0,
+        trace: vec![],
+    };
     m.fail_nth_alloc(fail_at);
     for op in builds.iter().chain(ops) {
         w.run(op);
         w.check();
     }
     assert!(w.ooms <= 1, "one injected failure, {} out-of-frames errors", w.ooms);
-    let World { templates, spaces, external, .. } = w;
+    let allocs = m.alloc_count();
+    let World { templates, spaces, external, trace, .. } = w;
     drop(spaces);
     drop(templates);
     for (f, huge) in external {
@@ -539,6 +580,16 @@ fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) {
         }
     }
     assert_eq!(m.frames_in_use(), 0, "frames leaked");
+    (trace, allocs)
+}
+
+fn force_mode(ops: &[Op], mode: Mode) -> Vec<Op> {
+    ops.iter()
+        .map(|op| match op {
+            Op::Spawn { tpls, .. } => Op::Spawn { tpls: tpls.clone(), mode },
+            op => op.clone(),
+        })
+        .collect()
 }
 
 fn config(default: u32) -> ProptestConfig {
@@ -567,6 +618,19 @@ proptest! {
 proptest! {
     #![proptest_config(config(DEFAULT_CASES / 4))]
 
+    /// `Share` and `Copy` are observably identical: the same program with every spawn in one
+    /// mode, then in the other, gives the same trace (and both match the model).
+    #[test]
+    fn share_and_copy_are_indistinguishable(
+        builds in prop::collection::vec(build(), 1..=3),
+        ops in prop::collection::vec(op(), 1..40),
+    ) {
+        let (share, _) = run_program(&builds, &force_mode(&ops, Mode::Share), None);
+        let (copy, _) = run_program(&builds, &force_mode(&ops, Mode::Copy), None);
+        prop_assert_eq!(share, copy);
+    }
+
+
     /// The same with one allocation failing somewhere: the state stays consistent, nothing leaks.
     #[test]
     fn programs_survive_an_allocation_failure(
@@ -575,5 +639,62 @@ proptest! {
         fail_at in 1..400u64,
     ) {
         run_program(&builds, &ops, Some(fail_at));
+    }
+}
+
+/// A fork-server scenario touching every operation, with both modes and all backings.
+fn scenario() -> (Vec<Op>, Vec<Op>) {
+    let r = |slot_delta, off, pages, kind, huge, backing| RegionGen { slot_delta, off, pages, kind, exec: false, huge, backing };
+    let builds = vec![
+        Op::Build {
+            slot: 0,
+            regions: vec![
+                r(0, 0, 3, Kind::ReadOnly, false, BackingGen::Frames),
+                r(0, 5, 3, Kind::Private, false, BackingGen::Zeroed),
+                r(1, 0, 1, Kind::Private, true, BackingGen::Zeroed),
+            ],
+        },
+        Op::Build { slot: 3, regions: vec![r(0, 9, 4, Kind::Shared, false, BackingGen::Alias)] },
+    ];
+    // Candidate pages: 5..=7 private data (slot 1), 0..=2 read-only image, 19 the 2 MiB private
+    // page (slot 2), 57 the shared alias (slot 513), 24.. free memory in slot 3.
+    let ops = vec![
+        Op::Spawn { tpls: vec![0, 1], mode: Mode::Share },
+        Op::Spawn { tpls: vec![0, 1], mode: Mode::Copy },
+        Op::Write { sp: 0, page: 5, word: 1, value: 5 },
+        Op::Write { sp: 0, page: 19, word: 3, value: 6 },
+        Op::Write { sp: 1, page: 5, word: 1, value: 7 },
+        Op::Write { sp: 1, page: 57, word: 0, value: 8 },
+        Op::Map { sp: 0, page: 29, pages: 4, perm: Perm::RW, populate: true },
+        Op::Map { sp: 0, page: 24, pages: 2, perm: Perm::RW, populate: false },
+        Op::Write { sp: 0, page: 24, word: 0, value: 9 },
+        Op::Protect { sp: 0, page: 5, pages: 2, perm: Perm::R },
+        Op::Unmap { sp: 1, page: 6, pages: 1 },
+        Op::Snapshot { sp: 0, ranges: vec![(0, GIB / 4096), (24, 1024)] },
+        Op::Spawn { tpls: vec![2, 1], mode: Mode::Share },
+        Op::Spawn { tpls: vec![2, 1], mode: Mode::Copy },
+        Op::Write { sp: 2, page: 24, word: 2, value: 10 },
+        Op::Write { sp: 3, page: 7, word: 2, value: 11 },
+        Op::Write { sp: 0, page: 24, word: 2, value: 12 },
+        Op::Read { sp: 2, page: 25, word: 0 },
+        Op::Read { sp: 3, page: 0, word: 3 },
+        Op::DropTemplate { t: 0 },
+        Op::DropSpace { sp: 0 },
+        Op::Write { sp: 1, page: 7, word: 0, value: 13 },
+        Op::Unmap { sp: 2, page: 24, pages: 1024 },
+    ];
+    (builds, ops)
+}
+
+/// Fail the N-th frame allocation of the scenario, for every N: after each failure the state
+/// matches the model (the failed operation changed nothing visible) and nothing leaks.
+#[test]
+fn every_allocation_failure_is_survived() {
+    let (builds, ops) = scenario();
+    let (trace, allocs) = run_program(&builds, &ops, None);
+    assert!(trace.iter().all(|t| t.contains("Ok")), "{trace:#?}");
+    assert!(allocs > 50, "scenario allocates ({allocs})");
+    for n in 1..=allocs + 1 {
+        run_program(&builds, &ops, Some(n));
     }
 }
