@@ -134,8 +134,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (sp.clone(), access_page()).prop_map(|(sp, page)| Op::Exec { sp, page }),
         2 => (sp.clone(), page.clone(), len_pages(), perm(), any::<bool>())
             .prop_map(|(sp, page, pages, perm, populate)| Op::Map { sp, page, pages, perm, populate }),
-        2 => (sp.clone(), page.clone(), len_pages()).prop_map(|(sp, page, pages)| Op::Unmap { sp, page, pages }),
-        2 => (sp.clone(), page.clone(), len_pages(), perm()).prop_map(|(sp, page, pages, perm)| Op::Protect { sp, page, pages, perm }),
+        2 => (sp.clone(), access_page(), len_pages()).prop_map(|(sp, page, pages)| Op::Unmap { sp, page, pages }),
+        3 => (sp.clone(), access_page(), len_pages(), perm()).prop_map(|(sp, page, pages, perm)| Op::Protect { sp, page, pages, perm }),
         3 => (sp.clone(), prop::collection::vec((page.clone(), prop_oneof![len_pages(), Just(GIB / 4096)]), 1..=2))
             .prop_map(|(sp, ranges)| Op::Snapshot { sp, ranges }),
         1 => sp.prop_map(|sp| Op::DropSpace { sp }),
@@ -166,15 +166,19 @@ struct World {
     ooms: usize,
     /// What every access returned, to compare runs.
     trace: Vec<String>,
+    /// Content key of each test frame (by physical address).
+    keys: HashMap<u64, u64>,
 }
 
-fn words_of(pa: u64) -> [u64; 4] {
-    OFFS.map(|o| pattern(pa, o))
+/// The words of a test frame with content key `key` (independent of physical addresses, so
+/// runs that allocate differently see the same data).
+fn words_of(key: u64) -> [u64; 4] {
+    OFFS.map(|o| pattern(key, o))
 }
 
-fn fill(m: &SimMem, f: PhysFrame) {
+fn fill(m: &SimMem, f: PhysFrame, key: u64) {
     for o in OFFS {
-        m.write(f, o as usize, &pattern(f.start_address().as_u64(), o).to_le_bytes());
+        m.write(f, o as usize, &pattern(key, o).to_le_bytes());
     }
 }
 
@@ -185,20 +189,19 @@ impl World {
     }
 
     fn test_frame(&mut self, huge: bool) -> Option<u64> {
-        if huge {
+        let key = 1000 + self.keys.len() as u64 * 512;
+        let (base, pages) = if huge {
             let run = self.m.alloc_huge_frame()?;
-            let base = run.start_address().as_u64();
-            for k in 0..512 {
-                fill(&self.m, frame(base + k * 4096));
-            }
-            self.external.push((frame(base), true));
-            Some(base)
+            (run.start_address().as_u64(), 512)
         } else {
-            let f = self.m.alloc_frame()?;
-            fill(&self.m, f);
-            self.external.push((f, false));
-            Some(f.start_address().as_u64())
+            (self.m.alloc_frame()?.start_address().as_u64(), 1)
+        };
+        for k in 0..pages {
+            fill(&self.m, frame(base + k * 4096), key + k);
+            self.keys.insert(base + k * 4096, key + k);
         }
+        self.external.push((frame(base), huge));
+        Some(base)
     }
 
     fn run(&mut self, op: &Op) {
@@ -309,7 +312,8 @@ impl World {
             }
             Op::Unmap { sp, page, pages } => {
                 let Some(i) = self.sp(*sp) else { return };
-                let (start, end) = (cand(*page), cand(*page) + pages * 4096);
+                let start = self.page_of(i, *page);
+                let end = start + pages * 4096;
                 let ms = &mut self.spaces[i];
                 let split = splits(&ms.pages, start) || splits(&ms.pages, end);
                 match ms.s.unmap(VirtAddr::new(start), pages * 4096) {
@@ -328,7 +332,8 @@ impl World {
             }
             Op::Protect { sp, page, pages, perm } => {
                 let Some(i) = self.sp(*sp) else { return };
-                let (start, end) = (cand(*page), cand(*page) + pages * 4096);
+                let start = self.page_of(i, *page);
+                let end = start + pages * 4096;
                 let ms = &mut self.spaces[i];
                 let mut expect = None;
                 for p in (start..end).step_by(4096) {
@@ -475,7 +480,7 @@ impl World {
                         BackingGen::Frames => Some(frames[k as usize] + sub),
                         BackingGen::Alias => Some(frames[0] + sub),
                     };
-                    let words = pa.map(words_of).unwrap_or([0; 4]);
+                    let words = pa.map(|pa| words_of(self.keys[&pa])).unwrap_or([0; 4]);
                     let data = if g.kind == Kind::Shared {
                         let cell = match pa {
                             Some(pa) => cells.entry(pa).or_insert_with(|| Rc::new(RefCell::new(words))).clone(),
@@ -561,6 +566,7 @@ fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>,
         inject: fail_at.is_some(),
         ooms: 0,
         trace: vec![],
+        keys: HashMap::new(),
     };
     m.fail_nth_alloc(fail_at);
     for op in builds.iter().chain(ops) {
