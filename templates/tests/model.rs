@@ -20,7 +20,7 @@ use templates::*;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
-const DEFAULT_CASES: u32 = 2000;
+const DEFAULT_CASES: u32 = 4000;
 /// Word offsets checked in every page (first, second, middle, last).
 const OFFS: [u64; 4] = [0, 8, 2048, 4088];
 const GIB: u64 = 1 << 30;
