@@ -17,7 +17,11 @@ const GIB: u64 = 1 << 30;
 const BASE: u64 = 512 * GIB;
 
 fn fmt_size(b: u64) -> String {
-    if b >= GIB { format!("{} GiB", b / GIB) } else { format!("{} MiB", b / MIB) }
+    if b >= GIB {
+        format!("{} GiB", b / GIB)
+    } else {
+        format!("{} MiB", b / MIB)
+    }
 }
 
 fn fmt_dur(d: Duration) -> String {
@@ -39,12 +43,16 @@ struct Stats {
 fn stats(mut v: Vec<Duration>) -> Stats {
     v.sort();
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    Stats { p50: at(0.5), p99: at(0.99) }
+    Stats {
+        p50: at(0.5),
+        p99: at(0.99),
+    }
 }
 
 fn template(m: &SimMem, size: u64, page: PageSize, alias: x86_64::PhysAddr) -> Template<SimMem> {
     let mut b = TemplateBuilder::new(m);
-    let mut spec = RegionSpec::new("heap", BASE, size, Kind::Private).backing(Backing::Alias(alias));
+    let mut spec =
+        RegionSpec::new("heap", BASE, size, Kind::Private).backing(Backing::Alias(alias));
     spec.page_size = page;
     b.add(spec).expect("layout");
     b.seal().expect("memory")
@@ -55,13 +63,30 @@ fn main() {
     let m = SimMem::with_poison(1 << 19, false);
     let alias4k = m.alloc_frame().expect("frame").start_address();
     let alias2m = m.alloc_huge_frame().expect("run").start_address();
-    let sizes = [2 * MIB, 16 * MIB, 128 * MIB, GIB, 4 * GIB, 16 * GIB, 64 * GIB];
+    let sizes = [
+        2 * MIB,
+        16 * MIB,
+        128 * MIB,
+        GIB,
+        4 * GIB,
+        16 * GIB,
+        64 * GIB,
+    ];
 
     for (page, alias) in [(PageSize::Size4KiB, alias4k), (PageSize::Size2MiB, alias2m)] {
         println!("\n== spawn from one Private template, {page:?} pages (alias-backed) ==");
         println!(
             "{:>8} {:>8} | {:>10} {:>10} {:>9} | {:>10} {:>10} {:>10} | {:>9} {:>10}",
-            "size", "tables", "share p50", "share p99", "share PT", "copy p50", "copy p99", "copy PT", "copy/share", "copy drop"
+            "size",
+            "tables",
+            "share p50",
+            "share p99",
+            "share PT",
+            "copy p50",
+            "copy p99",
+            "copy PT",
+            "copy/share",
+            "copy drop"
         );
         for &size in &sizes {
             let t = template(&m, size, page, alias);
@@ -75,7 +100,10 @@ fn main() {
                 drop(black_box(s));
             }
             // Accounting walks the shared tables too: outside the timed loop (it evicts caches).
-            let share_pt = AddressSpace::new(&m, &[&t], Mode::Share, None).expect("spawn").stats().page_table_bytes();
+            let share_pt = AddressSpace::new(&m, &[&t], Mode::Share, None)
+                .expect("spawn")
+                .stats()
+                .page_table_bytes();
             // Copy: as many iterations as fit in ~1.5 s (at least 5).
             let budget = Duration::from_millis(if quick { 300 } else { 1500 });
             let (mut copy, mut drops) = (Vec::new(), Vec::new());
@@ -109,10 +137,16 @@ fn main() {
         }
     }
 
-    println!("\n== first write to a Private template page (fault: unshare + copy), 4 KiB pages, 1 GiB template ==");
+    println!(
+        "\n== first write to a Private template page (fault: unshare + copy), 4 KiB pages, 1 GiB template =="
+    );
     let t = template(&m, GIB, PageSize::Size4KiB, alias4k);
     for mode in [Mode::Share, Mode::Copy] {
-        let iters = if mode == Mode::Share { if quick { 200 } else { 2000 } } else { 20 };
+        let iters = if mode == Mode::Share {
+            if quick { 200 } else { 2000 }
+        } else {
+            20
+        };
         let (mut first, mut second) = (Vec::new(), Vec::new());
         let (mut before, mut after) = (0, 0);
         let mut frames = 0;
@@ -129,7 +163,9 @@ fn main() {
             first.push(t0.elapsed());
             frames = m.frames_in_use() - used;
             let t1 = Instant::now();
-            s.resolve_fault(va + 4096u64, Access::Write).expect("cow").ignore();
+            s.resolve_fault(va + 4096u64, Access::Write)
+                .expect("cow")
+                .ignore();
             second.push(t1.elapsed());
             if last {
                 after = s.stats().page_table_bytes();
@@ -154,9 +190,15 @@ fn main() {
     for _ in 0..if quick { 20 } else { 100 } {
         let mut s = AddressSpace::new(&m, &[&t], Mode::Share, None).expect("spawn");
         let t0 = Instant::now();
-        s.resolve_fault(VirtAddr::new(BASE + 300 * MIB), Access::Write).expect("cow").ignore();
+        s.resolve_fault(VirtAddr::new(BASE + 300 * MIB), Access::Write)
+            .expect("cow")
+            .ignore();
         first.push(t0.elapsed());
     }
     let f = stats(first);
-    println!("Share: first write p50 {} p99 {}", fmt_dur(f.p50), fmt_dur(f.p99));
+    println!(
+        "Share: first write p50 {} p99 {}",
+        fmt_dur(f.p50),
+        fmt_dur(f.p99)
+    );
 }

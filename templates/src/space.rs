@@ -124,13 +124,29 @@ impl<M: PhysMem> AddressSpace<M> {
         mode: Mode,
         kernel: Option<&KernelHalf>,
     ) -> Result<Self, Error> {
-        let mut slots: Vec<(u64, usize)> = Vec::new();
+        // Merge the claims per 512 GiB range; any slot claimed twice is a conflict.
+        let mut ranges: Vec<(usize, [u64; 8], Vec<usize>)> = Vec::new();
         for (n, t) in templates.iter().enumerate() {
-            slots.extend(t.slots().iter().map(|&s| (s, n)));
-        }
-        slots.sort_unstable();
-        if let Some(w) = slots.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(Error::SlotConflict { slot: w[0].0 << 30 });
+            for c in t.claims() {
+                let at = match ranges.iter().position(|r| r.0 == c.l4) {
+                    Some(at) => at,
+                    None => {
+                        ranges.push((c.l4, [0; 8], Vec::new()));
+                        ranges.len() - 1
+                    }
+                };
+                let r = &mut ranges[at];
+                for w in 0..8 {
+                    let both = r.1[w] & c.bits[w];
+                    if both != 0 {
+                        let j = (w * 64) as u64 + u64::from(both.trailing_zeros());
+                        let slot = (((c.l4 as u64) << 9) | j) << 30;
+                        return Err(Error::SlotConflict { slot });
+                    }
+                    r.1[w] |= c.bits[w];
+                }
+                r.2.push(n);
+            }
         }
         let tree = Tree::new(mem)?;
         let mut c = tree.cursor();
@@ -138,32 +154,29 @@ impl<M: PhysMem> AddressSpace<M> {
             c.install_kernel(&k.entries);
         }
         let copy = mode == Mode::Copy;
-        let mut k = 0;
-        while k < slots.len() {
-            // All claimed slots in one 512 GiB range (one L4 entry).
-            let l4 = (slots[k].0 >> 9) as usize;
-            let mut j = k;
-            while j < slots.len() && (slots[j].0 >> 9) as usize == l4 {
-                j += 1;
-            }
-            let group = &slots[k..j];
-            let single = group.iter().all(|&(_, n)| n == group[0].1);
-            if single {
-                let e = templates[group[0].1].l4_entry(l4);
+        for (l4, _, users) in &ranges {
+            if let [only] = users[..] {
+                // The whole 512 GiB range is one template's: one L4 entry.
+                let e = templates[only].l4_entry(*l4);
                 if entry::present(e) {
-                    c.attach(l4, None, e, copy)?;
+                    c.attach(*l4, None, e, copy)?;
                 }
-            } else {
-                for &(slot, n) in group {
-                    let t = templates[n];
-                    let tc = walk::Cursor::new(mem, t.root());
-                    let e = tc.l3_entry(l4, (slot & 511) as usize);
+                continue;
+            }
+            // Several templates: an own L3, one entry per claimed 1 GiB slot.
+            for &n in users {
+                let t = templates[n];
+                let tc = walk::Cursor::new(mem, t.root());
+                let Some(claim) = t.claims().iter().find(|cl| cl.l4 == *l4) else {
+                    continue;
+                };
+                for j in claim.slots() {
+                    let e = tc.l3_entry(*l4, j);
                     if entry::present(e) {
-                        c.attach(l4, Some((slot & 511) as usize), e, copy)?;
+                        c.attach(*l4, Some(j), e, copy)?;
                     }
                 }
             }
-            k = j;
         }
         let mut regions: Vec<Region> = templates
             .iter()

@@ -346,8 +346,21 @@ pub(crate) fn zeroed_page<M: PhysMem>(mem: &M, size: PageSize) -> Result<u64, Er
 struct Inner<M: PhysMem> {
     tree: Tree<M>,
     regions: Vec<Region>,
-    /// 1 GiB slot numbers (`va >> 30`) claimed by the regions, sorted.
-    slots: Vec<u64>,
+    /// Claimed 1 GiB slots: per L4 index (sorted), a bitmap of its 512 L3 slots.
+    claims: Vec<Claim>,
+}
+
+/// The 1 GiB slots a template claims in one 512 GiB range (one L4 entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Claim {
+    pub(crate) l4: usize,
+    pub(crate) bits: [u64; 8],
+}
+
+impl Claim {
+    pub(crate) fn slots(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..512).filter(|j| self.bits[j / 64] & (1 << (j % 64)) != 0)
+    }
 }
 
 /// A sealed, immutable set of mappings with prebuilt tables, attached by reference to every
@@ -372,20 +385,27 @@ impl<M: PhysMem> Clone for Template<M> {
 
 impl<M: PhysMem> Template<M> {
     pub(crate) fn from_parts(tree: Tree<M>, regions: Vec<Region>) -> Self {
-        let mut slots: Vec<u64> = Vec::new();
+        let mut claims: Vec<Claim> = Vec::new();
         for r in &regions {
             for s in (r.start / SIZE_1G)..=((r.end - 1) / SIZE_1G) {
-                slots.push(s);
+                let (l4, j) = ((s >> 9) as usize, (s & 511) as usize);
+                let at = match claims.iter().position(|c| c.l4 == l4) {
+                    Some(at) => at,
+                    None => {
+                        claims.push(Claim { l4, bits: [0; 8] });
+                        claims.len() - 1
+                    }
+                };
+                claims[at].bits[j / 64] |= 1 << (j % 64);
             }
         }
-        slots.sort_unstable();
-        slots.dedup();
+        claims.sort_unstable_by_key(|c| c.l4);
         // The engine shares templates only through this Arc; a kernel PhysMem is Send + Sync.
         #[allow(clippy::arc_with_non_send_sync)]
         let inner = Arc::new(Inner {
             tree,
             regions,
-            slots,
+            claims,
         });
         Template { inner }
     }
@@ -396,8 +416,16 @@ impl<M: PhysMem> Template<M> {
     }
 
     /// The 1 GiB slots (`address >> 30`) this template claims, sorted.
-    pub fn slots(&self) -> &[u64] {
-        &self.inner.slots
+    pub fn slots(&self) -> Vec<u64> {
+        let claims = self.inner.claims.iter();
+        claims
+            .flat_map(|c| c.slots().map(move |j| ((c.l4 as u64) << 9) | j as u64))
+            .collect()
+    }
+
+    /// Claimed slots per 512 GiB range (what spawn looks at: O(ranges), not O(size)).
+    pub(crate) fn claims(&self) -> &[Claim] {
+        &self.inner.claims
     }
 
     /// The template's private L4 (for inspection and tests; never loaded into CR3).

@@ -83,17 +83,57 @@ struct RegionGen {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Build { slot: usize, regions: Vec<RegionGen> },
-    Spawn { tpls: Vec<usize>, mode: Mode },
-    Read { sp: usize, page: usize, word: usize },
-    Write { sp: usize, page: usize, word: usize, value: u64 },
-    Exec { sp: usize, page: usize },
-    Map { sp: usize, page: usize, pages: u64, perm: Perm, populate: bool },
-    Unmap { sp: usize, page: usize, pages: u64 },
-    Protect { sp: usize, page: usize, pages: u64, perm: Perm },
-    Snapshot { sp: usize, ranges: Vec<(usize, u64)> },
-    DropSpace { sp: usize },
-    DropTemplate { t: usize },
+    Build {
+        slot: usize,
+        regions: Vec<RegionGen>,
+    },
+    Spawn {
+        tpls: Vec<usize>,
+        mode: Mode,
+    },
+    Read {
+        sp: usize,
+        page: usize,
+        word: usize,
+    },
+    Write {
+        sp: usize,
+        page: usize,
+        word: usize,
+        value: u64,
+    },
+    Exec {
+        sp: usize,
+        page: usize,
+    },
+    Map {
+        sp: usize,
+        page: usize,
+        pages: u64,
+        perm: Perm,
+        populate: bool,
+    },
+    Unmap {
+        sp: usize,
+        page: usize,
+        pages: u64,
+    },
+    Protect {
+        sp: usize,
+        page: usize,
+        pages: u64,
+        perm: Perm,
+    },
+    Snapshot {
+        sp: usize,
+        ranges: Vec<(usize, u64)>,
+    },
+    DropSpace {
+        sp: usize,
+    },
+    DropTemplate {
+        t: usize,
+    },
 }
 
 /// Accesses pick a candidate page (`< n_cand()`) or, more often, a page the space maps
@@ -104,10 +144,19 @@ fn access_page() -> impl Strategy<Value = usize> {
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
-    prop_oneof![Just(Kind::Private), Just(Kind::Shared), Just(Kind::ReadOnly)]
+    prop_oneof![
+        Just(Kind::Private),
+        Just(Kind::Shared),
+        Just(Kind::ReadOnly)
+    ]
 }
 fn perm() -> impl Strategy<Value = Perm> {
-    prop_oneof![Just(Perm::RW), Just(Perm::R), Just(Perm::RX), Just(Perm::RWX)]
+    prop_oneof![
+        Just(Perm::RW),
+        Just(Perm::R),
+        Just(Perm::RX),
+        Just(Perm::RWX)
+    ]
 }
 fn mode() -> impl Strategy<Value = Mode> {
     prop_oneof![Just(Mode::Share), Just(Mode::Copy)]
@@ -116,12 +165,35 @@ fn len_pages() -> impl Strategy<Value = u64> {
     prop_oneof![6 => 1..=8u64, 1 => Just(512u64), 1 => Just(1024u64)]
 }
 fn region() -> impl Strategy<Value = RegionGen> {
-    let backing = prop_oneof![Just(BackingGen::Zeroed), Just(BackingGen::Frames), Just(BackingGen::Alias)];
-    (0..2u64, 0..PAGE_OFFS.len(), 1..=6u64, kind(), any::<bool>(), prop::bool::weighted(0.15), backing)
-        .prop_map(|(slot_delta, off, pages, kind, exec, huge, backing)| RegionGen { slot_delta, off, pages, kind, exec, huge, backing })
+    let backing = prop_oneof![
+        Just(BackingGen::Zeroed),
+        Just(BackingGen::Frames),
+        Just(BackingGen::Alias)
+    ];
+    (
+        0..2u64,
+        0..PAGE_OFFS.len(),
+        1..=6u64,
+        kind(),
+        any::<bool>(),
+        prop::bool::weighted(0.15),
+        backing,
+    )
+        .prop_map(
+            |(slot_delta, off, pages, kind, exec, huge, backing)| RegionGen {
+                slot_delta,
+                off,
+                pages,
+                kind,
+                exec,
+                huge,
+                backing,
+            },
+        )
 }
 fn build() -> impl Strategy<Value = Op> {
-    (0..SLOTS.len(), prop::collection::vec(region(), 1..=3)).prop_map(|(slot, regions)| Op::Build { slot, regions })
+    (0..SLOTS.len(), prop::collection::vec(region(), 1..=3))
+        .prop_map(|(slot, regions)| Op::Build { slot, regions })
 }
 fn op() -> impl Strategy<Value = Op> {
     let sp = 0..4usize;
@@ -219,13 +291,16 @@ impl World {
                         conflict |= !seen.insert(*s);
                     }
                 }
-                let ts: Vec<&Template<SimMem>> = idx.iter().map(|&i| &self.templates[i].t).collect();
+                let ts: Vec<&Template<SimMem>> =
+                    idx.iter().map(|&i| &self.templates[i].t).collect();
                 match AddressSpace::new(&self.m, &ts, *mode, None) {
                     Ok(s) => {
                         assert!(!conflict, "spawn should have failed with a slot conflict");
                         let mut pages = BTreeMap::new();
                         for &i in &idx {
-                            pages.extend(self.templates[i].pages.iter().map(|(k, v)| (*k, v.clone())));
+                            pages.extend(
+                                self.templates[i].pages.iter().map(|(k, v)| (*k, v.clone())),
+                            );
                         }
                         self.spaces.push(MS { s, pages });
                     }
@@ -250,7 +325,12 @@ impl World {
                     (r, e) => panic!("read {va:#x}: {r:?}, model {e:?}"),
                 }
             }
-            Op::Write { sp, page, word, value } => {
+            Op::Write {
+                sp,
+                page,
+                word,
+                value,
+            } => {
                 let Some(i) = self.sp(*sp) else { return };
                 let pg = self.page_of(i, *page);
                 let va = pg + OFFS[*word];
@@ -287,22 +367,41 @@ impl World {
                 let r = access(&mut ms.s, &m, va, Access::Execute).map(|_| ());
                 self.trace.push(format!("exec {va:#x} {r:?}"));
                 match (r, exec) {
-                    (Ok(_), Some(true)) | (Err(Fault::ExecuteNoExec { .. }), Some(false)) | (Err(Fault::Unmapped { .. }), None) => {}
+                    (Ok(_), Some(true))
+                    | (Err(Fault::ExecuteNoExec { .. }), Some(false))
+                    | (Err(Fault::Unmapped { .. }), None) => {}
                     (Err(Fault::OutOfFrames { .. }), Some(true)) => self.oom_ok(),
                     (r, e) => panic!("exec {va:#x}: {r:?}, model {e:?}"),
                 }
             }
-            Op::Map { sp, page, pages, perm, populate } => {
+            Op::Map {
+                sp,
+                page,
+                pages,
+                perm,
+                populate,
+            } => {
                 let Some(i) = self.sp(*sp) else { return };
                 let (start, end) = (cand(*page), cand(*page) + pages * 4096);
                 let ms = &mut self.spaces[i];
                 let overlap = ms.pages.range(start..end).next().is_some();
-                match ms.s.map(VirtAddr::new(start), pages * 4096, *perm, "map", *populate) {
+                match ms
+                    .s
+                    .map(VirtAddr::new(start), pages * 4096, *perm, "map", *populate)
+                {
                     Ok(f) => {
                         f.ignore();
                         assert!(!overlap, "map over existing pages");
                         for p in (start..end).step_by(4096) {
-                            ms.pages.insert(p, MPage { data: None, kind: Kind::Private, perm: *perm, huge_base: None });
+                            ms.pages.insert(
+                                p,
+                                MPage {
+                                    data: None,
+                                    kind: Kind::Private,
+                                    perm: *perm,
+                                    huge_base: None,
+                                },
+                            );
                         }
                     }
                     Err(Error::Overlap { .. }) => assert!(overlap),
@@ -330,7 +429,12 @@ impl World {
                     Err(e) => panic!("unmap: {e:?}"),
                 }
             }
-            Op::Protect { sp, page, pages, perm } => {
+            Op::Protect {
+                sp,
+                page,
+                pages,
+                perm,
+            } => {
                 let Some(i) = self.sp(*sp) else { return };
                 let start = self.page_of(i, *page);
                 let end = start + pages * 4096;
@@ -347,7 +451,10 @@ impl World {
                 if expect.is_none() && (splits(&ms.pages, start) || splits(&ms.pages, end)) {
                     expect = Some("SplitsHugePage");
                 }
-                match (ms.s.protect(VirtAddr::new(start), pages * 4096, *perm), expect) {
+                match (
+                    ms.s.protect(VirtAddr::new(start), pages * 4096, *perm),
+                    expect,
+                ) {
                     (Ok(f), None) => {
                         f.ignore();
                         for (_, p) in ms.pages.range_mut(start..end) {
@@ -363,12 +470,19 @@ impl World {
             }
             Op::Snapshot { sp, ranges } => {
                 let Some(i) = self.sp(*sp) else { return };
-                let mut rs: Vec<(u64, u64)> = ranges.iter().map(|(p, n)| (cand(*p), cand(*p) + n * 4096)).collect();
+                let mut rs: Vec<(u64, u64)> = ranges
+                    .iter()
+                    .map(|(p, n)| (cand(*p), cand(*p) + n * 4096))
+                    .collect();
                 rs.sort();
                 let ms = &mut self.spaces[i];
                 let overlap = rs.windows(2).any(|w| w[1].0 < w[0].1);
-                let split = !overlap && rs.iter().any(|&(s, e)| splits(&ms.pages, s) || splits(&ms.pages, e));
-                let args: Vec<(VirtAddr, u64)> = rs.iter().map(|&(s, e)| (VirtAddr::new(s), e - s)).collect();
+                let split = !overlap
+                    && rs
+                        .iter()
+                        .any(|&(s, e)| splits(&ms.pages, s) || splits(&ms.pages, e));
+                let args: Vec<(VirtAddr, u64)> =
+                    rs.iter().map(|&(s, e)| (VirtAddr::new(s), e - s)).collect();
                 match ms.s.snapshot(&args) {
                     Ok((t, f)) => {
                         f.ignore();
@@ -379,7 +493,12 @@ impl World {
                         }
                         let slots = pages.keys().map(|p| p >> 30).collect();
                         let fp = template_fingerprint(&self.m, &t);
-                        self.templates.push(MT { t, pages, slots, fp });
+                        self.templates.push(MT {
+                            t,
+                            pages,
+                            slots,
+                            fp,
+                        });
                     }
                     Err(Error::Overlap { .. }) => assert!(overlap),
                     Err(Error::SplitsHugePage { .. }) => assert!(split),
@@ -412,7 +531,11 @@ impl World {
             .filter(|(va, p)| p.huge_base.is_none_or(|b| **va - b < 2 * 4096))
             .map(|(va, _)| *va)
             .collect();
-        if hot.is_empty() { cand(page % n_cand()) } else { hot[(page - n_cand()) % hot.len()] }
+        if hot.is_empty() {
+            cand(page % n_cand())
+        } else {
+            hot[(page - n_cand()) % hot.len()]
+        }
     }
 
     fn sp(&self, sp: usize) -> Option<usize> {
@@ -454,7 +577,9 @@ impl World {
             };
             let backing = match g.backing {
                 BackingGen::Zeroed => Backing::Zeroed,
-                BackingGen::Frames => Backing::Frames(frames.iter().map(|&f| PhysAddr::new(f)).collect()),
+                BackingGen::Frames => {
+                    Backing::Frames(frames.iter().map(|&f| PhysAddr::new(f)).collect())
+                }
                 BackingGen::Alias => Backing::Alias(PhysAddr::new(frames[0])),
             };
             let mut spec = RegionSpec::new("r", start, n * size, g.kind).backing(backing);
@@ -471,7 +596,10 @@ impl World {
                 Err(e) => panic!("add: {e:?}"),
             }
             accepted.push((start, end));
-            let perm = Perm { write: g.kind != Kind::ReadOnly, exec: g.exec };
+            let perm = Perm {
+                write: g.kind != Kind::ReadOnly,
+                exec: g.exec,
+            };
             for k in 0..n {
                 let pstart = start + k * size;
                 for sub in (0..size).step_by(4096) {
@@ -483,7 +611,10 @@ impl World {
                     let words = pa.map(|pa| words_of(self.keys[&pa])).unwrap_or([0; 4]);
                     let data = if g.kind == Kind::Shared {
                         let cell = match pa {
-                            Some(pa) => cells.entry(pa).or_insert_with(|| Rc::new(RefCell::new(words))).clone(),
+                            Some(pa) => cells
+                                .entry(pa)
+                                .or_insert_with(|| Rc::new(RefCell::new(words)))
+                                .clone(),
                             None => Rc::new(RefCell::new(words)),
                         };
                         Data::Shared(cell)
@@ -491,7 +622,15 @@ impl World {
                         Data::Priv(words)
                     };
                     let huge_base = g.huge.then_some(pstart);
-                    pages.insert(pstart + sub, MPage { data: Some(data), kind: g.kind, perm, huge_base });
+                    pages.insert(
+                        pstart + sub,
+                        MPage {
+                            data: Some(data),
+                            kind: g.kind,
+                            perm,
+                            huge_base,
+                        },
+                    );
                 }
             }
         }
@@ -499,7 +638,12 @@ impl World {
             Ok(t) => {
                 let slots = pages.keys().map(|p| p >> 30).collect();
                 let fp = template_fingerprint(&self.m, &t);
-                self.templates.push(MT { t, pages, slots, fp });
+                self.templates.push(MT {
+                    t,
+                    pages,
+                    slots,
+                    fp,
+                });
             }
             Err(Error::OutOfFrames) => self.oom_ok(),
             Err(e) => panic!("seal: {e:?}"),
@@ -511,7 +655,10 @@ impl World {
         for (n, ms) in self.spaces.iter().enumerate() {
             for (&va, p) in &ms.pages {
                 let Some(tr) = ms.s.translate(VirtAddr::new(va)) else {
-                    assert!(p.data.is_none() && p.kind == Kind::Private, "space {n}: {va:#x} absent, model {p:?}");
+                    assert!(
+                        p.data.is_none() && p.kind == Kind::Private,
+                        "space {n}: {va:#x} absent, model {p:?}"
+                    );
                     continue;
                 };
                 let f = frame(tr.phys.as_u64());
@@ -523,25 +670,49 @@ impl World {
                 assert_eq!(got, p.words(), "space {n}: contents of {va:#x}");
                 assert_eq!(tr.executable, p.perm.exec, "space {n}: exec at {va:#x}");
                 match (p.perm.write, p.kind) {
-                    (true, Kind::Shared) => assert!(tr.writable, "space {n}: shared {va:#x} writable"),
-                    (true, _) => assert!(tr.writable ^ tr.copy_on_write, "space {n}: {va:#x} writable or COW"),
-                    (false, _) => assert!(!tr.writable && !tr.copy_on_write, "space {n}: {va:#x} read-only"),
+                    (true, Kind::Shared) => {
+                        assert!(tr.writable, "space {n}: shared {va:#x} writable")
+                    }
+                    (true, _) => assert!(
+                        tr.writable ^ tr.copy_on_write,
+                        "space {n}: {va:#x} writable or COW"
+                    ),
+                    (false, _) => assert!(
+                        !tr.writable && !tr.copy_on_write,
+                        "space {n}: {va:#x} read-only"
+                    ),
                 }
-                assert_eq!(tr.page_size == PageSize::Size2MiB, p.huge_base.is_some(), "space {n}: page size at {va:#x}");
+                assert_eq!(
+                    tr.page_size == PageSize::Size2MiB,
+                    p.huge_base.is_some(),
+                    "space {n}: page size at {va:#x}"
+                );
             }
             for i in 0..n_cand() {
                 if !ms.pages.contains_key(&cand(i)) {
-                    assert!(ms.s.translate(VirtAddr::new(cand(i))).is_none(), "space {n}: {:#x} should be unmapped", cand(i));
+                    assert!(
+                        ms.s.translate(VirtAddr::new(cand(i))).is_none(),
+                        "space {n}: {:#x} should be unmapped",
+                        cand(i)
+                    );
                 }
             }
         }
         for t in &self.templates {
-            assert_eq!(template_fingerprint(&self.m, &t.t), t.fp, "a template was written");
+            assert_eq!(
+                template_fingerprint(&self.m, &t.t),
+                t.fp,
+                "a template was written"
+            );
         }
         let mut roots: Vec<PhysFrame> = self.spaces.iter().map(|s| s.s.root()).collect();
         // Templates dropped by the test stay alive while a space spawned from them lives.
         let mut troots: Vec<PhysFrame> = self.templates.iter().map(|t| t.t.root()).collect();
-        troots.extend(self.spaces.iter().flat_map(|s| s.s.templates().iter().map(|t| t.root())));
+        troots.extend(
+            self.spaces
+                .iter()
+                .flat_map(|s| s.s.templates().iter().map(|t| t.root())),
+        );
         troots.sort();
         troots.dedup();
         roots.extend(troots);
@@ -551,7 +722,10 @@ impl World {
 }
 
 fn splits(pages: &BTreeMap<u64, MPage>, b: u64) -> bool {
-    pages.get(&b).and_then(|p| p.huge_base).is_some_and(|hb| hb != b)
+    pages
+        .get(&b)
+        .and_then(|p| p.huge_base)
+        .is_some_and(|hb| hb != b)
 }
 
 /// Run a program, checking after every step; returns the access trace and the number of
@@ -573,9 +747,19 @@ fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>,
         w.run(op);
         w.check();
     }
-    assert!(w.ooms <= 1, "one injected failure, {} out-of-frames errors", w.ooms);
+    assert!(
+        w.ooms <= 1,
+        "one injected failure, {} out-of-frames errors",
+        w.ooms
+    );
     let allocs = m.alloc_count();
-    let World { templates, spaces, external, trace, .. } = w;
+    let World {
+        templates,
+        spaces,
+        external,
+        trace,
+        ..
+    } = w;
     drop(spaces);
     drop(templates);
     for (f, huge) in external {
@@ -592,18 +776,26 @@ fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>,
 fn force_mode(ops: &[Op], mode: Mode) -> Vec<Op> {
     ops.iter()
         .map(|op| match op {
-            Op::Spawn { tpls, .. } => Op::Spawn { tpls: tpls.clone(), mode },
+            Op::Spawn { tpls, .. } => Op::Spawn {
+                tpls: tpls.clone(),
+                mode,
+            },
             op => op.clone(),
         })
         .collect()
 }
 
 fn config(default: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
     ProptestConfig {
         cases,
         max_shrink_iters: 4096,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
         ..ProptestConfig::default()
     }
 }
@@ -650,7 +842,15 @@ proptest! {
 
 /// A fork-server scenario touching every operation, with both modes and all backings.
 fn scenario() -> (Vec<Op>, Vec<Op>) {
-    let r = |slot_delta, off, pages, kind, huge, backing| RegionGen { slot_delta, off, pages, kind, exec: false, huge, backing };
+    let r = |slot_delta, off, pages, kind, huge, backing| RegionGen {
+        slot_delta,
+        off,
+        pages,
+        kind,
+        exec: false,
+        huge,
+        backing,
+    };
     let builds = vec![
         Op::Build {
             slot: 0,
@@ -660,34 +860,130 @@ fn scenario() -> (Vec<Op>, Vec<Op>) {
                 r(1, 0, 1, Kind::Private, true, BackingGen::Zeroed),
             ],
         },
-        Op::Build { slot: 3, regions: vec![r(0, 9, 4, Kind::Shared, false, BackingGen::Alias)] },
+        Op::Build {
+            slot: 3,
+            regions: vec![r(0, 9, 4, Kind::Shared, false, BackingGen::Alias)],
+        },
     ];
     // Candidate pages: 5..=7 private data (slot 1), 0..=2 read-only image, 19 the 2 MiB private
     // page (slot 2), 57 the shared alias (slot 513), 24.. free memory in slot 3.
     let ops = vec![
-        Op::Spawn { tpls: vec![0, 1], mode: Mode::Share },
-        Op::Spawn { tpls: vec![0, 1], mode: Mode::Copy },
-        Op::Write { sp: 0, page: 5, word: 1, value: 5 },
-        Op::Write { sp: 0, page: 19, word: 3, value: 6 },
-        Op::Write { sp: 1, page: 5, word: 1, value: 7 },
-        Op::Write { sp: 1, page: 57, word: 0, value: 8 },
-        Op::Map { sp: 0, page: 29, pages: 4, perm: Perm::RW, populate: true },
-        Op::Map { sp: 0, page: 24, pages: 2, perm: Perm::RW, populate: false },
-        Op::Write { sp: 0, page: 24, word: 0, value: 9 },
-        Op::Protect { sp: 0, page: 5, pages: 2, perm: Perm::R },
-        Op::Unmap { sp: 1, page: 6, pages: 1 },
-        Op::Snapshot { sp: 0, ranges: vec![(0, GIB / 4096), (24, 1024)] },
-        Op::Spawn { tpls: vec![2, 1], mode: Mode::Share },
-        Op::Spawn { tpls: vec![2, 1], mode: Mode::Copy },
-        Op::Write { sp: 2, page: 24, word: 2, value: 10 },
-        Op::Write { sp: 3, page: 7, word: 2, value: 11 },
-        Op::Write { sp: 0, page: 24, word: 2, value: 12 },
-        Op::Read { sp: 2, page: 25, word: 0 },
-        Op::Read { sp: 3, page: 0, word: 3 },
+        Op::Spawn {
+            tpls: vec![0, 1],
+            mode: Mode::Share,
+        },
+        Op::Spawn {
+            tpls: vec![0, 1],
+            mode: Mode::Copy,
+        },
+        Op::Write {
+            sp: 0,
+            page: 5,
+            word: 1,
+            value: 5,
+        },
+        Op::Write {
+            sp: 0,
+            page: 19,
+            word: 3,
+            value: 6,
+        },
+        Op::Write {
+            sp: 1,
+            page: 5,
+            word: 1,
+            value: 7,
+        },
+        Op::Write {
+            sp: 1,
+            page: 57,
+            word: 0,
+            value: 8,
+        },
+        Op::Map {
+            sp: 0,
+            page: 29,
+            pages: 4,
+            perm: Perm::RW,
+            populate: true,
+        },
+        Op::Map {
+            sp: 0,
+            page: 24,
+            pages: 2,
+            perm: Perm::RW,
+            populate: false,
+        },
+        Op::Write {
+            sp: 0,
+            page: 24,
+            word: 0,
+            value: 9,
+        },
+        Op::Protect {
+            sp: 0,
+            page: 5,
+            pages: 2,
+            perm: Perm::R,
+        },
+        Op::Unmap {
+            sp: 1,
+            page: 6,
+            pages: 1,
+        },
+        Op::Snapshot {
+            sp: 0,
+            ranges: vec![(0, GIB / 4096), (24, 1024)],
+        },
+        Op::Spawn {
+            tpls: vec![2, 1],
+            mode: Mode::Share,
+        },
+        Op::Spawn {
+            tpls: vec![2, 1],
+            mode: Mode::Copy,
+        },
+        Op::Write {
+            sp: 2,
+            page: 24,
+            word: 2,
+            value: 10,
+        },
+        Op::Write {
+            sp: 3,
+            page: 7,
+            word: 2,
+            value: 11,
+        },
+        Op::Write {
+            sp: 0,
+            page: 24,
+            word: 2,
+            value: 12,
+        },
+        Op::Read {
+            sp: 2,
+            page: 25,
+            word: 0,
+        },
+        Op::Read {
+            sp: 3,
+            page: 0,
+            word: 3,
+        },
         Op::DropTemplate { t: 0 },
         Op::DropSpace { sp: 0 },
-        Op::Write { sp: 1, page: 7, word: 0, value: 13 },
-        Op::Unmap { sp: 2, page: 24, pages: 1024 },
+        Op::Write {
+            sp: 1,
+            page: 7,
+            word: 0,
+            value: 13,
+        },
+        Op::Unmap {
+            sp: 2,
+            page: 24,
+            pages: 1024,
+        },
     ];
     (builds, ops)
 }

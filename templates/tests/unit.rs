@@ -560,7 +560,7 @@ fn builder_rejects_bad_layouts() {
     );
     let t = b.seal().unwrap();
     assert_eq!(t.regions().len(), 1);
-    assert_eq!(t.slots(), &[1]);
+    assert_eq!(t.slots(), vec![1]);
 }
 
 #[test]
