@@ -5,7 +5,7 @@
 //! `NO_EXECUTE` over the walk).
 //!
 //! Leaf entries: `PRESENT | ACCESSED | DIRTY`, plus `WRITABLE` if writable now, `NO_EXECUTE`
-//! unless executable, `HUGE_PAGE` for a 2 MiB leaf, and [`COW`] (software bit 9) for a
+//! unless executable, `HUGE_PAGE` for a 2 MiB leaf, and [`COW_BIT`] (software bit 9) for a
 //! copy-on-write page (which is then never `WRITABLE`).
 //!
 //! `ACCESSED` and `DIRTY` are set in advance on every entry the engine writes, so the CPU never
