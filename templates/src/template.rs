@@ -435,14 +435,13 @@ impl<M: PhysMem> Template<M> {
 
     /// Entry `l4` of the template's root (0 if absent).
     pub(crate) fn l4_entry(&self, l4: usize) -> u64 {
-        raw::read(&self.inner.tree.mem, self.inner.tree.root, l4)
+        self.inner.tree.cursor().root_entry(l4)
     }
 
     /// Number of tables below the root, and of leaf entries (a diagnostic walk).
     pub fn stats(&self) -> TemplateStats {
-        let mut s = TemplateStats::default();
-        count(&self.inner.tree.mem, self.inner.tree.root, 4, &mut s);
-        s
+        let (tables, leaves) = self.inner.tree.cursor().count();
+        TemplateStats { tables, leaves }
     }
 }
 
@@ -453,20 +452,4 @@ pub struct TemplateStats {
     pub tables: usize,
     /// Leaf entries (pages mapped).
     pub leaves: usize,
-}
-
-fn count<M: PhysMem>(mem: &M, table: PhysFrame, level: u8, s: &mut TemplateStats) {
-    let n = if level == 4 { 256 } else { 512 };
-    for i in 0..n {
-        let e = raw::read(mem, table, i);
-        if !entry::present(e) {
-            continue;
-        }
-        if entry::is_leaf(e, level) {
-            s.leaves += 1;
-        } else {
-            s.tables += 1;
-            count(mem, frame_at(entry::addr(e)), level - 1, s);
-        }
-    }
 }

@@ -313,6 +313,33 @@ impl<'a, M: PhysMem> Cursor<'a, M> {
         }
     }
 
+    /// Entry `l4` of the root.
+    pub(crate) fn root_entry(&self, l4: usize) -> u64 {
+        raw::read(self.mem, self.root, l4)
+    }
+
+    /// Tables below the root and leaf entries in the lower half (a diagnostic walk).
+    pub(crate) fn count(&self) -> (usize, usize) {
+        let mut n = (0, 0);
+        self.count_rec(self.root, 4, &mut n);
+        n
+    }
+
+    fn count_rec(&self, table: PhysFrame, level: u8, n: &mut (usize, usize)) {
+        for i in child_range(level) {
+            let e = raw::read(self.mem, table, i);
+            if !entry::present(e) {
+                continue;
+            }
+            if entry::is_leaf(e, level) {
+                n.1 += 1;
+            } else {
+                n.0 += 1;
+                self.count_rec(frame_at(entry::addr(e)), level - 1, n);
+            }
+        }
+    }
+
     /// Walk the whole lower half, counting owned and shared tables.
     pub(crate) fn account(&self, s: &mut crate::space::SpaceStats) {
         s.tables_owned += 1; // the root

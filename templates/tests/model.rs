@@ -728,9 +728,9 @@ fn splits(pages: &BTreeMap<u64, MPage>, b: u64) -> bool {
         .is_some_and(|hb| hb != b)
 }
 
-/// Run a program, checking after every step; returns the access trace and the number of
-/// allocations made.
-fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>, u64) {
+/// Run a program, checking after every step; returns the access trace, the number of
+/// allocations made and the number of out-of-frames errors seen.
+fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>, u64, usize) {
     let m = SimMem::new(1 << 16);
     let mut w = World {
         m: m.clone(),
@@ -758,6 +758,7 @@ fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>,
         spaces,
         external,
         trace,
+        ooms,
         ..
     } = w;
     drop(spaces);
@@ -770,7 +771,7 @@ fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>,
         }
     }
     assert_eq!(m.frames_in_use(), 0, "frames leaked");
-    (trace, allocs)
+    (trace, allocs, ooms)
 }
 
 fn force_mode(ops: &[Op], mode: Mode) -> Vec<Op> {
@@ -823,8 +824,8 @@ proptest! {
         builds in prop::collection::vec(build(), 1..=3),
         ops in prop::collection::vec(op(), 1..40),
     ) {
-        let (share, _) = run_program(&builds, &force_mode(&ops, Mode::Share), None);
-        let (copy, _) = run_program(&builds, &force_mode(&ops, Mode::Copy), None);
+        let (share, _, _) = run_program(&builds, &force_mode(&ops, Mode::Share), None);
+        let (copy, _, _) = run_program(&builds, &force_mode(&ops, Mode::Copy), None);
         prop_assert_eq!(share, copy);
     }
 
@@ -993,10 +994,14 @@ fn scenario() -> (Vec<Op>, Vec<Op>) {
 #[test]
 fn every_allocation_failure_is_survived() {
     let (builds, ops) = scenario();
-    let (trace, allocs) = run_program(&builds, &ops, None);
+    let (trace, allocs, _) = run_program(&builds, &ops, None);
     assert!(trace.iter().all(|t| t.contains("Ok")), "{trace:#?}");
     assert!(allocs > 50, "scenario allocates ({allocs})");
-    for n in 1..=allocs + 1 {
-        run_program(&builds, &ops, Some(n));
+    for n in 1..=allocs {
+        let (_, _, ooms) = run_program(&builds, &ops, Some(n));
+        assert_eq!(
+            ooms, 1,
+            "allocation {n} failed: exactly one operation reports it"
+        );
     }
 }
