@@ -251,7 +251,12 @@ impl<M: PhysMem> AddressSpace<M> {
         if addr >= LOWER_HALF_END {
             return Err(Fault::NotLowerHalf { addr });
         }
-        let oom = |_| Fault::OutOfFrames { addr };
+        // Only running out of frames can fail below; anything else would mean the tables do
+        // not match the regions, reported as unmapped rather than as a panic.
+        let oom = |e| match e {
+            Error::OutOfFrames => Fault::OutOfFrames { addr },
+            _ => Fault::Unmapped { addr },
+        };
         let r = find(&self.regions, addr).ok_or(Fault::Unmapped { addr })?;
         let name = || r.name.clone();
         match access {
