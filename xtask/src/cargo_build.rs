@@ -24,14 +24,14 @@ pub fn cargo() -> OsString {
 
 /// Removes RUSTFLAGS / CARGO_ENCODED_RUSTFLAGS from a cargo command (they would replace the target
 /// rustflags), warning once.
-fn strip_overriding_flags(cmd: &mut Command) {
+fn strip_overriding_flags(cmd: &mut Command, flags: &str) {
     static WARNED: AtomicBool = AtomicBool::new(false);
     for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
         if std::env::var_os(var).is_some() {
             if !WARNED.swap(true, Ordering::Relaxed) {
                 eprintln!(
-                    "stencil: warning: {var} is set; it would replace the app rustflags \
-                     ({RUSTFLAGS}), so it is unset for the app build"
+                    "stencil: warning: {var} is set; it would replace the target rustflags \
+                     ({flags}), so it is unset for the build"
                 );
             }
             cmd.env_remove(var);
@@ -97,13 +97,24 @@ pub fn parse_artifact(line: &str) -> Option<Artifact> {
     })
 }
 
-/// Runs one `cargo build` and returns every binary it produced (fresh or rebuilt).
+/// Runs one `cargo build` of apps and returns every binary it produced (fresh or rebuilt).
 pub fn build(req: &BuildRequest<'_>) -> Result<Vec<Artifact>> {
+    build_for(req, TARGET, RUSTFLAGS_VAR, RUSTFLAGS)
+}
+
+/// Like [`build`], for another target with its own rustflags (`rustflags_var` is cargo's
+/// `CARGO_TARGET_<TRIPLE>_RUSTFLAGS` variable for it).
+pub fn build_for(
+    req: &BuildRequest<'_>,
+    target: &str,
+    rustflags_var: &str,
+    rustflags: &str,
+) -> Result<Vec<Artifact>> {
     let mut cmd = Command::new(cargo());
     cmd.current_dir(req.dir).args([
         "build",
         "--target",
-        TARGET,
+        target,
         "--message-format=json-render-diagnostics",
     ]);
     if req.release {
@@ -115,8 +126,8 @@ pub fn build(req: &BuildRequest<'_>) -> Result<Vec<Artifact>> {
     for p in req.packages {
         cmd.args(["-p", p]);
     }
-    cmd.env(RUSTFLAGS_VAR, RUSTFLAGS);
-    strip_overriding_flags(&mut cmd);
+    cmd.env(rustflags_var, rustflags);
+    strip_overriding_flags(&mut cmd, rustflags);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

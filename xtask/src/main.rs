@@ -3,6 +3,7 @@
 //! build flags, kernel command line and exit codes it implements.
 
 mod apps;
+mod bench;
 mod cargo_build;
 mod cmdline;
 mod harness;
@@ -59,6 +60,9 @@ enum Cmd {
     /// Run the host tests, then boot every declared QEMU test case; ends with `N passed, N failed`
     #[command(after_help = TEST_HELP)]
     Test(TestCmd),
+    /// Spawn benchmark: Stencil vs Linux's fork() in a Linux guest under the same QEMU, plus the
+    /// host natively; table, target/bench/results.csv and target/bench/spawn.svg
+    Bench(bench::BenchCmd),
 }
 
 #[derive(Debug, Args)]
@@ -214,6 +218,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 firmware: t.firmware,
             },
         ),
+        Cmd::Bench(b) => bench::run(&root, &b),
     }
 }
 

@@ -187,6 +187,10 @@ pub struct Vm {
     pub gdb: bool,
     /// `-bios` for q35 (`None`: QEMU's default).
     pub bios: Option<PathBuf>,
+    /// `-initrd` (the Linux peer's initramfs).
+    pub initrd: Option<PathBuf>,
+    /// `-icount shift=0,sleep=off`: the guest clock counts instructions (TCG only).
+    pub icount: bool,
 }
 
 impl Vm {
@@ -202,6 +206,8 @@ impl Vm {
             cmdline: String::new(),
             gdb: false,
             bios: None,
+            initrd: None,
+            icount: false,
         }
     }
 
@@ -236,9 +242,16 @@ impl Vm {
             Accel::Kvm => &["-accel", "kvm", "-cpu", "host,-arch-capabilities"],
         };
         a.extend(accel.iter().map(OsString::from));
+        if self.icount {
+            a.extend(["-icount", "shift=0,sleep=off"].map(OsString::from));
+        }
         a.extend(["-m", &self.mem, "-smp", &self.smp.to_string()].map(OsString::from));
         a.push("-kernel".into());
         a.push(self.kernel.clone().into());
+        if let Some(initrd) = &self.initrd {
+            a.push("-initrd".into());
+            a.push(initrd.into());
+        }
         a.push("-append".into());
         a.push(self.cmdline.clone().into());
         a.extend(
@@ -292,9 +305,32 @@ pub struct RunResult {
     pub elapsed: Duration,
 }
 
+/// Where a VM's serial output goes while it runs.
+enum SerialSink {
+    /// Echo it to the terminal as it arrives (or not).
+    Tee(bool),
+    /// Hand each line to a callback (not echoed).
+    Lines(Box<dyn FnMut(&str) + Send>),
+}
+
 /// Boots the VM and waits for it. `live` echoes serial output (QEMU's stdout) and QEMU's stderr
 /// to the terminal as it arrives; it is captured either way.
 pub fn run(vm: &Vm, timeout: Option<Duration>, live: bool) -> Result<RunResult> {
+    run_inner(vm, timeout, SerialSink::Tee(live))
+}
+
+/// Boots the VM and waits for it, handing every serial line to `each` as it arrives (nothing is
+/// echoed; serial output and QEMU's stderr are captured as with [`run`]).
+pub fn run_with_lines(
+    vm: &Vm,
+    timeout: Option<Duration>,
+    each: impl FnMut(&str) + Send + 'static,
+) -> Result<RunResult> {
+    run_inner(vm, timeout, SerialSink::Lines(Box::new(each)))
+}
+
+fn run_inner(vm: &Vm, timeout: Option<Duration>, sink: SerialSink) -> Result<RunResult> {
+    let live = matches!(sink, SerialSink::Tee(true));
     let mut cmd = vm.command();
     // stdin is not the terminal: a background process group touching the tty would be stopped
     // (SIGTTIN/SIGTTOU), and QEMU must not put the terminal into raw mode.
@@ -315,7 +351,19 @@ pub fn run(vm: &Vm, timeout: Option<Duration>, live: bool) -> Result<RunResult> 
     };
     let out = guard.child_mut().stdout.take().expect("piped");
     let err = guard.child_mut().stderr.take().expect("piped");
-    let serial = proc::tee(out, if live { Echo::Stdout } else { Echo::Nowhere });
+    let serial = match sink {
+        SerialSink::Tee(live) => proc::tee(out, if live { Echo::Stdout } else { Echo::Nowhere }),
+        SerialSink::Lines(mut each) => proc::lines(
+            out,
+            Echo::Nowhere,
+            Vec::new(),
+            move |kept: &mut Vec<u8>, line| {
+                each(line);
+                kept.extend_from_slice(line.as_bytes());
+                kept.push(b'\n');
+            },
+        ),
+    };
     let stderr = proc::tee(err, if live { Echo::Stderr } else { Echo::Nowhere });
     let ending = guard.wait(timeout.map(|t| start + t))?;
     let elapsed = start.elapsed();

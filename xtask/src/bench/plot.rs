@@ -1,0 +1,286 @@
+//! The SVG plot: p50 latency against size, log-log, one line per series.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Result, anyhow};
+use plotters::prelude::*;
+
+use super::model::{self, Measurement, Unit};
+
+/// Kinds that are plotted: spawning until the new task's first instruction runs.
+const PLOT_KINDS: &[&str] = &[
+    "spawn_first",
+    "fork_child_first",
+    "vfork_child_first",
+    "thread_first",
+];
+
+/// Kinds that do not depend on the size of the parent's memory: one line (the first mode) is
+/// enough, the other would lie on top of it.
+const ONE_MODE_KINDS: &[&str] = &["vfork_child_first", "thread_first"];
+
+const COLORS: &[RGBColor] = &[
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x17, 0xbe, 0xcf),
+];
+
+fn system_name(s: &str) -> &str {
+    match s {
+        "linux" => "Linux guest",
+        "native" => "host, native",
+        "stencil" => "Stencil",
+        other => other,
+    }
+}
+
+fn kind_name(k: &str) -> &str {
+    match k {
+        "spawn_first" => "spawn",
+        "fork_child_first" => "fork",
+        "vfork_child_first" => "vfork",
+        "thread_first" => "thread",
+        other => other,
+    }
+}
+
+fn mode_name(m: &str) -> &str {
+    match m {
+        "4k" => "4 KiB pages",
+        "thp" => "THP",
+        other => other,
+    }
+}
+
+/// A plotted line: its label, whether it is context (dashed), and its points.
+#[derive(Debug, PartialEq)]
+pub struct Line {
+    pub label: String,
+    pub context: bool,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Chooses the lines: the spawn kinds in `unit`, one line per (system, kind, mode), except that
+/// size-independent kinds get one line per system, and native runs get only their fork lines.
+pub fn lines(ms: &[Measurement], unit: Unit) -> Vec<Line> {
+    // (system rank, system, kind rank, mode) -> points, so lines come out in display order.
+    type Key = (usize, String, usize, String);
+    let mut groups: BTreeMap<Key, Vec<(f64, f64)>> = BTreeMap::new();
+    let system_rank = |s: &str| match s {
+        "stencil" => 0,
+        "linux" => 1,
+        "native" => 2,
+        _ => 3,
+    };
+    for m in ms.iter().filter(|m| m.unit == unit) {
+        let Some(kind_rank) = PLOT_KINDS.iter().position(|k| *k == m.kind) else {
+            continue;
+        };
+        if m.system == "native" && m.kind != "fork_child_first" {
+            continue;
+        }
+        if ONE_MODE_KINDS.contains(&m.kind.as_str()) {
+            let first_mode = ms
+                .iter()
+                .filter(|o| o.system == m.system && o.kind == m.kind)
+                .map(|o| o.mode.as_str())
+                .min();
+            if first_mode != Some(m.mode.as_str()) {
+                continue;
+            }
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let point = (m.size as f64, m.p50);
+        groups
+            .entry((
+                system_rank(&m.system),
+                m.system.clone(),
+                kind_rank,
+                m.mode.clone(),
+            ))
+            .or_default()
+            .push(point);
+    }
+    groups
+        .into_iter()
+        .map(|((_, system, kind, mode), mut points)| {
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let kind = PLOT_KINDS[kind];
+            let label = if ONE_MODE_KINDS.contains(&kind) {
+                format!("{} {}", system_name(&system), kind_name(kind))
+            } else {
+                format!(
+                    "{} {} ({})",
+                    system_name(&system),
+                    kind_name(kind),
+                    mode_name(&mode)
+                )
+            };
+            Line {
+                label,
+                context: system == "native",
+                points,
+            }
+        })
+        .collect()
+}
+
+/// Renders the plot as an SVG document.
+pub fn svg(ms: &[Measurement], unit: Unit, subtitle: &str) -> Result<String> {
+    let lines = lines(ms, unit);
+    let pts = || lines.iter().flat_map(|l| l.points.iter().copied());
+    if lines.is_empty() {
+        return Err(anyhow!("nothing to plot"));
+    }
+    let (xmin, xmax) = pts().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(x), b.max(x)));
+    let (ymin, ymax) = pts().fold((f64::MAX, f64::MIN), |(a, b), (_, y)| (a.min(y), b.max(y)));
+    let mut sizes: Vec<f64> = pts().map(|(x, _)| x).collect();
+    sizes.sort_by(f64::total_cmp);
+    sizes.dedup();
+    let y_desc = match unit {
+        Unit::Ns => "p50 latency (log)",
+        Unit::Instructions => "p50 guest instructions (log)",
+    };
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (1000, 680)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+        let (top, chart_area) = root.split_vertically(56);
+        top.draw(&Text::new(
+            "Spawn until the new task's first instruction, vs. memory size (p50, log-log)",
+            (20, 10),
+            ("sans-serif", 20).into_font().color(&BLACK),
+        ))
+        .map_err(|e| anyhow!("{e}"))?;
+        top.draw(&Text::new(
+            subtitle.to_owned(),
+            (20, 34),
+            ("sans-serif", 14)
+                .into_font()
+                .color(&RGBColor(0x55, 0x55, 0x55)),
+        ))
+        .map_err(|e| anyhow!("{e}"))?;
+        let mut chart = ChartBuilder::on(&chart_area)
+            .margin(20)
+            .margin_top(6)
+            .x_label_area_size(50)
+            .y_label_area_size(90)
+            .build_cartesian_2d(
+                (xmin / 1.4..xmax * 1.4)
+                    .log_scale()
+                    .with_key_points(sizes.clone()),
+                (ymin / 2.0..ymax * 2.5).log_scale(),
+            )
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("populated memory (Linux) / template size (Stencil), log")
+            .y_desc(y_desc)
+            .x_label_formatter(&|v| {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let bytes = v.round() as u64;
+                model::size_name(bytes)
+            })
+            .y_label_formatter(&|v| model::human(*v, unit))
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 15))
+            .light_line_style(RGBColor(0xee, 0xee, 0xee))
+            .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        for (i, line) in lines.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            let style = color.stroke_width(if line.context { 2 } else { 3 });
+            let series = if line.context {
+                chart.draw_series(DashedLineSeries::new(line.points.clone(), 8, 5, style))
+            } else {
+                chart.draw_series(LineSeries::new(line.points.clone(), style))
+            }
+            .map_err(|e| anyhow!("{e}"))?;
+            series.label(line.label.clone()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            });
+            chart
+                .draw_series(
+                    line.points
+                        .iter()
+                        .map(|&p| Circle::new(p, 4, color.filled())),
+                )
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.9))
+            .border_style(RGBColor(0xaa, 0xaa, 0xaa))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        root.present().map_err(|e| anyhow!("{e}"))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(system: &str, mode: &str, kind: &str, size: u64, p50: f64, unit: Unit) -> Measurement {
+        Measurement {
+            system: system.to_owned(),
+            mode: mode.to_owned(),
+            kind: kind.to_owned(),
+            size,
+            p50,
+            p99: p50,
+            n: 1,
+            unit,
+        }
+    }
+
+    #[test]
+    fn choosing_lines() {
+        let ns = Unit::Ns;
+        let ms = vec![
+            m("linux", "4k", "fork_child_first", 16 << 20, 2.0, ns),
+            m("linux", "4k", "fork_child_first", 2 << 20, 1.0, ns),
+            m("linux", "thp", "fork_child_first", 2 << 20, 1.0, ns),
+            m("linux", "4k", "thread_first", 2 << 20, 1.0, ns),
+            m("linux", "thp", "thread_first", 2 << 20, 1.0, ns),
+            m("linux", "4k", "fork_parent", 2 << 20, 1.0, ns),
+            m("native", "4k", "fork_child_first", 2 << 20, 1.0, ns),
+            m("native", "4k", "thread_first", 2 << 20, 1.0, ns),
+            m(
+                "stencil",
+                "share",
+                "spawn_first",
+                2 << 20,
+                1.0,
+                Unit::Instructions,
+            ),
+        ];
+        let l = lines(&ms, ns);
+        let labels: Vec<&str> = l.iter().map(|l| l.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "Linux guest fork (4 KiB pages)",
+                "Linux guest fork (THP)",
+                "Linux guest thread",
+                "host, native fork (4 KiB pages)"
+            ]
+        );
+        assert_eq!(l[0].points, [(2097152.0, 1.0), (16777216.0, 2.0)]);
+        assert!(l[3].context && !l[0].context);
+        let svg = svg(&ms, ns, "test").unwrap();
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("Linux guest fork (THP)"));
+    }
+}
