@@ -43,6 +43,8 @@ mod stack;
 #[cfg(target_os = "none")]
 mod sync;
 #[cfg(target_os = "none")]
+pub mod task;
+#[cfg(target_os = "none")]
 pub mod time;
 
 #[cfg(target_os = "none")]

@@ -137,6 +137,7 @@ unsafe extern "Rust" {
 
 /// Runs the app's `main` and exits with its code.
 pub(crate) fn run_main() -> ! {
+    crate::task::init();
     // SAFETY: `main!` defines this symbol with exactly this signature; an app without `main!`
     // fails to link, with the symbol named in the error.
     let code = unsafe { __stencil_app_main() };
@@ -156,13 +157,18 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     }
     match info.location() {
         Some(loc) => crate::console::emergency_write(format_args!(
-            "\npanicked at {}:{}:{}:\n{}\n",
+            "\n{}panicked at {}:{}:{}:\n{}\n",
+            TaskPrefix,
             loc.file(),
             loc.line(),
             loc.column(),
             info.message()
         )),
-        None => crate::console::emergency_write(format_args!("\npanicked:\n{}\n", info.message())),
+        None => crate::console::emergency_write(format_args!(
+            "\n{}panicked:\n{}\n",
+            TaskPrefix,
+            info.message()
+        )),
     }
     let rbp: u64;
     // SAFETY: reads the frame-pointer register; no memory access.
@@ -170,5 +176,32 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         core::arch::asm!("mov {}, rbp", out(reg) rbp, options(nomem, nostack, preserves_flags))
     };
     crate::arch::x86_64::traps::backtrace(rbp);
+    if crate::task::in_spawned_task() {
+        // Only this task ends; the app goes on.
+        let msg = match info.location() {
+            Some(l) => alloc::format!(
+                "{} at {}:{}:{}",
+                info.message(),
+                l.file(),
+                l.line(),
+                l.column()
+            ),
+            None => alloc::format!("{}", info.message()),
+        };
+        PANICKING.store(false, Ordering::Relaxed);
+        crate::task::fail_current(crate::task::TaskError::Panic(msg));
+    }
     fatal_exit(EXIT_PANIC)
+}
+
+/// Prints "task N " in reports when a spawned task is running.
+pub(crate) struct TaskPrefix;
+
+impl core::fmt::Display for TaskPrefix {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match crate::task::current() {
+            0 => Ok(()),
+            id => write!(f, "task {id} "),
+        }
+    }
 }

@@ -188,7 +188,7 @@ pub struct Space {
     inner: alloc::boxed::Box<AddressSpace<KernelMem>>,
 }
 
-fn kernel_half() -> KernelHalf {
+pub(crate) fn kernel_half() -> KernelHalf {
     // SAFETY: the kernel L4 is a live table reached through the direct map; we only read it.
     let l4 =
         unsafe { &*(phys_to_virt(kernel_root().start_address().as_u64()) as *const PageTable) };
@@ -224,34 +224,22 @@ impl Space {
     }
 
     fn check(&self, va: u64, len: usize, write: bool) -> Result<(), Fault> {
-        let mut a = va;
-        while a < va + len as u64 {
-            let r = self
-                .inner
-                .region(VirtAddr::new(a))
-                .ok_or(Fault::Unmapped { addr: a })?;
-            if write && !r.perm.write {
-                return Err(Fault::WriteToReadOnly {
-                    addr: a,
-                    region: r.name.clone(),
-                });
-            }
-            a = r.end;
-        }
-        Ok(())
+        check_access(&self.inner, va, len, write)
     }
 
     fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        let ptr: *mut AddressSpace<KernelMem> = &mut *self.inner;
-        CURRENT.store(ptr, Ordering::Release);
-        // SAFETY: the space's root has the kernel half installed, so code, stack and data stay
-        // mapped across the switch.
-        unsafe { Cr3::write(self.inner.root(), Cr3Flags::empty()) };
-        let r = f();
-        // SAFETY: back to the kernel's own tables.
-        unsafe { Cr3::write(kernel_root(), Cr3Flags::empty()) };
-        CURRENT.store(core::ptr::null_mut(), Ordering::Release);
-        r
+        ::x86_64::instructions::interrupts::without_interrupts(|| {
+            let prev = CURRENT.swap(&mut *self.inner, Ordering::AcqRel);
+            let (prev_root, flags) = Cr3::read();
+            // SAFETY: the space's root has the kernel half installed, so code, stack and data
+            // stay mapped across the switch.
+            unsafe { Cr3::write(self.inner.root(), Cr3Flags::empty()) };
+            let r = f();
+            // SAFETY: back to the running task's own root.
+            unsafe { Cr3::write(prev_root, flags) };
+            CURRENT.store(prev, Ordering::Release);
+            r
+        })
     }
 
     /// Reads `buf.len()` bytes at `va` inside the space (through the MMU).
@@ -287,7 +275,7 @@ impl Space {
 }
 
 /// Honours a flush token for the loaded space.
-fn apply(flush: Flush) {
+pub(crate) fn apply(flush: Flush) {
     use ::x86_64::instructions::tlb;
     match flush {
         Flush::None => {}
@@ -307,6 +295,51 @@ fn apply(flush: Flush) {
     }
 }
 
+/// Checks that `va..va+len` lies in regions of `space` (writable ones for a write).
+pub(crate) fn check_access(
+    space: &AddressSpace<KernelMem>,
+    va: u64,
+    len: usize,
+    write: bool,
+) -> Result<(), Fault> {
+    let end = va
+        .checked_add(len as u64)
+        .ok_or(Fault::Unmapped { addr: va })?;
+    let mut a = va;
+    while a < end {
+        if a >= 1 << 47 {
+            return Err(Fault::NotLowerHalf { addr: a });
+        }
+        let r = space
+            .region(VirtAddr::new(a))
+            .ok_or(Fault::Unmapped { addr: a })?;
+        if write && !r.perm.write {
+            return Err(Fault::WriteToReadOnly {
+                addr: a,
+                region: r.name.clone(),
+            });
+        }
+        a = r.end;
+    }
+    Ok(())
+}
+
+/// Records the space the CPU now runs in (the scheduler calls this on every switch).
+pub(crate) fn set_current(space: &mut AddressSpace<KernelMem>) {
+    CURRENT.store(space, Ordering::Release);
+}
+
+/// Runs `f` on the running task's address space (interrupts off, so no switch intervenes).
+pub(crate) fn with_current<R>(f: impl FnOnce(&mut AddressSpace<KernelMem>) -> R) -> R {
+    ::x86_64::instructions::interrupts::without_interrupts(|| {
+        let ptr = CURRENT.load(Ordering::Acquire);
+        assert!(!ptr.is_null(), "no address space is loaded");
+        // SAFETY: CURRENT points at the loaded space, owned by the running task (or borrowed by
+        // `Space::enter`) for as long as it is loaded; interrupts are off, so nothing else runs.
+        f(unsafe { &mut *ptr })
+    })
+}
+
 /// Called by the page-fault handler for lower-half addresses. Returns `Ok` when the fault was
 /// resolved (retry the instruction) and the engine's reason otherwise.
 pub(crate) fn handle_page_fault(addr: u64, error_code: u64) -> Option<Result<(), Fault>> {
@@ -321,9 +354,8 @@ pub(crate) fn handle_page_fault(addr: u64, error_code: u64) -> Option<Result<(),
     } else {
         Access::Read
     };
-    // SAFETY: CURRENT points at the space `enter` loaded, which is borrowed mutably by `enter`'s
-    // caller for the whole time it is loaded; the faulting access happens inside that borrow and
-    // nothing else touches the space meanwhile (one CPU, no preemption inside `enter`).
+    // SAFETY: CURRENT points at the loaded space (the running task's, or one borrowed by
+    // `Space::enter`); the fault handler runs with interrupts off, so nothing else touches it.
     let space = unsafe { &mut *ptr };
     Some(space.resolve_fault(VirtAddr::new(addr), access).map(apply))
 }

@@ -1,37 +1,62 @@
 //! Kernel stacks: each in its own slot of the kernel-stack area, with unmapped guard space below.
 //!
 //! ```text
-//!  slot n: KSTACKS + n * KSTACK_SLOT
+//!  slot n: KSTACKS + n * KSTACK_SLOT                                       (4 MiB per slot)
 //!  ┌──────────────────────────── unmapped: guard (≥ 1 page) ───┬──── stack (size bytes) ────┐
 //!  slot base                                            top - size                       top
 //! ```
 //!
 //! A fault anywhere in a slot below its stack is a stack overflow and is reported as one (the
-//! double fault that follows a kernel stack overflow runs on its own IST stack).
+//! double fault that follows a kernel stack overflow runs on its own IST stack). Every task runs
+//! on one of these stacks; freed stacks are kept mapped in a small cache so that spawning does not
+//! map and unmap pages every time.
 
+use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::mm::layout::{KSTACK_SLOT, KSTACKS, PAGE_SIZE};
+use crate::sync::IrqMutex;
 
-/// How many stacks can exist at once.
-const MAX_SLOTS: usize = 1024;
+/// How many stacks can exist at once: the slots fill one L4 entry (512 GiB).
+pub const MAX_SLOTS: usize = ((1u64 << 39) / KSTACK_SLOT) as usize;
 
-/// Stack size in pages per slot; 0 = free slot.
+/// Freed stacks kept mapped for reuse.
+const CACHE: usize = 64;
+
+/// Stack size in pages per slot; 0 = free slot, u32::MAX = being set up.
 static SLOT_PAGES: [AtomicU32; MAX_SLOTS] = [const { AtomicU32::new(0) }; MAX_SLOTS];
 
-/// A mapped kernel stack.
+struct Slots {
+    /// Never-used slots start here.
+    next_unused: usize,
+    /// Free slots with nothing mapped.
+    free: Vec<u32>,
+    /// Free slots whose stack is still mapped: (slot, pages).
+    cached: Vec<(u32, u32)>,
+}
+
+static SLOTS: IrqMutex<Slots> = IrqMutex::new(Slots {
+    next_unused: 0,
+    free: Vec::new(),
+    cached: Vec::new(),
+});
+
+/// A mapped kernel stack; dropping it frees the slot (and, beyond the cache, the frames).
 #[derive(Debug)]
 pub struct KernelStack {
-    #[allow(dead_code, reason = "freeing stacks arrives with tasks")]
     slot: usize,
-    top: u64,
+    pages: u32,
 }
 
 impl KernelStack {
     /// Highest address (exclusive); the initial stack pointer.
     pub fn top(&self) -> u64 {
-        self.top
+        slot_top(self.slot)
     }
+}
+
+fn slot_top(slot: usize) -> u64 {
+    KSTACKS + (slot as u64 + 1) * KSTACK_SLOT
 }
 
 /// Why a stack could not be made.
@@ -49,23 +74,70 @@ pub fn alloc(size: u64) -> Result<KernelStack, StackError> {
     let pages = size
         .div_ceil(PAGE_SIZE)
         .clamp(1, KSTACK_SLOT / PAGE_SIZE - 1) as u32;
-    let slot = (0..MAX_SLOTS)
-        .find(|&i| {
-            SLOT_PAGES[i]
-                .compare_exchange(0, u32::MAX, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        })
-        .ok_or(StackError::NoSlot)?;
-    let top = KSTACKS + (slot as u64 + 1) * KSTACK_SLOT;
+    let slot = {
+        let mut s = SLOTS.lock();
+        if let Some(i) = s.cached.iter().rposition(|&(_, p)| p == pages) {
+            let (slot, _) = s.cached.swap_remove(i);
+            SLOT_PAGES[slot as usize].store(pages, Ordering::Release);
+            return Ok(KernelStack {
+                slot: slot as usize,
+                pages,
+            });
+        }
+        if let Some(slot) = s.free.pop() {
+            slot as usize
+        } else if s.next_unused < MAX_SLOTS {
+            s.next_unused += 1;
+            s.next_unused - 1
+        } else {
+            return Err(StackError::NoSlot);
+        }
+    };
+    SLOT_PAGES[slot].store(u32::MAX, Ordering::Release);
+    let top = slot_top(slot);
     for i in 0..u64::from(pages) {
         if crate::mm::kernel::map_new_kernel_page(top - (i + 1) * PAGE_SIZE).is_none() {
-            // Partial stacks are not unmapped yet (only the boot stack exists so far): report.
+            for j in 0..i {
+                crate::mm::kernel::unmap_kernel_page(top - (j + 1) * PAGE_SIZE);
+            }
             SLOT_PAGES[slot].store(0, Ordering::Release);
+            SLOTS.lock().free.push(slot as u32);
             return Err(StackError::OutOfMemory);
         }
     }
     SLOT_PAGES[slot].store(pages, Ordering::Release);
-    Ok(KernelStack { slot, top })
+    Ok(KernelStack { slot, pages })
+}
+
+impl Drop for KernelStack {
+    fn drop(&mut self) {
+        SLOT_PAGES[self.slot].store(0, Ordering::Release);
+        let mut s = SLOTS.lock();
+        if s.cached.len() < CACHE {
+            s.cached.push((self.slot as u32, self.pages));
+            return;
+        }
+        drop(s);
+        let top = slot_top(self.slot);
+        for j in 0..u64::from(self.pages) {
+            crate::mm::kernel::unmap_kernel_page(top - (j + 1) * PAGE_SIZE);
+        }
+        SLOTS.lock().free.push(self.slot as u32);
+    }
+}
+
+/// Unmaps every cached stack and returns its frames, and the page tables of slots no longer in
+/// use (so a leak check sees a clean baseline).
+pub fn trim_cache() {
+    let cached: Vec<(u32, u32)> = core::mem::take(&mut SLOTS.lock().cached);
+    for &(slot, pages) in &cached {
+        let top = slot_top(slot as usize);
+        for j in 0..u64::from(pages) {
+            crate::mm::kernel::unmap_kernel_page(top - (j + 1) * PAGE_SIZE);
+        }
+    }
+    SLOTS.lock().free.extend(cached.iter().map(|&(s, _)| s));
+    crate::mm::kernel::reclaim_stack_tables();
 }
 
 fn slot_of(addr: u64) -> Option<(usize, u64, u64)> {
@@ -75,7 +147,7 @@ fn slot_of(addr: u64) -> Option<(usize, u64, u64)> {
     if pages == 0 || pages == u32::MAX {
         return None;
     }
-    let top = KSTACKS + (slot as u64 + 1) * KSTACK_SLOT;
+    let top = slot_top(slot);
     Some((slot, top - u64::from(pages) * PAGE_SIZE, top))
 }
 

@@ -20,6 +20,7 @@ use crate::sync::IrqMutex;
 static FRAMES: Once<FrameAllocator<'static>> = Once::new();
 static KERNEL_PT: Once<IrqMutex<OffsetPageTable<'static>>> = Once::new();
 static KERNEL_ROOT: Once<PhysFrame> = Once::new();
+static STACKS_L3: Once<PhysFrame> = Once::new();
 
 /// The global frame allocator (after [`init`]).
 pub fn frames() -> &'static FrameAllocator<'static> {
@@ -280,6 +281,7 @@ pub(crate) unsafe fn init(ram: &[Range]) -> Result<(), InitError> {
     let mapper = unsafe { OffsetPageTable::new(table, VirtAddr::new(DIRECT_MAP)) };
     KERNEL_PT.call_once(|| IrqMutex::new(mapper));
     KERNEL_ROOT.call_once(|| root);
+    STACKS_L3.call_once(|| stacks_l3);
     log::debug!(
         "mm: {} MiB RAM, {} frames free, metadata {} KiB at {:#x}, {} boot table frames",
         max_phys >> 20,
@@ -323,5 +325,87 @@ pub(crate) fn map_new_kernel_page(virt: u64) -> Option<usize> {
             frames().dec_ref(pfn);
             None
         }
+    }
+}
+
+/// Maps the 4 KiB MMIO page at `phys` uncached at its direct-map address (device pages are not
+/// RAM, so the direct map leaves them out). Returns the virtual address; mapping the same page
+/// twice returns the existing mapping.
+pub(crate) fn map_mmio_page(phys: u64) -> Option<u64> {
+    let virt = phys_to_virt(phys);
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
+    let frame = PhysFrame::containing_address(PhysAddr::new(phys));
+    let feat = cpu::features();
+    let flags = page_flags(feat, true, false) | F::NO_CACHE | F::WRITE_THROUGH;
+    let mut pt = KERNEL_PT.get()?.lock();
+    use ::x86_64::structures::paging::mapper::{MapToError, Translate};
+    if pt.translate_addr(VirtAddr::new(virt)).is_some() {
+        return Some(virt);
+    }
+    // SAFETY: `phys` is a device page outside RAM, so no other mapping of it exists; the direct
+    // map's tables above it are the kernel's own.
+    match unsafe {
+        pt.map_to_with_table_flags(
+            page,
+            frame,
+            flags,
+            F::PRESENT | F::WRITABLE,
+            &mut KernelFrames,
+        )
+    } {
+        Ok(flush) => {
+            flush.ignore(); // was not present
+            Some(virt)
+        }
+        Err(MapToError::PageAlreadyMapped(_)) => Some(virt),
+        Err(_) => None,
+    }
+}
+
+/// Unmaps a kernel-half page mapped by [`map_new_kernel_page`] and drops its frame.
+pub(crate) fn unmap_kernel_page(virt: u64) {
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
+    let mut pt = KERNEL_PT.get().expect("mm not initialised").lock();
+    if let Ok((frame, flush)) = pt.unmap(page) {
+        flush.flush();
+        frames().dec_ref((frame.start_address().as_u64() / PAGE_SIZE) as usize);
+    }
+}
+
+/// Frees the L2 and L1 tables of the kernel-stack area that no longer map anything (after stacks
+/// were unmapped). The L3 table stays: every address space's L4 entry 510 points at it.
+pub(crate) fn reclaim_stack_tables() {
+    let Some(l3) = STACKS_L3.get() else { return };
+    let table = |f: PhysAddr| {
+        // SAFETY: kernel page tables are RAM reached through the direct map; the KERNEL_PT lock
+        // held below serialises every change to them.
+        unsafe { &mut *(phys_to_virt(f.as_u64()) as *mut PageTable) }
+    };
+    let _guard = KERNEL_PT.get().expect("mm not initialised").lock();
+    let mut freed = 0;
+    let l3t = table(l3.start_address());
+    for e3 in l3t.iter_mut().filter(|e| !e.is_unused()) {
+        let l2t = table(e3.addr());
+        for e2 in l2t
+            .iter_mut()
+            .filter(|e| !e.is_unused() && !e.flags().contains(F::HUGE_PAGE))
+        {
+            if table(e2.addr()).iter().all(|e| e.is_unused()) {
+                frames().dec_ref((e2.addr().as_u64() / PAGE_SIZE) as usize);
+                e2.set_unused();
+                freed += 1;
+            }
+        }
+        if l2t.iter().all(|e| e.is_unused()) {
+            frames().dec_ref((e3.addr().as_u64() / PAGE_SIZE) as usize);
+            e3.set_unused();
+            freed += 1;
+        }
+    }
+    if freed > 0 {
+        // Drop paging-structure caches that may still point at the freed tables.
+        let (root, flags) = Cr3::read();
+        // SAFETY: reloading the current root changes no mapping.
+        unsafe { Cr3::write(root, flags) };
     }
 }

@@ -1,5 +1,6 @@
 //! x86_64 support: PVH entry, descriptor tables, traps, PIC, PIT, debug-exit device, CPU features.
 
+pub mod apic;
 pub mod boot;
 pub mod cpu;
 pub mod gdt;

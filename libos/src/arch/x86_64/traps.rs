@@ -15,8 +15,8 @@ use spin::Once;
 /// End of the lower half: page faults below it belong to the current address space.
 const LOWER_HALF_END: u64 = 1 << 47;
 
-/// Vectors that have a stub (CPU exceptions 0..32, legacy/local interrupts 32..48, spurious 255).
-const STUB_VECTORS: usize = 48;
+/// Vectors that have a stub (CPU exceptions 0..32, interrupts 32..64, spurious 255).
+const STUB_VECTORS: usize = 64;
 
 /// One 16-byte-aligned stub per vector: a dummy error code where the CPU pushes none, the vector
 /// number, then the common path. The stub for table index `i` is at `stencil_isr_base + 16 * i`.
@@ -52,14 +52,14 @@ macro_rules! trap_stubs {
     };
 }
 
-trap_stubs!(0 n, 1 n, 2 n, 3 n, 4 n, 5 n, 6 n, 7 n, 8 e, 9 n, 10 e, 11 e, 12 e, 13 e, 14 e, 15 n, 16 n, 17 e, 18 n, 19 n, 20 n, 21 e, 22 n, 23 n, 24 n, 25 n, 26 n, 27 n, 28 n, 29 e, 30 e, 31 n, 32 n, 33 n, 34 n, 35 n, 36 n, 37 n, 38 n, 39 n, 40 n, 41 n, 42 n, 43 n, 44 n, 45 n, 46 n, 47 n, 255 n);
+trap_stubs!(0 n, 1 n, 2 n, 3 n, 4 n, 5 n, 6 n, 7 n, 8 e, 9 n, 10 e, 11 e, 12 e, 13 e, 14 e, 15 n, 16 n, 17 e, 18 n, 19 n, 20 n, 21 e, 22 n, 23 n, 24 n, 25 n, 26 n, 27 n, 28 n, 29 e, 30 e, 31 n, 32 n, 33 n, 34 n, 35 n, 36 n, 37 n, 38 n, 39 n, 40 n, 41 n, 42 n, 43 n, 44 n, 45 n, 46 n, 47 n, 48 n, 49 n, 50 n, 51 n, 52 n, 53 n, 54 n, 55 n, 56 n, 57 n, 58 n, 59 n, 60 n, 61 n, 62 n, 63 n, 255 n);
 
 unsafe extern "C" {
     /// The first stub; see [`trap_stubs`].
     static stencil_isr_base: [u8; 16];
 }
 
-/// Address of the stub for table index `i` (vectors 0..48 are indices 0..48; vector 255 is 48).
+/// Address of the stub for table index `i` (vectors 0..64 are indices 0..64; vector 255 is 64).
 fn stub_addr(i: usize) -> VirtAddr {
     VirtAddr::new((&raw const stencil_isr_base) as u64 + 16 * i as u64)
 }
@@ -228,6 +228,11 @@ pub fn describe_pf_error(code: u64) -> &'static str {
 extern "C" fn stencil_trap(frame: &mut TrapFrame) {
     match frame.vector {
         v if v < 32 => exception(frame),
+        super::apic::TIMER_VECTOR => {
+            super::apic::eoi();
+            crate::task::timer_tick();
+        }
+        super::apic::SPURIOUS_VECTOR => {}
         _ => {
             // No interrupt sources are enabled yet; a stray one is reported, not ignored.
             crate::console::emergency_write(format_args!(
@@ -252,21 +257,23 @@ fn exception(frame: &mut TrapFrame) {
             None => {}
         }
     }
+    let task = crate::rt::TaskPrefix;
     if let Some(guard) =
         crate::stack::guard_hit(cr2).filter(|_| frame.vector == 8 || frame.vector == 14)
     {
         crate::console::emergency_write(format_args!(
-            "\nSTACK OVERFLOW: {} hit its guard page at {:#x} (RIP {:#x}, RSP {:#x})\n",
+            "\n{task}STACK OVERFLOW: {} hit its guard page at {:#x} (RIP {:#x}, RSP {:#x})\n",
             guard, cr2, frame.rip, frame.rsp
         ));
         backtrace(frame.rbp);
+        crate::task::fail_current(crate::task::TaskError::StackOverflow { addr: cr2 });
         crate::rt::fatal_exit(crate::rt::EXIT_STACK_OVERFLOW);
     }
     let (name, mnemonic) = exception_name(frame.vector);
     let mut out = crate::console::EmergencyWriter;
     let _ = write!(
         out,
-        "\nEXCEPTION: {name} ({mnemonic}, vector {}), error code {:#x}\n  at RIP {:#018x}, RSP {:#018x}, RFLAGS {:#x}\n",
+        "\n{task}EXCEPTION: {name} ({mnemonic}, vector {}), error code {:#x}\n  at RIP {:#018x}, RSP {:#018x}, RFLAGS {:#x}\n",
         frame.vector, frame.error_code, frame.rip, frame.rsp, frame.rflags
     );
     if frame.vector == 14 {
@@ -276,7 +283,7 @@ fn exception(frame: &mut TrapFrame) {
             cr2,
             describe_pf_error(frame.error_code)
         );
-        if let Some(fault) = unresolved {
+        if let Some(fault) = &unresolved {
             let _ = writeln!(out, "  address space: {fault}");
         }
     }
@@ -286,6 +293,21 @@ fn exception(frame: &mut TrapFrame) {
         frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp, frame.r8
     );
     backtrace(frame.rbp);
+    if crate::task::in_spawned_task() {
+        let cause = match (&unresolved, frame.vector) {
+            (Some(fault), _) => alloc::format!("{fault}"),
+            (None, 14) => alloc::format!("{} at {cr2:#x}", describe_pf_error(frame.error_code)),
+            (None, _) => alloc::format!("{name} ({mnemonic})"),
+        };
+        // Nothing on this stack is dropped after the switch: release what we hold first.
+        drop(unresolved);
+        let _ = writeln!(out, "{task}ended; the app goes on");
+        crate::task::fail_current(crate::task::TaskError::Fault {
+            addr: cr2,
+            rip: frame.rip,
+            cause,
+        });
+    }
     crate::rt::fatal_exit(crate::rt::EXIT_EXCEPTION);
 }
 

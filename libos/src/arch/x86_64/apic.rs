@@ -1,0 +1,82 @@
+//! The local APIC timer: the preemption clock.
+//!
+//! xAPIC registers are memory-mapped (x2APIC needs QEMU ≥ 8 under TCG). The page is mapped
+//! uncached at its direct-map address (it is not RAM, so the direct map left it out). The timer is
+//! calibrated against the TSC (already calibrated against the PIT) and then runs periodically,
+//! one tick per scheduling quantum.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use ::x86_64::registers::model_specific::Msr;
+
+use super::cpu;
+
+/// Vector of the APIC timer interrupt.
+pub const TIMER_VECTOR: u64 = 48;
+/// Vector of the APIC's spurious interrupt.
+pub const SPURIOUS_VECTOR: u64 = 255;
+
+const REG_TPR: u64 = 0x80;
+const REG_EOI: u64 = 0xb0;
+const REG_SVR: u64 = 0xf0;
+const REG_LVT_TIMER: u64 = 0x320;
+const REG_INIT_COUNT: u64 = 0x380;
+const REG_CUR_COUNT: u64 = 0x390;
+const REG_DIVIDE: u64 = 0x3e0;
+
+static BASE: AtomicU64 = AtomicU64::new(0);
+
+fn reg(offset: u64) -> *mut u32 {
+    (BASE.load(Ordering::Relaxed) + offset) as *mut u32
+}
+
+fn write(offset: u64, value: u32) {
+    // SAFETY: BASE maps the local APIC's register page (uncached); `offset` is a register.
+    unsafe { reg(offset).write_volatile(value) }
+}
+
+fn read(offset: u64) -> u32 {
+    // SAFETY: as in `write`.
+    unsafe { reg(offset).read_volatile() }
+}
+
+/// Signals end of interrupt to the local APIC.
+pub fn eoi() {
+    if BASE.load(Ordering::Relaxed) != 0 {
+        write(REG_EOI, 0);
+    }
+}
+
+/// Enables the local APIC and starts its timer with a period of `quantum_us` microseconds.
+/// Returns false (and leaves preemption off) when the CPU has no local APIC.
+pub fn start_timer(quantum_us: u64) -> bool {
+    // CPUID.1:EDX bit 9: on-chip APIC.
+    if core::arch::x86_64::__cpuid(1).edx & (1 << 9) == 0 {
+        return false;
+    }
+    // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC (checked above); reading it has no
+    // side effects.
+    let msr = unsafe { Msr::new(0x1b).read() };
+    let phys = msr & 0x000f_ffff_ffff_f000;
+    let Some(virt) = crate::mm::kernel::map_mmio_page(phys) else {
+        return false;
+    };
+    BASE.store(virt, Ordering::Relaxed);
+    write(REG_TPR, 0);
+    write(REG_SVR, (1 << 8) | SPURIOUS_VECTOR as u32);
+    // Calibrate: divide by 16, count down from the top for ~1 ms of TSC time.
+    write(REG_DIVIDE, 0b0011);
+    write(REG_LVT_TIMER, 1 << 16); // masked, one-shot
+    write(REG_INIT_COUNT, u32::MAX);
+    let hz = crate::time::tsc_hz().max(1);
+    let start = cpu::rdtsc();
+    while cpu::rdtsc() - start < hz / 1000 {
+        core::hint::spin_loop();
+    }
+    let ticks_per_ms = u64::from(u32::MAX - read(REG_CUR_COUNT)).max(1);
+    let count = (ticks_per_ms * quantum_us / 1000).clamp(1, u64::from(u32::MAX)) as u32;
+    write(REG_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u32); // periodic, unmasked
+    write(REG_INIT_COUNT, count);
+    log::debug!("apic: timer {ticks_per_ms} ticks/ms (÷16), quantum {quantum_us} us");
+    true
+}

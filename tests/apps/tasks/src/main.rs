@@ -1,0 +1,354 @@
+//! Tasks with their own address spaces, end to end on the MMU. Argument `all` runs the
+//! behaviour checks; `leak N` runs N spawn/exit cycles from a 256 MiB template and checks the
+//! free-frame count returns to its baseline.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+use libos::println;
+use libos::space::{Kind, Template, TemplateBuilder};
+use libos::task::{self, TaskError};
+
+libos::main!(main);
+
+const DATA: u64 = 0x4000_0000;
+const SHARED: u64 = 0x8000_0000;
+const CONSTS: u64 = 0xC000_0000;
+const STATE: u64 = 0x1_0000_0000;
+const PAGE: u64 = 4096;
+
+fn check(ok: bool, what: &str) -> Result<(), &'static str> {
+    if ok {
+        Ok(())
+    } else {
+        println!("FAIL: {what}");
+        Err("check failed")
+    }
+}
+
+fn byte(va: u64) -> u8 {
+    let mut b = [0u8];
+    task::read(va, &mut b).expect("read in a mapped region");
+    b[0]
+}
+
+fn put(va: u64, v: u8) {
+    task::write(va, &[v]).expect("write in a writable region");
+}
+
+fn templates() -> (Template, Template, Template) {
+    let data = TemplateBuilder::new()
+        .region("libdata", DATA, 1 << 20, Kind::Private, |off, p| {
+            p.fill(((off / PAGE) as u8).wrapping_add(1))
+        })
+        .and_then(|b| b.seal())
+        .expect("private template");
+    let shared = TemplateBuilder::new()
+        .region("shared-heap", SHARED, 64 << 10, Kind::Shared, |_, p| {
+            p.fill(0)
+        })
+        .and_then(|b| b.seal())
+        .expect("shared template");
+    let consts = TemplateBuilder::new()
+        .region("consts", CONSTS, 64 << 10, Kind::ReadOnly, |_, p| {
+            p.fill(0xC0)
+        })
+        .and_then(|b| b.seal())
+        .expect("read-only template");
+    (data, shared, consts)
+}
+
+fn isolation(data: &Template) -> Result<(), &'static str> {
+    let a = task::spawn(&[data], || {
+        put(DATA, 0xAA);
+        task::yield_now();
+        i32::from(byte(DATA))
+    })
+    .expect("spawn a");
+    let b = task::spawn(&[data], || {
+        put(DATA, 0xBB);
+        task::yield_now();
+        i32::from(byte(DATA))
+    })
+    .expect("spawn b");
+    check(a.join() == Ok(0xAA), "task a reads its own write")?;
+    check(b.join() == Ok(0xBB), "task b reads its own write")?;
+    let c = task::spawn(&[data], || {
+        i32::from(byte(DATA)) * 1000 + i32::from(byte(DATA + PAGE))
+    })
+    .expect("spawn c");
+    check(
+        c.join() == Ok(1002),
+        "a fresh task sees the template's original bytes",
+    )?;
+    println!("isolation ok");
+    Ok(())
+}
+
+fn shared(shared: &Template) -> Result<(), &'static str> {
+    let w = task::spawn(&[shared], || {
+        task::write(SHARED + 100, b"hello").expect("write shared");
+        0
+    })
+    .expect("spawn writer");
+    check(w.join() == Ok(0), "writer ran")?;
+    let r = task::spawn(&[shared], || {
+        let mut b = [0u8; 5];
+        task::read(SHARED + 100, &mut b).expect("read shared");
+        i32::from(&b == b"hello")
+    })
+    .expect("spawn reader");
+    check(
+        r.join() == Ok(1),
+        "a second task sees the first one's write through the Shared region",
+    )?;
+    println!("shared ok");
+    Ok(())
+}
+
+fn read_only(consts: &Template, data: &Template) -> Result<(), &'static str> {
+    // Through the checked API: an error, the task goes on.
+    let t = task::spawn(&[consts], || match task::write(CONSTS, &[1]) {
+        Err(libos::space::Fault::WriteToReadOnly { .. }) => 7,
+        _ => 0,
+    })
+    .expect("spawn");
+    check(t.join() == Ok(7), "checked write to read-only is refused")?;
+    // A raw write faults in the MMU: only this task ends.
+    let t = task::spawn(&[consts, data], || {
+        let p = core::hint::black_box(CONSTS as *mut u8);
+        #[allow(unsafe_code)]
+        // SAFETY: not safe: the write faults on purpose and ends this task.
+        unsafe {
+            p.write_volatile(1)
+        };
+        0
+    })
+    .expect("spawn faulting task");
+    match t.join() {
+        Err(TaskError::Fault { addr, cause, .. }) => {
+            println!("joiner sees: fault at {addr:#x}: {cause}");
+            check(addr == CONSTS, "fault address")?;
+            check(cause.contains("consts"), "fault names the template region")?;
+        }
+        other => check(false, &alloc::format!("expected a fault, got {other:?}"))?,
+    }
+    println!("read-only ok");
+    Ok(())
+}
+
+fn snapshot() -> Result<(), &'static str> {
+    // The server warms private state, snapshots it, and forks workers from the snapshot.
+    task::map_private("state", STATE, 16 * PAGE).map_err(|_| "map")?;
+    for i in 0..16 {
+        put(STATE + i * PAGE, 50 + i as u8);
+    }
+    let snap = task::snapshot(&[(STATE, 16 * PAGE)]).map_err(|_| "snapshot")?;
+    let workers: Vec<_> = (0..8u8)
+        .map(|w| {
+            task::spawn(&[&snap], move || {
+                let seen = byte(STATE + 3 * PAGE);
+                put(STATE + 3 * PAGE, 200 + w);
+                task::yield_now();
+                if byte(STATE + 3 * PAGE) != 200 + w {
+                    return -1;
+                }
+                i32::from(seen)
+            })
+            .expect("spawn worker")
+        })
+        .collect();
+    for w in workers {
+        check(
+            w.join() == Ok(53),
+            "worker sees the server's warmed state and keeps its own write",
+        )?;
+    }
+    check(
+        byte(STATE + 3 * PAGE) == 53,
+        "server's copy unchanged by workers",
+    )?;
+    put(STATE + 3 * PAGE, 99);
+    let late =
+        task::spawn(&[&snap], || i32::from(byte(STATE + 3 * PAGE))).expect("spawn late worker");
+    check(
+        late.join() == Ok(53),
+        "snapshot unchanged by the server's later write",
+    )?;
+    println!("snapshot ok");
+    Ok(())
+}
+
+static OTHERS_DONE: AtomicBool = AtomicBool::new(false);
+
+fn preemption() -> Result<(), &'static str> {
+    let spinner = task::spawn(&[], || {
+        loop {
+            core::hint::spin_loop();
+        }
+    })
+    .expect("spawn spinner");
+    let worker = task::spawn(&[], || {
+        // Runs only if the spinner is preempted.
+        OTHERS_DONE.store(true, Ordering::SeqCst);
+        5
+    })
+    .expect("spawn worker");
+    check(worker.join() == Ok(5), "a task runs while another spins")?;
+    check(OTHERS_DONE.load(Ordering::SeqCst), "worker ran")?;
+    check(!spinner.is_finished(), "spinner still running")?;
+    spinner.kill();
+    check(
+        spinner.join() == Err(TaskError::Killed),
+        "killed spinner reports Killed",
+    )?;
+    println!("preemption ok");
+    Ok(())
+}
+
+fn panics() -> Result<(), &'static str> {
+    let t = task::spawn(&[], || {
+        let v = core::hint::black_box(3);
+        if v == 3 {
+            panic!("task panic {v}");
+        }
+        0
+    })
+    .expect("spawn");
+    match t.join() {
+        Err(TaskError::Panic(m)) => check(
+            m.contains("task panic 3"),
+            "panic message reaches the joiner",
+        )?,
+        other => check(false, &alloc::format!("expected a panic, got {other:?}"))?,
+    }
+    println!("panic ok");
+    Ok(())
+}
+
+fn oom() -> Result<(), &'static str> {
+    // Spawn sleeping tasks until memory runs out: spawn must fail with an error, the app goes
+    // on, and everything comes back once the tasks are gone.
+    task::trim_caches();
+    let heap0 = libos::heap_stats().reserved_bytes / 4096;
+    let before = libos::free_frames();
+    let mut held = Vec::new();
+    let err = loop {
+        let sleeper = || {
+            task::sleep(core::time::Duration::from_secs(3600));
+            0
+        };
+        match task::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(&[], sleeper)
+        {
+            Ok(h) => held.push(h),
+            Err(e) => break e,
+        }
+        if held.len() > 100_000 {
+            return check(false, "never ran out of memory");
+        }
+    };
+    println!("spawn failed cleanly after {} tasks: {err}", held.len());
+    check(
+        matches!(err, task::SpawnError::OutOfMemory),
+        "the error says out of memory",
+    )?;
+    for h in &held {
+        h.kill();
+    }
+    for h in held {
+        check(
+            h.join() == Err(TaskError::Killed),
+            "sleeping tasks end when killed",
+        )?;
+    }
+    task::trim_caches();
+    let heap_growth = libos::heap_stats().reserved_bytes / 4096 - heap0;
+    let after = libos::free_frames();
+    println!("free frames before {before}, after {after} (+{heap_growth} kept by the kernel heap)");
+    check(
+        after + heap_growth == before,
+        "memory returned after an out-of-memory spawn",
+    )?;
+    println!("oom ok");
+    Ok(())
+}
+
+fn leak(cycles: u64) -> Result<(), &'static str> {
+    let t = TemplateBuilder::new()
+        .region("big", DATA, 256 << 20, Kind::Private, |off, p| {
+            p[0] = (off / PAGE) as u8
+        })
+        .and_then(|b| b.seal())
+        .expect("256 MiB template");
+    // Warm up caches (stack cache, heap chunks), then measure.
+    for _ in 0..100 {
+        task::spawn(&[&t], || 0).expect("spawn").join().ok();
+    }
+    task::trim_caches();
+    let heap0 = libos::heap_stats().reserved_bytes / 4096;
+    let live0 = libos::heap_stats();
+    let baseline = libos::free_frames();
+    let start = libos::time::Instant::now();
+    for i in 0..cycles {
+        let h = task::spawn(&[&t], move || {
+            if i % 1000 == 0 {
+                put(DATA + (i % 64) * PAGE, 1); // an occasional copy-on-write
+            }
+            0
+        })
+        .map_err(|_| "spawn failed")?;
+        check(h.join() == Ok(0), "task exit code")?;
+    }
+    let took = start.elapsed();
+    task::trim_caches();
+    let heap_growth = libos::heap_stats().reserved_bytes / 4096 - heap0;
+    let end = libos::free_frames();
+    println!(
+        "{cycles} spawn/exit cycles from a 256 MiB template in {:?} ({:?} each): free frames before {baseline}, after {end} (+{heap_growth} kept by the heap)",
+        took,
+        took / cycles as u32
+    );
+    check(
+        end + heap_growth == baseline,
+        "free-frame count back at its baseline",
+    )?;
+    let live = libos::heap_stats();
+    println!(
+        "kernel heap: {} bytes in {} allocations before, {} bytes in {} after",
+        live0.allocated_bytes, live0.allocation_count, live.allocated_bytes, live.allocation_count
+    );
+    check(
+        live.allocation_count == live0.allocation_count,
+        "no kernel-heap object leaked",
+    )?;
+    println!("leak ok");
+    Ok(())
+}
+
+fn main() -> Result<(), &'static str> {
+    let args = libos::args();
+    println!("share mode {:?}", libos::space::mode());
+    match args.first().map(|s| s.as_str()) {
+        Some("leak") => {
+            let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+            leak(n)?;
+        }
+        _ => {
+            let (data, shared_t, consts) = templates();
+            isolation(&data)?;
+            shared(&shared_t)?;
+            read_only(&consts, &data)?;
+            snapshot()?;
+            preemption()?;
+            panics()?;
+            oom()?;
+        }
+    }
+    println!("ALL OK");
+    Ok(())
+}
