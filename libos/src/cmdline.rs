@@ -1,7 +1,8 @@
 //! The kernel command line: `[kernel options] [-- app arguments]`.
 //!
-//! Kernel options are `key=value` words: `log=off|error|warn|info|debug|trace` and
-//! `share=on|off`. App arguments follow a lone `--`; an argument that contains spaces, quotes or
+//! Kernel options are `key=value` words: `log=off|error|warn|info|debug|trace`,
+//! `share=on|off`, and `virtio_mmio.device=<size>@<base>:<irq>[:<id>]` (the words QEMU's
+//! microvm, like Linux, uses to describe virtio-mmio devices; see [`virtio_mmio_devices`]). App arguments follow a lone `--`; an argument that contains spaces, quotes or
 //! backslashes is written in double quotes with `\"` and `\\` escapes (xtask quotes this way).
 //! Anything else is a [`CmdlineError`], reported at boot before `main` runs.
 
@@ -74,7 +75,10 @@ impl fmt::Display for CmdlineError<'_> {
                 "'{w}' is not a kernel option (expected key=value; app arguments go after a lone '--')"
             ),
             CmdlineError::UnknownOption(k) => {
-                write!(f, "unknown kernel option '{k}' (known: log=, share=)")
+                write!(
+                    f,
+                    "unknown kernel option '{k}' (known: log=, share=, virtio_mmio.device=)"
+                )
             }
             CmdlineError::BadValue {
                 key,
@@ -146,10 +150,68 @@ pub fn parse_options(line: &str) -> Result<Options, CmdlineError<'_>> {
                     }
                 }
             }
+            "virtio_mmio.device" => {
+                parse_virtio_mmio(value).ok_or(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "<size>@<base>:<irq>[:<id>], e.g. 512@0xfeb00e00:12",
+                })?;
+            }
             _ => return Err(CmdlineError::UnknownOption(key)),
         }
     }
     Ok(opts)
+}
+
+/// A virtio-mmio device announced on the command line (`virtio_mmio.device=512@0xfeb00e00:12`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmio {
+    /// Physical address of the register block.
+    pub base: u64,
+    /// Size of the register block in bytes.
+    pub size: u64,
+    /// Its interrupt line.
+    pub irq: u32,
+}
+
+/// A number as Linux's `memparse` reads it: decimal or `0x` hex, optional `K`/`M`/`G` suffix.
+fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => digits.parse().ok()?,
+    };
+    n.checked_mul(1 << shift)
+}
+
+fn parse_virtio_mmio(value: &str) -> Option<VirtioMmio> {
+    let (size, rest) = value.split_once('@')?;
+    let (base, rest) = rest.split_once(':')?;
+    let irq = rest.split(':').next()?.parse().ok()?;
+    let v = VirtioMmio {
+        base: parse_size(base)?,
+        size: parse_size(size)?,
+        irq,
+    };
+    (v.size > 0).then_some(v)
+}
+
+/// The `virtio_mmio.device=` options of the kernel part of `line` (malformed ones are skipped;
+/// [`parse_options`] reports them).
+pub fn virtio_mmio_devices(line: &str) -> impl Iterator<Item = VirtioMmio> + '_ {
+    split(line)
+        .0
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("virtio_mmio.device="))
+        .filter_map(parse_virtio_mmio)
 }
 
 /// Parses the app arguments (the part after `--`), undoing xtask's quoting.
@@ -246,6 +308,44 @@ mod tests {
         assert_eq!(parse_args("-- end\\"), Err(CmdlineError::TrailingBackslash));
         let msg = alloc::format!("{}", parse_options("log=loud").unwrap_err());
         assert!(msg.contains("loud") && msg.contains("debug"), "{msg}");
+    }
+
+    #[test]
+    fn virtio_mmio_words_are_accepted_and_recorded() {
+        let line = "log=info virtio_mmio.device=512@0xfeb00e00:12 virtio_mmio.device=4K@0xd0000000:5:3 -- x";
+        assert_eq!(parse_options(line).unwrap(), Options::default());
+        let v: Vec<VirtioMmio> = virtio_mmio_devices(line).collect();
+        assert_eq!(
+            v,
+            [
+                VirtioMmio {
+                    base: 0xfeb0_0e00,
+                    size: 512,
+                    irq: 12
+                },
+                VirtioMmio {
+                    base: 0xd000_0000,
+                    size: 4096,
+                    irq: 5
+                }
+            ]
+        );
+        assert_eq!(parse_args(line).unwrap(), ["x"]);
+        for bad in [
+            "virtio_mmio.device=512",
+            "virtio_mmio.device=512@zz:1",
+            "virtio_mmio.device=0@0x1000:1",
+            "virtio_mmio.device=512@0x1000:",
+        ] {
+            assert!(
+                matches!(parse_options(bad), Err(CmdlineError::BadValue { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            virtio_mmio_devices("-- virtio_mmio.device=512@0x1000:1").count(),
+            0
+        );
     }
 
     #[test]

@@ -32,16 +32,20 @@ mod arch;
 #[cfg(target_os = "none")]
 mod boot;
 #[cfg(target_os = "none")]
+pub mod channel;
+#[cfg(target_os = "none")]
 #[doc(hidden)]
 pub mod console;
 #[cfg(target_os = "none")]
 mod rt;
 #[cfg(target_os = "none")]
+pub mod shared;
+#[cfg(target_os = "none")]
 pub mod space;
 #[cfg(target_os = "none")]
 mod stack;
 #[cfg(target_os = "none")]
-mod sync;
+pub mod sync;
 #[cfg(target_os = "none")]
 pub mod task;
 #[cfg(target_os = "none")]

@@ -152,6 +152,60 @@ impl TemplateBuilder {
         Ok(self)
     }
 
+    /// Adds a region holding `bytes` (e.g. an embedded blob: `include_bytes!`), zero-padded to
+    /// whole pages.
+    pub fn blob(self, name: &str, start: u64, kind: Kind, bytes: &[u8]) -> Result<Self, Error> {
+        let len = (bytes.len() as u64).max(1);
+        self.region(name, start, len, kind, |off, page| {
+            let off = off as usize;
+            let end = (off + page.len()).min(bytes.len());
+            if off < end {
+                page[..end - off].copy_from_slice(&bytes[off..end]);
+            }
+        })
+    }
+
+    /// Maps one of the app image's own sections (its code or read-only data — the same frames the
+    /// kernel half maps, not a copy) read-only at `start`: a "library" template.
+    pub fn image_section(
+        mut self,
+        name: &str,
+        start: u64,
+        section: ImageSection,
+    ) -> Result<Self, Error> {
+        let (first, last) = section.bounds();
+        let frames: Vec<PhysAddr> = (first..last)
+            .step_by(PAGE_SIZE as usize)
+            .map(|v| PhysAddr::new(v - crate::mm::layout::KERNEL_BASE))
+            .collect();
+        if frames.is_empty() {
+            return Err(Error::Empty);
+        }
+        let len = frames.len() as u64 * PAGE_SIZE;
+        let mut spec =
+            RegionSpec::new(name, start, len, Kind::ReadOnly).backing(Backing::Frames(frames));
+        if matches!(section, ImageSection::Text) {
+            spec = spec.exec();
+        }
+        self.inner.add(spec)?;
+        Ok(self)
+    }
+
+    /// Adds a region backed by the given frames (one per page, in order); the template takes its
+    /// own reference to each, the caller keeps theirs.
+    pub(crate) fn frames_region(
+        mut self,
+        name: &str,
+        start: u64,
+        kind: Kind,
+        frames: Vec<PhysAddr>,
+    ) -> Result<Self, Error> {
+        let len = frames.len() as u64 * PAGE_SIZE;
+        self.inner
+            .add(RegionSpec::new(name, start, len, kind).backing(Backing::Frames(frames)))?;
+        Ok(self)
+    }
+
     /// Adds a region whose every page maps the same zeroed frame, read-only: a way to build very
     /// large templates (benchmarks) without the memory.
     pub fn alias_region(mut self, name: &str, start: u64, len: u64) -> Result<Self, Error> {
@@ -176,6 +230,36 @@ impl TemplateBuilder {
         // The template holds its own references to the frames now (or the build failed).
         self.release_held();
         r
+    }
+}
+
+/// A section of the app image, for [`TemplateBuilder::image_section`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageSection {
+    /// Code (mapped read-only and executable).
+    Text,
+    /// Read-only data.
+    Rodata,
+}
+
+impl ImageSection {
+    fn bounds(self) -> (u64, u64) {
+        unsafe extern "C" {
+            static __text_start: u8;
+            static __text_end: u8;
+            static __rodata_start: u8;
+            static __rodata_end: u8;
+        }
+        match self {
+            ImageSection::Text => (
+                (&raw const __text_start) as u64,
+                (&raw const __text_end) as u64,
+            ),
+            ImageSection::Rodata => (
+                (&raw const __rodata_start) as u64,
+                (&raw const __rodata_end) as u64,
+            ),
+        }
     }
 }
 

@@ -252,10 +252,10 @@ pub(crate) fn init() {
 pub fn current() -> u64 {
     irq_off(|| {
         let cur = sched().current;
-        // SAFETY: `current` is a live task while it runs.
         if cur.is_null() {
             0
         } else {
+            // SAFETY: `current` is a live task while it runs.
             unsafe { (*cur).id }
         }
     })
