@@ -78,15 +78,15 @@ struct Counts {
 /// get fewer samples; the whole guest run stays within a few minutes (`--quick`: ~30 s).
 fn counts(size: u64, quick: bool) -> Counts {
     let fork = match (size, quick) {
-        (s, false) if s <= 16 * MIB => 200,
-        (s, false) if s <= 128 * MIB => 100,
-        (s, false) if s <= GIB => 40,
-        (_, false) => 15,
+        (s, false) if s <= 16 * MIB => 500,
+        (s, false) if s <= 128 * MIB => 200,
+        (s, false) if s <= GIB => 60,
+        (_, false) => 20,
         (s, true) if s <= 16 * MIB => 40,
         (s, true) if s <= 128 * MIB => 20,
         (_, true) => 10,
     };
-    let other = if quick { 50 } else { 200 };
+    let other = if quick { 50 } else { 500 };
     Counts {
         fork,
         vfork: other,
@@ -121,7 +121,9 @@ fn size_name(size: u64) -> String {
     format!("{size} B")
 }
 
-fn parse_args(args: &[String]) -> Result<Config, String> {
+/// Parses the arguments. As pid 1, unknown words are ignored with a note: the kernel hands init
+/// every boot option it does not know itself.
+fn parse_args(args: &[String], pid1: bool) -> Result<Config, String> {
     let mut cfg = Config {
         quick: false,
         sizes: DEFAULT_SIZES.to_vec(),
@@ -149,6 +151,7 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
                     })
                     .collect::<Result<_, _>>()?;
             }
+            other if pid1 => println!("INFO ignored_argument={other}"),
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -659,7 +662,7 @@ fn main() {
         mount("sysfs", "/sys");
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let code = match parse_args(&args).and_then(|cfg| run(&cfg, pid1)) {
+    let code = match parse_args(&args, pid1).and_then(|cfg| run(&cfg, pid1)) {
         Ok(()) => {
             println!("DONE");
             0
@@ -722,7 +725,12 @@ mod tests {
 
     #[test]
     fn arguments() {
-        let a = |s: &[&str]| parse_args(&s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        let a = |s: &[&str]| {
+            parse_args(
+                &s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+                false,
+            )
+        };
         let d = a(&[]).unwrap();
         assert!(!d.quick);
         assert_eq!(d.sizes, DEFAULT_SIZES);
@@ -731,6 +739,8 @@ mod tests {
         assert_eq!(c.sizes, [2 * MIB, GIB]);
         assert_eq!(c.pages, [Pages::Thp]);
         assert!(a(&["--bogus"]).is_err());
+        let as_init = parse_args(&["no5lvl".to_owned(), "--quick".to_owned()], true).unwrap();
+        assert!(as_init.quick, "pid 1 skips boot options it does not know");
         assert!(a(&["--sizes"]).is_err());
         assert!(a(&["--pages", "1g"]).is_err());
     }

@@ -288,6 +288,8 @@ pub struct Guest {
     pub icount: bool,
     pub firmware: Firmware,
     pub quick: bool,
+    /// Extra kernel options (`--linux-append`).
+    pub append: String,
     pub timeout: Duration,
 }
 
@@ -297,7 +299,13 @@ impl Guest {
         vm.mem = GUEST_MEM.to_owned();
         vm.initrd = Some(self.initrd.clone());
         vm.icount = self.icount;
-        let mut cmdline = format!("{GUEST_CMDLINE} -- --sizes {SIZES}");
+        let mut cmdline = GUEST_CMDLINE.to_owned();
+        if !self.append.trim().is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(self.append.trim());
+        }
+        cmdline.push_str(" -- --sizes ");
+        cmdline.push_str(SIZES);
         if self.quick {
             cmdline.push_str(" --quick");
         }
@@ -341,9 +349,14 @@ pub fn run_guest(g: &Guest) -> Result<PeerRun> {
         ));
     } else if !(run.complete && powered_off) {
         let stderr = String::from_utf8_lossy(&res.stderr);
+        // QEMU exits 0 on power-off, on reboot and (panic=-1) after a kernel panic.
+        let how = if powered_off {
+            "powered off, rebooted or panicked before DONE".to_owned()
+        } else {
+            format!("QEMU: {}", res.summary.as_deref().unwrap_or("exited"))
+        };
         run.notes.push(format!(
-            "linux: the guest ended early ({}); {} results kept. Last serial lines:\n{}{}",
-            res.summary.as_deref().unwrap_or("QEMU exited"),
+            "linux: the guest ended early ({how}); {} results kept. Last serial lines:\n{}{}",
             run.results.len(),
             tail(&serial, 20),
             if stderr.trim().is_empty() {
@@ -457,6 +470,7 @@ mod tests {
             icount: true,
             firmware: Firmware::Default,
             quick: true,
+            append: "no5lvl".to_owned(),
             timeout: Duration::from_secs(1),
         };
         let line = g.vm().unwrap().shell_line();
@@ -467,6 +481,8 @@ mod tests {
             "{line}"
         );
         assert!(line.contains(" -kernel /k/vmlinuz -initrd /k/initramfs.cpio.gz -append"));
-        assert!(line.contains("transparent_hugepage=always -- --sizes 2M,16M,128M,1G --quick"));
+        assert!(
+            line.contains("transparent_hugepage=always no5lvl -- --sizes 2M,16M,128M,1G --quick'")
+        );
     }
 }

@@ -52,6 +52,9 @@ pub struct BenchCmd {
     /// Where results.csv and spawn.svg go [default: target/bench]
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Extra kernel options for the Linux guest (appended to its command line)
+    #[arg(long, value_name = "OPTIONS")]
+    linux_append: Option<String>,
     /// Kill the Linux guest after SECS seconds [default: 240 with --quick, 900 without; twice
     /// that with --icount]
     #[arg(long, value_name = "SECS")]
@@ -186,10 +189,14 @@ pub fn run(root: &Path, cmd: &BenchCmd) -> Result<i32> {
     let csv_path = out_dir.join("results.csv");
     std::fs::write(&csv_path, report::csv(&all, &setting))
         .with_context(|| format!("cannot write {}", csv_path.display()))?;
+    let mut written = vec![csv_path];
     let svg_path = out_dir.join("spawn.svg");
     match plot::svg(&all, unit, &subtitle) {
-        Ok(svg) => std::fs::write(&svg_path, svg)
-            .with_context(|| format!("cannot write {}", svg_path.display()))?,
+        Ok(svg) => {
+            std::fs::write(&svg_path, svg)
+                .with_context(|| format!("cannot write {}", svg_path.display()))?;
+            written.push(svg_path);
+        }
         Err(e) => notes.push(format!("plot: not written: {e:#}")),
     }
     if unit == Unit::Instructions && all.iter().any(|m| m.system == "native") {
@@ -202,11 +209,14 @@ pub fn run(root: &Path, cmd: &BenchCmd) -> Result<i32> {
         println!("note: {n}");
     }
     println!(
-        "bench: {} measurements in {:.0} s; wrote {} and {}",
+        "bench: {} measurements in {:.0} s; wrote {}",
         all.len(),
         start.elapsed().as_secs_f64(),
-        csv_path.display(),
-        svg_path.display()
+        written
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" and ")
     );
     Ok(i32::from(failed || all.is_empty()))
 }
@@ -269,6 +279,7 @@ fn linux_part(target: &Path, cmd: &BenchCmd, accel: Accel, peer: &Path) -> Resul
         icount: cmd.icount,
         firmware: cmd.firmware,
         quick: cmd.quick,
+        append: cmd.linux_append.clone().unwrap_or_default(),
         timeout: Duration::from_secs(secs),
     };
     println!(
