@@ -68,6 +68,10 @@ pub struct TestCase {
     /// Build the app with `--release`.
     #[serde(default)]
     pub release: bool,
+    /// Host-side HTTP script run against the guest while it runs (gives the VM a NIC with a free
+    /// host port forwarded to `guest_port`); see `crate::http::HttpCheck`.
+    #[serde(default)]
+    pub http: Option<crate::http::HttpCheck>,
 }
 
 fn default_timeout() -> u64 {

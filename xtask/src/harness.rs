@@ -246,17 +246,41 @@ fn qemu_cases(
         vm.smp = case.smp;
         vm.cmdline = kernel_cmdline(&case.cmdline, &case.args);
         vm.set_firmware(opts.firmware)?;
+        // A case with an HTTP script: forward a free host port and run the script from a
+        // thread while the guest runs (it ends by telling the guest to exit).
+        let vm_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let script = match &case.http {
+            Some(check) => {
+                let port = crate::http::free_port()?;
+                vm.ports = vec![qemu::PortForward {
+                    host: port,
+                    guest: check.guest_port,
+                }];
+                let check = check.clone();
+                let ready = Duration::from_secs(case.timeout);
+                let stop = vm_done.clone();
+                Some(std::thread::spawn(move || {
+                    crate::http::run_check(&check, port, ready, &stop)
+                }))
+            }
+            None => None,
+        };
         let res = qemu::run(
             &vm,
             Some(Duration::from_secs(case.timeout)),
             opts.show_output,
         )?;
+        vm_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let http_fails = script
+            .map(|t| t.join().unwrap_or_else(|_| vec!["http script panicked".to_owned()]))
+            .unwrap_or_default();
         if let Some(sig) = res.interrupted {
             say("interrupted");
             return Err(Interrupted(sig).into());
         }
         let serial = String::from_utf8_lossy(&res.serial);
-        let reasons = judge(case, res.code, &serial);
+        let mut reasons = judge(case, res.code, &serial);
+        reasons.extend(http_fails);
         let secs = res.elapsed.as_secs_f64();
         if reasons.is_empty() {
             say(&format!("ok ({secs:.2} s)"));
@@ -368,6 +392,7 @@ mod tests {
             mem: "256M".to_owned(),
             smp: 1,
             release: false,
+            http: None,
         }
     }
 

@@ -7,6 +7,7 @@ mod bench;
 mod cargo_build;
 mod cmdline;
 mod harness;
+mod http;
 mod proc;
 mod qemu;
 
@@ -63,6 +64,9 @@ enum Cmd {
     /// Spawn benchmark: Stencil vs Linux's fork() in a Linux guest under the same QEMU, plus the
     /// host natively; table, target/bench/results.csv and target/bench/spawn.svg
     Bench(bench::BenchCmd),
+    /// HTTP benchmark: boots apps/httpd (share and copy mode), loads it from the host over a
+    /// forwarded loopback port; requests/s and latency percentiles
+    Httpbench(http::HttpBenchCmd),
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +133,10 @@ struct RunCmd {
     /// Extra kernel options, passed through as is (repeatable)
     #[arg(long, value_name = "OPTIONS")]
     cmdline: Vec<String>,
+    /// Forward host TCP port HOST (127.0.0.1) to guest port GUEST; gives the guest a virtio-net
+    /// NIC on QEMU user networking (repeatable; `-p 8080:80`)
+    #[arg(short = 'p', long = "port", value_name = "HOST:GUEST")]
+    ports: Vec<qemu::PortForward>,
     /// Arguments for the app (after `--`)
     #[arg(last = true, value_name = "APP ARGS")]
     args: Vec<String>,
@@ -219,6 +227,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             },
         ),
         Cmd::Bench(b) => bench::run(&root, &b),
+        Cmd::Httpbench(h) => http::bench(&root, &h),
     }
 }
 
@@ -337,6 +346,7 @@ fn run(root: &Path, r: RunCmd) -> Result<i32> {
     vm.gdb = r.gdb;
     vm.cmdline = cmdline::kernel_cmdline(&options, &r.args);
     vm.set_firmware(r.firmware)?;
+    vm.ports = r.ports.clone();
 
     if r.dry_run {
         if let Err(e) = qemu::find_qemu() {
@@ -346,6 +356,7 @@ fn run(root: &Path, r: RunCmd) -> Result<i32> {
         return Ok(0);
     }
     vm.qemu = qemu::find_qemu()?;
+    qemu::check_host_ports(&vm.ports)?;
     let timeout = match (r.timeout, r.gdb) {
         (Some(0), _) | (None, true) => None,
         (Some(secs), _) => Some(Duration::from_secs(secs)),

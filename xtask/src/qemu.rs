@@ -191,6 +191,52 @@ pub struct Vm {
     pub initrd: Option<PathBuf>,
     /// `-icount shift=0,sleep=off`: the guest clock counts instructions (TCG only).
     pub icount: bool,
+    /// Host ports forwarded to guest TCP ports; non-empty: the VM gets a virtio-net NIC on QEMU
+    /// user networking (`virtio-net-device` on microvm, `virtio-net-pci` on q35).
+    pub ports: Vec<PortForward>,
+}
+
+/// `-p HOST:GUEST`: host TCP port HOST (on 127.0.0.1) forwarded to guest port GUEST.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortForward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl std::str::FromStr for PortForward {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let port = |p: &str| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("'{p}' is not a port number (1-65535)")),
+            Ok(n) => Ok(n),
+        };
+        match s.split_once(':') {
+            Some((h, g)) => Ok(PortForward {
+                host: port(h)?,
+                guest: port(g)?,
+            }),
+            None => {
+                let p = port(s)?;
+                Ok(PortForward { host: p, guest: p })
+            }
+        }
+    }
+}
+
+/// Fails with a clear message if a host port cannot be bound on 127.0.0.1 (QEMU would otherwise
+/// fail with a terse "Could not set up host forwarding rule").
+pub fn check_host_ports(ports: &[PortForward]) -> Result<()> {
+    for p in ports {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", p.host)) {
+            bail!(
+                "host port {} is not available on 127.0.0.1 ({e}); is another server (or                  another guest) using it? Pick another with --port OTHER:{}",
+                p.host,
+                p.guest
+            );
+        }
+    }
+    Ok(())
 }
 
 impl Vm {
@@ -208,6 +254,7 @@ impl Vm {
             bios: None,
             initrd: None,
             icount: false,
+            ports: Vec::new(),
         }
     }
 
@@ -269,6 +316,22 @@ impl Vm {
             ]
             .map(OsString::from),
         );
+        if !self.ports.is_empty() {
+            let mut netdev = "user,id=n0".to_owned();
+            for p in &self.ports {
+                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", p.host, p.guest));
+            }
+            let nic = match self.machine {
+                Machine::Microvm => "virtio-net-device,netdev=n0",
+                Machine::Q35 => "virtio-net-pci,netdev=n0",
+            };
+            a.extend([
+                "-netdev".into(),
+                netdev.into(),
+                "-device".into(),
+                nic.into(),
+            ]);
+        }
         if self.gdb {
             a.extend(["-s", "-S"].map(OsString::from));
         }
@@ -560,6 +623,48 @@ mod tests {
              -display none -serial stdio -monitor none -no-reboot -device \
              isa-debug-exit,iobase=0xf4,iosize=0x04"
         );
+    }
+
+    #[test]
+    fn port_forwards() {
+        let p: PortForward = "8080:80".parse().unwrap();
+        assert_eq!(
+            p,
+            PortForward {
+                host: 8080,
+                guest: 80
+            }
+        );
+        assert_eq!(
+            "8000".parse::<PortForward>().unwrap(),
+            PortForward {
+                host: 8000,
+                guest: 8000
+            }
+        );
+        assert!("0:80".parse::<PortForward>().is_err());
+        assert!("x:80".parse::<PortForward>().is_err());
+        assert!("80:70000".parse::<PortForward>().is_err());
+        let mut vm = Vm::new("/x/app".into(), Machine::Microvm, Accel::Tcg);
+        vm.ports = vec![
+            p,
+            PortForward {
+                host: 8443,
+                guest: 443,
+            },
+        ];
+        let line = vm.shell_line();
+        assert!(line.contains(
+            "-netdev user,id=n0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:8443-:443 \
+             -device virtio-net-device,netdev=n0"
+        ));
+        vm.machine = Machine::Q35;
+        assert!(vm.shell_line().contains("-device virtio-net-pci,netdev=n0"));
+        // A port that is taken is reported before QEMU starts.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = taken.local_addr().unwrap().port();
+        let err = check_host_ports(&[PortForward { host, guest: 80 }]).unwrap_err();
+        assert!(err.to_string().contains("not available"), "{err}");
     }
 
     #[test]

@@ -59,6 +59,22 @@ fn mode_name(m: &str) -> &str {
     }
 }
 
+/// An axis label: like the table's values, without trailing zeros (`1 ms`, not `1.00 ms`).
+fn axis_label(v: f64, unit: Unit) -> String {
+    let h = model::human(v, unit);
+    let (num, suffix) = h.split_once(' ').unwrap_or((&h, ""));
+    let num = if num.contains('.') {
+        num.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        num
+    };
+    if suffix.is_empty() {
+        num.to_owned()
+    } else {
+        format!("{num} {suffix}")
+    }
+}
+
 /// A plotted line: its label, whether it is context (dashed), and its points.
 #[derive(Debug, PartialEq)]
 pub struct Line {
@@ -188,7 +204,7 @@ pub fn svg(ms: &[Measurement], unit: Unit, subtitle: &str) -> Result<String> {
                 let bytes = v.round() as u64;
                 model::size_name(bytes)
             })
-            .y_label_formatter(&|v| model::human(*v, unit))
+            .y_label_formatter(&|v| axis_label(*v, unit))
             .label_style(("sans-serif", 14))
             .axis_desc_style(("sans-serif", 15))
             .light_line_style(RGBColor(0xee, 0xee, 0xee))
@@ -243,6 +259,14 @@ mod tests {
             n: 1,
             unit,
         }
+    }
+
+    #[test]
+    fn axis_labels() {
+        assert_eq!(axis_label(1e6, Unit::Ns), "1 ms");
+        assert_eq!(axis_label(1e7, Unit::Instructions), "10 M");
+        assert_eq!(axis_label(2.5e5, Unit::Ns), "250 µs");
+        assert_eq!(axis_label(1500.0, Unit::Ns), "1.5 µs");
     }
 
     #[test]

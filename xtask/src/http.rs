@@ -1,0 +1,486 @@
+//! A small HTTP/1.1 client (std::net, loopback only) for test cases that talk to a guest server
+//! through a forwarded port, and the load generator of `cargo xtask httpbench`.
+//!
+//! Every request opens a connection, sends `GET`, and reads the response to the end (the server
+//! closes the connection); the body is checked against `Content-Length`. Requests are bounded in
+//! count and time.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// Time limit of one request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A parsed response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `GET path` on 127.0.0.1:port.
+pub fn get(port: u16, path: &str) -> Result<Response> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
+        .with_context(|| format!("connect to {addr}"))?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    s.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    s.set_nodelay(true)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: stencil-xtask\r\n\r\n"
+    )
+    .with_context(|| format!("send GET {path}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("read the response to GET {path}"))?;
+    parse_response(&raw).with_context(|| format!("GET {path}"))
+}
+
+/// Parses a whole `Connection: close` response.
+pub fn parse_response(raw: &[u8]) -> Result<Response> {
+    let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        bail!(
+            "incomplete response ({} bytes, no end of header)",
+            raw.len()
+        );
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line '{status_line}'"))?;
+    let body = raw[head_end + 4..].to_vec();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-length")
+        {
+            let n: usize = v.trim().parse().context("bad Content-Length")?;
+            if n != body.len() {
+                bail!("body is {} bytes, Content-Length says {n}", body.len());
+            }
+        }
+    }
+    Ok(Response { status, body })
+}
+
+/// GETs `path` until it answers 200 (the guest is up and listening), `limit` passes or `stop`
+/// is set (the guest has ended).
+pub fn wait_ready(port: u16, path: &str, limit: Duration, stop: &AtomicBool) -> Result<Response> {
+    let start = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            bail!("the guest ended before it answered GET {path}");
+        }
+        match get(port, path) {
+            Ok(r) if r.status == 200 => return Ok(r),
+            Ok(r) if start.elapsed() > limit => bail!("GET {path}: status {}", r.status),
+            Err(e) if start.elapsed() > limit => {
+                return Err(e).context(format!("the guest did not answer within {limit:?}"));
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Reads a `key: value` line of a `/stats` page.
+pub fn stat(page: &str, key: &str) -> Option<u64> {
+    page.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().split('.').next()?.parse().ok())?
+    })
+}
+
+/// A test case's host-side HTTP script (`http = { ... }` in a case).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    /// Guest TCP port the server listens on (a free host port is forwarded to it).
+    #[serde(default = "default_guest_port")]
+    pub guest_port: u16,
+    /// `[path, substring]` pairs: each GET must answer 200 with the substring in its body.
+    #[serde(default)]
+    pub get: Vec<(String, String)>,
+    /// Sequential GETs of `load_path` after the checks.
+    #[serde(default)]
+    pub sequential: u32,
+    /// Concurrent connections (one GET each) after the sequential ones.
+    #[serde(default)]
+    pub concurrent: u32,
+    /// Path the load requests fetch.
+    #[serde(default = "default_load_path")]
+    pub load_path: String,
+    /// Read `frames_in_use` from `/stats` after a warm-up round and after the load: they must
+    /// be equal (nothing leaked).
+    #[serde(default)]
+    pub frames_return: bool,
+    /// Path that makes the guest exit once the script is done.
+    #[serde(default = "default_quit")]
+    pub quit: String,
+}
+
+fn default_guest_port() -> u16 {
+    80
+}
+fn default_load_path() -> String {
+    "/".to_owned()
+}
+fn default_quit() -> String {
+    "/quit".to_owned()
+}
+
+/// A free port on 127.0.0.1 (bound and released; QEMU binds it right after).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `n` GETs of `path` from `n` threads at once. Returns the failures.
+pub fn concurrent(port: u16, path: &str, n: u32) -> Vec<String> {
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let errors = errors.clone();
+            let path = path.to_owned();
+            std::thread::spawn(move || match get(port, &path) {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => errors
+                    .lock()
+                    .unwrap()
+                    .push(format!("concurrent GET #{i} {path}: status {}", r.status)),
+                Err(e) => errors
+                    .lock()
+                    .unwrap()
+                    .push(format!("concurrent GET #{i} {path}: {e:#}")),
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    Arc::try_unwrap(errors)
+        .map(|m| m.into_inner().unwrap())
+        .unwrap_or_default()
+}
+
+/// Runs a case's script against the guest on host port `port`; returns why it failed (empty:
+/// passed). Always ends with GET `quit` so the guest exits.
+pub fn run_check(
+    check: &HttpCheck,
+    port: u16,
+    ready_within: Duration,
+    stop: &AtomicBool,
+) -> Vec<String> {
+    let mut fails = Vec::new();
+    let script = |fails: &mut Vec<String>| -> Result<()> {
+        wait_ready(port, "/", ready_within, stop)?;
+        for (path, needle) in &check.get {
+            let r = get(port, path)?;
+            if r.status != 200 {
+                fails.push(format!("GET {path}: status {} (expected 200)", r.status));
+            } else if !r.text().contains(needle.as_str()) {
+                fails.push(format!("GET {path}: body lacks '{needle}'"));
+            }
+        }
+        let frames = |what: &str| -> Result<u64> {
+            let page = get(port, "/stats")?.text();
+            stat(&page, "frames_in_use")
+                .with_context(|| format!("/stats ({what}) has no frames_in_use:\n{page}"))
+        };
+        let mut baseline = None;
+        if check.frames_return {
+            // Warm-up round: grows the heap and the caches to their working size.
+            fails.extend(concurrent(port, &check.load_path, check.concurrent.max(1)));
+            for _ in 0..check.sequential.min(20) {
+                get(port, &check.load_path)?;
+            }
+            baseline = Some(frames("baseline")?);
+        }
+        let start = Instant::now();
+        let mut seq_fail = 0;
+        for i in 0..check.sequential {
+            match get(port, &check.load_path) {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => {
+                    seq_fail += 1;
+                    if seq_fail <= 5 {
+                        fails.push(format!("sequential GET #{i}: status {}", r.status));
+                    }
+                }
+                Err(e) => {
+                    seq_fail += 1;
+                    if seq_fail <= 5 {
+                        fails.push(format!("sequential GET #{i}: {e:#}"));
+                    }
+                }
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                fails.push(format!("sequential GETs: only {i} done in 120 s"));
+                break;
+            }
+        }
+        if seq_fail > 5 {
+            fails.push(format!("... {seq_fail} sequential GETs failed in all"));
+        }
+        if check.concurrent > 0 {
+            fails.extend(concurrent(port, &check.load_path, check.concurrent));
+        }
+        if let Some(before) = baseline {
+            // The last workers may still be ending; give them a moment.
+            let mut after = frames("after the load")?;
+            for _ in 0..20 {
+                if after == before {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                after = frames("after the load")?;
+            }
+            if after != before {
+                fails.push(format!(
+                    "frames in use did not return to baseline: {before} before the load, \
+                     {after} after"
+                ));
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = script(&mut fails) {
+        fails.push(format!("http: {e:#}"));
+    }
+    if stop.load(Ordering::Relaxed) {
+        return fails;
+    }
+    if let Err(e) = get(port, &check.quit) {
+        fails.push(format!("GET {} (to end the guest): {e:#}", check.quit));
+    }
+    fails
+}
+
+/// Result of a load run.
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    /// Per-request latencies, sorted.
+    pub latencies: Vec<Duration>,
+}
+
+impl Load {
+    pub fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    pub fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * p / 100.0).round() as usize;
+        self.latencies[i]
+    }
+}
+
+/// `connections` client threads, each doing GETs of `path` back to back (one connection per
+/// request) until `duration` passes.
+pub fn load(port: u16, path: &str, connections: u32, duration: Duration) -> Load {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..connections)
+        .map(|_| {
+            let path = path.to_owned();
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                while start.elapsed() < duration {
+                    let t = Instant::now();
+                    match get(port, &path) {
+                        Ok(r) if r.status == 200 => lat.push(t.elapsed()),
+                        _ => errors += 1,
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in threads {
+        if let Ok((l, e)) = t.join() {
+            latencies.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    Load {
+        requests: latencies.len() as u64,
+        errors,
+        elapsed,
+        latencies,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_responses() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello").unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhello").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn reads_stats() {
+        let page = "tasks_spawned: 12\nspawn_us_p50: 3.250\nframes_in_use: 99\n";
+        assert_eq!(stat(page, "frames_in_use"), Some(99));
+        assert_eq!(stat(page, "spawn_us_p50"), Some(3));
+        assert_eq!(stat(page, "nope"), None);
+    }
+
+    #[test]
+    fn client_against_a_local_server() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            for _ in 0..3 {
+                let (mut s, _) = l.accept().unwrap();
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).unwrap();
+                assert!(buf[..n].starts_with(b"GET /"));
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .unwrap();
+            }
+        });
+        assert_eq!(get(port, "/").unwrap().text(), "ok");
+        assert!(concurrent(port, "/x", 2).is_empty());
+        server.join().unwrap();
+    }
+}
+
+/// `cargo xtask httpbench`: requests/s and latency of `apps/httpd`, share vs copy mode.
+#[derive(Debug, clap::Args)]
+pub struct HttpBenchCmd {
+    /// Client connections at once (each does one request per connection, back to back)
+    #[arg(long, default_value_t = 4)]
+    pub connections: u32,
+    /// Seconds of load per mode (after 1 s of warm-up)
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Path to fetch
+    #[arg(long, default_value = "/hello.txt")]
+    pub path: String,
+    /// QEMU machine type
+    #[arg(long, value_enum, default_value_t = crate::qemu::Machine::Microvm)]
+    pub machine: crate::qemu::Machine,
+    /// Build httpd with the dev profile instead of release
+    #[arg(long)]
+    pub debug: bool,
+    /// Only this mode (default: both)
+    #[arg(long, value_parser = ["share", "copy"])]
+    pub mode: Option<String>,
+}
+
+/// Boots httpd once per mode, loads it from the host and prints a table.
+pub fn bench(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
+    let opts = crate::BuildOpts {
+        release: !cmd.debug,
+        manifest_path: None,
+    };
+    let built = crate::build_apps(root, &["httpd".to_owned()], &opts)?;
+    let elf = built
+        .into_iter()
+        .next()
+        .map(|(_, e)| e)
+        .context("httpd was not built")?;
+    let (accel, notice) = crate::qemu::detect_accel(crate::qemu::AccelChoice::Auto)?;
+    if let Some(n) = notice {
+        eprintln!("{n}");
+    }
+    let qemu_path = crate::qemu::find_qemu()?;
+    let modes: Vec<&str> = match cmd.mode.as_deref() {
+        Some(m) => vec![m],
+        None => vec!["share", "copy"],
+    };
+    let mut rows = Vec::new();
+    for mode in modes {
+        let port = free_port()?;
+        let mut vm = crate::qemu::Vm::new(elf.clone(), cmd.machine, accel);
+        vm.qemu = qemu_path.clone();
+        let options = vec![format!("share={}", if mode == "share" { "on" } else { "off" })];
+        vm.cmdline = crate::cmdline::kernel_cmdline(&options, &[]);
+        vm.set_firmware(crate::qemu::Firmware::Auto)?;
+        vm.ports = vec![crate::qemu::PortForward {
+            host: port,
+            guest: 80,
+        }];
+        let limit = Duration::from_secs(cmd.seconds + 90);
+        let guest = std::thread::spawn(move || crate::qemu::run(&vm, Some(limit), false));
+        let never = AtomicBool::new(false);
+        let measured = (|| -> Result<(Load, String)> {
+            wait_ready(port, "/", Duration::from_secs(60), &never)?;
+            let _ = load(port, &cmd.path, cmd.connections, Duration::from_secs(1));
+            let l = load(
+                port,
+                &cmd.path,
+                cmd.connections,
+                Duration::from_secs(cmd.seconds),
+            );
+            let stats = get(port, "/stats")?.text();
+            Ok((l, stats))
+        })();
+        let _ = get(port, "/quit");
+        let run = guest.join().map_err(|_| anyhow::anyhow!("QEMU thread panicked"))??;
+        let (l, stats) = measured.with_context(|| {
+            format!(
+                "httpd ({mode}) exited {}; serial output:\n{}",
+                run.code,
+                String::from_utf8_lossy(&run.serial)
+            )
+        })?;
+        let field = |k: &str| {
+            stats
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{k}: ")).map(str::to_owned))
+                .unwrap_or_else(|| "?".to_owned())
+        };
+        rows.push(format!(
+            "{mode:<6} {:>9.1} {:>9.2} {:>9.2} {:>7} {:>12} {:>12}",
+            l.rps(),
+            l.percentile(50.0).as_secs_f64() * 1e3,
+            l.percentile(99.0).as_secs_f64() * 1e3,
+            l.errors,
+            field("spawn_us_p50"),
+            field("spawn_us_p99"),
+        ));
+    }
+    println!(
+        "httpd under QEMU ({accel}, {}), GET {}, {} connections, {} s per mode, one request per \
+         connection",
+        cmd.machine, cmd.path, cmd.connections, cmd.seconds
+    );
+    println!(
+        "{:<6} {:>9} {:>9} {:>9} {:>7} {:>12} {:>12}",
+        "mode", "req/s", "p50 ms", "p99 ms", "errors", "spawn p50 us", "spawn p99 us"
+    );
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(0)
+}
