@@ -16,7 +16,7 @@ use ::x86_64::structures::paging::{PageTable, PhysFrame, Size2MiB};
 use ::x86_64::{PhysAddr, VirtAddr};
 use templates::{Access, AddressSpace, Backing, Flush, KernelHalf, PhysMem, RegionSpec};
 
-pub use templates::{Error, Fault, Kind, Mode, SpaceStats};
+pub use templates::{Error, Fault, Kind, Mode, PageSize, SpaceStats};
 
 use crate::mm::kernel::{frames, kernel_root};
 use crate::mm::layout::{PAGE_SIZE, phys_to_virt};
@@ -91,7 +91,7 @@ pub type Template = templates::Template<KernelMem>;
 #[derive(Debug)]
 pub struct TemplateBuilder {
     inner: templates::TemplateBuilder<KernelMem>,
-    held: Vec<PhysFrame>,
+    held: Vec<(PhysFrame, PageSize)>,
 }
 
 impl Default for TemplateBuilder {
@@ -110,8 +110,15 @@ impl TemplateBuilder {
     }
 
     fn release_held(&mut self) {
-        for f in self.held.drain(..) {
-            KernelMem.dec_ref(f);
+        for (f, size) in self.held.drain(..) {
+            match size {
+                PageSize::Size4KiB => {
+                    KernelMem.dec_ref(f);
+                }
+                PageSize::Size2MiB => {
+                    KernelMem.dec_ref_huge(PhysFrame::containing_address(f.start_address()));
+                }
+            }
         }
     }
 
@@ -135,7 +142,7 @@ impl TemplateBuilder {
                 self.release_held();
                 return Err(Error::OutOfFrames);
             };
-            self.held.push(f);
+            self.held.push((f, PageSize::Size4KiB));
             // SAFETY: a frame we just allocated, reached through the direct map; nobody else
             // references it yet.
             let page = unsafe { &mut *(KernelMem.frame_ptr(f) as *mut [u8; 4096]) };
@@ -206,15 +213,35 @@ impl TemplateBuilder {
         Ok(self)
     }
 
-    /// Adds a region whose every page maps the same zeroed frame, read-only: a way to build very
-    /// large templates (benchmarks) without the memory.
-    pub fn alias_region(mut self, name: &str, start: u64, len: u64) -> Result<Self, Error> {
-        let f = KernelMem.alloc_frame().ok_or(Error::OutOfFrames)?;
-        // SAFETY: a fresh frame reached through the direct map.
-        unsafe { core::ptr::write_bytes(KernelMem.frame_ptr(f), 0, PAGE_SIZE as usize) };
-        self.held.push(f);
-        let spec = RegionSpec::new(name, start, len, Kind::ReadOnly)
-            .backing(Backing::Alias(f.start_address()));
+    /// Adds a region whose every page maps the same zeroed frame (for 2 MiB pages: the same
+    /// zeroed 2 MiB run): a way to build very large templates (benchmarks) without the memory.
+    /// With `Kind::Private`, a task's first write to a page copies it, as for any template.
+    pub fn alias_region(
+        mut self,
+        name: &str,
+        start: u64,
+        len: u64,
+        kind: Kind,
+        page_size: PageSize,
+    ) -> Result<Self, Error> {
+        let (frame, bytes) = match page_size {
+            PageSize::Size4KiB => (
+                KernelMem.alloc_frame().ok_or(Error::OutOfFrames)?,
+                PAGE_SIZE,
+            ),
+            PageSize::Size2MiB => {
+                let run = KernelMem.alloc_huge_frame().ok_or(Error::OutOfFrames)?;
+                (PhysFrame::containing_address(run.start_address()), 2 << 20)
+            }
+        };
+        // SAFETY: freshly allocated frames, reached through the direct map (contiguous for a run).
+        unsafe { core::ptr::write_bytes(KernelMem.frame_ptr(frame), 0, bytes as usize) };
+        self.held.push((frame, page_size));
+        let mut spec =
+            RegionSpec::new(name, start, len, kind).backing(Backing::Alias(frame.start_address()));
+        if page_size == PageSize::Size2MiB {
+            spec = spec.huge();
+        }
         if let Err(e) = self.inner.add(spec) {
             self.release_held();
             return Err(e);
@@ -272,11 +299,17 @@ pub struct Space {
     inner: alloc::boxed::Box<AddressSpace<KernelMem>>,
 }
 
-pub(crate) fn kernel_half() -> KernelHalf {
-    // SAFETY: the kernel L4 is a live table reached through the direct map; we only read it.
-    let l4 =
-        unsafe { &*(phys_to_virt(kernel_root().start_address().as_u64()) as *const PageTable) };
-    KernelHalf::from_table(l4)
+static KERNEL_HALF: spin::Once<KernelHalf> = spin::Once::new();
+
+/// The kernel half (L4 entries 256..511) every address space gets. Its L4 entries never change
+/// after boot (the L3 tables below them are created up front), so it is read once.
+pub(crate) fn kernel_half() -> &'static KernelHalf {
+    KERNEL_HALF.call_once(|| {
+        // SAFETY: the kernel L4 is a live table reached through the direct map; we only read it.
+        let l4 =
+            unsafe { &*(phys_to_virt(kernel_root().start_address().as_u64()) as *const PageTable) };
+        KernelHalf::from_table(l4)
+    })
 }
 
 /// The engine mode for the boot's `share=` option.
@@ -296,7 +329,7 @@ impl Space {
 
     /// Spawns a space in an explicit mode (benchmarks compare both in one boot).
     pub fn with_mode(templates: &[&Template], mode: Mode) -> Result<Space, Error> {
-        let inner = AddressSpace::new(&KernelMem, templates, mode, Some(&kernel_half()))?;
+        let inner = AddressSpace::new(&KernelMem, templates, mode, Some(kernel_half()))?;
         Ok(Space {
             inner: alloc::boxed::Box::new(inner),
         })

@@ -206,7 +206,7 @@ pub(crate) fn init() {
         &KernelMem,
         &[],
         crate::space::mode(),
-        Some(&crate::space::kernel_half()),
+        Some(crate::space::kernel_half()),
     )
     .expect("out of memory creating the main task's address space");
     let space = Box::new(space);
@@ -325,7 +325,7 @@ impl Builder {
                 &KernelMem,
                 templates,
                 mode,
-                Some(&crate::space::kernel_half()),
+                Some(crate::space::kernel_half()),
             )
         })
         .map_err(|e| match e {

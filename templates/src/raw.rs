@@ -31,6 +31,24 @@ pub(crate) fn write<M: PhysMem>(mem: &M, table: PhysFrame, index: usize, value: 
     unsafe { p.write(value) }
 }
 
+/// Write `values` into entries `start..start + values.len()` of `table` (one copy). The caller
+/// holds a reference to `table` and owns it exclusively, as for [`write`].
+pub(crate) fn write_entries<M: PhysMem>(mem: &M, table: PhysFrame, start: usize, values: &[u64]) {
+    assert!(start + values.len() <= ENTRIES);
+    let p = mem.frame_ptr(table).cast::<u64>().wrapping_add(start);
+    // SAFETY: in bounds of a referenced, 8-aligned frame (checked above); `values` is a distinct
+    // Rust allocation, so the ranges do not overlap.
+    unsafe { core::ptr::copy_nonoverlapping(values.as_ptr(), p, values.len()) }
+}
+
+/// Zero entries `start..start + count` of `table` (one fill), with the same rules as [`write`].
+pub(crate) fn zero_entries<M: PhysMem>(mem: &M, table: PhysFrame, start: usize, count: usize) {
+    assert!(start + count <= ENTRIES);
+    let p = mem.frame_ptr(table).cast::<u64>().wrapping_add(start);
+    // SAFETY: in bounds of a referenced, 8-aligned frame (checked above).
+    unsafe { p.write_bytes(0, count) }
+}
+
 /// Fill a frame with zeroes.
 pub(crate) fn zero<M: PhysMem>(mem: &M, frame: PhysFrame) {
     let p = mem.frame_ptr(frame);

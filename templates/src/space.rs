@@ -148,11 +148,11 @@ impl<M: PhysMem> AddressSpace<M> {
                 r.2.push(n);
             }
         }
-        let tree = Tree::new(mem)?;
+        let tree = match kernel {
+            Some(k) => Tree::with_kernel(mem, &k.entries)?,
+            None => Tree::new(mem)?,
+        };
         let mut c = tree.cursor();
-        if let Some(k) = kernel {
-            c.install_kernel(&k.entries);
-        }
         let copy = mode == Mode::Copy;
         for (l4, _, users) in &ranges {
             if let [only] = users[..] {

@@ -200,6 +200,19 @@ impl<M: PhysMem> Tree<M> {
             root: walk::alloc_table(mem)?,
         })
     }
+
+    /// A tree whose root's upper half is `kernel`, installed verbatim in entries 256..512 — the
+    /// engine never follows, counts, changes or frees them (invariant 6) — and whose lower half
+    /// is empty. Each byte of the root is written once: this is on the spawn path.
+    pub(crate) fn with_kernel(mem: &M, kernel: &[u64; 256]) -> Result<Self, Error> {
+        let root = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+        raw::zero_entries(mem, root, 0, 256);
+        raw::write_entries(mem, root, 256, kernel);
+        Ok(Tree {
+            mem: mem.clone(),
+            root,
+        })
+    }
     pub(crate) fn cursor(&self) -> Cursor<'_, M> {
         Cursor::new(&self.mem, self.root)
     }

@@ -259,14 +259,6 @@ impl<'a, M: PhysMem> Cursor<'a, M> {
         raw::read(self.mem, table, entry::index(va, level))
     }
 
-    /// Install the kernel half verbatim in root entries 256..512. The engine never follows,
-    /// counts, changes or frees them (invariant 6).
-    pub(crate) fn install_kernel(&mut self, entries: &[u64; 256]) {
-        for (i, e) in entries.iter().enumerate() {
-            raw::write(self.mem, self.root, LOWER_L4 + i, *e);
-        }
-    }
-
     /// Attach template entry `src` (pointing at a table): at root entry `l4` if `slot` is `None`
     /// (an L3 table: 512 GiB), or at entry `slot` of this tree's own L3 under root entry `l4`
     /// (an L2 table: 1 GiB). `copy`: attach a deep copy instead of a reference.

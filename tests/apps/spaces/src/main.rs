@@ -129,7 +129,13 @@ fn main() -> Result<(), &'static str> {
 
         // Spawn latency, both modes in this boot (figures only).
         let big = TemplateBuilder::new()
-            .alias_region("big", ALIAS, 1 << 30)
+            .alias_region(
+                "big",
+                ALIAS,
+                1 << 30,
+                Kind::ReadOnly,
+                libos::space::PageSize::Size4KiB,
+            )
             .and_then(|b| b.seal())
             .expect("1 GiB alias template");
         for (name, tmpl, n_share, n_copy) in [("4 MiB", &t, 500, 200), ("1 GiB", &big, 500, 5)] {

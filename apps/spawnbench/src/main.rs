@@ -1,0 +1,284 @@
+//! Stencil's spawn benchmark, run inside the guest by `cargo xtask bench`.
+//!
+//! For each template size (2 MiB … 64 GiB; sizes above guest RAM are alias-backed: every page maps
+//! one frame, so the page tables are real and the data is not) and each mode (`share`: attach by
+//! reference; `copy`: deep-copy the tables, what fork() does), with 4 KiB and 2 MiB templates:
+//!
+//! - `spawn_parent`: the parent's `spawn` call until it returns (the child exists, not yet run);
+//! - `spawn_first`: spawn → the child's first instruction (TSC; the parent reads it right before
+//!   `spawn`, the child stores its own reading first thing);
+//! - `spawn_roundtrip`: spawn + the child's exit + join;
+//! - `first_write`: the child's first write to a `Private` template page (unshare + copy), timed
+//!   in the child;
+//! - page-table bytes a new task costs (`PTBYTES` lines);
+//! - density: how many tasks from a 1 GiB template are alive at once before memory runs out
+//!   (`DENSITY` lines).
+//!
+//! Output lines (parsed by xtask): `RESULT kind=.. size=.. pages=<mode> n=.. p50_ns=.. p99_ns=..`,
+//! `PTBYTES size=.. pages=<mode> bytes=..`, `DENSITY size=.. pages=<mode> tasks=..`, `SKIP ..`,
+//! `ERROR ..`, and `DONE`. Under `-icount shift=0,sleep=off` the TSC counts instructions, so the
+//! `_ns` figures are guest instructions.
+//! Arguments: `full` (default), `quick` (fewer sizes and samples) or `smoke` (2 MiB only; a test).
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use libos::println;
+use libos::space::{Kind, Mode, PageSize, Template, TemplateBuilder};
+use libos::task::{self, Builder};
+use libos::time::Instant;
+
+libos::main!(main);
+
+const BASE: u64 = 0x80_0000_0000; // 512 GiB: a fresh L4 entry
+const SIZES: [u64; 7] = [
+    2 << 20,
+    16 << 20,
+    128 << 20,
+    1 << 30,
+    4 << 30,
+    16 << 30,
+    64 << 30,
+];
+const STACK: u64 = 16 << 10;
+
+static CHILD_FIRST: AtomicU64 = AtomicU64::new(0);
+static CHILD_WRITE: AtomicU64 = AtomicU64::new(0);
+static CHILD_PT: AtomicU64 = AtomicU64::new(0);
+
+fn cycles_to_ns(c: u64) -> u64 {
+    libos::time::cycles_to_duration(c).as_nanos() as u64
+}
+
+fn p50_p99(mut v: Vec<u64>) -> (u64, u64) {
+    v.sort_unstable();
+    (
+        v[v.len() / 2],
+        v[(v.len() * 99)
+            .div_ceil(100)
+            .saturating_sub(1)
+            .min(v.len() - 1)],
+    )
+}
+
+fn mode_name(mode: Mode, page: PageSize) -> &'static str {
+    match (mode, page) {
+        (Mode::Share, PageSize::Size4KiB) => "share",
+        (Mode::Copy, PageSize::Size4KiB) => "copy",
+        (Mode::Share, PageSize::Size2MiB) => "share-2m",
+        (Mode::Copy, PageSize::Size2MiB) => "copy-2m",
+    }
+}
+
+fn report(kind: &str, size: u64, mode: &str, samples: Vec<u64>) {
+    let n = samples.len();
+    if n == 0 {
+        return;
+    }
+    let (p50, p99) = p50_p99(samples);
+    println!("RESULT kind={kind} size={size} pages={mode} n={n} p50_ns={p50} p99_ns={p99}");
+}
+
+fn build(size: u64, page: PageSize) -> Option<Template> {
+    let t0 = Instant::now();
+    match TemplateBuilder::new()
+        .alias_region("bench", BASE, size, Kind::Private, page)
+        .and_then(|b| b.seal())
+    {
+        Ok(t) => {
+            println!(
+                "INFO built {} {:?} template in {:?}",
+                size,
+                page,
+                t0.elapsed()
+            );
+            Some(t)
+        }
+        Err(e) => {
+            println!(
+                "SKIP size={size} pages={} reason=template_build_failed:{e}",
+                mode_name(Mode::Share, page)
+            );
+            None
+        }
+    }
+}
+
+/// Samples per (size, mode): share is cheap everywhere; copy grows with the size.
+fn samples(size: u64, mode: Mode, level: Level) -> usize {
+    let base = match (mode, size) {
+        (Mode::Share, _) => 1000,
+        (Mode::Copy, s) if s <= 16 << 20 => 1000,
+        (Mode::Copy, s) if s <= 128 << 20 => 200,
+        (Mode::Copy, s) if s <= 1 << 30 => 30,
+        (Mode::Copy, s) if s <= 4 << 30 => 8,
+        (Mode::Copy, _) => 3,
+    };
+    match level {
+        Level::Full => base,
+        Level::Quick | Level::Smoke => (base / 5).max(2),
+    }
+}
+
+fn measure(
+    t: &Template,
+    size: u64,
+    mode: Mode,
+    page: PageSize,
+    level: Level,
+) -> Result<(), task::SpawnError> {
+    let name = mode_name(mode, page);
+    let n = samples(size, mode, level);
+    let builder = Builder::new().mode(mode).stack_size(STACK);
+    let (mut first, mut round, mut write) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut parent = Vec::with_capacity(n);
+    for i in 0..n {
+        // spawn → first instruction, and the round trip
+        let t0 = libos::time::Instant::now().cycles();
+        let h = builder.spawn(&[t], || {
+            CHILD_FIRST.store(Instant::now().cycles(), Ordering::Relaxed);
+            0
+        })?;
+        let tp = Instant::now().cycles();
+        let _ = h.join();
+        let t1 = Instant::now().cycles();
+        parent.push(cycles_to_ns(tp - t0));
+        first.push(cycles_to_ns(
+            CHILD_FIRST.load(Ordering::Relaxed).saturating_sub(t0),
+        ));
+        round.push(cycles_to_ns(t1 - t0));
+        // first write to a Private page (unshare + copy) and page-table bytes, in a fresh task
+        if i < n.min(200) {
+            let va = BASE + ((i as u64 * 4096 * 513) % size & !4095);
+            let h = builder.spawn(&[t], move || {
+                let a = Instant::now().cycles();
+                task::write(va, &[1]).expect("private template page");
+                let b = Instant::now().cycles();
+                CHILD_WRITE.store(b - a, Ordering::Relaxed);
+                CHILD_PT.store(
+                    task::space_stats().page_table_bytes() as u64,
+                    Ordering::Relaxed,
+                );
+                0
+            })?;
+            let _ = h.join();
+            write.push(cycles_to_ns(CHILD_WRITE.load(Ordering::Relaxed)));
+        }
+    }
+    // Page-table bytes of a task that only spawned (no write).
+    let h = builder.spawn(&[t], || {
+        CHILD_PT.store(
+            task::space_stats().page_table_bytes() as u64,
+            Ordering::Relaxed,
+        );
+        0
+    })?;
+    let _ = h.join();
+    report("spawn_parent", size, name, parent);
+    report("spawn_first", size, name, first);
+    report("spawn_roundtrip", size, name, round);
+    report("first_write", size, name, write);
+    println!(
+        "PTBYTES size={size} pages={name} bytes={}",
+        CHILD_PT.load(Ordering::Relaxed)
+    );
+    task::trim_caches();
+    Ok(())
+}
+
+/// Tasks from a 1 GiB template alive at once (each sleeps) before spawning fails.
+fn density(mode: Mode) {
+    let Some(t) = build(1 << 30, PageSize::Size4KiB) else {
+        return;
+    };
+    let builder = Builder::new().mode(mode).stack_size(STACK);
+    let mut held = Vec::new();
+    let start = Instant::now();
+    let err = loop {
+        match builder.spawn(&[&t], || {
+            task::sleep(core::time::Duration::from_secs(1 << 20));
+            0
+        }) {
+            Ok(h) => held.push(h),
+            Err(e) => break e,
+        }
+        if held.len() % 10_000 == 0 {
+            println!(
+                "INFO density {}: {} tasks alive, {} frames free",
+                mode_name(mode, PageSize::Size4KiB),
+                held.len(),
+                libos::free_frames()
+            );
+        }
+    };
+    println!(
+        "DENSITY size={} pages={} tasks={} stack={} reason={} elapsed_ms={}",
+        1u64 << 30,
+        mode_name(mode, PageSize::Size4KiB),
+        held.len(),
+        STACK,
+        err,
+        start.elapsed().as_millis()
+    );
+    for h in &held {
+        h.kill();
+    }
+    for h in held {
+        let _ = h.join();
+    }
+    task::trim_caches();
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Full,
+    Quick,
+    Smoke,
+}
+
+fn main() {
+    let level = match libos::args().first().map(|s| s.as_str()) {
+        Some("quick") => Level::Quick,
+        Some("smoke") => Level::Smoke,
+        _ => Level::Full,
+    };
+    println!(
+        "INFO stencil tsc_hz={} free_mib={} level={}",
+        libos::time::tsc_hz(),
+        libos::free_frames() * 4096 >> 20,
+        match level {
+            Level::Full => "full",
+            Level::Quick => "quick",
+            Level::Smoke => "smoke",
+        }
+    );
+    let sizes: &[u64] = match level {
+        Level::Full => &SIZES,
+        Level::Quick => &[2 << 20, 128 << 20, 1 << 30, 64 << 30],
+        Level::Smoke => &[2 << 20],
+    };
+    for page in [PageSize::Size4KiB, PageSize::Size2MiB] {
+        for &size in sizes {
+            let Some(t) = build(size, page) else { continue };
+            for mode in [Mode::Share, Mode::Copy] {
+                if let Err(e) = measure(&t, size, mode, page, level) {
+                    println!(
+                        "SKIP size={size} pages={} reason=spawn_failed:{e}",
+                        mode_name(mode, page)
+                    );
+                }
+            }
+        }
+    }
+    density(Mode::Share);
+    density(Mode::Copy);
+    println!("DONE");
+}
