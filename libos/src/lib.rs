@@ -37,6 +37,10 @@ pub mod channel;
 #[doc(hidden)]
 pub mod console;
 #[cfg(target_os = "none")]
+mod drivers;
+#[cfg(target_os = "none")]
+pub mod net;
+#[cfg(target_os = "none")]
 mod rt;
 #[cfg(target_os = "none")]
 pub mod shared;

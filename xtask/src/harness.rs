@@ -272,7 +272,10 @@ fn qemu_cases(
         )?;
         vm_done.store(true, std::sync::atomic::Ordering::Relaxed);
         let http_fails = script
-            .map(|t| t.join().unwrap_or_else(|_| vec!["http script panicked".to_owned()]))
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| vec!["http script panicked".to_owned()])
+            })
             .unwrap_or_default();
         if let Some(sig) = res.interrupted {
             say("interrupted");

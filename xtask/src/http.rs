@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 /// Time limit of one request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A parsed response.
 #[derive(Debug, Clone)]
@@ -30,23 +30,34 @@ impl Response {
     }
 }
 
-/// `GET path` on 127.0.0.1:port.
-pub fn get(port: u16, path: &str) -> Result<Response> {
+/// A connection to 127.0.0.1:port.
+pub fn connect(port: u16) -> Result<TcpStream> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
+    let s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
         .with_context(|| format!("connect to {addr}"))?;
     s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     s.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     s.set_nodelay(true)?;
-    write!(
-        s,
+    Ok(s)
+}
+
+/// Sends `GET path` on `s` and reads the response to the end.
+pub fn request(mut s: TcpStream, port: u16, path: &str) -> Result<Response> {
+    // One write: the request goes out as one segment.
+    let req = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: stencil-xtask\r\n\r\n"
-    )
-    .with_context(|| format!("send GET {path}"))?;
+    );
+    s.write_all(req.as_bytes())
+        .with_context(|| format!("send GET {path}"))?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)
         .with_context(|| format!("read the response to GET {path}"))?;
     parse_response(&raw).with_context(|| format!("GET {path}"))
+}
+
+/// `GET path` on 127.0.0.1:port.
+pub fn get(port: u16, path: &str) -> Result<Response> {
+    request(connect(port)?, port, path)
 }
 
 /// Parses a whole `Connection: close` response.
@@ -150,23 +161,32 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// `n` GETs of `path` from `n` threads at once. Returns the failures.
+/// Gap between the connects of [`concurrent`]: QEMU's user networking listens on the host port
+/// with a backlog of 1, so a burst of SYNs mostly overflows the host's accept queue and waits for
+/// SYN retransmits (1 s, 3 s, 7 s, ...); a short gap lets it accept each one in turn.
+const CONNECT_GAP: Duration = Duration::from_millis(20);
+
+/// `n` connections open at once, then one GET of `path` on each, all sent together. Returns the
+/// failures.
 pub fn concurrent(port: u16, path: &str, n: u32) -> Vec<String> {
     let errors = Arc::new(Mutex::new(Vec::new()));
+    let all_open = Arc::new(std::sync::Barrier::new(n as usize));
     let threads: Vec<_> = (0..n)
         .map(|i| {
             let errors = errors.clone();
+            let all_open = all_open.clone();
             let path = path.to_owned();
-            std::thread::spawn(move || match get(port, &path) {
-                Ok(r) if r.status == 200 => {}
-                Ok(r) => errors
-                    .lock()
-                    .unwrap()
-                    .push(format!("concurrent GET #{i} {path}: status {}", r.status)),
-                Err(e) => errors
-                    .lock()
-                    .unwrap()
-                    .push(format!("concurrent GET #{i} {path}: {e:#}")),
+            std::thread::spawn(move || {
+                std::thread::sleep(CONNECT_GAP * i);
+                let conn = connect(port);
+                all_open.wait();
+                let r = conn.and_then(|s| request(s, port, &path));
+                let fail = match r {
+                    Ok(r) if r.status == 200 => return,
+                    Ok(r) => format!("concurrent GET #{i} {path}: status {}", r.status),
+                    Err(e) => format!("concurrent GET #{i} {path}: {e:#}"),
+                };
+                errors.lock().unwrap().push(fail);
             })
         })
         .collect();
@@ -423,7 +443,10 @@ pub fn bench(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
         let port = free_port()?;
         let mut vm = crate::qemu::Vm::new(elf.clone(), cmd.machine, accel);
         vm.qemu = qemu_path.clone();
-        let options = vec![format!("share={}", if mode == "share" { "on" } else { "off" })];
+        let options = vec![format!(
+            "share={}",
+            if mode == "share" { "on" } else { "off" }
+        )];
         vm.cmdline = crate::cmdline::kernel_cmdline(&options, &[]);
         vm.set_firmware(crate::qemu::Firmware::Auto)?;
         vm.ports = vec![crate::qemu::PortForward {
@@ -446,7 +469,9 @@ pub fn bench(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
             Ok((l, stats))
         })();
         let _ = get(port, "/quit");
-        let run = guest.join().map_err(|_| anyhow::anyhow!("QEMU thread panicked"))??;
+        let run = guest
+            .join()
+            .map_err(|_| anyhow::anyhow!("QEMU thread panicked"))??;
         let (l, stats) = measured.with_context(|| {
             format!(
                 "httpd ({mode}) exited {}; serial output:\n{}",

@@ -1,0 +1,263 @@
+//! TCP: [`TcpListener`] (listen/accept) and [`TcpStream`] (read/write/close).
+//!
+//! smoltcp has no listen backlog: a listening socket *becomes* the connection when a SYN arrives.
+//! A [`TcpListener`] therefore keeps `backlog` listening sockets on its port; [`accept`] hands
+//! out one that has connected and puts a fresh listening socket in its place. A connection that
+//! arrives while all `backlog` sockets are taken is refused (RST), as a full backlog is on Linux.
+//!
+//! [`TcpStream::close`] (or dropping the stream) sends the remaining data and a FIN; the socket
+//! stays in the stack until the peer has acknowledged everything (or [`CLOSE_TIMEOUT`] passes),
+//! then it is removed and its buffers freed.
+//!
+//! [`accept`]: TcpListener::accept
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::time::Duration;
+
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::wire::IpAddress;
+
+use super::{Ipv4Addr, NetError, NetState, block_on, with_net};
+
+/// Listening sockets a [`TcpListener`] keeps by default.
+pub const DEFAULT_BACKLOG: usize = 16;
+/// Receive buffer of each TCP socket.
+pub const RX_BUFFER: usize = 8 << 10;
+/// Send buffer of each TCP socket.
+pub const TX_BUFFER: usize = 32 << 10;
+/// How long a closed stream may take to deliver its last data before it is aborted.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn new_listening(net: &mut NetState, port: u16) -> SocketHandle {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; RX_BUFFER]),
+        tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
+    );
+    s.listen(port).expect("port is not 0 and the socket is new");
+    // Nagle would hold back the last small segment of a response until the ACK of the previous
+    // one: with request/response traffic that only adds latency.
+    s.set_nagle_enabled(false);
+    net.sockets.add(s)
+}
+
+/// A TCP port accepting connections.
+#[derive(Debug)]
+pub struct TcpListener {
+    port: u16,
+    backlog: Vec<SocketHandle>,
+}
+
+impl TcpListener {
+    /// Listens on `port` with [`DEFAULT_BACKLOG`] pending connections.
+    pub fn bind(port: u16) -> Result<TcpListener, NetError> {
+        Self::bind_with_backlog(port, DEFAULT_BACKLOG)
+    }
+
+    /// Listens on `port` with room for `backlog` connections not yet accepted.
+    pub fn bind_with_backlog(port: u16, backlog: usize) -> Result<TcpListener, NetError> {
+        if port == 0 {
+            return Err(NetError::InvalidInput("TCP port 0"));
+        }
+        if backlog == 0 {
+            return Err(NetError::InvalidInput("backlog 0"));
+        }
+        with_net(|net| {
+            if net.tcp_ports.contains(&port) {
+                return Err(NetError::AddrInUse { port });
+            }
+            net.tcp_ports.push(port);
+            let backlog = (0..backlog).map(|_| new_listening(net, port)).collect();
+            Ok(TcpListener { port, backlog })
+        })?
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn take_ready(&mut self, net: &mut NetState) -> Option<TcpStream> {
+        let i = self.backlog.iter().position(|&h| {
+            let s = net.sockets.get::<tcp::Socket>(h);
+            // Established, or already past it (the peer sent its request and a FIN).
+            !matches!(
+                s.state(),
+                State::Listen | State::SynReceived | State::Closed
+            )
+        })?;
+        let h = self.backlog[i];
+        self.backlog[i] = new_listening(net, self.port);
+        net.accepted += 1;
+        let peer = net
+            .sockets
+            .get::<tcp::Socket>(h)
+            .remote_endpoint()
+            .map(|e| {
+                let IpAddress::Ipv4(a) = e.addr;
+                (a, e.port)
+            });
+        Some(TcpStream {
+            handle: Some(h),
+            peer,
+        })
+    }
+
+    /// Waits for a connection.
+    pub fn accept(&mut self) -> Result<TcpStream, NetError> {
+        block_on(None, |net| self.take_ready(net).map(Ok))
+    }
+
+    /// A connection if one is waiting, else `None` at once.
+    pub fn try_accept(&mut self) -> Result<Option<TcpStream>, NetError> {
+        with_net(|net| self.take_ready(net))
+    }
+}
+
+impl Drop for TcpListener {
+    fn drop(&mut self) {
+        let _ = with_net(|net| {
+            for h in self.backlog.drain(..) {
+                // Connections not yet accepted are reset.
+                net.sockets.get_mut::<tcp::Socket>(h).abort();
+                net.closing.push((h, 0));
+            }
+            net.tcp_ports.retain(|&p| p != self.port);
+        });
+    }
+}
+
+/// One TCP connection. `Send`: it may be moved into another task.
+#[derive(Debug)]
+pub struct TcpStream {
+    handle: Option<SocketHandle>,
+    peer: Option<(Ipv4Addr, u16)>,
+}
+
+impl TcpStream {
+    fn handle(&self) -> SocketHandle {
+        self.handle.expect("a live stream has a socket")
+    }
+
+    /// The peer's address and port.
+    pub fn peer_addr(&self) -> Option<(Ipv4Addr, u16)> {
+        self.peer
+    }
+
+    /// Reads what has arrived into `buf`, waiting until at least one byte has. `Ok(0)`: the peer
+    /// closed its side (end of stream).
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, NetError> {
+        self.read_timeout(buf, None)
+    }
+
+    /// As [`read`](Self::read), giving up with [`NetError::TimedOut`] after `timeout`.
+    pub fn read_timeout(
+        &mut self,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<usize, NetError> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let h = self.handle();
+        block_on(timeout, |net| {
+            let s = net.sockets.get_mut::<tcp::Socket>(h);
+            if s.can_recv() {
+                return Some(s.recv_slice(buf).map_err(|_| NetError::NotConnected));
+            }
+            if !s.may_recv() {
+                // Nothing buffered and the peer will send no more (FIN, reset or abort).
+                return Some(Ok(0));
+            }
+            None
+        })
+    }
+
+    /// Queues as much of `data` as fits in the send buffer, waiting until something fits.
+    pub fn write(&mut self, data: &[u8]) -> Result<usize, NetError> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let h = self.handle();
+        block_on(None, |net| {
+            let s = net.sockets.get_mut::<tcp::Socket>(h);
+            if !s.may_send() {
+                return Some(Err(if s.state() == State::Closed {
+                    NetError::ConnectionReset
+                } else {
+                    NetError::NotConnected
+                }));
+            }
+            if s.can_send() {
+                return Some(s.send_slice(data).map_err(|_| NetError::NotConnected));
+            }
+            None
+        })
+    }
+
+    /// Writes all of `data`.
+    pub fn write_all(&mut self, mut data: &[u8]) -> Result<(), NetError> {
+        while !data.is_empty() {
+            let n = self.write(data)?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Waits until everything written has been acknowledged by the peer.
+    pub fn flush(&mut self) -> Result<(), NetError> {
+        let h = self.handle();
+        block_on(None, |net| {
+            let s = net.sockets.get::<tcp::Socket>(h);
+            if s.send_queue() == 0 {
+                Some(Ok(()))
+            } else if !s.may_send() && s.state() == State::Closed {
+                Some(Err(NetError::ConnectionReset))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Closes the connection: what was written is still delivered, then a FIN. Returns at once;
+    /// the stack finishes the close in the background.
+    pub fn close(mut self) {
+        self.close_inner();
+    }
+
+    fn close_inner(&mut self) {
+        let Some(h) = self.handle.take() else { return };
+        let _ = with_net(|net| {
+            net.sockets.get_mut::<tcp::Socket>(h).close();
+            let deadline = super::now().total_micros() + CLOSE_TIMEOUT.as_micros() as i64;
+            net.closing.push((h, deadline));
+        });
+    }
+}
+
+impl Drop for TcpStream {
+    fn drop(&mut self) {
+        self.close_inner();
+    }
+}
+
+/// Removes closing sockets that are done (closed, or in TIME-WAIT: everything was delivered and
+/// acknowledged) or out of time (aborted: the peer gets a RST).
+pub(super) fn retire_closing(net: &mut NetState, now_us: i64) {
+    let mut i = 0;
+    while i < net.closing.len() {
+        let (h, deadline) = net.closing[i];
+        let s = net.sockets.get_mut::<tcp::Socket>(h);
+        let done = matches!(s.state(), State::Closed | State::TimeWait);
+        if done || now_us >= deadline {
+            if !done {
+                s.abort();
+            }
+            net.sockets.remove(h);
+            net.closing.swap_remove(i);
+        } else {
+            i += 1;
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! UDP: [`UdpSocket`] bound to a local port, sending and receiving datagrams.
+
+use alloc::vec;
+use core::time::Duration;
+
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::udp::{self, PacketBuffer, PacketMetadata, SendError};
+use smoltcp::wire::{IpAddress, IpEndpoint};
+
+use super::{Ipv4Addr, NetError, block_on, with_net};
+
+/// Datagrams each direction of a socket can hold.
+const PACKETS: usize = 32;
+/// Payload bytes each direction of a socket can hold.
+const BYTES: usize = 16 << 10;
+
+/// A UDP socket bound to a local port.
+#[derive(Debug)]
+pub struct UdpSocket {
+    handle: SocketHandle,
+    port: u16,
+}
+
+impl UdpSocket {
+    /// Binds `port` (not 0).
+    pub fn bind(port: u16) -> Result<UdpSocket, NetError> {
+        if port == 0 {
+            return Err(NetError::InvalidInput("UDP port 0"));
+        }
+        with_net(|net| {
+            if net.udp_ports.contains(&port) {
+                return Err(NetError::AddrInUse { port });
+            }
+            let mut s = udp::Socket::new(
+                PacketBuffer::new(vec![PacketMetadata::EMPTY; PACKETS], vec![0; BYTES]),
+                PacketBuffer::new(vec![PacketMetadata::EMPTY; PACKETS], vec![0; BYTES]),
+            );
+            s.bind(port)
+                .map_err(|_| NetError::InvalidInput("UDP port"))?;
+            net.udp_ports.push(port);
+            Ok(UdpSocket {
+                handle: net.sockets.add(s),
+                port,
+            })
+        })?
+    }
+
+    /// The local port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Sends one datagram to `addr:port`, waiting while the send buffer is full.
+    pub fn send_to(&self, data: &[u8], addr: Ipv4Addr, port: u16) -> Result<(), NetError> {
+        if port == 0 {
+            return Err(NetError::InvalidInput("destination port 0"));
+        }
+        if data.len() > BYTES {
+            return Err(NetError::MessageTooLarge { len: data.len() });
+        }
+        let to = IpEndpoint::new(IpAddress::Ipv4(addr), port);
+        block_on(None, |net| {
+            let s = net.sockets.get_mut::<udp::Socket>(self.handle);
+            match s.send_slice(data, to) {
+                Ok(()) => Some(Ok(())),
+                Err(SendError::BufferFull) => None,
+                Err(SendError::Unaddressable) => Some(Err(NetError::InvalidInput(
+                    "unaddressable destination (unspecified address, or no route)",
+                ))),
+            }
+        })
+    }
+
+    /// Receives one datagram into `buf` (truncated if longer), waiting for it. Returns its
+    /// length and sender.
+    pub fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, Ipv4Addr, u16), NetError> {
+        self.recv_from_timeout(buf, None)
+    }
+
+    /// As [`recv_from`](Self::recv_from), giving up with [`NetError::TimedOut`] after `timeout`.
+    pub fn recv_from_timeout(
+        &self,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<(usize, Ipv4Addr, u16), NetError> {
+        block_on(timeout, |net| {
+            let s = net.sockets.get_mut::<udp::Socket>(self.handle);
+            if !s.can_recv() {
+                return None;
+            }
+            // Peek first so that a datagram longer than `buf` is truncated, not lost.
+            let (n, from) = {
+                let (payload, meta) = s.peek().ok()?;
+                let n = payload.len().min(buf.len());
+                buf[..n].copy_from_slice(&payload[..n]);
+                (n, meta.endpoint)
+            };
+            let _ = s.recv();
+            let IpAddress::Ipv4(a) = from.addr;
+            Some(Ok((n, a, from.port)))
+        })
+    }
+}
+
+impl Drop for UdpSocket {
+    fn drop(&mut self) {
+        let _ = with_net(|net| {
+            net.sockets.remove(self.handle);
+            net.udp_ports.retain(|&p| p != self.port);
+        });
+    }
+}
