@@ -140,6 +140,11 @@ pub struct HttpCheck {
     /// be equal (nothing leaked).
     #[serde(default)]
     pub frames_return: bool,
+    /// Check UDP both ways: the host binds a UDP port on 127.0.0.1, `GET /udp-echo?port=P` makes
+    /// the guest send "ping" there (10.0.2.2 is the host's loopback), the host answers "pong",
+    /// and the response must report it.
+    #[serde(default)]
+    pub udp_echo: bool,
     /// Path that makes the guest exit once the script is done.
     #[serde(default = "default_quit")]
     pub quit: String,
@@ -215,6 +220,29 @@ pub fn run_check(
                 fails.push(format!("GET {path}: status {} (expected 200)", r.status));
             } else if !r.text().contains(needle.as_str()) {
                 fails.push(format!("GET {path}: body lacks '{needle}'"));
+            }
+        }
+        if check.udp_echo {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("bind a UDP port")?;
+            sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let udp_port = sock.local_addr()?.port();
+            let echo = std::thread::spawn(move || -> Result<()> {
+                let mut buf = [0u8; 64];
+                let (n, from) = sock
+                    .recv_from(&mut buf)
+                    .context("no UDP datagram from the guest")?;
+                if &buf[..n] != b"ping" {
+                    bail!("the guest sent {:?}, expected \"ping\"", &buf[..n]);
+                }
+                sock.send_to(b"pong", from)?;
+                Ok(())
+            });
+            let r = get(port, &format!("/udp-echo?port={udp_port}"))?;
+            if let Err(e) = echo.join().unwrap_or_else(|_| bail!("UDP thread panicked")) {
+                fails.push(format!("udp: {e:#}"));
+            }
+            if !r.text().contains("udp: got 'pong' from 10.0.2.2") {
+                fails.push(format!("udp: the guest answered: {}", r.text().trim()));
             }
         }
         let frames = |what: &str| -> Result<u64> {
@@ -415,6 +443,9 @@ pub struct HttpBenchCmd {
     /// Only this mode (default: both)
     #[arg(long, value_parser = ["share", "copy"])]
     pub mode: Option<String>,
+    /// Size of httpd's warmed content set (the snapshot every worker is spawned from), in MiB
+    #[arg(long, default_value_t = 64)]
+    pub content_mib: u64,
 }
 
 /// Boots httpd once per mode, loads it from the host and prints a table.
@@ -447,7 +478,9 @@ pub fn bench(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
             "share={}",
             if mode == "share" { "on" } else { "off" }
         )];
-        vm.cmdline = crate::cmdline::kernel_cmdline(&options, &[]);
+        let args = ["--content-mib".to_owned(), cmd.content_mib.to_string()];
+        vm.cmdline = crate::cmdline::kernel_cmdline(&options, &args);
+        vm.mem = format!("{}M", 256 + 2 * cmd.content_mib);
         vm.set_firmware(crate::qemu::Firmware::Auto)?;
         vm.ports = vec![crate::qemu::PortForward {
             host: port,
@@ -496,9 +529,9 @@ pub fn bench(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
         ));
     }
     println!(
-        "httpd under QEMU ({accel}, {}), GET {}, {} connections, {} s per mode, one request per \
-         connection",
-        cmd.machine, cmd.path, cmd.connections, cmd.seconds
+        "httpd under QEMU ({accel}, {}), {} MiB snapshot, GET {}, {} connections, {} s per mode, \
+         one request per connection",
+        cmd.machine, cmd.content_mib, cmd.path, cmd.connections, cmd.seconds
     );
     println!(
         "{:<6} {:>9} {:>9} {:>9} {:>7} {:>12} {:>12}",

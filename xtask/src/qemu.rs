@@ -230,7 +230,7 @@ pub fn check_host_ports(ports: &[PortForward]) -> Result<()> {
     for p in ports {
         if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", p.host)) {
             bail!(
-                "host port {} is not available on 127.0.0.1 ({e}); is another server (or                  another guest) using it? Pick another with --port OTHER:{}",
+                "host port {} is not available on 127.0.0.1 ({e}); is another server (or guest) using it? Pick another with --port OTHER:{}",
                 p.host,
                 p.guest
             );

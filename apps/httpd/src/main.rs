@@ -251,9 +251,19 @@ fn serve(mut s: TcpStream, content: &Content) -> Result<(), NetError> {
     if method != "GET" && method != "HEAD" {
         return respond_text(&mut s, "405 Method Not Allowed", "only GET and HEAD\n");
     }
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((&path, ""));
     match path {
         "/stats" => respond_text(&mut s, "200 OK", &stats_page()),
+        "/udp-echo" => {
+            // /udp-echo?port=P: a UDP round trip with a host program on 127.0.0.1:P (QEMU's user
+            // networking maps 10.0.2.2 to the host's loopback).
+            let port = query.strip_prefix("port=").and_then(|p| p.parse().ok());
+            let body = match port {
+                Some(p) => udp_echo(p),
+                None => String::from("usage: /udp-echo?port=P\n"),
+            };
+            respond_text(&mut s, "200 OK", &body)
+        }
         "/quit" => {
             QUIT.store(true, Ordering::Relaxed);
             respond_text(&mut s, "200 OK", "bye\n")
@@ -278,6 +288,27 @@ fn serve(mut s: TcpStream, content: &Content) -> Result<(), NetError> {
             }
             Ok(())
         }
+    }
+}
+
+/// Sends "ping" from UDP port 5353+task to 10.0.2.2:`port` and waits for the answer.
+fn udp_echo(port: u16) -> String {
+    let local = 40000 + (libos::task::current() % 20000) as u16;
+    let sock = match net::UdpSocket::bind(local) {
+        Ok(s) => s,
+        Err(e) => return format!("udp: bind {local}: {e}\n"),
+    };
+    let gw = net::Ipv4Addr::new(10, 0, 2, 2);
+    if let Err(e) = sock.send_to(b"ping", gw, port) {
+        return format!("udp: send: {e}\n");
+    }
+    let mut buf = [0u8; 64];
+    match sock.recv_from_timeout(&mut buf, Some(Duration::from_secs(5))) {
+        Ok((n, from, from_port)) => format!(
+            "udp: got '{}' from {from}:{from_port}\n",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => format!("udp: receive: {e}\n"),
     }
 }
 
