@@ -98,7 +98,13 @@ pub fn wait_ready(port: u16, path: &str, limit: Duration, stop: &AtomicBool) -> 
         if stop.load(Ordering::Relaxed) {
             bail!("the guest ended before it answered GET {path}");
         }
-        match get(port, path) {
+        // A short limit per try: a connection QEMU accepted before the guest listened waits
+        // for slirp's SYN retransmit (seconds); a fresh one is answered at once.
+        let attempt = connect(port).and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+            request(s, port, path)
+        });
+        match attempt {
             Ok(r) if r.status == 200 => return Ok(r),
             Ok(r) if start.elapsed() > limit => bail!("GET {path}: status {}", r.status),
             Err(e) if start.elapsed() > limit => {

@@ -79,6 +79,14 @@ impl TcpListener {
     }
 
     fn take_ready(&mut self, net: &mut NetState) -> Option<TcpStream> {
+        // A connection reset before it was accepted leaves its socket Closed: put a fresh
+        // listening socket in its place, or the backlog would shrink for good.
+        for slot in self.backlog.iter_mut() {
+            if net.sockets.get::<tcp::Socket>(*slot).state() == State::Closed {
+                net.sockets.remove(*slot);
+                *slot = new_listening(net, self.port);
+            }
+        }
         let i = self.backlog.iter().position(|&h| {
             let s = net.sockets.get::<tcp::Socket>(h);
             // Established, or already past it (the peer sent its request and a FIN).
