@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: how much faster is spawning when page tables are shared? (issue #5)
 //!
-//! One run measures, side by side: Stencil's spawn (the hook below; the in-guest app comes with
-//! the tasks issue), Linux's own fork()/vfork/thread creation in a Linux guest under the same
+//! One run measures, side by side: Stencil's spawn (`apps/spawnbench` in a Stencil guest),
+//! Linux's own fork()/vfork/thread creation in a Linux guest under the same
 //! QEMU settings (`linux.rs`), and the same Linux program natively on the host as context. The
 //! results are one list of [`Measurement`]s; the output is a terminal table, a CSV file and an
 //! SVG plot in `target/bench/` (docs/bench.md explains how to read them).
@@ -23,7 +23,7 @@ pub use model::{Measurement, Unit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Part {
-    /// Stencil's spawn benchmark in a Stencil guest (not built yet: see the hook in bench/mod.rs)
+    /// Stencil's spawn benchmark (apps/spawnbench) in a Stencil guest
     Stencil,
     /// Linux's fork/vfork/thread in a Linux guest under the same QEMU settings
     Linux,
@@ -205,6 +205,14 @@ pub fn run(root: &Path, cmd: &BenchCmd) -> Result<i32> {
         );
     }
     println!();
+    let heads = headline(&all);
+    if !heads.is_empty() {
+        println!("Headline (p50, this run):");
+        for h in &heads {
+            println!("  {h}");
+        }
+        println!();
+    }
     for n in &notes {
         println!("note: {n}");
     }
@@ -245,23 +253,177 @@ fn heading(system: &str, setting: &str, unit: Unit) -> String {
     }
 }
 
-/// STENCIL HOOK — the Stencil part of the benchmark.
-///
-/// The integrator adds an in-guest app `apps/spawnbench` that spawns tasks from templates of
-/// 2 MiB .. 64 GiB (as guest RAM allows) in `share` and `copy` mode, and prints `RESULT` lines in
-/// the Linux peer's format (`kind=spawn_first size=.. pages=share n=.. p50_ns=.. p99_ns=..`; the
-/// `pages` field carries the mode). This function should build it (`crate::build_apps`), boot it
-/// like the Linux guest (`qemu::Vm`, same `accel`, `vm.icount = cmd.icount`, machine q35 for a
-/// like-for-like comparison), parse its lines with `model::parse_result(line, "stencil", unit)`
-/// and return them; the table, CSV and plot pick them up unchanged (the kind `spawn_first` is
-/// plotted next to Linux's `fork_child_first`).
+/// Guest RAM of the Stencil guest: the density figure is "tasks alive at once from a 1 GiB
+/// template in a 2 GiB guest" (DESIGN.md).
+const STENCIL_MEM: &str = "2G";
+
+/// The Stencil part: boots `apps/spawnbench` (release) on q35 with the same accelerator (and
+/// `-icount` setting) as the Linux guest; it spawns tasks from templates of 2 MiB .. 64 GiB
+/// (alias-backed above guest RAM) in `share` and `copy` mode, with 4 KiB and 2 MiB pages, and
+/// prints `RESULT` lines in the Linux peer's format (the `pages` field carries the mode), plus
+/// `PTBYTES` (page-table bytes of a new task) and `DENSITY` (tasks alive at once) lines, which
+/// become notes.
 fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<PartResult> {
-    let _ = (root, cmd, accel);
-    println!("stencil: not measured yet: the in-guest spawnbench app is not in the tree");
-    Ok(PartResult {
-        notes: vec!["stencil: not measured (apps/spawnbench does not exist yet)".to_owned()],
-        ..PartResult::default()
-    })
+    let Some(accel) = accel else {
+        bail!("the Stencil part needs a guest accelerator");
+    };
+    println!("stencil: building apps/spawnbench (release)");
+    let opts = crate::BuildOpts {
+        release: true,
+        manifest_path: None,
+    };
+    let built = crate::build_apps(root, &["spawnbench".to_owned()], &opts)?;
+    let (_, elf) = built
+        .into_iter()
+        .next()
+        .context("spawnbench was not built")?;
+    let mut vm = qemu::Vm::new(elf, qemu::Machine::Q35, accel);
+    vm.qemu = qemu::find_qemu()?;
+    vm.mem = STENCIL_MEM.to_owned();
+    vm.icount = cmd.icount;
+    vm.cmdline = format!("log=warn -- {}", if cmd.quick { "quick" } else { "full" });
+    vm.set_firmware(cmd.firmware)?;
+    println!("stencil: {}", vm.shell_line());
+    let secs = cmd
+        .timeout
+        .unwrap_or(if cmd.quick { 300 } else { 900 } * if cmd.icount { 2 } else { 1 });
+    let start = Instant::now();
+    let res = qemu::run_with_lines(&vm, Some(Duration::from_secs(secs)), move |line: &str| {
+        let line = line.trim();
+        let t = start.elapsed().as_secs_f64();
+        if let Some(rest) = line.strip_prefix("RESULT ") {
+            let f = model::fields(rest);
+            if f.get("kind") == Some(&"spawn_first") {
+                let size = f
+                    .get("size")
+                    .and_then(|s| s.parse().ok())
+                    .map_or_else(|| "?".to_owned(), model::size_name);
+                println!(
+                    "  [{t:6.1} s] stencil: {size} {}: spawn p50 {}",
+                    f.get("pages").unwrap_or(&"?"),
+                    f.get("p50_ns").unwrap_or(&"?")
+                );
+            }
+        } else if line.starts_with("DENSITY ")
+            || line.starts_with("SKIP ")
+            || line.starts_with("ERROR ")
+        {
+            println!("  [{t:6.1} s] stencil: {line}");
+        }
+    })?;
+    if let Some(sig) = res.interrupted {
+        return Err(crate::Interrupted(sig).into());
+    }
+    let serial = String::from_utf8_lossy(&res.serial).into_owned();
+    let unit = if cmd.icount {
+        Unit::Instructions
+    } else {
+        Unit::Ns
+    };
+    let mut out = PartResult::default();
+    let mut done = false;
+    for line in serial.lines().map(str::trim) {
+        if line.starts_with("RESULT ") {
+            match model::parse_result(line, "stencil", unit) {
+                Some(m) => out.results.push(m),
+                None => out.notes.push(format!("stencil: malformed line: {line}")),
+            }
+        } else if let Some(rest) = line.strip_prefix("PTBYTES ") {
+            let f = model::fields(rest);
+            if f.get("size") == Some(&"1073741824") {
+                out.notes.push(format!(
+                    "stencil: page-table bytes a new task costs at 1 GiB, {}: {}",
+                    f.get("pages").unwrap_or(&"?"),
+                    f.get("bytes").unwrap_or(&"?")
+                ));
+            }
+        } else if let Some(rest) = line.strip_prefix("DENSITY ") {
+            let f = model::fields(rest);
+            out.notes.push(format!(
+                "stencil: {} tasks from a 1 GiB template alive at once in a {STENCIL_MEM} guest ({} mode, {} B stacks; then spawn said: {})",
+                rest.split("tasks=").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("?"),
+                f.get("pages").unwrap_or(&"?"),
+                f.get("stack").unwrap_or(&"?"),
+                rest.split("reason=").nth(1).and_then(|r| r.split(" elapsed_ms").next()).unwrap_or("?")
+            ));
+        } else if line.starts_with("SKIP ") || line.starts_with("ERROR ") {
+            out.notes.push(format!("stencil: {line}"));
+        } else if line == "DONE" {
+            done = true;
+        }
+    }
+    println!(
+        "stencil: {} results in {:.1} s",
+        out.results.len(),
+        res.elapsed.as_secs_f64()
+    );
+    if !done || res.code != 0 {
+        out.failed = true;
+        out.notes.push(format!(
+            "stencil: the guest did not finish ({}); {} results kept",
+            res.summary.as_deref().unwrap_or("no DONE line"),
+            out.results.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// The headline ratios DESIGN.md and issue #5 ask for, from one run's measurements.
+fn headline(all: &[Measurement]) -> Vec<String> {
+    let find = |system: &str, mode: &str, kind: &str, size: u64| {
+        all.iter()
+            .find(|m| m.system == system && m.mode == mode && m.kind == kind && m.size == size)
+            .map(|m| m.p50)
+    };
+    const GIB: u64 = 1 << 30;
+    let mut lines = Vec::new();
+    let share = |size| find("stencil", "share", "spawn_first", size);
+    if let (Some(small), Some(big)) = (share(2 << 20), share(64 << 30)) {
+        lines.push(format!(
+            "flatness: share spawn p50 at 64 GiB / at 2 MiB (target <= 1.25): {:.2}",
+            big / small
+        ));
+    }
+    let mut ratio = |label: String, a: Option<f64>, b: Option<f64>| {
+        if let (Some(a), Some(b)) = (a, b)
+            && a > 0.0
+        {
+            lines.push(format!("{label}: {:.1}x", b / a));
+        }
+    };
+    ratio(
+        "copy / share spawn at 1 GiB (target >= 1000)".to_owned(),
+        share(GIB),
+        find("stencil", "copy", "spawn_first", GIB),
+    );
+    ratio(
+        "Linux fork->child (4 KiB pages) / share spawn at 1 GiB (target >= 2500)".to_owned(),
+        share(GIB),
+        find("linux", "4k", "fork_child_first", GIB),
+    );
+    ratio(
+        "Linux fork->child (THP) / share spawn with 2 MiB templates at 1 GiB (target >= 300)"
+            .to_owned(),
+        find("stencil", "share-2m", "spawn_first", GIB),
+        find("linux", "thp", "fork_child_first", GIB),
+    );
+    ratio(
+        "Linux thread creation / share spawn at 1 GiB (target >= 8)".to_owned(),
+        share(GIB),
+        find("linux", "4k", "thread_first", GIB),
+    );
+    let unit = all.iter().find(|m| m.system == "stencil").map(|m| m.unit);
+    match (share(GIB), unit) {
+        (Some(s), Some(Unit::Instructions)) => lines.push(format!(
+            "share spawn p50 at 1 GiB: {s:.0} guest instructions (target <= 3000)"
+        )),
+        (Some(s), Some(u)) => lines.push(format!(
+            "share spawn p50 at 1 GiB: {} (--icount gives the deterministic instruction count)",
+            model::human(s, u)
+        )),
+        _ => {}
+    }
+    lines
 }
 
 fn linux_part(target: &Path, cmd: &BenchCmd, accel: Accel, peer: &Path) -> Result<PartResult> {
