@@ -5,7 +5,14 @@
 libos::main!(main);
 
 /// Must match `args` in this crate's Cargo.toml test case.
-const EXPECTED: [&str; 6] = ["plain", "two words", "quote\"inside", "back\\slash", "", "ünïcode ✓"];
+const EXPECTED: [&str; 6] = [
+    "plain",
+    "two words",
+    "quote\"inside",
+    "back\\slash",
+    "",
+    "ünïcode ✓",
+];
 
 fn main() -> i32 {
     let got = libos::args();
