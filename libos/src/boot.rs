@@ -50,6 +50,21 @@ pub fn cmdline() -> &'static str {
     core::str::from_utf8(&d.cmdline[..d.cmdline_len]).unwrap_or("")
 }
 
+/// Logs the one-line boot banner (called just before the app's `main`).
+pub(crate) fn banner() {
+    let fa = crate::mm::kernel::frames();
+    log::info!(
+        "Stencil {}: {} MiB RAM, {} MiB free, TSC {} MHz, share={}, boot {} us (+{} us calibration wait)",
+        env!("CARGO_PKG_VERSION"),
+        ram_ranges().iter().map(|r| r.len()).sum::<u64>() >> 20,
+        (fa.free_frames() as u64 * 4096) >> 20,
+        crate::time::tsc_hz() / 1_000_000,
+        if share_mode() { "on" } else { "off" },
+        crate::time::boot_duration().as_micros(),
+        crate::time::calibration_wait().as_micros()
+    );
+}
+
 /// Usable RAM ranges (sorted, page aligned) as the firmware reported them.
 pub fn ram_ranges() -> &'static [Range] {
     let d = boot_data();
@@ -214,15 +229,5 @@ extern "C" fn continue_on_main_stack() -> ! {
         ),
     }
     crate::time::finish_calibration();
-    let fa = crate::mm::kernel::frames();
-    log::info!(
-        "Stencil {}: {} MiB RAM, {} MiB free, TSC {} MHz, share={}, boot {} us",
-        env!("CARGO_PKG_VERSION"),
-        ram_ranges().iter().map(|r| r.len()).sum::<u64>() >> 20,
-        (fa.free_frames() as u64 * 4096) >> 20,
-        crate::time::tsc_hz() / 1_000_000,
-        if share_mode() { "on" } else { "off" },
-        crate::time::boot_duration().as_micros()
-    );
     rt::run_main()
 }

@@ -138,6 +138,8 @@ unsafe extern "Rust" {
 /// Runs the app's `main` and exits with its code.
 pub(crate) fn run_main() -> ! {
     crate::task::init();
+    crate::time::mark_main();
+    crate::boot::banner();
     // SAFETY: `main!` defines this symbol with exactly this signature; an app without `main!`
     // fails to link, with the symbol named in the error.
     let code = unsafe { __stencil_app_main() };

@@ -26,9 +26,10 @@ pub(crate) fn start_calibration(entry_tsc: u64) {
     CAL_START_TSC.store(cpu::rdtsc(), Ordering::Relaxed);
 }
 
-/// Records the end of boot, then finishes calibration (waiting until the window is long enough).
+/// Finishes calibration, waiting until the window is long enough (the wait is accounted as
+/// calibration, not boot work).
 pub(crate) fn finish_calibration() {
-    MAIN_TSC.store(cpu::rdtsc(), Ordering::Relaxed);
+    let wait_start = cpu::rdtsc();
     let start = CAL_START_TSC.load(Ordering::Relaxed);
     let (ticks, tsc) = loop {
         let ticks = pit::elapsed_ticks();
@@ -40,13 +41,20 @@ pub(crate) fn finish_calibration() {
     };
     let hz = (u128::from(tsc - start) * u128::from(pit::PIT_HZ) / u128::from(ticks)) as u64;
     TSC_HZ.store(hz.max(1), Ordering::Relaxed);
-    CAL_WAIT_TSC.store(
-        cpu::rdtsc() - MAIN_TSC.load(Ordering::Relaxed),
-        Ordering::Relaxed,
-    );
+    add_calibration_wait(cpu::rdtsc() - wait_start);
 }
 
-/// Time spent waiting for the calibration window to close (not part of [`boot_duration`]).
+/// Accounts `cycles` spent only waiting for a calibration window (PIT, APIC timer).
+pub(crate) fn add_calibration_wait(cycles: u64) {
+    CAL_WAIT_TSC.fetch_add(cycles, Ordering::Relaxed);
+}
+
+/// Records the moment the app's `main` is called.
+pub(crate) fn mark_main() {
+    MAIN_TSC.store(cpu::rdtsc(), Ordering::Relaxed);
+}
+
+/// Time spent only waiting for calibration windows to close (not part of [`boot_duration`]).
 pub fn calibration_wait() -> Duration {
     cycles_to_duration(CAL_WAIT_TSC.load(Ordering::Relaxed))
 }
@@ -63,12 +71,13 @@ pub fn cycles_to_duration(cycles: u64) -> Duration {
     Duration::from_nanos(nanos as u64)
 }
 
-/// Guest-side boot time: from the first instruction of the PVH entry to `main`, excluding the
-/// calibration wait.
+/// Guest-side boot time: from the first instruction of the PVH entry to the app's `main`, minus
+/// the time spent only waiting for calibration windows (see [`calibration_wait`]).
 pub fn boot_duration() -> Duration {
     let main = MAIN_TSC.load(Ordering::Relaxed);
     let entry = BOOT_TSC.load(Ordering::Relaxed);
-    cycles_to_duration(main.saturating_sub(entry))
+    let wait = CAL_WAIT_TSC.load(Ordering::Relaxed);
+    cycles_to_duration(main.saturating_sub(entry).saturating_sub(wait))
 }
 
 /// A point in monotonic time (TSC-based).
