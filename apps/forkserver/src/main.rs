@@ -260,7 +260,6 @@ struct Args {
     lib_mib: u64,
     requests: u64,
     modes: Vec<Mode>,
-    mode_label: &'static str,
     keys: Vec<u64>,
     quiet: bool,
 }
@@ -270,7 +269,6 @@ fn parse_args() -> Result<Args, String> {
         lib_mib: 512,
         requests: 100,
         modes: alloc::vec![libos::space::mode()],
-        mode_label: "boot",
         keys: Vec::new(),
         quiet: false,
     };
@@ -292,15 +290,13 @@ fn parse_args() -> Result<Args, String> {
                 i += 1;
             }
             "--mode" => {
-                let (modes, label) = match args.get(i + 1).map(String::as_str) {
-                    Some("share") => (alloc::vec![Mode::Share], "share"),
-                    Some("copy") => (alloc::vec![Mode::Copy], "copy"),
-                    Some("both") => (alloc::vec![Mode::Share, Mode::Copy], "both"),
-                    Some("boot") => (alloc::vec![libos::space::mode()], "boot"),
+                a.modes = match args.get(i + 1).map(String::as_str) {
+                    Some("share") => alloc::vec![Mode::Share],
+                    Some("copy") => alloc::vec![Mode::Copy],
+                    Some("both") => alloc::vec![Mode::Share, Mode::Copy],
+                    Some("boot") => alloc::vec![libos::space::mode()],
                     _ => return Err(String::from("--mode takes share, copy, both or boot")),
                 };
-                a.modes = modes;
-                a.mode_label = label;
                 i += 1;
             }
             "--quiet" => a.quiet = true,
@@ -351,7 +347,11 @@ fn main() -> i32 {
     let boot_mode = mode_name(libos::space::mode());
     println!(
         "forkserver: mode {} (boot share={}), library {} MiB, {} generated + {} given requests",
-        args.mode_label,
+        args.modes
+            .iter()
+            .map(|&m| mode_name(m))
+            .collect::<Vec<_>>()
+            .join(" then "),
         if boot_mode == "share" { "on" } else { "off" },
         args.lib_mib,
         args.requests,
