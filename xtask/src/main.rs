@@ -8,6 +8,7 @@ mod cargo_build;
 mod cmdline;
 mod harness;
 mod http;
+mod new_crate;
 mod proc;
 mod qemu;
 
@@ -67,6 +68,19 @@ enum Cmd {
     /// HTTP benchmark: boots apps/httpd (share and copy mode), loads it from the host over a
     /// forwarded loopback port; requests/s and latency percentiles
     Httpbench(http::HttpBenchCmd),
+    /// Create a service crate outside the workspace that depends on libos by path; build and
+    /// boot it with `cargo xtask run --manifest-path <PATH>/Cargo.toml`
+    New(NewCmd),
+}
+
+#[derive(Debug, Args)]
+struct NewCmd {
+    /// Directory to create (must not exist, or be empty)
+    #[arg(value_name = "PATH")]
+    path: PathBuf,
+    /// Package name [default: from the directory name]
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -228,6 +242,15 @@ fn real_main(cli: Cli) -> Result<i32> {
         ),
         Cmd::Bench(b) => bench::run(&root, &b),
         Cmd::Httpbench(h) => http::bench(&root, &h),
+        Cmd::New(n) => {
+            let manifest = new_crate::create(&root, &n.path, n.name.as_deref())?;
+            println!("created {}", manifest.display());
+            println!(
+                "build and boot it: cargo xtask run --manifest-path {}",
+                manifest.display()
+            );
+            Ok(0)
+        }
     }
 }
 
