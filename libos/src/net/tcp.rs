@@ -50,7 +50,7 @@ pub struct TcpListener {
 }
 
 impl TcpListener {
-    /// Listens on `port` with [`DEFAULT_BACKLOG`] pending connections.
+    /// Listens on `port` with room for 16 (`DEFAULT_BACKLOG`) connections not yet accepted.
     pub fn bind(port: u16) -> Result<TcpListener, NetError> {
         Self::bind_with_backlog(port, DEFAULT_BACKLOG)
     }
