@@ -73,6 +73,10 @@ pub fn ram_ranges() -> &'static [Range] {
 
 /// Whether templates are attached by reference (`share=on`, the default) or deep-copied
 /// (`share=off`, what fork() does). Set by the kernel command line.
+///
+/// ```no_run
+/// libos::println!("share={}", if libos::share_mode() { "on" } else { "off" });
+/// ```
 pub fn share_mode() -> bool {
     SHARE.load(Ordering::Relaxed)
 }

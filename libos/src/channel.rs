@@ -66,6 +66,14 @@ pub enum TrySendError<T> {
 }
 
 /// A channel holding at most `cap` values (at least 1).
+///
+/// ```no_run
+/// let (tx, rx) = libos::channel::bounded::<&'static str>(4);
+/// tx.send("job").expect("receiver alive");
+/// drop(tx);
+/// assert_eq!(rx.recv(), Some("job"));
+/// assert_eq!(rx.recv(), None); // every sender is gone
+/// ```
 pub fn bounded<T: Send>(cap: usize) -> (Sender<T>, Receiver<T>) {
     let cap = cap.max(1);
     let inner = Arc::new(IrqMutex::new(State {

@@ -63,6 +63,10 @@ pub use mm::heap::{HeapStats, stats as heap_stats};
 pub use rt::{Termination, args, exit};
 
 /// Frames of RAM currently free in the frame allocator.
+///
+/// ```no_run
+/// libos::println!("{} MiB free", libos::free_frames() * 4096 >> 20);
+/// ```
 #[cfg(target_os = "none")]
 pub fn free_frames() -> usize {
     mm::kernel::frames().free_frames()

@@ -90,6 +90,10 @@ pub struct SharedStats {
 impl SharedHeap {
     /// A heap of `len` bytes (rounded up to pages) at lower-half address `start` (page aligned,
     /// in a 1 GiB slot no other template of the same tasks uses), named `name` in fault reports.
+    ///
+    /// ```no_run
+    /// let heap = libos::shared::SharedHeap::new("results", 0x2_0000_0000, 4 << 20).expect("memory");
+    /// ```
     pub fn new(name: &str, start: u64, len: u64) -> Result<SharedHeap, Error> {
         let pages = len.div_ceil(PAGE_SIZE).max(1) as usize;
         let first = frames()
@@ -124,11 +128,24 @@ impl SharedHeap {
     }
 
     /// The template to attach (with [`crate::task::spawn`]) in every task that uses the heap.
+    ///
+    /// ```no_run
+    /// let heap = libos::shared::SharedHeap::new("results", 0x2_0000_0000, 1 << 20).expect("memory");
+    /// let h = libos::task::spawn(&[heap.template()], || 0).expect("spawn");
+    /// ```
     pub fn template(&self) -> &Template {
         &self.template
     }
 
-    /// An allocator handle for `allocator_api2` / `hashbrown` collections.
+    /// An allocator handle for `allocator_api2` / `hashbrown` collections. Only tasks that attach
+    /// [`template`](SharedHeap::template) may touch (or drop) what they allocate with it.
+    ///
+    /// ```no_run
+    /// use libos::shared::{SharedAlloc, SharedHeap};
+    /// type Map = hashbrown::HashMap<u64, u64, hashbrown::DefaultHashBuilder, SharedAlloc>;
+    /// let heap = SharedHeap::new("kv", 0x2_0000_0000, 1 << 20).expect("memory");
+    /// let map = Map::with_hasher_in(Default::default(), heap.allocator()); // empty: no memory yet
+    /// ```
     pub fn allocator(&self) -> SharedAlloc {
         SharedAlloc {
             inner: self.inner.clone(),
@@ -136,6 +153,11 @@ impl SharedHeap {
     }
 
     /// Allocation statistics.
+    ///
+    /// ```no_run
+    /// let heap = libos::shared::SharedHeap::new("results", 0x2_0000_0000, 1 << 20).expect("memory");
+    /// assert_eq!(heap.stats().allocation_count, 0);
+    /// ```
     pub fn stats(&self) -> SharedStats {
         let t = self.inner.talc.lock();
         let c = t.counters();

@@ -102,6 +102,10 @@ impl Default for TemplateBuilder {
 
 impl TemplateBuilder {
     /// An empty builder.
+    ///
+    /// ```no_run
+    /// let b = libos::space::TemplateBuilder::new();
+    /// ```
     pub fn new() -> Self {
         TemplateBuilder {
             inner: templates::TemplateBuilder::new(&KernelMem),
@@ -124,6 +128,16 @@ impl TemplateBuilder {
 
     /// Adds a region of 4 KiB pages at `start` (lower half, page aligned) of `len` bytes whose
     /// contents `fill(offset, page)` writes, page by page, before the template is sealed.
+    ///
+    /// ```no_run
+    /// use libos::space::{Kind, TemplateBuilder};
+    /// // 16 MiB, copy-on-write for every task: each page starts filled with its page number.
+    /// let b = TemplateBuilder::new()
+    ///     .region("data", 0x4000_0000, 16 << 20, Kind::Private, |off, page| {
+    ///         page.fill((off >> 12) as u8)
+    ///     })
+    ///     .expect("out of memory");
+    /// ```
     pub fn region(
         mut self,
         name: &str,
@@ -161,6 +175,14 @@ impl TemplateBuilder {
 
     /// Adds a region holding `bytes` (e.g. an embedded blob: `include_bytes!`), zero-padded to
     /// whole pages.
+    ///
+    /// ```no_run
+    /// use libos::space::{Kind, TemplateBuilder};
+    /// let t = TemplateBuilder::new()
+    ///     .blob("config", 0x4000_0000, Kind::ReadOnly, b"threads = 4\n")
+    ///     .and_then(|b| b.seal())
+    ///     .expect("template");
+    /// ```
     pub fn blob(self, name: &str, start: u64, kind: Kind, bytes: &[u8]) -> Result<Self, Error> {
         let len = (bytes.len() as u64).max(1);
         self.region(name, start, len, kind, |off, page| {
@@ -174,6 +196,15 @@ impl TemplateBuilder {
 
     /// Maps one of the app image's own sections (its code or read-only data — the same frames the
     /// kernel half maps, not a copy) read-only at `start`: a "library" template.
+    ///
+    /// ```no_run
+    /// use libos::space::{ImageSection, TemplateBuilder};
+    /// let lib = TemplateBuilder::new()
+    ///     .image_section("text", 0x80_0000_0000, ImageSection::Text)
+    ///     .and_then(|b| b.image_section("rodata", 0x81_0000_0000, ImageSection::Rodata))
+    ///     .and_then(|b| b.seal())
+    ///     .expect("template");
+    /// ```
     pub fn image_section(
         mut self,
         name: &str,
@@ -216,6 +247,15 @@ impl TemplateBuilder {
     /// Adds a region whose every page maps the same zeroed frame (for 2 MiB pages: the same
     /// zeroed 2 MiB run): a way to build very large templates (benchmarks) without the memory.
     /// With `Kind::Private`, a task's first write to a page copies it, as for any template.
+    ///
+    /// ```no_run
+    /// use libos::space::{Kind, PageSize, TemplateBuilder};
+    /// // 64 GiB of page tables, one 2 MiB run of memory.
+    /// let big = TemplateBuilder::new()
+    ///     .alias_region("big", 0x80_0000_0000, 64 << 30, Kind::Private, PageSize::Size2MiB)
+    ///     .and_then(|b| b.seal())
+    ///     .expect("template");
+    /// ```
     pub fn alias_region(
         mut self,
         name: &str,
@@ -249,7 +289,18 @@ impl TemplateBuilder {
         Ok(self)
     }
 
-    /// Seals the template: its tables are built and never written again.
+    /// Seals the template: its tables are built and never written again. Fails if regions
+    /// overlap or are misaligned.
+    ///
+    /// ```no_run
+    /// use libos::space::{Kind, TemplateBuilder};
+    /// let t = TemplateBuilder::new()
+    ///     .region("a", 0x4000_0000, 4096, Kind::ReadOnly, |_, _| {})
+    ///     .expect("memory")
+    ///     .seal()
+    ///     .expect("layout");
+    /// let h = libos::task::spawn(&[&t], || 0).expect("spawn");
+    /// ```
     pub fn seal(mut self) -> Result<Template, Error> {
         let inner =
             core::mem::replace(&mut self.inner, templates::TemplateBuilder::new(&KernelMem));
@@ -313,6 +364,13 @@ pub(crate) fn kernel_half() -> &'static KernelHalf {
 }
 
 /// The engine mode for the boot's `share=` option.
+///
+/// ```no_run
+/// use libos::space::Mode;
+/// if libos::space::mode() == Mode::Copy {
+///     libos::println!("booted with share=off");
+/// }
+/// ```
 pub fn mode() -> Mode {
     if crate::share_mode() {
         Mode::Share

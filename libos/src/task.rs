@@ -249,6 +249,10 @@ pub(crate) fn init() {
 }
 
 /// Id of the running task (0 = the app's `main`).
+///
+/// ```no_run
+/// libos::println!("running in task {}", libos::task::current());
+/// ```
 pub fn current() -> u64 {
     irq_off(|| {
         let cur = sched().current;
@@ -267,11 +271,25 @@ pub(crate) fn in_spawned_task() -> bool {
 }
 
 /// Number of tasks spawned since boot.
+///
+/// ```no_run
+/// libos::println!("{} tasks so far", libos::task::spawned_count());
+/// ```
 pub fn spawned_count() -> u64 {
     SPAWNED.load(Ordering::Relaxed)
 }
 
 /// Options for [`Builder::spawn`].
+///
+/// ```no_run
+/// use libos::space::Mode;
+/// let h = libos::task::Builder::new()
+///     .stack_size(64 << 10)
+///     .mode(Mode::Copy) // deep-copy the tables, as fork() does
+///     .spawn(&[], || 0)
+///     .expect("spawn");
+/// assert_eq!(h.join(), Ok(0));
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Builder {
     stack_size: u64,
@@ -480,11 +498,22 @@ fn wake_sleepers(s: &mut Sched) {
 }
 
 /// Gives the CPU to the next runnable task, if any.
+///
+/// ```no_run
+/// let h = libos::task::spawn(&[], || 0).expect("spawn");
+/// while !h.is_finished() {
+///     libos::task::yield_now(); // let the task run
+/// }
+/// ```
 pub fn yield_now() {
     irq_off(|| switch_away(true));
 }
 
 /// Sleeps for at least `d` (other tasks run meanwhile).
+///
+/// ```no_run
+/// libos::task::sleep(core::time::Duration::from_millis(10));
+/// ```
 pub fn sleep(d: core::time::Duration) {
     let cycles = (u128::from(crate::time::tsc_hz()) * d.as_nanos() / 1_000_000_000) as u64;
     let deadline = crate::arch::x86_64::cpu::rdtsc() + cycles;
@@ -531,7 +560,13 @@ fn end_current(result: Result<i32, TaskError>) -> ! {
     unreachable!("a zombie task was scheduled again");
 }
 
-/// Ends the running spawned task with exit code `code` (as if its closure returned it).
+/// Ends the running spawned task with exit code `code` (as if its closure returned it). In the
+/// main task it ends the app, like [`crate::exit`].
+///
+/// ```no_run
+/// let h = libos::task::spawn(&[], || libos::task::exit(3)).expect("spawn");
+/// assert_eq!(h.join(), Ok(3));
+/// ```
 pub fn exit(code: i32) -> ! {
     if !in_spawned_task() {
         crate::exit(code)
@@ -577,6 +612,12 @@ impl JoinHandle {
     }
 
     /// Waits for the task to end; its exit code, or how it failed.
+    ///
+    /// ```no_run
+    /// use libos::task::TaskError;
+    /// let h = libos::task::spawn(&[], || panic!("boom")).expect("spawn");
+    /// assert!(matches!(h.join(), Err(TaskError::Panic(_))));
+    /// ```
     pub fn join(self) -> Result<i32, TaskError> {
         loop {
             let done = irq_off(|| {
@@ -599,7 +640,18 @@ impl JoinHandle {
     /// Ends the task (if it has not ended yet); its `join` returns [`TaskError::Killed`].
     ///
     /// A runnable, preempted or sleeping task ends at once. A task blocked in
-    /// [`JoinHandle::join`] ends as soon as it is woken.
+    /// [`JoinHandle::join`] ends as soon as it is woken. The task runs no destructors (objects it
+    /// owned in the kernel heap leak) and a [`crate::sync::Mutex`] it holds stays locked.
+    ///
+    /// ```no_run
+    /// use libos::task::TaskError;
+    /// let h = libos::task::spawn(&[], || loop {
+    ///     libos::task::yield_now();
+    /// })
+    /// .expect("spawn");
+    /// h.kill();
+    /// assert_eq!(h.join(), Err(TaskError::Killed));
+    /// ```
     pub fn kill(&self) {
         irq_off(|| {
             // SAFETY: JoinState cells are only touched with interrupts off.
@@ -638,7 +690,16 @@ impl JoinHandle {
     }
 }
 
-/// Reads `buf.len()` bytes at `va` in the running task's address space.
+/// Reads `buf.len()` bytes at `va` in the running task's address space. The range is checked
+/// first: an address no region maps is `Err(Fault::Unmapped)`, not a crash.
+///
+/// ```no_run
+/// let mut b = [0u8; 8];
+/// match libos::task::read(0x4000_0000, &mut b) {
+///     Ok(()) => libos::println!("read {b:?}"),
+///     Err(e) => libos::println!("not mapped here: {e}"),
+/// }
+/// ```
 pub fn read(va: u64, buf: &mut [u8]) -> Result<(), templates::Fault> {
     crate::space::with_current(|space| crate::space::check_access(space, va, buf.len(), false))?;
     // SAFETY: every byte lies in a region of the running task's space (checked), which is the
@@ -648,7 +709,12 @@ pub fn read(va: u64, buf: &mut [u8]) -> Result<(), templates::Fault> {
 }
 
 /// Writes `data` at `va` in the running task's address space (copy-on-write on the first write
-/// to a `Private` template page).
+/// to a `Private` template page). A read-only or unmapped range is an `Err`, not a crash.
+///
+/// ```no_run
+/// libos::task::map_private("scratch", 0x4000_0000, 4096).expect("map");
+/// libos::task::write(0x4000_0000, b"hello").expect("writable");
+/// ```
 pub fn write(va: u64, data: &[u8]) -> Result<(), templates::Fault> {
     crate::space::with_current(|space| crate::space::check_access(space, va, data.len(), true))?;
     // SAFETY: as in `read`, and every byte is in a writable region.
@@ -658,6 +724,13 @@ pub fn write(va: u64, data: &[u8]) -> Result<(), templates::Fault> {
 
 /// Maps `len` bytes of demand-zero private memory named `name` at `va` in the running task's
 /// space (page aligned; must not overlap anything mapped).
+///
+/// ```no_run
+/// libos::task::map_private("state", 0x4000_0000, 1 << 20).expect("map");
+/// let mut b = [1u8; 4];
+/// libos::task::read(0x4000_0000, &mut b).expect("mapped");
+/// assert_eq!(b, [0; 4]); // demand-zero
+/// ```
 pub fn map_private(name: &str, va: u64, len: u64) -> Result<(), templates::Error> {
     crate::space::with_current(|space| {
         let flush = space.map(
@@ -678,6 +751,21 @@ pub fn map_private(name: &str, va: u64, len: u64) -> Result<(), templates::Error
 /// Turns ranges of the running task's memory into a template: the fork-server primitive.
 /// Afterwards this task and every task spawned from the template share that memory
 /// copy-on-write.
+///
+/// ```no_run
+/// use libos::task;
+/// task::map_private("state", 0x4000_0000, 4096).expect("map");
+/// task::write(0x4000_0000, b"warm").expect("write");
+/// let snap = task::snapshot(&[(0x4000_0000, 4096)]).expect("snapshot");
+/// let h = task::spawn(&[&snap], || {
+///     let mut b = [0u8; 4];
+///     task::read(0x4000_0000, &mut b).expect("read");
+///     task::write(0x4000_0000, b"mine").expect("private copy");
+///     i32::from(&b == b"warm")
+/// })
+/// .expect("spawn");
+/// assert_eq!(h.join(), Ok(1));
+/// ```
 pub fn snapshot(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
     crate::space::with_current(|space| {
         let r: Vec<(::x86_64::VirtAddr, u64)> = ranges
@@ -692,11 +780,23 @@ pub fn snapshot(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
 
 /// Returns the frames of cached (freed but still mapped) task stacks to the frame allocator, so
 /// that a leak check compares like with like.
+///
+/// ```no_run
+/// libos::task::trim_caches();
+/// let before = libos::free_frames();
+/// libos::task::spawn(&[], || 0).expect("spawn").join().expect("task");
+/// libos::task::trim_caches();
+/// libos::println!("frames not returned: {}", before as i64 - libos::free_frames() as i64);
+/// ```
 pub fn trim_caches() {
     crate::stack::trim_cache();
 }
 
 /// Page-table accounting of the running task's space.
+///
+/// ```no_run
+/// libos::println!("{:?}", libos::task::space_stats());
+/// ```
 pub fn space_stats() -> templates::SpaceStats {
     crate::space::with_current(|space| space.stats())
 }

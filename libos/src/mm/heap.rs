@@ -68,7 +68,11 @@ pub struct HeapStats {
     pub reserved_bytes: usize,
 }
 
-/// Current kernel-heap statistics.
+/// Current kernel-heap statistics (`libos::heap_stats()`).
+///
+/// ```no_run
+/// libos::println!("{:?}", libos::heap_stats());
+/// ```
 pub fn stats() -> HeapStats {
     let talc = HEAP.lock();
     let c = talc.counters();
