@@ -124,38 +124,6 @@ pub fn normalize(raw: &[MapEntry], out: &mut [Range]) -> usize {
     w
 }
 
-/// Removes `[start, end)` from the sorted ranges in `ranges[..n]`; returns the new count.
-/// A range split in two needs one free slot; without one, the upper part is dropped.
-pub fn remove(ranges: &mut [Range], n: usize, start: u64, end: u64) -> usize {
-    let raw = [MapEntry {
-        addr: start,
-        size: end - start,
-        kind: 2,
-    }];
-    // Reuse normalize's carving by treating the current ranges as RAM entries.
-    let mut tmp = [MapEntry {
-        addr: 0,
-        size: 0,
-        kind: 0,
-    }; 64];
-    let mut k = 0;
-    for r in &ranges[..n] {
-        if k < tmp.len() {
-            tmp[k] = MapEntry {
-                addr: r.start,
-                size: r.len(),
-                kind: TYPE_RAM,
-            };
-            k += 1;
-        }
-    }
-    if k < tmp.len() {
-        tmp[k] = raw[0];
-        k += 1;
-    }
-    normalize(&tmp[..k], ranges)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,32 +210,5 @@ mod tests {
         assert_eq!(normalize(&[e(0, 0, 0), e(0x1000, 0x1000, 2)], &mut out), 0);
         // Smaller than a page after rounding.
         assert_eq!(normalize(&[e(0x10, 0x1000, 1)], &mut out), 0);
-    }
-
-    #[test]
-    fn remove_cuts_holes() {
-        let mut r = [Range { start: 0, end: 0 }; 8];
-        r[0] = Range {
-            start: 0,
-            end: 0x10000,
-        };
-        r[1] = Range {
-            start: 0x20000,
-            end: 0x30000,
-        };
-        let n = remove(&mut r, 2, 0x8000, 0x24000);
-        assert_eq!(
-            &r[..n],
-            &[
-                Range {
-                    start: 0,
-                    end: 0x8000
-                },
-                Range {
-                    start: 0x24000,
-                    end: 0x30000
-                }
-            ]
-        );
     }
 }

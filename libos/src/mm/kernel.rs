@@ -300,27 +300,10 @@ pub(crate) fn map_new_kernel_page(virt: u64) -> Option<usize> {
     let phys = pfn as u64 * PAGE_SIZE;
     // SAFETY: a fresh frame, reached through the direct map.
     unsafe { core::ptr::write_bytes(phys_to_virt(phys) as *mut u8, 0, PAGE_SIZE as usize) };
-    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
-    let frame = PhysFrame::containing_address(PhysAddr::new(phys));
-    let flags = page_flags(cpu::features(), true, false);
-    let mut pt = KERNEL_PT.get().expect("mm not initialised").lock();
-    // SAFETY: `virt` is in the kernel-stack area, which only this module maps; the page is not
-    // mapped yet (callers map each stack page once).
-    match unsafe {
-        pt.map_to_with_table_flags(
-            page,
-            frame,
-            flags,
-            F::PRESENT | F::WRITABLE,
-            &mut KernelFrames,
-        )
-    } {
-        Ok(flush) => {
-            // The page was not present before, and x86 never caches not-present translations:
-            // there is nothing to flush.
-            flush.ignore();
-            Some(pfn)
-        }
+    match map_4k(virt, phys, page_flags(cpu::features(), true, false)) {
+        // The page was not present before, and x86 never caches not-present translations:
+        // there is nothing to flush.
+        Ok(()) => Some(pfn),
         Err(_) => {
             frames().dec_ref(pfn);
             None
@@ -328,23 +311,19 @@ pub(crate) fn map_new_kernel_page(virt: u64) -> Option<usize> {
     }
 }
 
-/// Maps the 4 KiB MMIO page at `phys` uncached at its direct-map address (device pages are not
-/// RAM, so the direct map leaves them out). Returns the virtual address; mapping the same page
-/// twice returns the existing mapping.
-pub(crate) fn map_mmio_page(phys: u64) -> Option<u64> {
-    let virt = phys_to_virt(phys);
+/// Maps one 4 KiB kernel-half page `virt` → `phys` that is not mapped yet, creating tables as
+/// needed from the frame allocator. Nothing to flush: not-present entries are never cached.
+fn map_4k(
+    virt: u64,
+    phys: u64,
+    flags: F,
+) -> Result<(), ::x86_64::structures::paging::mapper::MapToError<Size4KiB>> {
     let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
     let frame = PhysFrame::containing_address(PhysAddr::new(phys));
-    let feat = cpu::features();
-    let flags = page_flags(feat, true, false) | F::NO_CACHE | F::WRITE_THROUGH;
-    let mut pt = KERNEL_PT.get()?.lock();
-    use ::x86_64::structures::paging::mapper::{MapToError, Translate};
-    if pt.translate_addr(VirtAddr::new(virt)).is_some() {
-        return Some(virt);
-    }
-    // SAFETY: `phys` is a device page outside RAM, so no other mapping of it exists; the direct
-    // map's tables above it are the kernel's own.
-    match unsafe {
+    let mut pt = KERNEL_PT.get().expect("mm not initialised").lock();
+    // SAFETY: callers pass kernel-half addresses that only this module maps (kernel stacks,
+    // device pages in the direct-map range) and a frame nothing else maps writable there.
+    unsafe {
         pt.map_to_with_table_flags(
             page,
             frame,
@@ -352,12 +331,26 @@ pub(crate) fn map_mmio_page(phys: u64) -> Option<u64> {
             F::PRESENT | F::WRITABLE,
             &mut KernelFrames,
         )
-    } {
-        Ok(flush) => {
-            flush.ignore(); // was not present
-            Some(virt)
+    }
+    .map(|flush| flush.ignore())
+}
+
+/// Maps the 4 KiB MMIO page at `phys` uncached at its direct-map address (device pages are not
+/// RAM, so the direct map leaves them out). Returns the virtual address; mapping the same page
+/// twice returns the existing mapping.
+pub(crate) fn map_mmio_page(phys: u64) -> Option<u64> {
+    let virt = phys_to_virt(phys);
+    let flags = page_flags(cpu::features(), true, false) | F::NO_CACHE | F::WRITE_THROUGH;
+    {
+        use ::x86_64::structures::paging::mapper::Translate;
+        let pt = KERNEL_PT.get()?.lock();
+        if pt.translate_addr(VirtAddr::new(virt)).is_some() {
+            return Some(virt);
         }
-        Err(MapToError::PageAlreadyMapped(_)) => Some(virt),
+    }
+    use ::x86_64::structures::paging::mapper::MapToError;
+    match map_4k(virt, phys, flags) {
+        Ok(()) | Err(MapToError::PageAlreadyMapped(_)) => Some(virt),
         Err(_) => None,
     }
 }
