@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::qemu::{AccelChoice, EXIT_XTASK_ERROR, Firmware, Machine, Vm};
+use crate::qemu::{Accel, AccelChoice, EXIT_XTASK_ERROR, Firmware, Machine, Vm};
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes of `build` and `run`:
@@ -138,6 +138,10 @@ struct RunCmd {
     /// Build, then print the QEMU command line instead of running it
     #[arg(long)]
     dry_run: bool,
+    /// Run under `-icount shift=0,sleep=off` (TCG only): the guest clock counts executed
+    /// instructions, so in-guest timings (e.g. the boot banner) become instruction counts
+    #[arg(long)]
+    icount: bool,
     /// Guest log level: kernel option log=LEVEL
     #[arg(long, value_name = "LEVEL", value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
     log: Option<String>,
@@ -350,9 +354,16 @@ fn run(root: &Path, r: RunCmd) -> Result<i32> {
         }
     };
 
-    let (accel, notice) = qemu::detect_accel(r.accel)?;
+    let (mut accel, notice) = qemu::detect_accel(r.accel)?;
     if let Some(n) = notice {
         eprintln!("{n}");
+    }
+    if r.icount && accel == Accel::Kvm {
+        if r.accel == AccelChoice::Kvm {
+            bail!("--icount needs TCG (QEMU counts instructions only when it emulates them)");
+        }
+        eprintln!("stencil: --icount: using TCG (instruction counting is TCG-only)");
+        accel = Accel::Tcg;
     }
     let mut options = Vec::new();
     if let Some(level) = &r.log {
@@ -367,6 +378,7 @@ fn run(root: &Path, r: RunCmd) -> Result<i32> {
     vm.mem = r.mem.clone();
     vm.smp = r.smp;
     vm.gdb = r.gdb;
+    vm.icount = r.icount;
     vm.cmdline = cmdline::kernel_cmdline(&options, &r.args);
     vm.set_firmware(r.firmware)?;
     vm.ports = r.ports.clone();
