@@ -30,6 +30,8 @@ pub mod mm;
 #[cfg(target_os = "none")]
 mod arch;
 #[cfg(target_os = "none")]
+pub mod arena;
+#[cfg(target_os = "none")]
 mod boot;
 #[cfg(target_os = "none")]
 pub mod channel;

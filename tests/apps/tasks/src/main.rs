@@ -433,6 +433,41 @@ fn blob_and_image() -> Result<(), &'static str> {
     Ok(())
 }
 
+fn arena() -> Result<(), &'static str> {
+    // A task's arena lives in its own address space: what it holds goes with the task, even
+    // when the task faults and runs no destructor; the kernel heap is left exactly as it was.
+    let before = libos::heap_stats();
+    let t = task::spawn(&[], || {
+        let arena = libos::arena::Arena::new(0x10_0000_0000, 8 << 20).expect("map arena");
+        let mut v = allocator_api2::vec::Vec::new_in(&arena);
+        for i in 0..100_000u32 {
+            v.push(i);
+        }
+        let sum: u64 = v.iter().map(|&x| u64::from(x)).sum();
+        if sum != 4_999_950_000 || arena.allocated_bytes() < 400_000 {
+            return -1;
+        }
+        // Now fault with the Vec alive: no destructor runs, nothing may leak.
+        let p = core::hint::black_box(0xdead_0000_0000u64) as *const u8;
+        #[allow(unsafe_code)]
+        // SAFETY: not safe: the read faults on purpose and ends this task.
+        let _ = unsafe { p.read_volatile() };
+        1
+    })
+    .expect("spawn");
+    check(
+        matches!(t.join(), Err(TaskError::Fault { .. })),
+        "task with an arena faulted",
+    )?;
+    let after = libos::heap_stats();
+    check(
+        after.allocation_count == before.allocation_count,
+        "a faulting task's arena leaves no kernel-heap object",
+    )?;
+    println!("arena ok");
+    Ok(())
+}
+
 fn leak(cycles: u64) -> Result<(), &'static str> {
     let t = TemplateBuilder::new()
         .region("big", DATA, 256 << 20, Kind::Private, |off, p| {
@@ -502,6 +537,7 @@ fn main() -> Result<(), &'static str> {
             channels()?;
             shared_heap()?;
             blob_and_image()?;
+            arena()?;
             preemption()?;
             panics()?;
             oom()?;

@@ -1,0 +1,100 @@
+//! Per-task heaps: memory in the running task's own address space (its private tables).
+//!
+//! An [`Arena`] maps a demand-zero private region at an address the task chooses and runs an
+//! allocator over it whose bookkeeping lives inside the region too. Everything allocated there
+//! disappears with the task's address space — also when the task faults, panics or is killed and
+//! no destructor runs (kernel-heap objects would leak then). An `Arena` is neither `Send` nor
+//! `Sync`: its addresses mean something only in the task that made it.
+//!
+//! ```no_run
+//! let h = libos::task::spawn(&[], || {
+//!     let arena = libos::arena::Arena::new(0x10_0000_0000, 16 << 20).expect("map");
+//!     let mut v = allocator_api2::vec::Vec::new_in(&arena);
+//!     v.extend_from_slice(b"scratch that lives in this task only");
+//!     v.len() as i32
+//! })
+//! .expect("spawn");
+//! assert_eq!(h.join(), Ok(36));
+//! ```
+
+use core::alloc::Layout;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+
+use allocator_api2::alloc::{AllocError, Allocator};
+use talc::base::Talc;
+use talc::base::binning::DefaultBinning;
+use talc::source::Manual;
+
+use crate::sync::IrqMutex;
+
+type Heap = IrqMutex<Talc<Manual, DefaultBinning>>;
+
+/// A heap in the running task's private memory. See the module docs.
+#[derive(Debug)]
+pub struct Arena {
+    heap: NonNull<Heap>,
+    /// Addresses are only meaningful in the task that made the arena.
+    _task_local: PhantomData<*const ()>,
+}
+
+impl Arena {
+    /// Maps `len` bytes of private, demand-zero memory named "arena" at `va` (page aligned, not
+    /// overlapping anything the task has mapped) and starts an allocator over it.
+    pub fn new(va: u64, len: u64) -> Result<Arena, templates::Error> {
+        let header = core::mem::size_of::<Heap>().next_multiple_of(64) as u64;
+        if len <= header + 4096 {
+            return Err(templates::Error::Empty);
+        }
+        crate::task::map_private("arena", va, len)?;
+        let heap = va as *mut Heap;
+        // SAFETY: `va..va + len` was just mapped writable (demand-zero) in the running task's
+        // space, page aligned, and nothing else uses it; the header fits (checked above).
+        unsafe { heap.write(IrqMutex::new(Talc::new(Manual))) };
+        // SAFETY: as above: the heap header was just written; the rest of the region is ours.
+        let claimed = unsafe {
+            (*heap)
+                .lock()
+                .claim((va + header) as *mut u8, (len - header) as usize)
+        };
+        if claimed.is_none() {
+            return Err(templates::Error::Empty);
+        }
+        Ok(Arena {
+            heap: NonNull::new(heap).ok_or(templates::Error::Empty)?,
+            _task_local: PhantomData,
+        })
+    }
+
+    fn heap(&self) -> &Heap {
+        // SAFETY: the header was initialised in `new` and the region stays mapped for the life
+        // of the task, which outlives this non-Send handle.
+        unsafe { self.heap.as_ref() }
+    }
+
+    /// Bytes currently allocated in the arena.
+    pub fn allocated_bytes(&self) -> usize {
+        self.heap().lock().counters().allocated_bytes
+    }
+}
+
+// SAFETY: blocks come from talc over memory the arena owns exclusively; they stay valid until
+// deallocated, and the region lives as long as the task that holds the (non-Send) arena.
+unsafe impl Allocator for &Arena {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if layout.size() == 0 {
+            let p = NonNull::new(layout.align() as *mut u8).ok_or(AllocError)?;
+            return Ok(NonNull::slice_from_raw_parts(p, 0));
+        }
+        // SAFETY: non-zero size.
+        let p = unsafe { self.heap().lock().allocate(layout) }.ok_or(AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, layout.size()))
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        if layout.size() != 0 {
+            // SAFETY: the caller passes a block from this arena with its layout.
+            unsafe { self.heap().lock().deallocate(ptr.as_ptr(), layout) }
+        }
+    }
+}
