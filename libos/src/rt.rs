@@ -150,6 +150,8 @@ static PANICKING: AtomicBool = AtomicBool::new(false);
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    // No preemption while reporting: another task panicking meanwhile would see PANICKING set.
+    ::x86_64::instructions::interrupts::disable();
     if PANICKING.swap(true, Ordering::Relaxed) {
         crate::console::emergency_write(format_args!(
             "\npanicked while panicking: {}\n",

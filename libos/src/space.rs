@@ -94,6 +94,13 @@ pub struct TemplateBuilder {
     held: Vec<(PhysFrame, PageSize)>,
 }
 
+impl Drop for TemplateBuilder {
+    /// A builder dropped without `seal` (or after a failed step) gives its frames back.
+    fn drop(&mut self) {
+        self.release_held();
+    }
+}
+
 impl Default for TemplateBuilder {
     fn default() -> Self {
         Self::new()
@@ -347,7 +354,18 @@ static CURRENT: AtomicPtr<AddressSpace<KernelMem>> = AtomicPtr::new(core::ptr::n
 /// An address space spawned from templates.
 #[derive(Debug)]
 pub struct Space {
-    inner: alloc::boxed::Box<AddressSpace<KernelMem>>,
+    inner: core::mem::ManuallyDrop<alloc::boxed::Box<AddressSpace<KernelMem>>>,
+}
+
+impl Drop for Space {
+    fn drop(&mut self) {
+        // Release the tables with interrupts off, as the scheduler does for tasks: the engine's
+        // reference counting assumes no other space is dropped halfway through.
+        ::x86_64::instructions::interrupts::without_interrupts(|| {
+            // SAFETY: `inner` is dropped exactly once, here, and never used afterwards.
+            unsafe { core::mem::ManuallyDrop::drop(&mut self.inner) }
+        });
+    }
 }
 
 static KERNEL_HALF: spin::Once<KernelHalf> = spin::Once::new();
@@ -387,9 +405,11 @@ impl Space {
 
     /// Spawns a space in an explicit mode (benchmarks compare both in one boot).
     pub fn with_mode(templates: &[&Template], mode: Mode) -> Result<Space, Error> {
-        let inner = AddressSpace::new(&KernelMem, templates, mode, Some(kernel_half()))?;
+        let inner = ::x86_64::instructions::interrupts::without_interrupts(|| {
+            AddressSpace::new(&KernelMem, templates, mode, Some(kernel_half()))
+        })?;
         Ok(Space {
-            inner: alloc::boxed::Box::new(inner),
+            inner: core::mem::ManuallyDrop::new(alloc::boxed::Box::new(inner)),
         })
     }
 
@@ -404,7 +424,7 @@ impl Space {
 
     fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
         ::x86_64::instructions::interrupts::without_interrupts(|| {
-            let prev = CURRENT.swap(&mut *self.inner, Ordering::AcqRel);
+            let prev = CURRENT.swap(&mut **self.inner, Ordering::AcqRel);
             let (prev_root, flags) = Cr3::read();
             // SAFETY: the space's root has the kernel half installed, so code, stack and data
             // stay mapped across the switch.
@@ -420,11 +440,18 @@ impl Space {
     /// Reads `buf.len()` bytes at `va` inside the space (through the MMU).
     pub fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
         self.check(va, buf.len(), false)?;
+        // Bounce through the kernel heap: `buf` may live in the caller's own lower half, which
+        // is not mapped (or means something else) while this space is loaded.
+        let mut bounce = alloc::vec![0u8; buf.len()];
         self.enter(|| {
             // SAFETY: `check` found every byte inside a region of this space, which is loaded;
-            // faults (demand-zero) are resolved by the page-fault handler.
-            unsafe { core::ptr::copy_nonoverlapping(va as *const u8, buf.as_mut_ptr(), buf.len()) }
+            // faults (demand-zero) are resolved by the page-fault handler; `bounce` is in the
+            // kernel heap, mapped in every space.
+            unsafe {
+                core::ptr::copy_nonoverlapping(va as *const u8, bounce.as_mut_ptr(), buf.len())
+            }
         });
+        buf.copy_from_slice(&bounce);
         Ok(())
     }
 
@@ -432,10 +459,11 @@ impl Space {
     /// unshared and copied on the first write).
     pub fn write(&mut self, va: u64, data: &[u8]) -> Result<(), Fault> {
         self.check(va, data.len(), true)?;
+        let bounce = data.to_vec(); // see `read`
         self.enter(|| {
             // SAFETY: as in `read`, and every byte is in a writable region; copy-on-write faults
             // are resolved by the page-fault handler.
-            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), va as *mut u8, data.len()) }
+            unsafe { core::ptr::copy_nonoverlapping(bounce.as_ptr(), va as *mut u8, bounce.len()) }
         });
         Ok(())
     }

@@ -6,7 +6,16 @@
 //! console use it.
 
 use ::x86_64::instructions::interrupts;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// How many [`RawIrqSpinlock`]s are held right now (one CPU). A task that fails while this is
+/// non-zero dies holding a kernel lock, and the system cannot go on safely.
+static IRQ_LOCKS_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// Number of interrupt-disabling kernel locks currently held.
+pub(crate) fn irq_locks_held() -> usize {
+    IRQ_LOCKS_HELD.load(Ordering::Relaxed)
+}
 
 /// A spin lock that keeps interrupts off while held (a `lock_api::RawMutex`).
 #[derive(Debug)]
@@ -36,6 +45,7 @@ unsafe impl lock_api::RawMutex for RawIrqSpinlock {
             core::hint::spin_loop();
         }
         self.irqs_were_on.store(were_on, Ordering::Relaxed);
+        IRQ_LOCKS_HELD.fetch_add(1, Ordering::Relaxed);
     }
 
     fn try_lock(&self) -> bool {
@@ -47,6 +57,7 @@ unsafe impl lock_api::RawMutex for RawIrqSpinlock {
             .is_ok()
         {
             self.irqs_were_on.store(were_on, Ordering::Relaxed);
+            IRQ_LOCKS_HELD.fetch_add(1, Ordering::Relaxed);
             true
         } else {
             if were_on {
@@ -58,6 +69,7 @@ unsafe impl lock_api::RawMutex for RawIrqSpinlock {
 
     unsafe fn unlock(&self) {
         let were_on = self.irqs_were_on.load(Ordering::Relaxed);
+        IRQ_LOCKS_HELD.fetch_sub(1, Ordering::Relaxed);
         self.locked.store(false, Ordering::Release);
         if were_on {
             interrupts::enable();

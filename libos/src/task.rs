@@ -149,6 +149,8 @@ static SCHED: SchedCell = SchedCell(UnsafeCell::new(Sched {
 }));
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static PREEMPTION: AtomicBool = AtomicBool::new(false);
+/// The CPU waits in `switch_away` with nothing runnable (the current task is blocked or exiting).
+static IDLE: AtomicBool = AtomicBool::new(false);
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 
 /// The scheduler state. Callers hold interrupts off for as long as they use the reference.
@@ -350,10 +352,17 @@ impl Builder {
             templates::Error::OutOfFrames => SpawnError::OutOfMemory,
             e => SpawnError::Layout(e),
         })?;
-        let stack = crate::stack::alloc(self.stack_size).map_err(|e| match e {
-            crate::stack::StackError::NoSlot => SpawnError::TooManyTasks,
-            crate::stack::StackError::OutOfMemory => SpawnError::OutOfMemory,
-        })?;
+        let stack = match crate::stack::alloc(self.stack_size) {
+            Ok(stack) => stack,
+            Err(e) => {
+                // Dropped with interrupts off, like every space (see `finish_switch`).
+                irq_off(|| drop(space));
+                return Err(match e {
+                    crate::stack::StackError::NoSlot => SpawnError::TooManyTasks,
+                    crate::stack::StackError::OutOfMemory => SpawnError::OutOfMemory,
+                });
+            }
+        };
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let join = Arc::new(JoinState {
             result: UnsafeCell::new(None),
@@ -449,9 +458,9 @@ fn finish_switch() {
 /// the run queue (a yield); without, it is blocked or exiting and someone else will wake it (or
 /// it is a zombie). Interrupts must be off.
 fn switch_away(requeue: bool) {
-    let s = sched();
-    let cur = s.current;
+    let cur = sched().current;
     let next = loop {
+        let s = sched();
         wake_sleepers(s);
         if let Some(t) = s.run_queue.pop_front() {
             break t;
@@ -459,10 +468,25 @@ fn switch_away(requeue: bool) {
         if requeue {
             return; // nothing else to run: keep going
         }
-        // Nothing runnable: wait for the timer (sleepers) with interrupts on.
-        interrupts::enable_and_hlt();
+        // Nothing runnable, and `cur` is blocked or a zombie: wait with interrupts on. The timer
+        // tick must not treat `cur` as a running task meanwhile (it would requeue it), hence
+        // IDLE; without a timer, poll the sleepers instead of halting.
+        IDLE.store(true, Ordering::Relaxed);
+        if PREEMPTION.load(Ordering::Relaxed) {
+            interrupts::enable_and_hlt();
+        } else {
+            interrupts::enable();
+            core::hint::spin_loop();
+        }
         interrupts::disable();
+        IDLE.store(false, Ordering::Relaxed);
     };
+    let s = sched();
+    if next == cur {
+        // The idle loop woke the very task it was idling in (it had gone to sleep): just go on.
+        s.slice_start = crate::arch::x86_64::cpu::rdtsc();
+        return;
+    }
     if requeue {
         s.run_queue.push_back(cur);
     }
@@ -527,7 +551,8 @@ pub fn sleep(d: core::time::Duration) {
 /// Called from the timer interrupt (interrupts off): preempts the running task when its quantum
 /// is used up and another task is runnable.
 pub(crate) fn timer_tick() {
-    if !PREEMPTION.load(Ordering::Relaxed) {
+    if !PREEMPTION.load(Ordering::Relaxed) || IDLE.load(Ordering::Relaxed) {
+        // Idle: the halted loop in `switch_away` wakes sleepers itself.
         return;
     }
     let s = sched();
@@ -578,6 +603,20 @@ pub fn exit(code: i32) -> ! {
 /// returns); in the main task, returns so the caller ends the app.
 pub(crate) fn fail_current(err: TaskError) {
     if in_spawned_task() {
+        if crate::sync::irq_locks_held() > 0 {
+            // The task died inside a kernel critical section (e.g. formatting under the console
+            // lock, or in the heap): the lock would stay taken with every other task waiting on
+            // it with interrupts off. Ending the app with a report beats hanging.
+            crate::console::emergency_write(format_args!(
+                "stencil: task {} failed while holding a kernel lock ({err}); the system cannot go on safely\n",
+                current()
+            ));
+            crate::rt::fatal_exit(match err {
+                TaskError::Panic(_) => crate::rt::EXIT_PANIC,
+                TaskError::StackOverflow { .. } => crate::rt::EXIT_STACK_OVERFLOW,
+                _ => crate::rt::EXIT_EXCEPTION,
+            });
+        }
         end_current(Err(err));
     }
 }
@@ -732,6 +771,10 @@ pub fn write(va: u64, data: &[u8]) -> Result<(), templates::Fault> {
 /// assert_eq!(b, [0; 4]); // demand-zero
 /// ```
 pub fn map_private(name: &str, va: u64, len: u64) -> Result<(), templates::Error> {
+    // Copy the name first: it may live in this task's own memory, which must not fault while the
+    // space is being changed.
+    let name = String::from(name);
+    let name = name.as_str();
     crate::space::with_current(|space| {
         let flush = space.map(
             ::x86_64::VirtAddr::new(va),
@@ -767,11 +810,13 @@ pub fn map_private(name: &str, va: u64, len: u64) -> Result<(), templates::Error
 /// assert_eq!(h.join(), Ok(1));
 /// ```
 pub fn snapshot(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
+    // Copy the ranges first: they may live in this task's own memory, which must not fault while
+    // the space is being changed.
+    let r: Vec<(::x86_64::VirtAddr, u64)> = ranges
+        .iter()
+        .map(|&(s, l)| (::x86_64::VirtAddr::new(s), l))
+        .collect();
     crate::space::with_current(|space| {
-        let r: Vec<(::x86_64::VirtAddr, u64)> = ranges
-            .iter()
-            .map(|&(s, l)| (::x86_64::VirtAddr::new(s), l))
-            .collect();
         let (t, flush) = space.snapshot(&r)?;
         crate::space::apply(flush);
         Ok(t)

@@ -11,7 +11,7 @@
 //! code runs on host tests over a `Vec` and in the kernel over memory carved from the memory map.
 
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use spin::Mutex;
+use lock_api::{Mutex, RawMutex};
 
 /// A physical frame number (physical address / 4096).
 pub type Pfn = usize;
@@ -63,10 +63,14 @@ impl Bitmap<'_> {
 }
 
 /// Reference-counted physical frames. See the module documentation.
+///
+/// `R` is the lock around the bitmap. The kernel uses one that keeps interrupts off while held:
+/// the page-fault handler and the scheduler allocate and free frames, so a task preempted while
+/// holding a plain spin lock would deadlock the next one.
 #[derive(Debug)]
-pub struct FrameAllocator<'a> {
+pub struct FrameAllocator<'a, R: RawMutex> {
     counts: &'a [AtomicU32],
-    bitmap: Mutex<Bitmap<'a>>,
+    bitmap: Mutex<R, Bitmap<'a>>,
     free: AtomicUsize,
 }
 
@@ -75,7 +79,7 @@ pub const fn metadata_bytes(frames: usize) -> (usize, usize) {
     (frames * 4, frames.div_ceil(64) * 8)
 }
 
-impl<'a> FrameAllocator<'a> {
+impl<'a, R: RawMutex> FrameAllocator<'a, R> {
     /// An allocator over frames `0..counts.len()`, all of them in use until
     /// [`add_free_range`](Self::add_free_range) says otherwise.
     ///
@@ -201,8 +205,34 @@ impl<'a> FrameAllocator<'a> {
 mod tests {
     use super::*;
     use alloc::vec::Vec;
+    use core::sync::atomic::AtomicBool;
 
-    fn make(frames: usize) -> FrameAllocator<'static> {
+    /// A plain spin lock for host tests (the kernel's lock toggles interrupts, which a host
+    /// process may not do).
+    struct TestLock(AtomicBool);
+
+    // SAFETY: `lock` returns only after flipping the flag from false to true (Acquire); `unlock`
+    // clears it (Release).
+    unsafe impl RawMutex for TestLock {
+        #[allow(clippy::declare_interior_mutable_const)]
+        const INIT: Self = TestLock(AtomicBool::new(false));
+        type GuardMarker = lock_api::GuardSend;
+        fn lock(&self) {
+            while !self.try_lock() {
+                core::hint::spin_loop();
+            }
+        }
+        fn try_lock(&self) -> bool {
+            self.0
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        }
+        unsafe fn unlock(&self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+
+    fn make(frames: usize) -> FrameAllocator<'static, TestLock> {
         let counts: &'static [AtomicU32] =
             Vec::from_iter((0..frames).map(|_| AtomicU32::new(0))).leak();
         let bits: &'static mut [u64] = alloc::vec![u64::MAX; frames.div_ceil(64)].leak();

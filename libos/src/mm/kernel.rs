@@ -15,15 +15,15 @@ use super::frame::{FrameAllocator, metadata_bytes};
 use super::layout::{DIRECT_MAP, EARLY_LIMIT, KERNEL_BASE, KSTACKS, PAGE_SIZE, phys_to_virt};
 use crate::arch::x86_64::cpu;
 use crate::memmap::Range;
-use crate::sync::IrqMutex;
+use crate::sync::{IrqMutex, RawIrqSpinlock};
 
-static FRAMES: Once<FrameAllocator<'static>> = Once::new();
+static FRAMES: Once<FrameAllocator<'static, RawIrqSpinlock>> = Once::new();
 static KERNEL_PT: Once<IrqMutex<OffsetPageTable<'static>>> = Once::new();
 static KERNEL_ROOT: Once<PhysFrame> = Once::new();
 static STACKS_L3: Once<PhysFrame> = Once::new();
 
 /// The global frame allocator (after [`init`]).
-pub fn frames() -> &'static FrameAllocator<'static> {
+pub fn frames() -> &'static FrameAllocator<'static, RawIrqSpinlock> {
     FRAMES.get().expect("frame allocator used before mm::init")
 }
 

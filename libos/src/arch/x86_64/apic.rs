@@ -57,6 +57,11 @@ pub fn start_timer(quantum_us: u64) -> bool {
     // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC (checked above); reading it has no
     // side effects.
     let msr = unsafe { Msr::new(0x1b).read() };
+    // Bit 11: the APIC is globally enabled; bit 10: x2APIC mode (then MMIO does nothing).
+    if msr & (1 << 11) == 0 || msr & (1 << 10) != 0 {
+        log::warn!("apic: disabled or in x2APIC mode (IA32_APIC_BASE {msr:#x}); no preemption");
+        return false;
+    }
     let phys = msr & 0x000f_ffff_ffff_f000;
     let Some(virt) = crate::mm::kernel::map_mmio_page(phys) else {
         return false;

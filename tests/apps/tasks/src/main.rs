@@ -468,6 +468,39 @@ fn arena() -> Result<(), &'static str> {
     Ok(())
 }
 
+fn sleep_and_join() -> Result<(), &'static str> {
+    // Tasks that end while every other task is asleep or blocked: the CPU idles with a zombie or
+    // a blocked task as "current", and timer ticks must not put those back on the run queue.
+    // (The scheduler's queues keep their capacity once grown: count from the second round on.)
+    let mut before = 0;
+    for i in 0..20 {
+        if i == 1 {
+            before = libos::heap_stats().allocation_count;
+        }
+        let quick = task::spawn(&[], move || i).expect("spawn");
+        task::sleep(core::time::Duration::from_millis(3)); // `quick` ends while main sleeps
+        check(
+            quick.join() == Ok(i),
+            "a task that ended during the parent's sleep",
+        )?;
+        let sleeper = task::spawn(&[], move || {
+            task::sleep(core::time::Duration::from_millis(3));
+            i + 1
+        })
+        .expect("spawn");
+        check(
+            sleeper.join() == Ok(i + 1),
+            "join a sleeping task while nothing else runs",
+        )?;
+    }
+    check(
+        libos::heap_stats().allocation_count == before,
+        "no task object left behind",
+    )?;
+    println!("sleep and join ok");
+    Ok(())
+}
+
 fn leak(cycles: u64) -> Result<(), &'static str> {
     let t = TemplateBuilder::new()
         .region("big", DATA, 256 << 20, Kind::Private, |off, p| {
@@ -524,6 +557,7 @@ fn main() -> Result<(), &'static str> {
     let args = libos::args();
     println!("share mode {:?}", libos::space::mode());
     match args.first().map(|s| s.as_str()) {
+        Some("sleep") => sleep_and_join()?,
         Some("leak") => {
             let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
             leak(n)?;
@@ -538,6 +572,7 @@ fn main() -> Result<(), &'static str> {
             shared_heap()?;
             blob_and_image()?;
             arena()?;
+            sleep_and_join()?;
             preemption()?;
             panics()?;
             oom()?;
