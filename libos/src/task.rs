@@ -338,6 +338,12 @@ impl Builder {
         if crate::mm::kernel::frames().free_frames() < SPAWN_RESERVE_FRAMES {
             return Err(SpawnError::OutOfMemory);
         }
+        // The stack first: if the address space then fails, dropping the stack touches no
+        // shared page table.
+        let stack = crate::stack::alloc(self.stack_size).map_err(|e| match e {
+            crate::stack::StackError::NoSlot => SpawnError::TooManyTasks,
+            crate::stack::StackError::OutOfMemory => SpawnError::OutOfMemory,
+        })?;
         // Interrupts off: the engine's reference counting assumes no other space is created or
         // dropped halfway through (see `finish_switch`).
         let space = irq_off(|| {
@@ -352,17 +358,6 @@ impl Builder {
             templates::Error::OutOfFrames => SpawnError::OutOfMemory,
             e => SpawnError::Layout(e),
         })?;
-        let stack = match crate::stack::alloc(self.stack_size) {
-            Ok(stack) => stack,
-            Err(e) => {
-                // Dropped with interrupts off, like every space (see `finish_switch`).
-                irq_off(|| drop(space));
-                return Err(match e {
-                    crate::stack::StackError::NoSlot => SpawnError::TooManyTasks,
-                    crate::stack::StackError::OutOfMemory => SpawnError::OutOfMemory,
-                });
-            }
-        };
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let join = Arc::new(JoinState {
             result: UnsafeCell::new(None),
