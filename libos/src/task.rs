@@ -115,7 +115,7 @@ struct Task {
     rsp: u64,
     /// Physical address of the root table (CR3).
     cr3: u64,
-    space: Box<AddressSpace<KernelMem>>,
+    space: AddressSpace<KernelMem>,
     /// `None` for the main task (it runs on the boot's main stack). Held so that dropping the
     /// task frees its stack.
     #[allow(dead_code, reason = "held for its Drop")]
@@ -211,7 +211,6 @@ pub(crate) fn init() {
         Some(crate::space::kernel_half()),
     )
     .expect("out of memory creating the main task's address space");
-    let space = Box::new(space);
     let cr3 = space.root().start_address().as_u64();
     let main = Box::into_raw(Box::new(Task {
         id: 0,
@@ -386,7 +385,7 @@ impl Builder {
             id,
             rsp,
             cr3,
-            space: Box::new(space),
+            space,
             stack: Some(stack),
             entry: Some(Box::new(f)),
             join: join.clone(),

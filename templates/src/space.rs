@@ -124,14 +124,16 @@ impl<M: PhysMem> AddressSpace<M> {
         mode: Mode,
         kernel: Option<&KernelHalf>,
     ) -> Result<Self, Error> {
-        // Merge the claims per 512 GiB range; any slot claimed twice is a conflict.
-        let mut ranges: Vec<(usize, [u64; 8], Vec<usize>)> = Vec::new();
+        // Merge the claims per 512 GiB range; any slot claimed twice is a conflict. Per range:
+        // (L4 index, claimed slots, how many templates claim in it, the last one that did) — no
+        // per-range list, as this is on the spawn path.
+        let mut ranges: Vec<(usize, [u64; 8], usize, usize)> = Vec::new();
         for (n, t) in templates.iter().enumerate() {
             for c in t.claims() {
                 let at = match ranges.iter().position(|r| r.0 == c.l4) {
                     Some(at) => at,
                     None => {
-                        ranges.push((c.l4, [0; 8], Vec::new()));
+                        ranges.push((c.l4, [0; 8], 0, 0));
                         ranges.len() - 1
                     }
                 };
@@ -145,7 +147,8 @@ impl<M: PhysMem> AddressSpace<M> {
                     }
                     r.1[w] |= c.bits[w];
                 }
-                r.2.push(n);
+                r.2 += 1;
+                r.3 = n;
             }
         }
         let tree = match kernel {
@@ -154,18 +157,18 @@ impl<M: PhysMem> AddressSpace<M> {
         };
         let mut c = tree.cursor();
         let copy = mode == Mode::Copy;
-        for (l4, _, users) in &ranges {
-            if let [only] = users[..] {
+        for &(l4, _, users, last) in &ranges {
+            let l4 = &l4;
+            if users == 1 {
                 // The whole 512 GiB range is one template's: one L4 entry.
-                let e = templates[only].l4_entry(*l4);
+                let e = templates[last].l4_entry(*l4);
                 if entry::present(e) {
                     c.attach(*l4, None, e, copy)?;
                 }
                 continue;
             }
             // Several templates: an own L3, one entry per claimed 1 GiB slot.
-            for &n in users {
-                let t = templates[n];
+            for t in templates.iter().copied() {
                 let tc = walk::Cursor::new(mem, t.root());
                 let Some(claim) = t.claims().iter().find(|cl| cl.l4 == *l4) else {
                     continue;
