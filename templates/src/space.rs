@@ -168,7 +168,7 @@ impl<M: PhysMem> AddressSpace<M> {
                 continue;
             }
             // Several templates: an own L3, one entry per claimed 1 GiB slot.
-            for t in templates.iter().copied() {
+            for &t in templates {
                 let tc = walk::Cursor::new(mem, t.root());
                 let Some(claim) = t.claims().iter().find(|cl| cl.l4 == *l4) else {
                     continue;
