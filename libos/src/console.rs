@@ -2,8 +2,13 @@
 //!
 //! Output goes to the 16550 UART at port 0x3f8 through the `uart_16550` crate. The kernel command
 //! line's `log=` option sets the log level; log lines look like `[ INFO] message`.
+//!
+//! Every message is formatted *before* the console lock is taken (on the stack, or in the kernel
+//! heap when it is long), and the lock is held only to send its bytes: the lock keeps interrupts
+//! off, so app code (a `Display` impl) must never run under it.
 
 use crate::sync::IrqMutex;
+use alloc::string::String;
 use core::fmt::{self, Write};
 use uart_16550::Uart16550;
 use uart_16550::backend::PioBackend;
@@ -31,21 +36,104 @@ fn write_bytes(uart: &mut Uart16550<PioBackend>, s: &str) {
     }
 }
 
-struct Locked<'a>(&'a mut Uart16550<PioBackend>);
+/// Writes `bytes` to COM1 under the console lock. Nothing but the byte transfer happens while the
+/// lock is held (it keeps interrupts off): no formatting, no app code, no allocation.
+fn write_locked(s: &str) {
+    if let Some(uart) = COM1.lock().as_mut() {
+        write_bytes(uart, s);
+    }
+}
 
-impl Write for Locked<'_> {
+/// Bytes of a message formatted on the stack before it needs the heap.
+const STACK_BUF: usize = 256;
+
+/// Collects one formatted message so that it can be written in one piece, after formatting has
+/// finished: on the stack while it fits, then in a heap `String`. If the heap cannot grow, what
+/// is collected so far is written out and collection starts over (the message is then written in
+/// several pieces, but nothing is lost).
+struct Collect {
+    stack: [u8; STACK_BUF],
+    len: usize,
+    heap: String,
+}
+
+impl Collect {
+    const fn new() -> Self {
+        Collect {
+            stack: [0; STACK_BUF],
+            len: 0,
+            heap: String::new(),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        if self.heap.is_empty() {
+            // Only whole `&str`s are ever copied in, so this is valid UTF-8.
+            core::str::from_utf8(&self.stack[..self.len]).unwrap_or("")
+        } else {
+            &self.heap
+        }
+    }
+
+    fn flush(&mut self) {
+        write_locked(self.as_str());
+        self.len = 0;
+        self.heap.clear();
+    }
+}
+
+impl Write for Collect {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        write_bytes(self.0, s);
+        if self.heap.is_empty() && self.len + s.len() <= STACK_BUF {
+            self.stack[self.len..self.len + s.len()].copy_from_slice(s.as_bytes());
+            self.len += s.len();
+            return Ok(());
+        }
+        let have = if self.heap.is_empty() {
+            self.len
+        } else {
+            self.heap.len()
+        };
+        let need = have.saturating_add(s.len());
+        if self
+            .heap
+            .try_reserve(need.saturating_sub(self.heap.len()))
+            .is_err()
+        {
+            // Out of kernel heap: write what we have and go on with the stack buffer.
+            self.flush();
+            if s.len() > STACK_BUF {
+                write_locked(s);
+            } else {
+                return self.write_str(s);
+            }
+            return Ok(());
+        }
+        if self.heap.is_empty() {
+            self.heap
+                .push_str(core::str::from_utf8(&self.stack[..self.len]).unwrap_or(""));
+        }
+        self.heap.push_str(s);
         Ok(())
     }
 }
 
-/// Writes formatted text to the console (used by `print!`/`println!`).
+/// Writes formatted text to the console (used by `print!`/`println!` and the logger).
+///
+/// The text is formatted first and written under the console lock afterwards, so formatting may
+/// do anything safe code may: lock a contended [`crate::sync::Mutex`], yield, even print (that
+/// inner output comes first, as it is complete first). A message is written in one piece, so
+/// lines from different tasks do not interleave.
 #[doc(hidden)]
 pub fn _print(args: fmt::Arguments<'_>) {
-    if let Some(uart) = COM1.lock().as_mut() {
-        let _ = Locked(uart).write_fmt(args);
+    if let Some(s) = args.as_str() {
+        write_locked(s);
+        return;
     }
+    let mut c = Collect::new();
+    // `Collect` itself never fails; an error comes from a `Display` impl and ends that message.
+    let _ = c.write_fmt(args);
+    c.flush();
 }
 
 /// A writer for fault reports: it does not wait for the console lock (the faulting code may hold

@@ -1,9 +1,15 @@
-//! Locks that are safe against interrupts on one CPU.
+//! Locks.
 //!
-//! A plain spin lock taken by code that an interrupt (or, later, a preempting timer) can stop
-//! would deadlock if the interrupt handler or the next task asked for it. [`RawIrqSpinlock`]
-//! disables interrupts while held and restores the previous state on release; the heap and the
-//! console use it.
+//! [`Mutex`] is the lock for apps: waiting for it yields the CPU, and its holder may be preempted,
+//! yield, block or print.
+//!
+//! Inside libos, a plain spin lock taken by code that an interrupt (or the preempting timer) can
+//! stop would deadlock if the interrupt handler or the next task asked for it. `RawIrqSpinlock`
+//! (crate-private, as `IrqMutex`) disables interrupts while held and restores the previous state
+//! on release; the kernel heap, the frame bitmap, the console and the kernel page tables use it.
+//! Code holding one must not yield, sleep or block (the scheduler panics with "yield while
+//! holding a kernel lock" instead of freezing with interrupts off) and must not run app code;
+//! that is why these locks are not part of the public API.
 
 use ::x86_64::instructions::interrupts;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,7 +25,7 @@ pub(crate) fn irq_locks_held() -> usize {
 
 /// A spin lock that keeps interrupts off while held (a `lock_api::RawMutex`).
 #[derive(Debug)]
-pub struct RawIrqSpinlock {
+pub(crate) struct RawIrqSpinlock {
     locked: AtomicBool,
     irqs_were_on: AtomicBool,
 }
@@ -77,8 +83,9 @@ unsafe impl lock_api::RawMutex for RawIrqSpinlock {
     }
 }
 
-/// A mutex that keeps interrupts off while held.
-pub type IrqMutex<T> = lock_api::Mutex<RawIrqSpinlock, T>;
+/// A mutex that keeps interrupts off while held. Never hold one across a yield, a block, or a
+/// call into app code.
+pub(crate) type IrqMutex<T> = lock_api::Mutex<RawIrqSpinlock, T>;
 
 /// A lock for tasks: waiting for it yields the CPU to other tasks (interrupts stay on, so the
 /// holder gets to run and release it).
