@@ -6,6 +6,10 @@
 //! no destructor runs (kernel-heap objects would leak then). An `Arena` is neither `Send` nor
 //! `Sync`: its addresses mean something only in the task that made it.
 //!
+//! Running out is an error for that task only: a full arena answers `try_reserve` with `Err` and
+//! an infallible allocation (`push`) with a panic that ends the task; an arena larger than the
+//! RAM left faults when a demand-zero page cannot be backed, which also ends just that task.
+//!
 //! ```no_run
 //! let h = libos::task::spawn(&[], || {
 //!     let arena = libos::arena::Arena::new(0x10_0000_0000, 16 << 20).expect("map");
@@ -26,9 +30,13 @@ use talc::base::Talc;
 use talc::base::binning::DefaultBinning;
 use talc::source::Manual;
 
-use crate::sync::IrqMutex;
+use crate::sync::Mutex;
 
-type Heap = IrqMutex<Talc<Manual, DefaultBinning>>;
+/// The arena's allocator behind a task lock, not an interrupt-disabling kernel lock: the arena is
+/// task-private memory that no interrupt handler and no other task touches, and its demand-zero
+/// pages fault in (and may run out of RAM) while the allocator works. A task that fails there
+/// takes the lock down with its own address space; the rest of the system never waits for it.
+type Heap = Mutex<Talc<Manual, DefaultBinning>>;
 
 /// A heap in the running task's private memory. See the module docs.
 #[derive(Debug)]
@@ -50,7 +58,7 @@ impl Arena {
         let heap = va as *mut Heap;
         // SAFETY: `va..va + len` was just mapped writable (demand-zero) in the running task's
         // space, page aligned, and nothing else uses it; the header fits (checked above).
-        unsafe { heap.write(IrqMutex::new(Talc::new(Manual))) };
+        unsafe { heap.write(Mutex::new(Talc::new(Manual))) };
         // SAFETY: as above: the heap header was just written; the rest of the region is ours.
         let claimed = unsafe {
             (*heap)
