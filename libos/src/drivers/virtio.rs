@@ -21,16 +21,16 @@ use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 
 use super::pci::PortCam;
 use crate::mm::kernel::{frames, map_mmio_page};
-use crate::mm::layout::{DIRECT_MAP, KERNEL_BASE, KSTACKS, PAGE_SIZE, phys_to_virt};
+use crate::mm::layout::{DIRECT_MAP, KERNEL_BASE, KHEAP, PAGE_SIZE, phys_to_virt};
 
 /// The `virtio-drivers` hardware abstraction over libos memory.
 #[derive(Debug)]
 pub(crate) struct StencilHal;
 
 /// Physical address of kernel virtual address `va`: arithmetic for the direct map and the image,
-/// a page-table walk (through the direct map) for anything else, e.g. a kernel stack.
+/// a page-table walk (through the direct map) for anything else, e.g. the kernel heap or a stack.
 fn virt_to_phys(va: u64) -> Option<u64> {
-    if (DIRECT_MAP..KSTACKS).contains(&va) {
+    if (DIRECT_MAP..KHEAP).contains(&va) {
         return Some(va - DIRECT_MAP);
     }
     if va >= KERNEL_BASE {
@@ -56,10 +56,25 @@ fn virt_to_phys(va: u64) -> Option<u64> {
     None
 }
 
+/// Physical address of `va..va + len` if it is mapped and physically contiguous (checked page by
+/// page: kernel-heap pages are single frames from anywhere in RAM).
+fn contiguous_phys(va: u64, len: u64) -> Option<u64> {
+    let first = virt_to_phys(va)?;
+    let mut page = (va & !(PAGE_SIZE - 1)) + PAGE_SIZE;
+    while page < va + len {
+        if virt_to_phys(page)? != first + (page - va) {
+            return None;
+        }
+        page += PAGE_SIZE;
+    }
+    Some(first)
+}
+
 // SAFETY: DMA memory comes from the frame allocator (count 1, zeroed, used by nobody else until
 // `dma_dealloc`) and is reached through the direct map, which maps all RAM for the whole run;
 // MMIO pages are mapped uncached at their direct-map addresses, which no RAM mapping uses; shared
-// buffers are translated page-exactly and must be physically contiguous (checked).
+// buffers are translated page-exactly, and one that is not physically contiguous is bounced
+// through fresh DMA frames that only this share/unshare pair uses.
 unsafe impl Hal for StencilHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let Some(pfn) = frames().alloc_contiguous(pages, 1) else {
@@ -89,21 +104,51 @@ unsafe impl Hal for StencilHal {
         NonNull::new(phys_to_virt(paddr) as *mut u8).expect("direct map is not at 0")
     }
 
-    unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
+    unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {
         let va = buffer.as_ptr() as *mut u8 as u64;
         let len = buffer.len().max(1) as u64;
-        let first = virt_to_phys(va).expect("DMA buffer is not mapped");
-        let last = virt_to_phys(va + len - 1).expect("DMA buffer is not mapped");
-        assert_eq!(
-            last - first,
-            len - 1,
-            "DMA buffer at {va:#x} is not physically contiguous"
+        if let Some(phys) = contiguous_phys(va, len) {
+            return phys;
+        }
+        // Not physically contiguous (a kernel-heap buffer across a page boundary): bounce it.
+        let pages = len.div_ceil(PAGE_SIZE) as usize;
+        let (phys, bounce) = Self::dma_alloc(pages, direction);
+        assert!(
+            phys != 0,
+            "out of memory for a {len}-byte DMA bounce buffer"
         );
-        first
+        if direction != BufferDirection::DeviceToDriver {
+            // SAFETY: the caller's buffer is valid for `len` bytes; the bounce frames are fresh.
+            unsafe {
+                core::ptr::copy_nonoverlapping(va as *const u8, bounce.as_ptr(), len as usize)
+            };
+        }
+        phys
     }
 
-    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {
-        // Coherent memory, no IOMMU, no bounce buffers: nothing to do.
+    unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
+        // Coherent memory, no IOMMU: only a bounced buffer needs work.
+        let va = buffer.as_ptr() as *mut u8 as u64;
+        let len = buffer.len().max(1) as u64;
+        if contiguous_phys(va, len) == Some(paddr) {
+            return;
+        }
+        if direction != BufferDirection::DriverToDevice {
+            // SAFETY: `paddr` is the bounce buffer `share` made for this buffer (in the direct
+            // map), and the caller's buffer is valid for `len` bytes.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    phys_to_virt(paddr) as *const u8,
+                    va as *mut u8,
+                    len as usize,
+                )
+            };
+        }
+        let pages = len.div_ceil(PAGE_SIZE) as usize;
+        let first = (paddr / PAGE_SIZE) as usize;
+        for pfn in first..first + pages {
+            frames().dec_ref(pfn);
+        }
     }
 }
 

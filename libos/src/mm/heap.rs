@@ -1,7 +1,16 @@
-//! The kernel heap: `talc`, growing in physically contiguous chunks taken from the frame
-//! allocator and used through the direct map (so growing it changes no page table).
+//! The kernel heap: `talc` over its own virtual region of the kernel half ([`KHEAP`], L4 entry
+//! 509), grown by mapping single frames from anywhere in RAM.
+//!
+//! Growth needs free frames, not physically contiguous ones, so a fragmented RAM does not stop it.
+//! The region's L3 table is created at boot and every address space's L4 entry 509 points at it,
+//! so a page mapped here is visible in every task at once (the kernel half's one live shared
+//! subtree, DESIGN invariant 1's exception). The heap is one talc heap: each growth maps pages
+//! right after the last ones and extends it. A growth that cannot complete unmaps what it mapped
+//! and frees the page tables it created, so a failed allocation leaves the heap and the free-frame
+//! count exactly as they were.
 
 use core::alloc::Layout;
+use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use talc::TalcLock;
@@ -9,53 +18,133 @@ use talc::base::Talc;
 use talc::base::binning::Binning;
 use talc::source::Source;
 
-use super::kernel::frames;
-use super::layout::{PAGE_SIZE, phys_to_virt};
+use super::kernel::{frames, map_new_kernel_page, reclaim_heap_tables, unmap_kernel_page};
+use super::layout::{KHEAP, KHEAP_SIZE, PAGE_SIZE};
 use crate::sync::RawIrqSpinlock;
 
-/// Smallest chunk the heap grows by.
+/// Smallest step the heap grows by.
 const GROW_MIN: usize = 1 << 20;
+/// Entries per page table.
+const ENTRIES: usize = 512;
 
+/// Frames that growing the heap by `pages` pages takes at most: the pages, plus the L1 and L2
+/// tables that map them (a run of pages may straddle one table boundary at each level; the L3
+/// table exists from boot).
+pub(crate) const fn frames_to_grow(pages: usize) -> usize {
+    pages + pages / ENTRIES + 1 + pages / (ENTRIES * ENTRIES) + 1
+}
+
+/// Frames the heap holds (pages and their page tables).
 static HEAP_FRAMES: AtomicUsize = AtomicUsize::new(0);
+/// Size of the last allocation the heap could not grow for (`usize::MAX`: none since the last
+/// successful growth). The panic handler uses it to tell out-of-memory from other panics.
+static FAILED_REQUEST: AtomicUsize = AtomicUsize::new(usize::MAX);
 
-/// Grows the heap from the frame allocator on demand.
+/// Grows the heap on demand by mapping frames at the end of its region.
 #[derive(Debug)]
-pub(crate) struct FrameSource;
+pub(crate) struct FrameSource {
+    /// End of the mapped part of the region.
+    mapped_end: usize,
+    /// talc's end of the heap; 0 before the first growth.
+    heap_end: usize,
+}
 
-// SAFETY: `acquire` only claims memory it has just taken from the frame allocator and never
-// hands out again; talc may manage it for the rest of the run.
+impl FrameSource {
+    fn fail(layout: Layout) -> Result<(), ()> {
+        FAILED_REQUEST.store(layout.size(), Ordering::Relaxed);
+        Err(())
+    }
+}
+
+// SAFETY: `acquire` only hands talc pages it has just mapped, writable, at the end of the heap's
+// own region (nothing else maps or uses that region); they stay mapped for the rest of the run.
 unsafe impl Source for FrameSource {
     fn acquire<B: Binning>(talc: &mut Talc<Self, B>, layout: Layout) -> Result<(), ()> {
-        let want = (layout.size() + layout.align() + 4096).max(GROW_MIN);
-        let pages = want.div_ceil(PAGE_SIZE as usize);
-        let Some(pfn) = frames().alloc_contiguous(pages, 1) else {
-            crate::console::emergency_write(format_args!(
-                "stencil: out of memory: the kernel heap cannot grow by {} KiB ({} frames free)\n",
-                pages * 4,
-                frames().free_frames()
-            ));
-            return Err(());
+        // Room for the block at any alignment, plus talc's tags.
+        let Some(want) = layout
+            .size()
+            .checked_add(layout.align())
+            .and_then(|n| n.checked_add(PAGE_SIZE as usize))
+        else {
+            return Self::fail(layout);
         };
-        let base = phys_to_virt(pfn as u64 * PAGE_SIZE) as *mut u8;
-        // SAFETY: `base..base + pages * 4 KiB` is RAM we own exclusively (just allocated), mapped
-        // writable in the direct map, and never released while the heap lives.
-        match unsafe { talc.claim(base, pages * PAGE_SIZE as usize) } {
-            Some(_) => {
-                HEAP_FRAMES.fetch_add(pages, Ordering::Relaxed);
-                Ok(())
-            }
-            None => {
-                for p in pfn..pfn + pages {
-                    frames().dec_ref(p);
+        // A free gap at the top of the heap merges with the growth: only the rest is needed.
+        let top_free = NonNull::new(talc.source.heap_end as *mut u8).map_or(0, |end| {
+            // SAFETY: `heap_end` is the current end of the heap, as talc returned it last.
+            let reserved = unsafe { talc.reserved(end) };
+            end.as_ptr() as usize - reserved.up_to.as_ptr() as usize
+        });
+        let want = want.saturating_sub(top_free);
+        let pages = want.max(GROW_MIN).div_ceil(PAGE_SIZE as usize);
+        let start = talc.source.mapped_end;
+        let Some(end) = pages
+            .checked_mul(PAGE_SIZE as usize)
+            .and_then(|len| start.checked_add(len))
+            .filter(|&end| end <= (KHEAP + KHEAP_SIZE) as usize)
+        else {
+            return Self::fail(layout);
+        };
+        // Fail fast (and without touching any table) when RAM cannot possibly back it.
+        let free_before = frames().free_frames();
+        if frames_to_grow(pages) > free_before {
+            return Self::fail(layout);
+        }
+        for i in 0..pages {
+            let va = start + i * PAGE_SIZE as usize;
+            if map_new_kernel_page(va as u64).is_none() {
+                for j in 0..i {
+                    unmap_kernel_page((start + j * PAGE_SIZE as usize) as u64);
                 }
-                Err(())
+                reclaim_heap_tables();
+                debug_assert_eq!(frames().free_frames(), free_before, "failed growth leaked");
+                return Self::fail(layout);
             }
         }
+        talc.source.mapped_end = end;
+        // Only this code allocates frames meanwhile: the heap lock keeps interrupts off, on the
+        // one CPU. So the difference is exactly the pages plus the tables created for them.
+        HEAP_FRAMES.fetch_add(free_before - frames().free_frames(), Ordering::Relaxed);
+        FAILED_REQUEST.store(usize::MAX, Ordering::Relaxed);
+        match NonNull::new(talc.source.heap_end as *mut u8) {
+            None => {
+                // SAFETY: `start..end` was just mapped writable, belongs to the heap region only,
+                // and stays mapped for the rest of the run.
+                let heap_end = unsafe { talc.claim(start as *mut u8, end - start) };
+                let Some(heap_end) = heap_end else {
+                    return Self::fail(layout);
+                };
+                talc.source.heap_end = heap_end.as_ptr() as usize;
+            }
+            Some(heap_end) => {
+                // SAFETY: `heap_end` is the end talc returned last time, and the memory from there
+                // to `end` was just mapped for the heap alone (as above).
+                let new_end = unsafe { talc.extend(heap_end, end as *mut u8) };
+                talc.source.heap_end = new_end.as_ptr() as usize;
+            }
+        }
+        Ok(())
     }
 }
 
 #[global_allocator]
-static HEAP: TalcLock<RawIrqSpinlock, FrameSource> = TalcLock::new(FrameSource);
+static HEAP: TalcLock<RawIrqSpinlock, FrameSource> = TalcLock::new(FrameSource {
+    mapped_end: KHEAP as usize,
+    heap_end: 0,
+});
+
+/// If the kernel heap's last growth failed (and none succeeded since): the size in bytes of the
+/// allocation it was for.
+pub(crate) fn failed_request() -> Option<usize> {
+    match FAILED_REQUEST.load(Ordering::Relaxed) {
+        usize::MAX => None,
+        n => Some(n),
+    }
+}
+
+/// Bytes of RAM the heap holds (as in [`HeapStats::reserved_bytes`]), read without the heap lock.
+pub(crate) fn reserved_bytes() -> usize {
+    HEAP_FRAMES.load(Ordering::Relaxed) * PAGE_SIZE as usize
+}
 
 /// Kernel-heap statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +153,8 @@ pub struct HeapStats {
     pub allocated_bytes: usize,
     /// Number of live allocations.
     pub allocation_count: usize,
-    /// Bytes of RAM the heap has taken from the frame allocator.
+    /// Bytes of RAM the heap has taken from the frame allocator: its pages and the page tables
+    /// that map them.
     pub reserved_bytes: usize,
 }
 
@@ -79,6 +169,6 @@ pub fn stats() -> HeapStats {
     HeapStats {
         allocated_bytes: c.allocated_bytes,
         allocation_count: c.allocation_count,
-        reserved_bytes: HEAP_FRAMES.load(Ordering::Relaxed) * PAGE_SIZE as usize,
+        reserved_bytes: reserved_bytes(),
     }
 }

@@ -12,7 +12,9 @@ use ::x86_64::{PhysAddr, VirtAddr};
 use spin::Once;
 
 use super::frame::{FrameAllocator, metadata_bytes};
-use super::layout::{DIRECT_MAP, EARLY_LIMIT, KERNEL_BASE, KSTACKS, PAGE_SIZE, phys_to_virt};
+use super::layout::{
+    DIRECT_MAP, EARLY_LIMIT, KERNEL_BASE, KHEAP, KSTACKS, PAGE_SIZE, phys_to_virt,
+};
 use crate::arch::x86_64::cpu;
 use crate::memmap::Range;
 use crate::sync::{IrqMutex, RawIrqSpinlock};
@@ -21,6 +23,7 @@ static FRAMES: Once<FrameAllocator<'static, RawIrqSpinlock>> = Once::new();
 static KERNEL_PT: Once<IrqMutex<OffsetPageTable<'static>>> = Once::new();
 static KERNEL_ROOT: Once<PhysFrame> = Once::new();
 static STACKS_L3: Once<PhysFrame> = Once::new();
+static HEAP_L3: Once<PhysFrame> = Once::new();
 
 /// The global frame allocator (after [`init`]).
 pub fn frames() -> &'static FrameAllocator<'static, RawIrqSpinlock> {
@@ -142,7 +145,8 @@ pub(crate) unsafe fn init(ram: &[Range]) -> Result<(), InitError> {
     let meta_bytes = (count_bytes as u64).next_multiple_of(8) + bitmap_bytes as u64;
     let meta_bytes = meta_bytes.next_multiple_of(PAGE_SIZE);
     let image_pages = (image_end - image_start) / PAGE_SIZE;
-    let bump_frames = 16 + max_phys.div_ceil(1 << 30) * 2 + image_pages / 512 + 2;
+    // (+ 1: the kernel heap's L3 table)
+    let bump_frames = 16 + max_phys.div_ceil(1 << 30) * 2 + image_pages / 512 + 2 + 1;
     let need = meta_bytes + bump_frames * PAGE_SIZE;
 
     // Place metadata + bump tables in RAM below 1 GiB, above the image.
@@ -234,11 +238,15 @@ pub(crate) unsafe fn init(ram: &[Range]) -> Result<(), InitError> {
         }
     }
 
-    // Pre-create the L3 table of the kernel-stack area so later stack mappings change only
-    // tables below the L4 entries that every address space copies.
+    // Pre-create the L3 tables of the kernel-stack area and the kernel heap's region so later
+    // stack and heap mappings change only tables below the L4 entries that every address space
+    // copies: each change is visible in every task at once.
     let stacks_l3 = bump.allocate_frame().ok_or(InitError::TablesTooBig)?;
     let l4_index = (KSTACKS >> 39) as usize & 511;
     pt.level_4_table_mut()[l4_index].set_frame(stacks_l3, parent);
+    let heap_l3 = bump.allocate_frame().ok_or(InitError::TablesTooBig)?;
+    let l4_index = (KHEAP >> 39) as usize & 511;
+    pt.level_4_table_mut()[l4_index].set_frame(heap_l3, parent);
 
     // Switch. The code, stack and statics all live in the image, which the new tables map at the
     // same addresses.
@@ -282,6 +290,7 @@ pub(crate) unsafe fn init(ram: &[Range]) -> Result<(), InitError> {
     KERNEL_PT.call_once(|| IrqMutex::new(mapper));
     KERNEL_ROOT.call_once(|| root);
     STACKS_L3.call_once(|| stacks_l3);
+    HEAP_L3.call_once(|| heap_l3);
     log::debug!(
         "mm: {} MiB RAM, {} frames free, metadata {} KiB at {:#x}, {} boot table frames",
         max_phys >> 20,
@@ -321,8 +330,9 @@ fn map_4k(
     let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
     let frame = PhysFrame::containing_address(PhysAddr::new(phys));
     let mut pt = KERNEL_PT.get().expect("mm not initialised").lock();
-    // SAFETY: callers pass kernel-half addresses that only this module maps (kernel stacks,
-    // device pages in the direct-map range) and a frame nothing else maps writable there.
+    // SAFETY: callers pass kernel-half addresses that only this module maps (kernel stacks, the
+    // kernel heap's region, device pages in the direct-map range) and a frame nothing else maps
+    // writable there.
     unsafe {
         pt.map_to_with_table_flags(
             page,
@@ -368,7 +378,21 @@ pub(crate) fn unmap_kernel_page(virt: u64) {
 /// Frees the L2 and L1 tables of the kernel-stack area that no longer map anything (after stacks
 /// were unmapped). The L3 table stays: every address space's L4 entry 510 points at it.
 pub(crate) fn reclaim_stack_tables() {
-    let Some(l3) = STACKS_L3.get() else { return };
+    if let Some(l3) = STACKS_L3.get() {
+        reclaim_tables(l3);
+    }
+}
+
+/// Frees the L2 and L1 tables of the kernel heap's region that no longer map anything (after a
+/// failed growth unmapped its pages). The L3 table stays: every L4 entry 509 points at it.
+pub(crate) fn reclaim_heap_tables() {
+    if let Some(l3) = HEAP_L3.get() {
+        reclaim_tables(l3);
+    }
+}
+
+/// Frees the empty L2 and L1 tables below the kernel-half L3 table `l3` (4 KiB mappings only).
+fn reclaim_tables(l3: &PhysFrame) {
     let table = |f: PhysAddr| {
         // SAFETY: kernel page tables are RAM reached through the direct map; the KERNEL_PT lock
         // held below serialises every change to them.

@@ -4,6 +4,10 @@
 pub const PAGE_SIZE: u64 = 4096;
 /// Where all physical memory is mapped: physical `p` is at `DIRECT_MAP + p`.
 pub const DIRECT_MAP: u64 = 0xffff_8000_0000_0000;
+/// Base of the kernel heap's region (L4 entry 509).
+pub const KHEAP: u64 = 0xffff_fe80_0000_0000;
+/// Size of the kernel heap's region: one L4 entry.
+pub const KHEAP_SIZE: u64 = 1 << 39;
 /// Base of the kernel-stack area (L4 entry 510).
 pub const KSTACKS: u64 = 0xffff_ff00_0000_0000;
 /// Size of one kernel-stack slot, guard page included.

@@ -4,8 +4,8 @@
 //! Receive: `QUEUE` buffers of [`BUF_LEN`] bytes are posted at start; a completed one is copied
 //! out into the [`RxToken`] and posted again at once. Transmit: each frame gets its own heap
 //! buffer (virtio header + frame), submitted without waiting; completed ones are reclaimed on the
-//! next poll. All buffers live in the kernel heap, i.e. in the direct map, so the device sees
-//! them at `virtual - DIRECT_MAP`.
+//! next poll. All buffers live in the kernel heap; the HAL gives the device their physical
+//! address (a page-table walk), bouncing one that is not physically contiguous.
 
 use alloc::boxed::Box;
 use alloc::format;
