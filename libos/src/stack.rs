@@ -118,12 +118,26 @@ impl Drop for KernelStack {
             return;
         }
         drop(s);
-        let top = slot_top(self.slot);
-        for j in 0..u64::from(self.pages) {
-            crate::mm::kernel::unmap_kernel_page(top - (j + 1) * PAGE_SIZE);
-        }
-        SLOTS.lock().free.push(self.slot as u32);
+        unmap_slot(self.slot, self.pages);
     }
+}
+
+/// Unmaps a slot's stack pages (their frames go back) and returns the slot to the free list.
+fn unmap_slot(slot: usize, pages: u32) {
+    let top = slot_top(slot);
+    for j in 0..u64::from(pages) {
+        crate::mm::kernel::unmap_kernel_page(top - (j + 1) * PAGE_SIZE);
+    }
+    SLOTS.lock().free.push(slot as u32);
+}
+
+/// Frees `stack` at once, past the cache: its frames and the page tables no stack uses any more
+/// go back to the frame allocator (a spawn that gives up uses this, so it keeps no memory).
+pub fn release(stack: KernelStack) {
+    let stack = core::mem::ManuallyDrop::new(stack);
+    SLOT_PAGES[stack.slot].store(0, Ordering::Release);
+    unmap_slot(stack.slot, stack.pages);
+    crate::mm::kernel::reclaim_stack_tables();
 }
 
 /// Unmaps every cached stack and returns its frames, and the page tables of slots no longer in

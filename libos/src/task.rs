@@ -31,8 +31,9 @@ use crate::stack::KernelStack;
 /// Default stack size of a spawned task.
 pub const DEFAULT_STACK: u64 = 32 << 10;
 /// Frames kept free for the kernel heap: [`spawn`] fails with [`SpawnError::OutOfMemory`]
-/// below this (4 MiB).
-pub const SPAWN_RESERVE_FRAMES: usize = 1024;
+/// rather than leave fewer free. The kernel heap maps single frames anywhere in RAM, so this many
+/// free frames let it grow by 4 MiB: 1,024 pages plus the page tables that map them.
+pub const SPAWN_RESERVE_FRAMES: usize = crate::mm::heap::frames_to_grow(1024);
 /// Scheduling quantum (the APIC timer period).
 pub const QUANTUM_US: u64 = 10_000;
 
@@ -332,9 +333,11 @@ impl Builder {
         F: FnOnce() -> i32 + Send + 'static,
     {
         let mode = self.mode.unwrap_or_else(crate::space::mode);
-        // Keep a reserve for the kernel heap, whose growth cannot fail gracefully (a failed heap
-        // allocation is a panic): spawning stops while less than SPAWN_RESERVE_FRAMES are free.
-        if crate::mm::kernel::frames().free_frames() < SPAWN_RESERVE_FRAMES {
+        // Keep a reserve for the kernel heap (a failed heap allocation is a panic): fail early
+        // when the reserve is already gone, and check again below once the stack and the
+        // address space have taken their frames.
+        let frames = crate::mm::kernel::frames();
+        if frames.free_frames() < SPAWN_RESERVE_FRAMES {
             return Err(SpawnError::OutOfMemory);
         }
         // The stack first: if the address space then fails, dropping the stack touches no
@@ -381,7 +384,7 @@ impl Builder {
         // SAFETY: the stack is mapped, writable and not in use; the frame fits at its top.
         unsafe { core::ptr::copy_nonoverlapping(frame.as_ptr(), rsp as *mut u64, frame.len()) };
         let cr3 = space.root().start_address().as_u64();
-        let task = Box::into_raw(Box::new(Task {
+        let task = Box::new(Task {
             id,
             rsp,
             cr3,
@@ -390,7 +393,18 @@ impl Builder {
             entry: Some(Box::new(f)),
             join: join.clone(),
             killed: false,
-        }));
+        });
+        if frames.free_frames() < SPAWN_RESERVE_FRAMES {
+            // This spawn (its stack, tables or kernel-heap objects) ate into the reserve: undo
+            // it, keeping none of its memory (not even in the stack cache).
+            let Task { space, stack, .. } = *task;
+            irq_off(|| drop(space));
+            if let Some(stack) = stack {
+                crate::stack::release(stack);
+            }
+            return Err(SpawnError::OutOfMemory);
+        }
+        let task = Box::into_raw(task);
         irq_off(|| sched().run_queue.push_back(task));
         SPAWNED.fetch_add(1, Ordering::Relaxed);
         Ok(JoinHandle {
@@ -452,6 +466,16 @@ fn finish_switch() {
 /// the run queue (a yield); without, it is blocked or exiting and someone else will wake it (or
 /// it is a zombie). Interrupts must be off.
 fn switch_away(requeue: bool) {
+    let held = crate::sync::irq_locks_held();
+    if held > 0 {
+        // Switching now would leave the lock taken, with interrupts off, for whichever task asks
+        // for it next: a silent freeze. Report it instead (this ends the app: see
+        // `fail_current`).
+        panic!(
+            "yield while holding a kernel lock ({held} interrupt-disabling lock(s) held): \
+             a task must not yield, sleep or block inside a kernel critical section"
+        );
+    }
     let cur = sched().current;
     let next = loop {
         let s = sched();
