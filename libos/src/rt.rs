@@ -180,22 +180,97 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         core::arch::asm!("mov {}, rbp", out(reg) rbp, options(nomem, nostack, preserves_flags))
     };
     crate::arch::x86_64::traps::backtrace(rbp);
+    let oom = kernel_heap_oom(info);
+    if let Some(bytes) = oom {
+        crate::console::emergency_write(format_args!(
+            "stencil: {}out of memory: the kernel heap cannot grow for an allocation of {} bytes \
+             ({} frames free; the heap holds {} KiB)\n",
+            TaskPrefix,
+            bytes,
+            crate::mm::kernel::frames().free_frames(),
+            crate::mm::heap::reserved_bytes() / 1024
+        ));
+    }
     if crate::task::in_spawned_task() {
-        // Only this task ends; the app goes on.
-        let msg = match info.location() {
-            Some(l) => alloc::format!(
+        // Only this task ends; the app goes on. (Inside a kernel critical section the app ends
+        // instead, in `fail_current`, and the lock may be the heap's: do not allocate then.)
+        let msg = if crate::sync::irq_locks_held() == 0 {
+            task_message(info)
+        } else {
+            String::new()
+        };
+        PANICKING.store(false, Ordering::Relaxed);
+        crate::task::fail_current(crate::task::TaskError::Panic(msg));
+    }
+    fatal_exit(if oom.is_some() { EXIT_OOM } else { EXIT_PANIC })
+}
+
+/// The panic message and location for `TaskError::Panic`. Built with fallible allocation: after
+/// an out-of-memory panic the heap may not hold even this, and the message is then cut short (the
+/// full report is on the console already).
+fn task_message(info: &core::panic::PanicInfo<'_>) -> String {
+    struct TryString(String);
+    impl core::fmt::Write for TryString {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            self.0.try_reserve(s.len()).map_err(|_| core::fmt::Error)?;
+            self.0.push_str(s);
+            Ok(())
+        }
+    }
+    let mut out = TryString(String::new());
+    let _ = match info.location() {
+        Some(l) => core::fmt::write(
+            &mut out,
+            format_args!(
                 "{} at {}:{}:{}",
                 info.message(),
                 l.file(),
                 l.line(),
                 l.column()
             ),
-            None => alloc::format!("{}", info.message()),
+        ),
+        None => core::fmt::write(&mut out, format_args!("{}", info.message())),
+    };
+    out.0
+}
+
+/// A small fixed buffer for comparing short formatted texts without allocating.
+struct StackText {
+    buf: [u8; 80],
+    len: usize,
+}
+
+impl StackText {
+    fn of(args: core::fmt::Arguments<'_>) -> Option<StackText> {
+        let mut t = StackText {
+            buf: [0; 80],
+            len: 0,
         };
-        PANICKING.store(false, Ordering::Relaxed);
-        crate::task::fail_current(crate::task::TaskError::Panic(msg));
+        core::fmt::write(&mut t, args).ok()?;
+        Some(t)
     }
-    fatal_exit(EXIT_PANIC)
+}
+
+impl core::fmt::Write for StackText {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self.len.checked_add(s.len()).ok_or(core::fmt::Error)?;
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(core::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// `Some(bytes)` if this panic is `alloc`'s report of a kernel-heap allocation the heap could
+/// not grow for (stable Rust has no `alloc_error_handler`: the heap records the failed size, and
+/// the message must be exactly the one `handle_alloc_error` panics with for that size).
+fn kernel_heap_oom(info: &core::panic::PanicInfo<'_>) -> Option<usize> {
+    let bytes = crate::mm::heap::failed_request()?;
+    let got = StackText::of(format_args!("{}", info.message()))?;
+    let want = StackText::of(format_args!("memory allocation of {bytes} bytes failed"))?;
+    (got.buf[..got.len] == want.buf[..want.len]).then_some(bytes)
 }
 
 /// Prints "task N " in reports when a spawned task is running.
