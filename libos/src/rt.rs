@@ -187,7 +187,11 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
              ({} frames free; the heap holds {} KiB)\n",
             TaskPrefix,
             bytes,
-            crate::mm::kernel::frames().free_frames(),
+            if crate::mm::kernel::ready() {
+                crate::mm::kernel::frames().free_frames()
+            } else {
+                0
+            },
             crate::mm::heap::reserved_bytes() / 1024
         ));
     }

@@ -18,7 +18,7 @@ use talc::base::Talc;
 use talc::base::binning::Binning;
 use talc::source::Source;
 
-use super::kernel::{frames, map_new_kernel_page, reclaim_heap_tables, unmap_kernel_page};
+use super::kernel::{frames, map_new_kernel_page, ready, reclaim_heap_tables, unmap_kernel_page};
 use super::layout::{KHEAP, KHEAP_SIZE, PAGE_SIZE};
 use crate::sync::RawIrqSpinlock;
 
@@ -60,6 +60,11 @@ impl FrameSource {
 // own region (nothing else maps or uses that region); they stay mapped for the rest of the run.
 unsafe impl Source for FrameSource {
     fn acquire<B: Binning>(talc: &mut Talc<Self, B>, layout: Layout) -> Result<(), ()> {
+        if !ready() {
+            // Before memory setup (e.g. a long early log line): an allocation failure, not a
+            // panic about a missing frame allocator.
+            return Self::fail(layout);
+        }
         // Room for the block at any alignment, plus talc's tags.
         let Some(want) = layout
             .size()

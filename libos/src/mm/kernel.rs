@@ -25,6 +25,12 @@ static KERNEL_ROOT: Once<PhysFrame> = Once::new();
 static STACKS_L3: Once<PhysFrame> = Once::new();
 static HEAP_L3: Once<PhysFrame> = Once::new();
 
+/// True once [`init`] has built the kernel page tables and started the frame allocator (the
+/// kernel heap can grow from then on).
+pub(crate) fn ready() -> bool {
+    KERNEL_PT.get().is_some()
+}
+
 /// The global frame allocator (after [`init`]).
 pub fn frames() -> &'static FrameAllocator<'static, RawIrqSpinlock> {
     FRAMES.get().expect("frame allocator used before mm::init")
