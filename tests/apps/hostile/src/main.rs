@@ -15,6 +15,7 @@
 extern crate alloc;
 
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -218,12 +219,30 @@ fn fragmented() -> Result<(), String> {
     );
     check(run < 1024, "no 4 MiB physically contiguous run is left")?;
 
-    let v = alloc::vec![0u8; 8 << 20];
+    // A task whose address space exists before the heap grows must see the new heap pages (the
+    // kernel half is one live shared subtree): it sums what main allocates next.
+    let (tx, rx) = libos::channel::bounded::<Arc<Vec<u8>>>(1);
+    let reader = task::spawn(&[], move || {
+        let v = rx.recv().expect("main sends the vector");
+        v.iter().map(|&b| i32::from(b)).sum()
+    })
+    .map_err(|e| alloc::format!("FAIL: spawn: {e}"))?;
+    let mut v = alloc::vec![0u8; 8 << 20];
     check(
         v.len() == 8 << 20 && v.iter().step_by(4096).all(|&b| b == 0),
         "8 MiB zeroed vector",
     )?;
-    println!("vec![0; 8 MiB] ok");
+    for b in v.iter_mut().step_by(4096) {
+        *b = 1;
+    }
+    let v = Arc::new(v);
+    tx.send(v.clone())
+        .map_err(|_| String::from("FAIL: reader gone"))?;
+    check(
+        reader.join() == Ok(2048),
+        "a task spawned before the growth reads the new heap pages",
+    )?;
+    println!("vec![0; 8 MiB] ok, seen by an older task");
     let mut w: Vec<u8> = Vec::new();
     check(w.try_reserve(4 << 20).is_ok(), "try_reserve(4 MiB)")?;
     w.resize(4 << 20, 9);
