@@ -39,13 +39,16 @@ pub fn max_len(machine: Machine, qboot: bool) -> usize {
 pub fn check_len(line: &str, machine: Machine, qboot: bool) -> Result<()> {
     let max = max_len(machine, qboot);
     if line.len() > max {
-        let loader = match (machine, qboot) {
-            (Machine::Microvm, _) => "microvm (the host's limit on one QEMU argument)",
-            (Machine::Q35, true) => "q35 with qboot",
-            (Machine::Q35, false) => "q35 with SeaBIOS (--firmware qboot carries 65,024)",
+        let (loader, hint) = match (machine, qboot) {
+            (Machine::Microvm, _) => ("microvm", " (the host's limit on one QEMU argument)"),
+            (Machine::Q35, true) => ("q35 with qboot", " (microvm carries 131071)"),
+            (Machine::Q35, false) => (
+                "q35 with SeaBIOS",
+                " (with --firmware qboot: 65024; microvm: 131071)",
+            ),
         };
         bail!(
-            "the kernel command line is {} bytes; {loader} carries at most {max} intact",
+            "the kernel command line is {} bytes; {loader} carries at most {max} intact{hint}",
             line.len()
         );
     }
@@ -109,6 +112,11 @@ mod tests {
         check_len(&line, Machine::Microvm, false).unwrap();
         let e = check_len(&format!("{line}y"), Machine::Microvm, false).unwrap_err();
         assert!(format!("{e}").contains("131072 bytes"), "{e}");
+        let e = check_len(&"x".repeat(5003), Machine::Q35, false).unwrap_err();
+        assert!(
+            format!("{e}").contains("5003 bytes; q35 with SeaBIOS carries at most 4096"),
+            "{e}"
+        );
         check_len(&"x".repeat(4096), Machine::Q35, false).unwrap();
         assert!(check_len(&"x".repeat(4097), Machine::Q35, false).is_err());
         check_len(&"x".repeat(65_024), Machine::Q35, true).unwrap();
