@@ -2,19 +2,27 @@
 //!
 //! 1. console (COM1), GDT/TSS, IDT, PIC masked — faults are reported from here on;
 //! 2. TSC calibration starts (PIT channel 0);
-//! 3. `hvm_start_info` is validated; command line and memory map are copied out of low memory;
-//! 4. kernel options are parsed (`log=`, `share=`); a bad one ends the boot with exit code 103;
+//! 3. `hvm_start_info` is validated (else exit 105) and the memory map copied out of low memory;
+//!    the command line is measured where the loader left it and checked to be UTF-8 (else 103);
+//! 4. kernel options are parsed (`log=`, `share=`) in place; a bad one ends the boot with 103;
 //! 5. memory: normalised map → kernel page tables (direct map, W^X image) → frame allocator;
+//!    the command line is then copied, whole, onto the heap;
 //! 6. the main stack (with a guard page) is mapped and boot continues on it;
-//! 7. app arguments are parsed (they need the heap), calibration finishes, `main` runs.
+//! 7. app arguments are parsed, calibration finishes, `main` runs.
+//!
+//! The command line has no length limit of its own: it stays where the loader put it (every QEMU
+//! loader puts it at 0x20000) until the heap exists. It must end below 1 MiB, memory that neither
+//! the kernel page tables nor the frame allocator ever reuse (mm/kernel.rs); one that does not is
+//! a boot error naming its address and length, never a silent cut.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::arch::x86_64::{gdt, pic, traps};
 use crate::cmdline;
 use crate::memmap::{MapEntry, Range, normalize};
-use crate::mm::layout::{EARLY_LIMIT, KERNEL_BASE};
+use crate::mm::layout::{EARLY_LIMIT, KERNEL_BASE, phys_to_virt};
 use crate::rt;
+use alloc::string::String;
 use spin::Once;
 
 /// `hvm_start_info.magic`.
@@ -22,12 +30,17 @@ const PVH_MAGIC: u32 = 0x336e_c578;
 /// Size of the main stack.
 const MAIN_STACK_SIZE: u64 = 1 << 20;
 
-const MAX_CMDLINE: usize = 4096;
+/// The command line must end (NUL included) below this address: memory that mm never reuses.
+const CMDLINE_LIMIT: u64 = 1 << 20;
+/// Memory-map entries read; a map with more is a boot error.
 const MAX_MAP: usize = 128;
 
-/// Copies of what the loader left in low memory, taken before anything can reuse it.
+/// What the loader left in low memory: the memory map, copied before anything can reuse it, and
+/// where the command line is.
 struct BootData {
-    cmdline: [u8; MAX_CMDLINE],
+    /// Physical address of the command line (0: none).
+    cmdline_phys: u64,
+    /// Its length in bytes, without the NUL; checked to be UTF-8.
     cmdline_len: usize,
     map: [MapEntry; MAX_MAP],
     map_len: usize,
@@ -36,6 +49,8 @@ struct BootData {
 }
 
 static BOOT_DATA: Once<BootData> = Once::new();
+/// The command line, copied onto the heap once it exists.
+static CMDLINE: Once<&'static str> = Once::new();
 static SHARE: AtomicBool = AtomicBool::new(true);
 
 fn boot_data() -> &'static BootData {
@@ -44,10 +59,45 @@ fn boot_data() -> &'static BootData {
         .expect("boot data read before it was copied")
 }
 
-/// The kernel command line as given to QEMU's `-append`.
+/// The kernel command line as given to QEMU's `-append`, whole.
 pub fn cmdline() -> &'static str {
+    CMDLINE.get().copied().unwrap_or("")
+}
+
+/// The command line where the loader left it, through the boot mapping.
+///
+/// # Safety
+/// The boot page tables must still be active (before `mm::kernel::init` switches them).
+unsafe fn early_cmdline() -> &'static str {
     let d = boot_data();
-    core::str::from_utf8(&d.cmdline[..d.cmdline_len]).unwrap_or("")
+    match early_ptr::<u8>(d.cmdline_phys, d.cmdline_len as u64) {
+        // SAFETY: `copy_start_info` checked that these bytes lie below 1 MiB, which the boot
+        // tables map at KERNEL_BASE (the caller guarantees they are still active), and that they
+        // are UTF-8; nothing writes that memory during boot.
+        Some(p) => unsafe {
+            core::str::from_utf8_unchecked(core::slice::from_raw_parts(p, d.cmdline_len))
+        },
+        None => "",
+    }
+}
+
+/// Copies the command line onto the heap (called once, right after the kernel heap exists).
+fn keep_cmdline() {
+    let d = boot_data();
+    let line = if d.cmdline_len == 0 {
+        ""
+    } else {
+        let p = phys_to_virt(d.cmdline_phys) as *const u8;
+        // SAFETY: the command line lies below 1 MiB in the first 2 MiB of RAM, which the direct
+        // map covers (`copy_start_info` checked that RAM starts there) and which neither the
+        // page-table builder nor the frame allocator has reused; `copy_start_info` checked that
+        // these bytes are UTF-8.
+        let s = unsafe {
+            core::str::from_utf8_unchecked(core::slice::from_raw_parts(p, d.cmdline_len))
+        };
+        String::leak(String::from(s))
+    };
+    CMDLINE.call_once(|| line);
 }
 
 /// Logs the one-line boot banner (called just before the app's `main`).
@@ -97,7 +147,7 @@ fn boot_fail(code: u32, args: core::fmt::Arguments<'_>) -> ! {
 unsafe fn copy_start_info(start_info: u64, d: &mut BootData) {
     let Some(info) = early_ptr::<u32>(start_info, 56) else {
         boot_fail(
-            rt::EXIT_OOM,
+            rt::EXIT_BOOT_FAILED,
             format_args!("start info at {start_info:#x} is not below 1 GiB"),
         );
     };
@@ -106,9 +156,10 @@ unsafe fn copy_start_info(start_info: u64, d: &mut BootData) {
     let qword = |i: usize| u64::from(word(i)) | (u64::from(word(i + 1)) << 32);
     if word(0) != PVH_MAGIC {
         boot_fail(
-            rt::EXIT_OOM,
+            rt::EXIT_BOOT_FAILED,
             format_args!(
-                "bad hvm_start_info magic {:#x} (not booted through PVH?)",
+                "bad hvm_start_info magic {:#x} (not booted through PVH, or the loader overwrote \
+                 it: QEMU's SeaBIOS PVH loader does so with a kernel command line over ~4 KiB)",
                 word(0)
             ),
         );
@@ -120,34 +171,30 @@ unsafe fn copy_start_info(start_info: u64, d: &mut BootData) {
     } else {
         (0, 0)
     };
-    if let Some(p) = early_ptr::<u8>(cmdline_paddr, 1) {
-        for i in 0..MAX_CMDLINE {
-            // SAFETY: the loader's NUL-terminated command line, below 1 GiB; read until the NUL.
-            let b = unsafe { p.add(i).read_volatile() };
-            if b == 0 {
-                break;
-            }
-            d.cmdline[i] = b;
-            d.cmdline_len = i + 1;
-        }
-    }
     if entries == 0 {
         boot_fail(
-            rt::EXIT_OOM,
+            rt::EXIT_BOOT_FAILED,
             format_args!("the loader passed no memory map (PVH start info version {version})"),
         );
     }
-    let n = entries.min(MAX_MAP);
+    if entries > MAX_MAP {
+        boot_fail(
+            rt::EXIT_BOOT_FAILED,
+            format_args!("the memory map has {entries} entries; libos reads at most {MAX_MAP}"),
+        );
+    }
+    let n = entries;
     let Some(map) = early_ptr::<u8>(memmap_paddr, 24 * n as u64) else {
         boot_fail(
-            rt::EXIT_OOM,
+            rt::EXIT_BOOT_FAILED,
             format_args!("memory map at {memmap_paddr:#x} is not below 1 GiB"),
         );
     };
     for i in 0..n {
         // SAFETY: entry i of the loader's memory map (24 bytes each), below 1 GiB.
         let e = unsafe { map.add(24 * i) };
-        // SAFETY: as above; unaligned reads because the table is only 8-byte aligned in practice.
+        // SAFETY: the three fields of entry i, inside the map checked above; unaligned reads
+        // because the table is only 8-byte aligned in practice.
         let (addr, size, kind) = unsafe {
             (
                 e.cast::<u64>().read_unaligned(),
@@ -159,6 +206,64 @@ unsafe fn copy_start_info(start_info: u64, d: &mut BootData) {
     }
     d.map_len = n;
     d.ram_len = normalize(&d.map[..n], &mut d.ram);
+    if d.ram_len == 0 {
+        boot_fail(
+            rt::EXIT_BOOT_FAILED,
+            format_args!("the memory map ({n} entries) holds no usable RAM"),
+        );
+    }
+    if cmdline_paddr != 0 {
+        // SAFETY: the boot tables are active (the caller's contract).
+        d.cmdline_len = unsafe { measure_cmdline(cmdline_paddr, &d.ram[..d.ram_len]) };
+        d.cmdline_phys = cmdline_paddr;
+    }
+}
+
+/// Measures the NUL-terminated command line at `phys` and checks that libos can keep it (below
+/// 1 MiB, RAM starting in the first 2 MiB so the direct map covers it) and that it is UTF-8.
+/// Returns its length without the NUL; anything else ends the boot with a report.
+///
+/// # Safety
+/// The boot page tables must be active.
+unsafe fn measure_cmdline(phys: u64, ram: &[Range]) -> usize {
+    let room = CMDLINE_LIMIT.saturating_sub(phys);
+    let Some(p) = early_ptr::<u8>(phys, room).filter(|_| room > 0) else {
+        boot_fail(
+            rt::EXIT_BAD_CMDLINE,
+            format_args!(
+                "the kernel command line is at {phys:#x}; libos needs it below {CMDLINE_LIMIT:#x}"
+            ),
+        );
+    };
+    // SAFETY: reads bytes phys..phys + room, all below 1 MiB, which the boot tables map.
+    let len = (0..room as usize).find(|&i| unsafe { p.add(i).read_volatile() } == 0);
+    let Some(len) = len else {
+        boot_fail(
+            rt::EXIT_BAD_CMDLINE,
+            format_args!(
+                "the kernel command line at {phys:#x} is at least {room} bytes long and does \
+                 not end below {CMDLINE_LIMIT:#x}, where libos needs it"
+            ),
+        );
+    };
+    if ram.first().is_none_or(|r| r.start >= 2 << 20) {
+        boot_fail(
+            rt::EXIT_BOOT_FAILED,
+            format_args!("the memory map has no RAM in the first 2 MiB, where the command line is"),
+        );
+    }
+    // SAFETY: the `len` bytes just measured, below 1 MiB, mapped by the boot tables.
+    let bytes = unsafe { core::slice::from_raw_parts(p, len) };
+    if let Err(e) = core::str::from_utf8(bytes) {
+        boot_fail(
+            rt::EXIT_BAD_CMDLINE,
+            format_args!(
+                "the kernel command line ({len} bytes) is not UTF-8: invalid byte at offset {}",
+                e.valid_up_to()
+            ),
+        );
+    }
+    len
 }
 
 /// First Rust code: called by the PVH entry with the start-info address and the entry TSC.
@@ -171,7 +276,7 @@ extern "C" fn stencil_boot64(start_info: u64, entry_tsc: u64) -> ! {
     crate::time::start_calibration(entry_tsc);
     BOOT_DATA.call_once(|| {
         let mut d = BootData {
-            cmdline: [0; MAX_CMDLINE],
+            cmdline_phys: 0,
             cmdline_len: 0,
             map: [MapEntry {
                 addr: 0,
@@ -186,14 +291,13 @@ extern "C" fn stencil_boot64(start_info: u64, entry_tsc: u64) -> ! {
         unsafe { copy_start_info(start_info, &mut d) };
         d
     });
-    let opts = match cmdline::parse_options(cmdline()) {
+    // SAFETY: the boot tables are still active; `early` is not used after mm::kernel::init.
+    let early = unsafe { early_cmdline() };
+    let opts = match cmdline::parse_options(early) {
         Ok(o) => o,
         Err(e) => boot_fail(
             rt::EXIT_BAD_CMDLINE,
-            format_args!(
-                "bad kernel command line: {e}\n  command line: {}",
-                cmdline()
-            ),
+            format_args!("bad kernel command line: {e}\n  command line: {early}"),
         ),
     };
     crate::console::init_logger(opts.log);
@@ -202,6 +306,7 @@ extern "C" fn stencil_boot64(start_info: u64, entry_tsc: u64) -> ! {
     if let Err(e) = unsafe { crate::mm::kernel::init(ram_ranges()) } {
         boot_fail(rt::EXIT_OOM, format_args!("{e}"));
     }
+    keep_cmdline();
     let stack = match crate::stack::alloc(MAIN_STACK_SIZE) {
         Ok(s) => s,
         Err(e) => boot_fail(

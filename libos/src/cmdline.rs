@@ -1,14 +1,17 @@
 //! The kernel command line: `[kernel options] [-- app arguments]`.
 //!
-//! Kernel options are `key=value` words: `log=off|error|warn|info|debug|trace`,
-//! `share=on|off`, and `virtio_mmio.device=<size>@<base>:<irq>[:<id>]` (the words QEMU's
-//! microvm, like Linux, uses to describe virtio-mmio devices; see [`virtio_mmio_devices`]). App arguments follow a lone `--`; an argument that contains spaces, quotes or
-//! backslashes is written in double quotes with `\"` and `\\` escapes (xtask quotes this way).
-//! Anything else is a [`CmdlineError`], reported at boot before `main` runs.
+//! How the line is split into kernel words and app arguments (and how xtask quotes arguments) is
+//! defined once, in [`stencil_abi::cmdline`]; this module gives the kernel words their meaning.
+//! Kernel options are `key=value` words: `log=off|error|warn|info|debug|trace`, `share=on|off`,
+//! and `virtio_mmio.device=<size>@<base>:<irq>[:<id>]` (the words QEMU's microvm, like Linux, uses
+//! to describe virtio-mmio devices; see [`virtio_mmio_devices`]). Anything else is a
+//! [`CmdlineError`], reported at boot before `main` runs.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
+
+use stencil_abi::cmdline::{DecodeError, app_args, kernel_words};
 
 /// Log verbosity, as `log=` spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,10 +64,8 @@ pub enum CmdlineError<'a> {
         /// What it accepts.
         expected: &'static str,
     },
-    /// A double quote that is never closed.
-    UnterminatedQuote,
-    /// A backslash at the very end of the line.
-    TrailingBackslash,
+    /// The app arguments are malformed (an unclosed quote, a trailing backslash).
+    Args(DecodeError),
 }
 
 impl fmt::Display for CmdlineError<'_> {
@@ -87,35 +88,15 @@ impl fmt::Display for CmdlineError<'_> {
             } => {
                 write!(f, "bad value '{value}' for '{key}' (expected {expected})")
             }
-            CmdlineError::UnterminatedQuote => write!(f, "unterminated double quote"),
-            CmdlineError::TrailingBackslash => write!(f, "backslash at the end of the line"),
+            CmdlineError::Args(e) => write!(f, "{e}"),
         }
-    }
-}
-
-/// Splits the line at the first lone `--`: (kernel part, app part).
-fn split(line: &str) -> (&str, &str) {
-    let mut rest = line;
-    let mut offset = 0;
-    loop {
-        let trimmed = rest.trim_start();
-        offset += rest.len() - trimmed.len();
-        if trimmed.is_empty() {
-            return (line, "");
-        }
-        let word_len = trimmed.find(char::is_whitespace).unwrap_or(trimmed.len());
-        if &trimmed[..word_len] == "--" {
-            return (&line[..offset], &line[offset + word_len..]);
-        }
-        offset += word_len;
-        rest = &trimmed[word_len..];
     }
 }
 
 /// Parses the kernel options (the part before `--`). Needs no allocation.
 pub fn parse_options(line: &str) -> Result<Options, CmdlineError<'_>> {
     let mut opts = Options::default();
-    for word in split(line).0.split_whitespace() {
+    for word in kernel_words(line) {
         let (key, value) = word
             .split_once('=')
             .ok_or(CmdlineError::NotKeyValue(word))?;
@@ -175,6 +156,7 @@ pub struct VirtioMmio {
 }
 
 /// A number as Linux's `memparse` reads it: decimal or `0x` hex, optional `K`/`M`/`G` suffix.
+/// `None` for anything else (a sign, no digits) and for a value that does not fit in 64 bits.
 fn parse_size(s: &str) -> Option<u64> {
     let (digits, shift) = match s.as_bytes().last()? {
         b'k' | b'K' => (&s[..s.len() - 1], 10),
@@ -182,65 +164,61 @@ fn parse_size(s: &str) -> Option<u64> {
         b'g' | b'G' => (&s[..s.len() - 1], 30),
         _ => (s, 0),
     };
-    let n = match digits
+    let (digits, radix) = match digits
         .strip_prefix("0x")
         .or_else(|| digits.strip_prefix("0X"))
     {
-        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
-        None => digits.parse().ok()?,
+        Some(hex) => (hex, 16),
+        None => (digits, 10),
     };
-    n.checked_mul(1 << shift)
+    // from_str_radix also takes a leading `+`; memparse does not.
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(digits, radix)
+        .ok()?
+        .checked_mul(1 << shift)
 }
 
+/// A decimal `u32` (an IRQ or device id), without sign.
+fn parse_u32(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Parses the value of `virtio_mmio.device=`: `<size>@<base>:<irq>[:<id>]`. `None` unless it is
+/// exactly that, the size is not zero and `base + size` does not wrap around.
 fn parse_virtio_mmio(value: &str) -> Option<VirtioMmio> {
     let (size, rest) = value.split_once('@')?;
     let (base, rest) = rest.split_once(':')?;
-    let irq = rest.split(':').next()?.parse().ok()?;
+    let irq = match rest.split_once(':') {
+        Some((irq, id)) => {
+            parse_u32(id)?;
+            irq
+        }
+        None => rest,
+    };
     let v = VirtioMmio {
         base: parse_size(base)?,
         size: parse_size(size)?,
-        irq,
+        irq: parse_u32(irq)?,
     };
-    (v.size > 0).then_some(v)
+    (v.size > 0 && v.base.checked_add(v.size).is_some()).then_some(v)
 }
 
 /// The `virtio_mmio.device=` options of the kernel part of `line` (malformed ones are skipped;
 /// [`parse_options`] reports them).
 pub fn virtio_mmio_devices(line: &str) -> impl Iterator<Item = VirtioMmio> + '_ {
-    split(line)
-        .0
-        .split_whitespace()
+    kernel_words(line)
         .filter_map(|w| w.strip_prefix("virtio_mmio.device="))
         .filter_map(parse_virtio_mmio)
 }
 
 /// Parses the app arguments (the part after `--`), undoing xtask's quoting.
 pub fn parse_args(line: &str) -> Result<Vec<String>, CmdlineError<'_>> {
-    let mut args = Vec::new();
-    let mut chars = split(line).1.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            return Ok(args);
-        }
-        let mut arg = String::new();
-        let mut quoted = false;
-        while let Some(c) = chars.next() {
-            match c {
-                '"' => quoted = !quoted,
-                '\\' => match chars.next() {
-                    Some(n) => arg.push(n),
-                    None => return Err(CmdlineError::TrailingBackslash),
-                },
-                c if c.is_whitespace() && !quoted => break,
-                c => arg.push(c),
-            }
-        }
-        if quoted {
-            return Err(CmdlineError::UnterminatedQuote);
-        }
-        args.push(arg);
-    }
+    app_args(line).map_err(CmdlineError::Args)
 }
 
 #[cfg(test)]
@@ -303,9 +281,16 @@ mod tests {
         ));
         assert_eq!(
             parse_args("-- \"open"),
-            Err(CmdlineError::UnterminatedQuote)
+            Err(CmdlineError::Args(DecodeError::UnterminatedQuote {
+                arg: 0
+            }))
         );
-        assert_eq!(parse_args("-- end\\"), Err(CmdlineError::TrailingBackslash));
+        assert_eq!(
+            parse_args("-- end\\"),
+            Err(CmdlineError::Args(DecodeError::TrailingBackslash {
+                arg: 0
+            }))
+        );
         let msg = alloc::format!("{}", parse_options("log=loud").unwrap_err());
         assert!(msg.contains("loud") && msg.contains("debug"), "{msg}");
     }
@@ -354,5 +339,122 @@ mod tests {
             parse_options("-- log=nonsense").unwrap(),
             Options::default()
         );
+    }
+
+    #[test]
+    fn virtio_mmio_edge_cases() {
+        let ok = |w: &str| parse_virtio_mmio(w);
+        assert_eq!(
+            ok("1K@0x1000:5:3"),
+            Some(VirtioMmio {
+                base: 0x1000,
+                size: 1024,
+                irq: 5
+            })
+        );
+        for bad in [
+            // base + size wraps around
+            "0x1000@0xfffffffffffff000:1",
+            "1@18446744073709551615:1",
+            // the size overflows through its suffix
+            "0x400000000G@0x1000:1",
+            // a sign, no digits, trailing junk, an id that is not a number, one part too many
+            "+512@0x1000:1",
+            "512@0x:1",
+            "K@0x1000:1",
+            "512@0x1000:-1",
+            "512@0x1000:1:x",
+            "512@0x1000:1:2:3",
+            "512@0x1000:99999999999",
+        ] {
+            assert_eq!(ok(bad), None, "{bad}");
+        }
+    }
+
+    mod props {
+        use super::super::*;
+        use alloc::format;
+        use alloc::string::ToString;
+        use proptest::prelude::*;
+
+        /// How a size or base is spelled: decimal, hex, or with a K/M/G suffix.
+        fn spell(n: u64, style: u8) -> String {
+            match style % 5 {
+                0 => n.to_string(),
+                1 => format!("{n:#x}"),
+                2 => format!("0X{n:X}"),
+                3 if n.is_multiple_of(1 << 10) => format!("{}K", n >> 10),
+                4 if n.is_multiple_of(1 << 20) => format!("{}m", n >> 20),
+                _ => n.to_string(),
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// Every well-formed word is accepted with exactly its values; parsing arbitrary
+            /// text never panics.
+            #[test]
+            fn virtio_mmio_accepts_every_well_formed_word(
+                size in prop_oneof![1u64..=1 << 20, (1u64..=1 << 20).prop_map(|k| k << 10), 1u64..=u64::MAX],
+                base_frac in any::<u64>(),
+                irq in any::<u32>(),
+                id in proptest::option::of(any::<u32>()),
+                styles in any::<(u8, u8)>(),
+            ) {
+                let base = base_frac % (u64::MAX - size + 1);
+                let id = id.map(|i| format!(":{i}")).unwrap_or_default();
+                let word = format!("{}@{}:{irq}{id}", spell(size, styles.0), spell(base, styles.1));
+                prop_assert_eq!(parse_virtio_mmio(&word), Some(VirtioMmio { base, size, irq }));
+                let line = format!("log=info virtio_mmio.device={word} -- x");
+                prop_assert_eq!(parse_options(&line), Ok(Options::default()));
+                prop_assert_eq!(virtio_mmio_devices(&line).count(), 1);
+            }
+
+            /// A region that wraps around the address space is refused.
+            #[test]
+            fn virtio_mmio_rejects_wrapping(size in 1u64..=u64::MAX, over in 0u64..=u64::MAX) {
+                // base >= 2^64 - size, so base + size > u64::MAX.
+                let base = (u64::MAX - size + 1).saturating_add(over % size.max(1));
+                let word = format!("{size}@{base:#x}:1");
+                prop_assert_eq!(parse_virtio_mmio(&word), None);
+                let line = format!("virtio_mmio.device={word}");
+                prop_assert!(parse_options(&line).is_err());
+            }
+
+            /// The kernel-option parser never panics on arbitrary input, and on a valid option
+            /// list it gives what the last `log=` / `share=` said.
+            #[test]
+            fn options_parse_like_the_model(
+                junk in prop_oneof![any::<String>(), "[a-z_.=@:0-9x -]{0,40}"],
+                opts in proptest::collection::vec((any::<bool>(), 0usize..6, any::<bool>()), 0..8),
+            ) {
+                let _ = parse_options(&junk);
+                let _ = parse_args(&junk);
+                let _ = virtio_mmio_devices(&junk).count();
+                let levels = ["off", "error", "warn", "info", "debug", "trace"];
+                let mut want = Options::default();
+                let mut words = Vec::new();
+                for (is_log, level, share) in opts {
+                    if is_log {
+                        words.push(format!("log={}", levels[level]));
+                        want.log = [
+                            LogLevel::Off,
+                            LogLevel::Error,
+                            LogLevel::Warn,
+                            LogLevel::Info,
+                            LogLevel::Debug,
+                            LogLevel::Trace,
+                        ][level];
+                    } else {
+                        words.push(format!("share={}", if share { "on" } else { "off" }));
+                        want.share = share;
+                    }
+                }
+                let line = stencil_abi::cmdline::encode(&words, &["log=bogus"]).unwrap();
+                prop_assert_eq!(parse_options(&line), Ok(want));
+                prop_assert_eq!(parse_args(&line).unwrap(), ["log=bogus"]);
+            }
+        }
     }
 }

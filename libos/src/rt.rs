@@ -9,18 +9,24 @@ use spin::Once;
 
 use crate::arch::x86_64;
 
-/// Exit code of a panic (see docs/ARCHITECTURE.md, "Exit codes").
-pub const EXIT_PANIC: u32 = 100;
+use stencil_abi::ExitCode;
+
+// libos's reserved exit codes (docs/ARCHITECTURE.md, "Exit codes"; the scheme is `stencil_abi::exit`).
+/// Exit code of a panic.
+pub const EXIT_PANIC: u32 = ExitCode::PANIC.code() as u32;
 /// Exit code of a fatal CPU exception.
-pub const EXIT_EXCEPTION: u32 = 101;
+pub const EXIT_EXCEPTION: u32 = ExitCode::EXCEPTION.code() as u32;
 /// Exit code of a kernel stack overflow.
-pub const EXIT_STACK_OVERFLOW: u32 = 102;
+pub const EXIT_STACK_OVERFLOW: u32 = ExitCode::STACK_OVERFLOW.code() as u32;
 /// Exit code of a malformed kernel command line.
-pub const EXIT_BAD_CMDLINE: u32 = 103;
-/// Exit code of running out of memory during boot.
-pub const EXIT_OOM: u32 = 104;
+pub const EXIT_BAD_CMDLINE: u32 = ExitCode::BAD_CMDLINE.code() as u32;
+/// Exit code of running out of memory (during boot, or the kernel heap cannot grow).
+pub const EXIT_OOM: u32 = ExitCode::OUT_OF_MEMORY.code() as u32;
+/// Exit code of a boot failure that is not about memory: bad PVH start info, no or unusable
+/// memory map.
+pub const EXIT_BOOT_FAILED: u32 = ExitCode::BOOT_FAILED.code() as u32;
 /// Highest exit code an app may use.
-pub const MAX_APP_EXIT: i32 = 99;
+pub const MAX_APP_EXIT: i32 = ExitCode::MAX_APP as i32;
 
 static ARGS: Once<Vec<String>> = Once::new();
 
@@ -67,11 +73,22 @@ pub(crate) fn fatal_exit(code: u32) -> ! {
 }
 
 fn raw_exit(code: u32) -> ! {
-    // isa-debug-exit makes QEMU exit with (v << 1) | 1; v = code + 1 keeps 0 and 1 for crashes
-    // and QEMU's own errors.
-    x86_64::debug_exit(code + 1);
+    // isa-debug-exit makes QEMU exit with (v << 1) | 1; the scheme's v = code + 1 keeps 0 and 1
+    // for crashes and QEMU's own errors.
+    let value = i32::try_from(code)
+        .ok()
+        .and_then(ExitCode::from_code)
+        .and_then(ExitCode::port_value);
+    let value = value.unwrap_or_else(|| {
+        crate::console::emergency_write(format_args!(
+            "stencil: exit code {code} is not one the guest may report; exiting with {EXIT_PANIC}\n"
+        ));
+        EXIT_PANIC + 1
+    });
+    x86_64::debug_exit(value);
     crate::console::emergency_write(format_args!(
-        "stencil: exit({code}): no isa-debug-exit device at port 0xf4; halting\n"
+        "stencil: exit({code}): no isa-debug-exit device at port {:#x}; halting\n",
+        stencil_abi::exit::DEBUG_EXIT_PORT
     ));
     x86_64::halt_forever()
 }

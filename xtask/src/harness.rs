@@ -244,7 +244,7 @@ fn qemu_cases(
         vm.qemu = qemu_path.clone();
         vm.mem = case.mem.clone();
         vm.smp = case.smp;
-        vm.cmdline = kernel_cmdline(&case.cmdline, &case.args);
+        vm.cmdline = kernel_cmdline(&case.cmdline, &case.args)?;
         vm.set_firmware(opts.firmware)?;
         // A case with an HTTP script: forward a free host port and run the script from a
         // thread while the guest runs (it ends by telling the guest to exit).

@@ -485,7 +485,7 @@ pub fn bench(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
             if mode == "share" { "on" } else { "off" }
         )];
         let args = ["--content-mib".to_owned(), cmd.content_mib.to_string()];
-        vm.cmdline = crate::cmdline::kernel_cmdline(&options, &args);
+        vm.cmdline = crate::cmdline::kernel_cmdline(&options, &args)?;
         vm.mem = format!("{}M", 256 + 2 * cmd.content_mib);
         vm.set_firmware(crate::qemu::Firmware::Auto)?;
         vm.ports = vec![crate::qemu::PortForward {

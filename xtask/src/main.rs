@@ -21,11 +21,14 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::qemu::{Accel, AccelChoice, EXIT_XTASK_ERROR, Firmware, Machine, Vm};
 
+/// The exit-code table of `--help`; `stencil_abi::exit::HelpTable` generates the same text (a test
+/// below keeps the two identical).
 const EXIT_CODES_HELP: &str = "\
 Exit codes of `build` and `run`:
   0-99     the app's own exit code
-  100-104  reported by libos: 100 panic, 101 CPU exception, 102 stack overflow,
-           103 bad kernel command line, 104 out of memory
+  100-105  reported by libos: 100 panic, 101 CPU exception,
+           102 stack overflow, 103 bad kernel command line,
+           104 out of memory, 105 boot failed (bad start info or memory map)
   110      the guest crashed (triple fault / reset: QEMU exited 0)
   111      timeout: the guest was killed
   112      QEMU failed (exited 1 or with an unexpected status)
@@ -379,7 +382,7 @@ fn run(root: &Path, r: RunCmd) -> Result<i32> {
     vm.smp = r.smp;
     vm.gdb = r.gdb;
     vm.icount = r.icount;
-    vm.cmdline = cmdline::kernel_cmdline(&options, &r.args);
+    vm.cmdline = cmdline::kernel_cmdline(&options, &r.args)?;
     vm.set_firmware(r.firmware)?;
     vm.ports = r.ports.clone();
 

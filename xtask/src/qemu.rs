@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+use stencil_abi::ExitCode;
+use stencil_abi::exit::{QemuExit, decode_status};
 
 use crate::cmdline::shell_quote;
 use crate::proc::{self, ChildGuard, Echo, Ending, Status, Stop};
@@ -16,11 +18,11 @@ use crate::proc::{self, ChildGuard, Echo, Ending, Status, Stop};
 pub const QEMU: &str = "qemu-system-x86_64";
 pub const INSTALL_HINT: &str = "sudo apt-get install qemu-system-x86";
 
-/// xtask's own exit codes (the guest's 0..=104 pass through).
-pub const EXIT_CRASH: i32 = 110;
-pub const EXIT_TIMEOUT: i32 = 111;
-pub const EXIT_QEMU_FAILED: i32 = 112;
-pub const EXIT_XTASK_ERROR: i32 = 113;
+/// xtask's own exit codes (the guest's 0..=105 pass through; the scheme is `stencil_abi::exit`).
+pub const EXIT_CRASH: i32 = ExitCode::CRASH.status();
+pub const EXIT_TIMEOUT: i32 = ExitCode::TIMEOUT.status();
+pub const EXIT_QEMU_FAILED: i32 = ExitCode::QEMU_FAILED.status();
+pub const EXIT_XTASK_ERROR: i32 = ExitCode::XTASK_ERROR.status();
 
 /// Where qboot (a tiny firmware that boots PVH kernels quickly) may be installed.
 const QBOOT_PATHS: &[&str] = &[
@@ -394,6 +396,7 @@ pub fn run_with_lines(
 
 fn run_inner(vm: &Vm, timeout: Option<Duration>, sink: SerialSink) -> Result<RunResult> {
     let live = matches!(sink, SerialSink::Tee(true));
+    crate::cmdline::check_len(&vm.cmdline, vm.machine, vm.bios.is_some())?;
     let mut cmd = vm.command();
     // stdin is not the terminal: a background process group touching the tty would be stopped
     // (SIGTTIN/SIGTTOU), and QEMU must not put the terminal into raw mode.
@@ -469,25 +472,16 @@ fn run_inner(vm: &Vm, timeout: Option<Duration>, sink: SerialSink) -> Result<Run
 
 /// What an xtask exit code means, for summaries and test reports.
 pub fn describe(code: i32) -> String {
-    match code {
-        0 => "the app exited successfully".to_owned(),
-        1..=99 => format!("the app exited with code {code}"),
-        100 => "guest panicked".to_owned(),
-        101 => "CPU exception in the guest".to_owned(),
-        102 => "stack overflow in the guest".to_owned(),
-        103 => "the guest rejected its kernel command line".to_owned(),
-        104 => "the guest ran out of memory".to_owned(),
-        EXIT_CRASH => "the guest crashed: triple fault or reset (QEMU exited 0)".to_owned(),
-        EXIT_TIMEOUT => "timeout: the guest was killed".to_owned(),
-        EXIT_QEMU_FAILED => "QEMU failed".to_owned(),
-        EXIT_XTASK_ERROR => "xtask error".to_owned(),
-        _ => format!("exit code {code}"),
+    match ExitCode::from_code(code) {
+        Some(c) => c.to_string(),
+        None => format!("exit code {code}"),
     }
 }
 
 /// Maps QEMU's exit status to xtask's exit code plus a summary line (None for success).
 ///
-/// libos writes `v = code + 1` to isa-debug-exit, QEMU exits `(v << 1) | 1 = 2 * code + 3`.
+/// libos writes `v = code + 1` to isa-debug-exit, QEMU exits `(v << 1) | 1 = 2 * code + 3`
+/// (`stencil_abi::exit`).
 pub fn map_exit(status: Status) -> (i32, Option<String>) {
     let code = match status {
         Status::Signal(sig) => {
@@ -500,38 +494,33 @@ pub fn map_exit(status: Status) -> (i32, Option<String>) {
         }
         Status::Code(c) => c,
     };
-    match code {
-        0 => (
+    match decode_status(code) {
+        QemuExit::Guest(ExitCode::SUCCESS) => (0, None),
+        QemuExit::Guest(app) => (
+            app.status(),
+            Some(format!("stencil: {app} (exit {})", app.code())),
+        ),
+        QemuExit::Reset => (
             EXIT_CRASH,
             Some(format!(
                 "stencil: {} (exit {EXIT_CRASH})",
                 describe(EXIT_CRASH)
             )),
         ),
-        1 => (
+        QemuExit::QemuError => (
             EXIT_QEMU_FAILED,
             Some(format!(
                 "stencil: QEMU failed (status 1; see its messages above) (exit {EXIT_QEMU_FAILED})"
             )),
         ),
-        c if c >= 3 && c % 2 == 1 => {
-            let app = (c - 3) / 2;
-            match app {
-                0 => (0, None),
-                1..=104 => (
-                    app,
-                    Some(format!("stencil: {} (exit {app})", describe(app))),
-                ),
-                _ => (
-                    EXIT_QEMU_FAILED,
-                    Some(format!(
-                        "stencil: the guest reported code {app}, outside the exit-code scheme \
-                         (QEMU status {c}) (exit {EXIT_QEMU_FAILED})"
-                    )),
-                ),
-            }
-        }
-        c => (
+        QemuExit::OutsideScheme { code: app } => (
+            EXIT_QEMU_FAILED,
+            Some(format!(
+                "stencil: the guest reported code {app}, outside the exit-code scheme \
+                 (QEMU status {code}) (exit {EXIT_QEMU_FAILED})"
+            )),
+        ),
+        QemuExit::Unexpected(c) => (
             EXIT_QEMU_FAILED,
             Some(format!(
                 "stencil: QEMU exited with unexpected status {c} (exit {EXIT_QEMU_FAILED})"
@@ -601,13 +590,37 @@ mod tests {
         assert_eq!(code(2 * 100 + 3), 100);
         assert!(map_exit(Status::Code(203)).1.unwrap().contains("panicked"));
         assert_eq!(code(2 * 104 + 3), 104);
-        assert_eq!(code(2 * 105 + 3), EXIT_QEMU_FAILED);
+        assert_eq!(code(2 * 105 + 3), 105);
+        assert!(
+            map_exit(Status::Code(213))
+                .1
+                .unwrap()
+                .contains("could not boot")
+        );
+        assert_eq!(code(2 * 106 + 3), EXIT_QEMU_FAILED);
+        assert_eq!(code(2 * 110 + 3), EXIT_QEMU_FAILED);
         assert_eq!(code(255), EXIT_QEMU_FAILED);
         assert_eq!(code(0), EXIT_CRASH);
         assert_eq!(code(1), EXIT_QEMU_FAILED);
         assert_eq!(code(2), EXIT_QEMU_FAILED);
         assert_eq!(code(4), EXIT_QEMU_FAILED);
         assert_eq!(map_exit(Status::Signal(9)).0, EXIT_QEMU_FAILED);
+    }
+
+    #[test]
+    fn exit_codes_help_matches_the_abi() {
+        let generated = format!(
+            "Exit codes of `build` and `run`:\n{}\n`test` exits 0 if every test passed, else 1.",
+            stencil_abi::exit::HelpTable
+        );
+        assert_eq!(crate::EXIT_CODES_HELP, generated);
+        for code in 0..=255 {
+            let text = describe(code);
+            match ExitCode::from_code(code) {
+                Some(_) => assert!(!text.starts_with("exit code"), "{code}: {text}"),
+                None => assert_eq!(text, format!("exit code {code}")),
+            }
+        }
     }
 
     #[test]
