@@ -39,7 +39,7 @@ use smoltcp::socket::dhcpv4;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Cidr};
 
 pub use core::net::Ipv4Addr;
-pub use tcp::{TcpListener, TcpStream};
+pub use tcp::{MAX_BACKLOG, TcpListener, TcpStream};
 pub use udp::UdpSocket;
 
 use crate::sync::IrqMutex;
@@ -385,7 +385,8 @@ pub(crate) fn block_on<R>(
         if let Some(r) = with_net(&mut f)? {
             return r;
         }
-        if timeout.is_some_and(|t| crate::time::uptime() - start >= t) {
+        // `Duration::MAX` (or any timeout past the TSC's range) waits forever.
+        if timeout.is_some_and(|t| crate::time::uptime().saturating_sub(start) >= t) {
             return Err(NetError::TimedOut);
         }
         crate::task::yield_now();
