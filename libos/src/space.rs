@@ -450,24 +450,30 @@ impl Space {
 
     /// Reads `buf.len()` bytes at `va` inside the space (through the MMU). A range outside the
     /// lower half (or wrapping) is [`Fault::NotLowerHalf`], an unmapped byte
-    /// [`Fault::Unmapped`]; reading nothing succeeds at any lower-half `va`.
+    /// [`Fault::Unmapped`]; reading nothing succeeds at any lower-half `va`. The copy goes
+    /// through a kernel-heap buffer of at most 64 KiB ([`Fault::OutOfFrames`] if there is none).
     pub fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
         self.check(va, buf.len(), false)?;
         if buf.is_empty() {
             return Ok(());
         }
         // Bounce through the kernel heap: `buf` may live in the caller's own lower half, which
-        // is not mapped (or means something else) while this space is loaded.
-        let mut bounce = alloc::vec![0u8; buf.len()];
-        self.enter(|| {
-            // SAFETY: `check` found every byte inside a region of this space, which is loaded;
-            // faults (demand-zero) are resolved by the page-fault handler; `bounce` is in the
-            // kernel heap, mapped in every space.
-            unsafe {
-                core::ptr::copy_nonoverlapping(va as *const u8, bounce.as_mut_ptr(), buf.len())
-            }
-        });
-        buf.copy_from_slice(&bounce);
+        // is not mapped (or means something else) while this space is loaded. In chunks, so a
+        // huge `buf` needs no second buffer of its size.
+        let mut bounce = bounce_buffer(va, buf.len())?;
+        for (i, chunk) in buf.chunks_mut(BOUNCE).enumerate() {
+            let src = va + (i * BOUNCE) as u64;
+            let tmp = &mut bounce[..chunk.len()];
+            self.enter(|| {
+                // SAFETY: `check` found every byte inside a region of this space, which is
+                // loaded; faults (demand-zero) are resolved by the page-fault handler; `tmp` is
+                // in the kernel heap, mapped in every space.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(src as *const u8, tmp.as_mut_ptr(), tmp.len())
+                }
+            });
+            chunk.copy_from_slice(tmp);
+        }
         Ok(())
     }
 
@@ -479,12 +485,18 @@ impl Space {
         if data.is_empty() {
             return Ok(());
         }
-        let bounce = data.to_vec(); // see `read`
-        self.enter(|| {
-            // SAFETY: as in `read`, and every byte is in a writable region; copy-on-write faults
-            // are resolved by the page-fault handler.
-            unsafe { core::ptr::copy_nonoverlapping(bounce.as_ptr(), va as *mut u8, bounce.len()) }
-        });
+        let mut bounce = bounce_buffer(va, data.len())?; // see `read`
+        for (i, chunk) in data.chunks(BOUNCE).enumerate() {
+            let dst = va + (i * BOUNCE) as u64;
+            let tmp = &mut bounce[..chunk.len()];
+            tmp.copy_from_slice(chunk);
+            self.enter(|| {
+                // SAFETY: every byte of `dst..dst + len` is in a writable region of this space
+                // (`check`), which is loaded; copy-on-write faults are resolved by the page-fault
+                // handler; `tmp` is in the kernel heap, mapped in every space.
+                unsafe { core::ptr::copy_nonoverlapping(tmp.as_ptr(), dst as *mut u8, tmp.len()) }
+            });
+        }
         Ok(())
     }
 
@@ -497,6 +509,20 @@ impl Space {
         flush.ignore(); // the space is not loaded (only `enter` loads it, and it restores CR3)
         Ok(t)
     }
+}
+
+/// Bytes `Space::read`/`write` copy per switch into the space.
+const BOUNCE: usize = 64 << 10;
+
+/// A kernel-heap buffer for up to [`BOUNCE`] bytes of a `len`-byte copy at `va`;
+/// `Fault::OutOfFrames` if the heap cannot provide it.
+fn bounce_buffer(va: u64, len: usize) -> Result<Vec<u8>, Fault> {
+    let n = len.min(BOUNCE);
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| Fault::OutOfFrames { addr: va })?;
+    v.resize(n, 0);
+    Ok(v)
 }
 
 /// `addr` as a [`VirtAddr`] in the lower half, never truncated (see [`crate::limits::lower_half`]).

@@ -265,6 +265,18 @@ fn space() -> Check {
         Some(Error::Empty),
         "Space::snapshot len 0",
     )?;
+    // A copy larger than the 64 KiB bounce buffer, across two regions, straddling pages.
+    let t = TemplateBuilder::new()
+        .region("a", DATA, 128 << 10, Kind::Private, |_, _| {})
+        .and_then(|b| b.region("b", DATA + (128 << 10), 128 << 10, Kind::Private, |_, _| {}))
+        .and_then(|b| b.seal())
+        .map_err(|_| "template")?;
+    let mut s = Space::new(&[&t]).map_err(|_| "space")?;
+    let data: alloc::vec::Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    eq(s.write(DATA + 100, &data), Ok(()), "200 KB write")?;
+    let mut back = alloc::vec![0u8; data.len()];
+    eq(s.read(DATA + 100, &mut back), Ok(()), "200 KB read")?;
+    check(back == data, "200 KB read back as written")?;
     println!("space ok");
     Ok(())
 }
