@@ -87,7 +87,8 @@ pub enum NetError {
     ConnectionReset,
     /// The call did not complete within its timeout.
     TimedOut,
-    /// The datagram does not fit the socket's buffer.
+    /// The datagram does not fit the socket's buffer (`send_to`) or the caller's (`recv_from`:
+    /// it stays queued).
     MessageTooLarge {
         /// Its size.
         len: usize,
@@ -119,7 +120,7 @@ impl fmt::Display for NetError {
             NetError::ConnectionReset => write!(f, "connection reset by peer"),
             NetError::TimedOut => write!(f, "timed out"),
             NetError::MessageTooLarge { len } => {
-                write!(f, "datagram of {len} bytes does not fit the socket buffer")
+                write!(f, "datagram of {len} bytes does not fit the buffer")
             }
         }
     }
