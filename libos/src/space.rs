@@ -263,6 +263,9 @@ impl TemplateBuilder {
     /// Adds a region whose every page maps the same zeroed frame (for 2 MiB pages: the same
     /// zeroed 2 MiB run): a way to build very large templates (benchmarks) without the memory.
     /// With `Kind::Private`, a task's first write to a page copies it, as for any template.
+    /// A region whose leaf page tables alone (one frame per 512 pages) exceed the free memory is
+    /// [`Error::OutOfFrames`] at once; other bad arguments give the errors of
+    /// [`region`](Self::region).
     ///
     /// ```no_run
     /// use libos::space::{Kind, PageSize, TemplateBuilder};
@@ -280,6 +283,13 @@ impl TemplateBuilder {
         kind: Kind,
         page_size: PageSize,
     ) -> Result<Self, Error> {
+        crate::limits::mapping(start, len, false)?;
+        // The leaf tables alone (one per 512 pages) must fit in free memory: a region of many
+        // TiB would otherwise spend every frame (and a long time) before failing at `seal`.
+        let leaf_tables = (len / page_size.bytes()).div_ceil(512);
+        if leaf_tables > frames().free_frames() as u64 {
+            return Err(Error::OutOfFrames);
+        }
         let (frame, bytes) = match page_size {
             PageSize::Size4KiB => (
                 KernelMem.alloc_frame().ok_or(Error::OutOfFrames)?,

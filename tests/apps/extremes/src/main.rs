@@ -161,6 +161,17 @@ fn templates() -> Check {
         Some(Error::NotLowerHalf { addr: HALF }),
         "alias_region wrapping",
     )?;
+    // 64 TiB of 4 KiB (or 2 MiB) pages needs more page tables than this machine has frames.
+    eq(
+        alias(0x1000_0000_0000, 1 << 46, PageSize::Size4KiB),
+        Some(Error::OutOfFrames),
+        "alias_region of 64 TiB, 4 KiB pages",
+    )?;
+    eq(
+        alias(0x1000_0000_0000, 1 << 46, PageSize::Size2MiB),
+        Some(Error::OutOfFrames),
+        "alias_region of 64 TiB, 2 MiB pages",
+    )?;
     eq(
         alias(DATA + PAGE, 2 << 20, PageSize::Size2MiB),
         Some(Error::Misaligned { addr: DATA + PAGE }),
