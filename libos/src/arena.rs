@@ -48,11 +48,17 @@ pub struct Arena {
 
 impl Arena {
     /// Maps `len` bytes of private, demand-zero memory named "arena" at `va` (page aligned, not
-    /// overlapping anything the task has mapped) and starts an allocator over it.
+    /// overlapping anything the task has mapped) and starts an allocator over it. `len` must be
+    /// a page multiple above one page plus the allocator's header ([`templates::Error::TooSmall`]
+    /// otherwise); `va` and `va + len` must lie in the lower half (see
+    /// [`crate::task::map_private`] for the errors).
     pub fn new(va: u64, len: u64) -> Result<Arena, templates::Error> {
         let header = core::mem::size_of::<Heap>().next_multiple_of(64) as u64;
         if len <= header + 4096 {
-            return Err(templates::Error::Empty);
+            return Err(templates::Error::TooSmall {
+                len,
+                min: (header + 4097).next_multiple_of(4096),
+            });
         }
         crate::task::map_private("arena", va, len)?;
         let heap = va as *mut Heap;

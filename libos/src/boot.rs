@@ -104,11 +104,11 @@ fn keep_cmdline() {
 pub(crate) fn banner() {
     let fa = crate::mm::kernel::frames();
     log::info!(
-        "Stencil {}: {} MiB RAM, {} MiB free, TSC {} MHz, share={}, boot {} us (+{} us calibration wait)",
+        "Stencil {}: {} MiB RAM, {} MiB free, TSC {}, share={}, boot {} us (+{} us calibration wait)",
         env!("CARGO_PKG_VERSION"),
         ram_ranges().iter().map(|r| r.len()).sum::<u64>() >> 20,
         (fa.free_frames() as u64 * 4096) >> 20,
-        crate::time::tsc_hz() / 1_000_000,
+        crate::time::tsc_calibration(),
         if share_mode() { "on" } else { "off" },
         crate::time::boot_duration().as_micros(),
         crate::time::calibration_wait().as_micros()

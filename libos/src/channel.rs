@@ -65,7 +65,11 @@ pub enum TrySendError<T> {
     Disconnected(T),
 }
 
-/// A channel holding at most `cap` values (at least 1).
+/// A channel holding at most `cap` values. A `cap` of 0 is taken as 1; any larger `cap` is
+/// accepted as given (`usize::MAX`: in effect unbounded). Room for at most
+/// [`CHANNEL_PREALLOC`](crate::limits::CHANNEL_PREALLOC) values is allocated up front and the
+/// queue grows as values arrive; when the kernel heap cannot grow it, the channel counts as full
+/// (`try_send` gives [`TrySendError::Full`], `send` waits for a receiver to make room).
 ///
 /// ```no_run
 /// let (tx, rx) = libos::channel::bounded::<&'static str>(4);
@@ -77,7 +81,7 @@ pub enum TrySendError<T> {
 pub fn bounded<T: Send>(cap: usize) -> (Sender<T>, Receiver<T>) {
     let cap = cap.max(1);
     let inner = Arc::new(IrqMutex::new(State {
-        queue: VecDeque::with_capacity(cap),
+        queue: VecDeque::with_capacity(crate::limits::channel_prealloc(cap)),
         cap,
         senders: 1,
         receivers: 1,
@@ -97,7 +101,7 @@ impl<T: Send> Sender<T> {
         if s.receivers == 0 {
             return Err(TrySendError::Disconnected(value));
         }
-        if s.queue.len() >= s.cap {
+        if s.queue.len() >= s.cap || s.queue.try_reserve(1).is_err() {
             return Err(TrySendError::Full(value));
         }
         s.queue.push_back(value);

@@ -23,7 +23,9 @@
 
 extern crate alloc;
 
+pub mod calibrate;
 pub mod cmdline;
+pub mod limits;
 pub mod memmap;
 pub mod mm;
 

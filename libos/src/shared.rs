@@ -91,11 +91,21 @@ impl SharedHeap {
     /// A heap of `len` bytes (rounded up to pages) at lower-half address `start` (page aligned,
     /// in a 1 GiB slot no other template of the same tasks uses), named `name` in fault reports.
     ///
+    /// Checked before any memory is spent, so every pointer the heap hands out is one the CPU
+    /// accepts: a non-canonical `start` is [`Error::NonCanonical`], one in (or a heap reaching
+    /// into) the kernel half [`Error::NotLowerHalf`], an unaligned one [`Error::Misaligned`],
+    /// `len == 0` [`Error::Empty`], more than the free RAM (physically contiguous)
+    /// [`Error::OutOfFrames`].
+    ///
     /// ```no_run
     /// let heap = libos::shared::SharedHeap::new("results", 0x2_0000_0000, 4 << 20).expect("memory");
     /// ```
     pub fn new(name: &str, start: u64, len: u64) -> Result<SharedHeap, Error> {
-        let pages = len.div_ceil(PAGE_SIZE).max(1) as usize;
+        let pages = crate::limits::mapping(start, len, true)?;
+        if pages > frames().free_frames() as u64 {
+            return Err(Error::OutOfFrames);
+        }
+        let pages = pages as usize;
         let first = frames()
             .alloc_contiguous(pages, 1)
             .ok_or(Error::OutOfFrames)?;

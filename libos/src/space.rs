@@ -145,6 +145,11 @@ impl TemplateBuilder {
     ///     })
     ///     .expect("out of memory");
     /// ```
+    ///
+    /// `len` is rounded up to whole pages. Checked before any memory is spent: a non-canonical
+    /// `start` is [`Error::NonCanonical`], one in (or a range reaching into) the kernel half
+    /// [`Error::NotLowerHalf`], `len == 0` [`Error::Empty`], an unaligned `start`
+    /// [`Error::Misaligned`], more pages than there are free frames [`Error::OutOfFrames`].
     pub fn region(
         mut self,
         name: &str,
@@ -153,7 +158,10 @@ impl TemplateBuilder {
         kind: Kind,
         mut fill: impl FnMut(u64, &mut [u8; 4096]),
     ) -> Result<Self, Error> {
-        let pages = len.div_ceil(PAGE_SIZE);
+        let pages = crate::limits::mapping(start, len, true)?;
+        if pages > frames().free_frames() as u64 {
+            return Err(Error::OutOfFrames);
+        }
         let mut backing = Vec::new();
         backing
             .try_reserve_exact(pages as usize)
@@ -181,7 +189,8 @@ impl TemplateBuilder {
     }
 
     /// Adds a region holding `bytes` (e.g. an embedded blob: `include_bytes!`), zero-padded to
-    /// whole pages.
+    /// whole pages (an empty blob gets one zeroed page). `start` is checked as in
+    /// [`region`](Self::region).
     ///
     /// ```no_run
     /// use libos::space::{Kind, TemplateBuilder};
@@ -254,6 +263,9 @@ impl TemplateBuilder {
     /// Adds a region whose every page maps the same zeroed frame (for 2 MiB pages: the same
     /// zeroed 2 MiB run): a way to build very large templates (benchmarks) without the memory.
     /// With `Kind::Private`, a task's first write to a page copies it, as for any template.
+    /// A region whose leaf page tables alone (one frame per 512 pages) exceed the free memory is
+    /// [`Error::OutOfFrames`] at once; other bad arguments give the errors of
+    /// [`region`](Self::region).
     ///
     /// ```no_run
     /// use libos::space::{Kind, PageSize, TemplateBuilder};
@@ -271,6 +283,13 @@ impl TemplateBuilder {
         kind: Kind,
         page_size: PageSize,
     ) -> Result<Self, Error> {
+        crate::limits::mapping(start, len, false)?;
+        // The leaf tables alone (one per 512 pages) must fit in free memory: a region of many
+        // TiB would otherwise spend every frame (and a long time) before failing at `seal`.
+        let leaf_tables = (len / page_size.bytes()).div_ceil(512);
+        if leaf_tables > frames().free_frames() as u64 {
+            return Err(Error::OutOfFrames);
+        }
         let (frame, bytes) = match page_size {
             PageSize::Size4KiB => (
                 KernelMem.alloc_frame().ok_or(Error::OutOfFrames)?,
@@ -418,6 +437,8 @@ impl Space {
         self.inner.stats()
     }
 
+    /// Checks `va..va + len` (see [`check_access`]); an empty range is fine anywhere in the
+    /// lower half and touches nothing.
     fn check(&self, va: u64, len: usize, write: bool) -> Result<(), Fault> {
         check_access(&self.inner, va, len, write)
     }
@@ -437,44 +458,98 @@ impl Space {
         })
     }
 
-    /// Reads `buf.len()` bytes at `va` inside the space (through the MMU).
+    /// Reads `buf.len()` bytes at `va` inside the space (through the MMU). A range outside the
+    /// lower half (or wrapping) is [`Fault::NotLowerHalf`], an unmapped byte
+    /// [`Fault::Unmapped`]; reading nothing succeeds at any lower-half `va`. The copy goes
+    /// through a kernel-heap buffer of at most 64 KiB ([`Fault::OutOfFrames`] if there is none).
     pub fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
         self.check(va, buf.len(), false)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
         // Bounce through the kernel heap: `buf` may live in the caller's own lower half, which
-        // is not mapped (or means something else) while this space is loaded.
-        let mut bounce = alloc::vec![0u8; buf.len()];
-        self.enter(|| {
-            // SAFETY: `check` found every byte inside a region of this space, which is loaded;
-            // faults (demand-zero) are resolved by the page-fault handler; `bounce` is in the
-            // kernel heap, mapped in every space.
-            unsafe {
-                core::ptr::copy_nonoverlapping(va as *const u8, bounce.as_mut_ptr(), buf.len())
-            }
-        });
-        buf.copy_from_slice(&bounce);
+        // is not mapped (or means something else) while this space is loaded. In chunks, so a
+        // huge `buf` needs no second buffer of its size.
+        let mut bounce = bounce_buffer(va, buf.len())?;
+        for (i, chunk) in buf.chunks_mut(BOUNCE).enumerate() {
+            let src = va + (i * BOUNCE) as u64;
+            let tmp = &mut bounce[..chunk.len()];
+            self.enter(|| {
+                // SAFETY: `check` found every byte inside a region of this space, which is
+                // loaded; faults (demand-zero) are resolved by the page-fault handler; `tmp` is
+                // in the kernel heap, mapped in every space.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(src as *const u8, tmp.as_mut_ptr(), tmp.len())
+                }
+            });
+            chunk.copy_from_slice(tmp);
+        }
         Ok(())
     }
 
     /// Writes `data` at `va` inside the space (through the MMU: a `Private` template page is
-    /// unshared and copied on the first write).
+    /// unshared and copied on the first write). Errors as for [`read`](Self::read), and
+    /// [`Fault::WriteToReadOnly`] for a read-only byte.
     pub fn write(&mut self, va: u64, data: &[u8]) -> Result<(), Fault> {
         self.check(va, data.len(), true)?;
-        let bounce = data.to_vec(); // see `read`
-        self.enter(|| {
-            // SAFETY: as in `read`, and every byte is in a writable region; copy-on-write faults
-            // are resolved by the page-fault handler.
-            unsafe { core::ptr::copy_nonoverlapping(bounce.as_ptr(), va as *mut u8, bounce.len()) }
-        });
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut bounce = bounce_buffer(va, data.len())?; // see `read`
+        for (i, chunk) in data.chunks(BOUNCE).enumerate() {
+            let dst = va + (i * BOUNCE) as u64;
+            let tmp = &mut bounce[..chunk.len()];
+            tmp.copy_from_slice(chunk);
+            self.enter(|| {
+                // SAFETY: every byte of `dst..dst + len` is in a writable region of this space
+                // (`check`), which is loaded; copy-on-write faults are resolved by the page-fault
+                // handler; `tmp` is in the kernel heap, mapped in every space.
+                unsafe { core::ptr::copy_nonoverlapping(tmp.as_ptr(), dst as *mut u8, tmp.len()) }
+            });
+        }
         Ok(())
     }
 
-    /// Turns this space's memory into a new template (the fork-server primitive).
+    /// Turns this space's memory into a new template (the fork-server primitive). Each range
+    /// `(start, len)` must be page aligned and mapped; a non-canonical start is
+    /// [`Error::NonCanonical`], one outside the lower half [`Error::NotLowerHalf`].
     pub fn snapshot(&mut self, ranges: &[(u64, u64)]) -> Result<Template, Error> {
-        let r: Vec<(VirtAddr, u64)> = ranges.iter().map(|&(s, l)| (VirtAddr::new(s), l)).collect();
+        let r = lower_ranges(ranges)?;
         let (t, flush) = self.inner.snapshot(&r)?;
         flush.ignore(); // the space is not loaded (only `enter` loads it, and it restores CR3)
         Ok(t)
     }
+}
+
+/// Bytes `Space::read`/`write` copy per switch into the space.
+const BOUNCE: usize = 64 << 10;
+
+/// A kernel-heap buffer for up to [`BOUNCE`] bytes of a `len`-byte copy at `va`;
+/// `Fault::OutOfFrames` if the heap cannot provide it.
+fn bounce_buffer(va: u64, len: usize) -> Result<Vec<u8>, Fault> {
+    let n = len.min(BOUNCE);
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| Fault::OutOfFrames { addr: va })?;
+    v.resize(n, 0);
+    Ok(v)
+}
+
+/// `addr` as a [`VirtAddr`] in the lower half, never truncated (see [`crate::limits::lower_half`]).
+pub(crate) fn lower_va(addr: u64) -> Result<VirtAddr, Error> {
+    let a = crate::limits::lower_half(addr)?;
+    VirtAddr::try_new(a).map_err(|_| Error::NonCanonical { addr })
+}
+
+/// Snapshot ranges as engine ranges, each start checked with [`lower_va`].
+pub(crate) fn lower_ranges(ranges: &[(u64, u64)]) -> Result<Vec<(VirtAddr, u64)>, Error> {
+    let mut r = Vec::new();
+    r.try_reserve_exact(ranges.len())
+        .map_err(|_| Error::OutOfFrames)?;
+    for &(s, l) in ranges {
+        r.push((lower_va(s)?, l));
+    }
+    Ok(r)
 }
 
 /// Honours a flush token for the loaded space.
@@ -498,21 +573,18 @@ pub(crate) fn apply(flush: Flush) {
     }
 }
 
-/// Checks that `va..va+len` lies in regions of `space` (writable ones for a write).
+/// Checks that `va..va+len` lies in regions of `space` (writable ones for a write): the first
+/// byte that does not is the error. A range leaving the lower half (or wrapping) is
+/// [`Fault::NotLowerHalf`] (see [`crate::limits::access`]) even where it starts unmapped.
 pub(crate) fn check_access(
     space: &AddressSpace<KernelMem>,
     va: u64,
     len: usize,
     write: bool,
 ) -> Result<(), Fault> {
-    let end = va
-        .checked_add(len as u64)
-        .ok_or(Fault::Unmapped { addr: va })?;
+    let end = crate::limits::access(va, len)?;
     let mut a = va;
     while a < end {
-        if a >= 1 << 47 {
-            return Err(Fault::NotLowerHalf { addr: a });
-        }
         let r = space
             .region(VirtAddr::new(a))
             .ok_or(Fault::Unmapped { addr: a })?;

@@ -66,14 +66,19 @@ pub enum StackError {
     NoSlot,
     /// Not enough free frames.
     OutOfMemory,
+    /// More than [`MAX_STACK`] bytes.
+    TooLarge(crate::limits::StackTooLarge),
 }
 
-/// Allocates and maps a stack of `size` bytes (rounded up to pages, at most a slot minus one
-/// guard page).
+/// Largest stack: a slot less one guard page.
+pub const MAX_STACK: u64 = KSTACK_SLOT - PAGE_SIZE;
+
+/// Allocates and maps a stack of `size` bytes (rounded up to pages, at least one; more than
+/// [`MAX_STACK`] is [`StackError::TooLarge`]).
 pub fn alloc(size: u64) -> Result<KernelStack, StackError> {
-    let pages = size
-        .div_ceil(PAGE_SIZE)
-        .clamp(1, KSTACK_SLOT / PAGE_SIZE - 1) as u32;
+    // At most KSTACK_SLOT / PAGE_SIZE - 1 pages (1023), which fits a u32.
+    let pages = crate::limits::stack_pages(size, MAX_STACK / PAGE_SIZE)
+        .map_err(StackError::TooLarge)? as u32;
     let slot = {
         let mut s = SLOTS.lock();
         if let Some(i) = s.cached.iter().rposition(|&(_, p)| p == pages) {

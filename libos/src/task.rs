@@ -30,6 +30,8 @@ use crate::stack::KernelStack;
 
 /// Default stack size of a spawned task.
 pub const DEFAULT_STACK: u64 = 32 << 10;
+/// Largest stack of a spawned task: a kernel-stack slot less its guard page (4 MiB - 4 KiB).
+pub const MAX_STACK: u64 = crate::stack::MAX_STACK;
 /// Frames kept free for the kernel heap: [`spawn`] fails with [`SpawnError::OutOfMemory`]
 /// rather than leave fewer free. The kernel heap maps single frames anywhere in RAM, so this many
 /// free frames let it grow by 4 MiB: 1,024 pages plus the page tables that map them.
@@ -84,6 +86,13 @@ pub enum SpawnError {
     Layout(templates::Error),
     /// Every kernel-stack slot is in use.
     TooManyTasks,
+    /// [`Builder::stack_size`] asked for more than a kernel-stack slot holds.
+    StackTooLarge {
+        /// The size asked for, in bytes.
+        requested: u64,
+        /// The largest stack there is, in bytes.
+        max: u64,
+    },
 }
 
 impl fmt::Display for SpawnError {
@@ -94,6 +103,10 @@ impl fmt::Display for SpawnError {
             SpawnError::TooManyTasks => {
                 write!(f, "too many tasks (every kernel-stack slot is in use)")
             }
+            SpawnError::StackTooLarge { requested, max } => write!(
+                f,
+                "stack of {requested} bytes asked for; the largest is {max} bytes"
+            ),
         }
     }
 }
@@ -313,7 +326,8 @@ impl Builder {
         }
     }
 
-    /// Stack size in bytes (rounded up to pages).
+    /// Stack size in bytes, rounded up to whole pages; 0 gets one page. More than
+    /// [`MAX_STACK`] makes [`spawn`](Self::spawn) fail with [`SpawnError::StackTooLarge`].
     pub fn stack_size(mut self, bytes: u64) -> Self {
         self.stack_size = bytes;
         self
@@ -345,6 +359,10 @@ impl Builder {
         let stack = crate::stack::alloc(self.stack_size).map_err(|e| match e {
             crate::stack::StackError::NoSlot => SpawnError::TooManyTasks,
             crate::stack::StackError::OutOfMemory => SpawnError::OutOfMemory,
+            crate::stack::StackError::TooLarge(e) => SpawnError::StackTooLarge {
+                requested: e.requested,
+                max: e.max,
+            },
         })?;
         // Interrupts off: the engine's reference counting assumes no other space is created or
         // dropped halfway through (see `finish_switch`).
@@ -551,14 +569,16 @@ pub fn yield_now() {
     irq_off(|| switch_away(true));
 }
 
-/// Sleeps for at least `d` (other tasks run meanwhile).
+/// Sleeps for at least `d` (other tasks run meanwhile). `Duration::ZERO` just yields. A `d`
+/// whose deadline would pass the TSC's range (e.g. `Duration::MAX`) sleeps forever, without
+/// overflow: the task wakes only if it is killed ([`JoinHandle::kill`]).
 ///
 /// ```no_run
 /// libos::task::sleep(core::time::Duration::from_millis(10));
 /// ```
 pub fn sleep(d: core::time::Duration) {
-    let cycles = (u128::from(crate::time::tsc_hz()) * d.as_nanos() / 1_000_000_000) as u64;
-    let deadline = crate::arch::x86_64::cpu::rdtsc() + cycles;
+    let now = crate::arch::x86_64::cpu::rdtsc();
+    let deadline = crate::limits::deadline(now, d, crate::time::tsc_hz()).unwrap_or(u64::MAX);
     irq_off(|| {
         let s = sched();
         s.sleepers.push((deadline, s.current));
@@ -748,7 +768,9 @@ impl JoinHandle {
 }
 
 /// Reads `buf.len()` bytes at `va` in the running task's address space. The range is checked
-/// first: an address no region maps is `Err(Fault::Unmapped)`, not a crash.
+/// first: an address no region maps is `Err(Fault::Unmapped)`, one outside the lower half (a
+/// non-canonical or kernel-half `va`, or `va + len` past it or wrapping) `Err(Fault::NotLowerHalf)`,
+/// not a crash. An empty `buf` reads nothing and succeeds at any lower-half `va`.
 ///
 /// ```no_run
 /// let mut b = [0u8; 8];
@@ -759,6 +781,9 @@ impl JoinHandle {
 /// ```
 pub fn read(va: u64, buf: &mut [u8]) -> Result<(), templates::Fault> {
     crate::space::with_current(|space| crate::space::check_access(space, va, buf.len(), false))?;
+    if buf.is_empty() {
+        return Ok(());
+    }
     // SAFETY: every byte lies in a region of the running task's space (checked), which is the
     // loaded one; demand-zero faults are resolved by the page-fault handler.
     unsafe { core::ptr::copy_nonoverlapping(va as *const u8, buf.as_mut_ptr(), buf.len()) };
@@ -766,7 +791,8 @@ pub fn read(va: u64, buf: &mut [u8]) -> Result<(), templates::Fault> {
 }
 
 /// Writes `data` at `va` in the running task's address space (copy-on-write on the first write
-/// to a `Private` template page). A read-only or unmapped range is an `Err`, not a crash.
+/// to a `Private` template page). A read-only, unmapped or out-of-range range is an `Err` (as
+/// for [`read`]), not a crash.
 ///
 /// ```no_run
 /// libos::task::map_private("scratch", 0x4000_0000, 4096).expect("map");
@@ -774,13 +800,19 @@ pub fn read(va: u64, buf: &mut [u8]) -> Result<(), templates::Fault> {
 /// ```
 pub fn write(va: u64, data: &[u8]) -> Result<(), templates::Fault> {
     crate::space::with_current(|space| crate::space::check_access(space, va, data.len(), true))?;
+    if data.is_empty() {
+        return Ok(());
+    }
     // SAFETY: as in `read`, and every byte is in a writable region.
     unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), va as *mut u8, data.len()) };
     Ok(())
 }
 
 /// Maps `len` bytes of demand-zero private memory named `name` at `va` in the running task's
-/// space (page aligned; must not overlap anything mapped).
+/// space (page aligned; must not overlap anything mapped). A non-canonical `va` is
+/// `Err(Error::NonCanonical)`, one in (or a range reaching into) the kernel half — `va + len`
+/// wrapping included — `Err(Error::NotLowerHalf)`, `len == 0` `Err(Error::Empty)`, an unaligned
+/// `va` or `len` `Err(Error::Misaligned)`; nothing is mapped then.
 ///
 /// ```no_run
 /// libos::task::map_private("state", 0x4000_0000, 1 << 20).expect("map");
@@ -793,9 +825,10 @@ pub fn map_private(name: &str, va: u64, len: u64) -> Result<(), templates::Error
     // space is being changed.
     let name = String::from(name);
     let name = name.as_str();
+    let va = crate::space::lower_va(va)?;
     crate::space::with_current(|space| {
         let flush = space.map(
-            ::x86_64::VirtAddr::new(va),
+            va,
             len,
             templates::Perm {
                 write: true,
@@ -811,7 +844,8 @@ pub fn map_private(name: &str, va: u64, len: u64) -> Result<(), templates::Error
 
 /// Turns ranges of the running task's memory into a template: the fork-server primitive.
 /// Afterwards this task and every task spawned from the template share that memory
-/// copy-on-write.
+/// copy-on-write. Each range `(start, len)` must be page aligned and mapped; a non-canonical
+/// start is `Err(Error::NonCanonical)`, one outside the lower half `Err(Error::NotLowerHalf)`.
 ///
 /// ```no_run
 /// use libos::task;
@@ -830,10 +864,7 @@ pub fn map_private(name: &str, va: u64, len: u64) -> Result<(), templates::Error
 pub fn snapshot(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
     // Copy the ranges first: they may live in this task's own memory, which must not fault while
     // the space is being changed.
-    let r: Vec<(::x86_64::VirtAddr, u64)> = ranges
-        .iter()
-        .map(|&(s, l)| (::x86_64::VirtAddr::new(s), l))
-        .collect();
+    let r = crate::space::lower_ranges(ranges)?;
     crate::space::with_current(|space| {
         let (t, flush) = space.snapshot(&r)?;
         crate::space::apply(flush);

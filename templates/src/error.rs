@@ -19,8 +19,12 @@ pub enum Error {
     Misaligned { addr: u64 },
     /// A zero-length region or range.
     Empty,
-    /// An address outside the lower half (`0..2^47`): the kernel half is never touched.
+    /// An address outside the lower half (`0..2^47`), or a range reaching past it (`addr` is then
+    /// the first address beyond it): the kernel half is never touched.
     NotLowerHalf { addr: u64 },
+    /// An address whose bits 48..64 do not copy bit 47: no page table can map it (the CPU raises
+    /// #GP on any access). Never truncated into a canonical one.
+    NonCanonical { addr: u64 },
     /// A region overlaps an existing region (builder: another region; `map`: any mapping).
     Overlap { addr: u64 },
     /// Two templates of one spawn claim the same 1 GiB slot (`slot` is its start address).
@@ -31,6 +35,8 @@ pub enum Error {
     NotMapped { addr: u64 },
     /// `protect` on a region that is not `Private`.
     NotPrivate { addr: u64, region: Name },
+    /// A length below what the call needs (e.g. an arena smaller than its header and one page).
+    TooSmall { len: u64, min: u64 },
     /// `Backing::Frames` with the wrong number of frames, or a frame not aligned to the page size.
     BadBacking,
 }
@@ -57,7 +63,14 @@ impl fmt::Display for Error {
             Error::OutOfFrames => write!(f, "out of physical frames"),
             Error::Misaligned { addr } => write!(f, "misaligned address or length at {addr:#x}"),
             Error::Empty => write!(f, "empty range"),
-            Error::NotLowerHalf { addr } => write!(f, "{addr:#x} is not in the lower half"),
+            Error::NotLowerHalf { addr } => write!(
+                f,
+                "{addr:#x} is not in the lower half (0..0x800000000000), where app mappings go"
+            ),
+            Error::NonCanonical { addr } => write!(
+                f,
+                "{addr:#x} is not a canonical address (bits 48..63 must copy bit 47)"
+            ),
             Error::Overlap { addr } => write!(f, "overlapping mapping at {addr:#x}"),
             Error::SlotConflict { slot } => {
                 write!(f, "two templates claim the 1 GiB slot at {slot:#x}")
@@ -66,6 +79,9 @@ impl fmt::Display for Error {
             Error::NotMapped { addr } => write!(f, "{addr:#x} is not mapped"),
             Error::NotPrivate { addr, region } => {
                 write!(f, "region '{region}' at {addr:#x} is not private")
+            }
+            Error::TooSmall { len, min } => {
+                write!(f, "length {len:#x} is too small (at least {min:#x} bytes)")
             }
             Error::BadBacking => write!(f, "backing frames do not match the region"),
         }

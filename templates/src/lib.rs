@@ -63,4 +63,5 @@ pub use mem::PhysMem;
 pub use space::{Access, AddressSpace, KernelHalf, Mode, SpaceStats, Translation};
 pub use template::{
     Backing, Kind, PageSize, Perm, Region, RegionSpec, Template, TemplateBuilder, TemplateStats,
+    is_canonical,
 };

@@ -7,8 +7,8 @@ use crate::raw;
 use crate::walk::{self, Cursor};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use x86_64::PhysAddr;
 use x86_64::structures::paging::PhysFrame;
-use x86_64::{PhysAddr, VirtAddr};
 
 /// How a region's frames are shared between the tasks that map it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -97,8 +97,9 @@ pub enum Backing {
 pub struct RegionSpec {
     /// Name used in fault reports, e.g. `"libdata"`.
     pub name: Name,
-    /// First address (lower half, aligned to `page_size`).
-    pub start: VirtAddr,
+    /// First address (lower half, aligned to `page_size`). Kept as given: [`TemplateBuilder::add`]
+    /// rejects a non-canonical or upper-half address rather than truncating it.
+    pub start: u64,
     /// Length in bytes (a non-zero multiple of `page_size`).
     pub len: u64,
     /// Sharing behaviour.
@@ -116,7 +117,7 @@ impl RegionSpec {
     pub fn new(name: &str, start: u64, len: u64, kind: Kind) -> Self {
         RegionSpec {
             name: Name::from(name),
-            start: VirtAddr::new_truncate(start),
+            start,
             len,
             kind,
             exec: false,
@@ -168,21 +169,31 @@ impl Region {
 
 /// Check `start..start+len` is a non-empty, lower-half range aligned to `align`.
 pub(crate) fn check_range(start: u64, len: u64, align: u64) -> Result<u64, Error> {
+    if !is_canonical(start) {
+        return Err(Error::NonCanonical { addr: start });
+    }
+    if start >= entry::LOWER_HALF_END {
+        return Err(Error::NotLowerHalf { addr: start });
+    }
     if len == 0 {
         return Err(Error::Empty);
     }
     if !start.is_multiple_of(align) || !len.is_multiple_of(align) {
         return Err(Error::Misaligned { addr: start });
     }
-    let end = start
-        .checked_add(len)
-        .ok_or(Error::NotLowerHalf { addr: start })?;
-    if end > entry::LOWER_HALF_END {
-        return Err(Error::NotLowerHalf {
-            addr: start.max(entry::LOWER_HALF_END),
-        });
+    // `start` is in the lower half, so a range that wraps or ends beyond it crosses its end.
+    match start.checked_add(len) {
+        Some(end) if end <= entry::LOWER_HALF_END => Ok(end),
+        _ => Err(Error::NotLowerHalf {
+            addr: entry::LOWER_HALF_END,
+        }),
     }
-    Ok(end)
+}
+
+/// True when bits 48..64 of `addr` copy bit 47 (the CPU faults on any other address).
+pub const fn is_canonical(addr: u64) -> bool {
+    let top = addr >> 47;
+    top == 0 || top == (1 << 17) - 1
 }
 
 /// A tree of tables rooted at an L4 of count 1, released on drop. Templates and address spaces
@@ -244,7 +255,7 @@ impl<M: PhysMem> TemplateBuilder<M> {
     /// Add a region; rejects misaligned, empty, kernel-half, overlapping or badly backed ones.
     pub fn add(&mut self, spec: RegionSpec) -> Result<&mut Self, Error> {
         let size = spec.page_size.bytes();
-        let start = spec.start.as_u64();
+        let start = spec.start;
         let end = check_range(start, spec.len, size)?;
         let pages = spec.len / size;
         match &spec.backing {

@@ -693,3 +693,96 @@ fn flush_tokens_merge() {
 fn cow_bit_is_software_bit_9() {
     assert_eq!(COW_BIT, PageTableFlags::BIT_9);
 }
+
+/// A region requested at a non-canonical address used to be truncated into the lower half
+/// (`0x1_0000_4000_0000` became `0x4000_0000`); it is an error naming the address now, and so
+/// is every address or range that leaves the lower half.
+#[test]
+fn region_addresses_are_never_truncated() {
+    let m = mem();
+    let free = m.frames_in_use();
+    let cases: [(u64, u64, Error); 8] = [
+        (
+            0x1_0000_4000_0000,
+            4096,
+            Error::NonCanonical {
+                addr: 0x1_0000_4000_0000,
+            },
+        ),
+        (!0xfff, 4096, Error::NotLowerHalf { addr: !0xfff }),
+        (
+            0x8000_0000_0000,
+            4096,
+            Error::NonCanonical {
+                addr: 0x8000_0000_0000,
+            },
+        ),
+        (
+            0xffff_8000_0000_0000,
+            4096,
+            Error::NotLowerHalf {
+                addr: 0xffff_8000_0000_0000,
+            },
+        ),
+        (
+            0x7fff_ffff_f000,
+            0x2000,
+            Error::NotLowerHalf {
+                addr: 0x8000_0000_0000,
+            },
+        ),
+        (
+            0x1000,
+            !0xfff,
+            Error::NotLowerHalf {
+                addr: 0x8000_0000_0000,
+            },
+        ),
+        (0x1000, 0, Error::Empty),
+        (0x1001, 4096, Error::Misaligned { addr: 0x1001 }),
+    ];
+    for (start, len, want) in cases {
+        let mut b = TemplateBuilder::new(&m);
+        assert_eq!(
+            b.add(RegionSpec::new("r", start, len, Kind::Private)).err(),
+            Some(want.clone()),
+            "region at {start:#x} + {len:#x}"
+        );
+        let msg = want.to_string();
+        if let Error::NonCanonical { addr } | Error::NotLowerHalf { addr } = want {
+            assert!(msg.contains(&format!("{addr:#x}")), "{msg}");
+        }
+        // And nothing is mapped at the truncated address.
+        let t = b.seal().unwrap();
+        let s = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+        assert_eq!(s.region(va(start & 0x7fff_ffff_ffff)), None);
+    }
+    // The last address of the lower half is fine.
+    let mut b = TemplateBuilder::new(&m);
+    b.add(RegionSpec::new(
+        "top",
+        0x7fff_ffff_f000,
+        4096,
+        Kind::Private,
+    ))
+    .unwrap();
+    let t = b.seal().unwrap();
+    let mut s = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+    assert!(s.region(va(0x7fff_ffff_f000)).is_some());
+    // Map and snapshot take `VirtAddr`s (canonical by construction): the upper half is refused.
+    assert_eq!(
+        s.map(va(0xffff_8000_0000_0000), 4096, Perm::RW, "x", false),
+        Err(Error::NotLowerHalf {
+            addr: 0xffff_8000_0000_0000
+        })
+    );
+    assert_eq!(
+        s.snapshot(&[(va(0x7fff_ffff_f000), !0xfff)]).err(),
+        Some(Error::NotLowerHalf {
+            addr: 0x8000_0000_0000
+        })
+    );
+    assert!(is_canonical(0xffff_8000_0000_0000) && !is_canonical(0x1_0000_4000_0000));
+    drop((s, t));
+    assert_eq!(m.frames_in_use(), free);
+}

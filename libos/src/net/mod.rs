@@ -39,7 +39,7 @@ use smoltcp::socket::dhcpv4;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Cidr};
 
 pub use core::net::Ipv4Addr;
-pub use tcp::{TcpListener, TcpStream};
+pub use tcp::{MAX_BACKLOG, TcpListener, TcpStream};
 pub use udp::UdpSocket;
 
 use crate::sync::IrqMutex;
@@ -87,7 +87,8 @@ pub enum NetError {
     ConnectionReset,
     /// The call did not complete within its timeout.
     TimedOut,
-    /// The datagram does not fit the socket's buffer.
+    /// The datagram does not fit the socket's buffer (`send_to`) or the caller's (`recv_from`:
+    /// it stays queued).
     MessageTooLarge {
         /// Its size.
         len: usize,
@@ -119,7 +120,7 @@ impl fmt::Display for NetError {
             NetError::ConnectionReset => write!(f, "connection reset by peer"),
             NetError::TimedOut => write!(f, "timed out"),
             NetError::MessageTooLarge { len } => {
-                write!(f, "datagram of {len} bytes does not fit the socket buffer")
+                write!(f, "datagram of {len} bytes does not fit the buffer")
             }
         }
     }
@@ -385,7 +386,8 @@ pub(crate) fn block_on<R>(
         if let Some(r) = with_net(&mut f)? {
             return r;
         }
-        if timeout.is_some_and(|t| crate::time::uptime() - start >= t) {
+        // `Duration::MAX` (or any timeout past the TSC's range) waits forever.
+        if timeout.is_some_and(|t| crate::time::uptime().saturating_sub(start) >= t) {
             return Err(NetError::TimedOut);
         }
         crate::task::yield_now();

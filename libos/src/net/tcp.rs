@@ -23,6 +23,9 @@ use super::{Ipv4Addr, NetError, NetState, block_on, with_net};
 
 /// Listening sockets a [`TcpListener`] keeps by default.
 pub const DEFAULT_BACKLOG: usize = 16;
+/// Most listening sockets one [`TcpListener`] may keep (each holds `RX_BUFFER + TX_BUFFER` of
+/// kernel heap: 256 take 10 MiB).
+pub const MAX_BACKLOG: usize = 256;
 /// Receive buffer of each TCP socket.
 pub const RX_BUFFER: usize = 8 << 10;
 /// Send buffer of each TCP socket.
@@ -55,13 +58,18 @@ impl TcpListener {
         Self::bind_with_backlog(port, DEFAULT_BACKLOG)
     }
 
-    /// Listens on `port` with room for `backlog` connections not yet accepted.
+    /// Listens on `port` with room for `backlog` connections not yet accepted (1 to
+    /// [`MAX_BACKLOG`]; each is a socket with its buffers in the kernel heap). Port 0 or a
+    /// backlog outside that range is [`NetError::InvalidInput`], checked before the network is.
     pub fn bind_with_backlog(port: u16, backlog: usize) -> Result<TcpListener, NetError> {
         if port == 0 {
             return Err(NetError::InvalidInput("TCP port 0"));
         }
         if backlog == 0 {
             return Err(NetError::InvalidInput("backlog 0"));
+        }
+        if backlog > MAX_BACKLOG {
+            return Err(NetError::InvalidInput("backlog above MAX_BACKLOG (256)"));
         }
         with_net(|net| {
             if net.tcp_ports.contains(&port) {

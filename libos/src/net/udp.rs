@@ -71,8 +71,9 @@ impl UdpSocket {
         })
     }
 
-    /// Receives one datagram into `buf` (truncated if longer), waiting for it. Returns its
-    /// length and sender.
+    /// Receives one datagram into `buf`, waiting for it. Returns its length and sender. A
+    /// datagram longer than `buf` is never truncated: the call answers
+    /// [`NetError::MessageTooLarge`] with its length and leaves it queued for a larger buffer.
     pub fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, Ipv4Addr, u16), NetError> {
         self.recv_from_timeout(buf, None)
     }
@@ -88,11 +89,14 @@ impl UdpSocket {
             if !s.can_recv() {
                 return None;
             }
-            // Peek first so that a datagram longer than `buf` is truncated, not lost.
+            // Peek first so that a datagram longer than `buf` stays queued.
             let (n, from) = {
                 let (payload, meta) = s.peek().ok()?;
-                let n = payload.len().min(buf.len());
-                buf[..n].copy_from_slice(&payload[..n]);
+                let n = payload.len();
+                if n > buf.len() {
+                    return Some(Err(NetError::MessageTooLarge { len: n }));
+                }
+                buf[..n].copy_from_slice(payload);
                 (n, meta.endpoint)
             };
             let _ = s.recv();

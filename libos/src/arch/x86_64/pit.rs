@@ -1,12 +1,10 @@
 //! PIT channel 0 as a reference clock for calibrating the TSC.
 //!
-//! Channel 0 is set to mode 0 counting down from 0xffff at 1.193182 MHz; reading the latched count
-//! tells how many PIT ticks have passed (up to 54.9 ms). Works on microvm and q35, TCG and KVM.
+//! Channel 0 is set to mode 0 counting down from 0xffff at 1.193182 MHz; the latched count tells
+//! how many PIT ticks (at `crate::calibrate::PIT_HZ`) have passed, modulo 2^16: the counter wraps every 54.9 ms, and
+//! [`crate::calibrate`] counts the wraps. Works on microvm and q35, TCG and KVM.
 
 use ::x86_64::instructions::port::Port;
-
-/// PIT input clock in Hz.
-pub const PIT_HZ: u64 = 1_193_182;
 
 /// Starts channel 0 counting down from 0xffff.
 pub fn start() {
@@ -20,8 +18,8 @@ pub fn start() {
     }
 }
 
-/// PIT ticks since [`start`] (valid for up to 0xffff ticks).
-pub fn elapsed_ticks() -> u64 {
+/// PIT ticks since [`start`], modulo 2^16 (the counter wraps after 0).
+pub fn elapsed_ticks() -> u16 {
     let mut cmd = Port::<u8>::new(0x43);
     let mut ch0 = Port::<u8>::new(0x40);
     // SAFETY: latch-and-read of channel 0's count; reads have no other side effect.
@@ -31,5 +29,5 @@ pub fn elapsed_ticks() -> u64 {
         let hi = ch0.read() as u16;
         lo | (hi << 8)
     };
-    u64::from(0xffff - count)
+    0xffff_u16.wrapping_sub(count)
 }
