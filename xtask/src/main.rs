@@ -475,3 +475,81 @@ fn run(root: &Path, r: RunCmd) -> Result<i32> {
     }
     Ok(res.code)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_cmd(args: &[&str]) -> RunCmd {
+        let argv = ["cargo xtask", "run"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Cmd::Run(r) => r,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    /// `run` has no timeout unless one is asked for (a server runs until Ctrl-C); `--timeout 0`
+    /// also means none.
+    #[test]
+    fn run_timeout_defaults_to_none() {
+        assert_eq!(run_cmd(&["httpd"]).timeout.and_then(|t| t.0), None);
+        assert_eq!(
+            run_cmd(&["httpd", "--timeout", "0"])
+                .timeout
+                .and_then(|t| t.0),
+            None
+        );
+        assert_eq!(
+            run_cmd(&["httpd", "--timeout", "5"])
+                .timeout
+                .and_then(|t| t.0),
+            Some(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn gdb_port_is_optional_and_needs_equals() {
+        assert_eq!(run_cmd(&["hello"]).gdb, None);
+        assert_eq!(run_cmd(&["hello", "--gdb"]).gdb, Some(1234));
+        assert_eq!(run_cmd(&["hello", "--gdb=2345"]).gdb, Some(2345));
+        // Without `=`, the next word is not taken as the port.
+        let r = run_cmd(&["--gdb", "hello"]);
+        assert_eq!((r.gdb, r.app.as_deref()), (Some(1234), Some("hello")));
+        assert!(Cli::try_parse_from(["cargo xtask", "run", "hello", "--gdb=0"]).is_err());
+    }
+
+    #[test]
+    fn features_and_bin_reach_the_selection() {
+        let r = run_cmd(&[
+            "hello",
+            "--features",
+            "a,b",
+            "--features",
+            "c",
+            "--bin",
+            "x",
+        ]);
+        assert_eq!(
+            r.select.selection(),
+            Selection {
+                features: vec!["a,b".to_owned(), "c".to_owned()],
+                bin: Some("x".to_owned()),
+            }
+        );
+        let Cmd::Test(t) = Cli::try_parse_from([
+            "cargo xtask",
+            "test",
+            "--manifest-path",
+            "/x/Cargo.toml",
+            "--bin",
+            "y",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not test");
+        };
+        assert_eq!(t.manifest_path.as_deref(), Some(Path::new("/x/Cargo.toml")));
+        assert_eq!(t.select.bin.as_deref(), Some("y"));
+    }
+}
