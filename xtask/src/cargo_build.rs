@@ -201,6 +201,35 @@ pub fn build_for(
     build_inner(req, &Selection::default(), target, rustflags_var, rustflags)
 }
 
+/// The arguments of the `cargo build` that [`build_selected`] runs.
+pub fn build_args(req: &BuildRequest<'_>, sel: &Selection, target: &str) -> Vec<OsString> {
+    let mut a: Vec<OsString> = [
+        "build",
+        "--target",
+        target,
+        "--message-format=json-render-diagnostics",
+    ]
+    .map(OsString::from)
+    .to_vec();
+    if req.release {
+        a.push("--release".into());
+    }
+    if let Some(m) = req.manifest_path {
+        a.push("--manifest-path".into());
+        a.push(m.into());
+    }
+    for p in req.packages {
+        a.extend(["-p".into(), p.into()]);
+    }
+    for f in &sel.features {
+        a.extend(["--features".into(), f.into()]);
+    }
+    if let Some(bin) = &sel.bin {
+        a.extend(["--bin".into(), bin.into()]);
+    }
+    a
+}
+
 fn build_inner(
     req: &BuildRequest<'_>,
     sel: &Selection,
@@ -210,27 +239,7 @@ fn build_inner(
 ) -> Result<Vec<Artifact>> {
     ensure_target(req.dir, target)?;
     let mut cmd = Command::new(cargo());
-    cmd.current_dir(req.dir).args([
-        "build",
-        "--target",
-        target,
-        "--message-format=json-render-diagnostics",
-    ]);
-    if req.release {
-        cmd.arg("--release");
-    }
-    if let Some(m) = req.manifest_path {
-        cmd.arg("--manifest-path").arg(m);
-    }
-    for p in req.packages {
-        cmd.args(["-p", p]);
-    }
-    for f in &sel.features {
-        cmd.args(["--features", f]);
-    }
-    if let Some(bin) = &sel.bin {
-        cmd.args(["--bin", bin]);
-    }
+    cmd.current_dir(req.dir).args(build_args(req, sel, target));
     cmd.env(rustflags_var, rustflags);
     strip_overriding_flags(&mut cmd, rustflags);
     cmd.stdin(Stdio::null())
@@ -347,6 +356,32 @@ mod tests {
         let map = executables_by_package(std::slice::from_ref(&other), &wanted, None).unwrap();
         assert_eq!(map["hello"], Path::new("/ws/tool"));
         assert!(executables_by_package(&[], &wanted, None).is_err());
+    }
+
+    #[test]
+    fn features_and_bin_go_to_cargo() {
+        let packages = ["svc".to_owned()];
+        let req = BuildRequest {
+            dir: Path::new("/x"),
+            manifest_path: Some(Path::new("/x/Cargo.toml")),
+            packages: &packages,
+            release: true,
+        };
+        let sel = Selection {
+            features: vec!["a,b".to_owned(), "c".to_owned()],
+            bin: Some("tool".to_owned()),
+        };
+        let args: Vec<String> = build_args(&req, &sel, TARGET)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args.join(" "),
+            "build --target x86_64-unknown-none --message-format=json-render-diagnostics \
+             --release --manifest-path /x/Cargo.toml -p svc --features a,b --features c --bin tool"
+        );
+        let plain = build_args(&req, &Selection::default(), TARGET);
+        assert!(!plain.iter().any(|a| a == "--features" || a == "--bin"));
     }
 
     /// A scratch directory removed on drop.

@@ -41,6 +41,9 @@ const TEST_HELP: &str = "\
 Host tests: cargo test --workspace --no-fail-fast --exclude <every app>.
 QEMU cases: declared in each app's Cargo.toml as [[package.metadata.stencil.test]]
 (see docs/xtask.md), built in one cargo call per profile and booted one after another.
+With --manifest-path: the declared cases of a crate outside the workspace (no host tests:
+its packages build for the guest). A failing case's report includes its fault report
+symbolized as `function (file:line)`. Each case has its own timeout (default 60 s).
 The last line is `N passed, N failed`. Exit status: 0 if nothing failed, else 1;
 130 on Ctrl-C; 113 on an xtask error.";
 
@@ -60,7 +63,8 @@ struct Cli {
 enum Cmd {
     /// Build apps for x86_64-unknown-none and print the path of each ELF
     Build(BuildCmd),
-    /// Build an app and boot it in QEMU; serial output goes to the terminal
+    /// Build an app and boot it in QEMU until it exits (or Ctrl-C); serial output goes to the
+    /// terminal, fault reports are symbolized
     #[command(after_help = EXIT_CODES_HELP)]
     Run(RunCmd),
     /// Run the host tests, then boot every declared QEMU test case; ends with `N passed, N failed`
@@ -289,6 +293,10 @@ fn real_main(cli: Cli) -> Result<i32> {
             println!("created {}", manifest.display());
             println!(
                 "build and boot it: cargo xtask run --manifest-path {}",
+                manifest.display()
+            );
+            println!(
+                "run its test case: cargo xtask test --manifest-path {}",
                 manifest.display()
             );
             Ok(0)
