@@ -72,10 +72,15 @@ pub fn addresses(serial: &str) -> Vec<Addr> {
             in_backtrace = true;
             continue;
         }
+        // libos writes `at RIP 0x...` (exception, unexpected interrupt) and `(RIP 0x...`
+        // (stack overflow).
         let mut rest = line;
         while let Some(at) = rest.find("RIP 0x") {
+            let before = &rest[..at];
             let after = &rest[at + "RIP ".len()..];
-            if let Some(a) = hex_prefix(after) {
+            if (before.ends_with("at ") || before.ends_with('('))
+                && let Some(a) = hex_prefix(after)
+            {
                 found.push(Addr::Rip(a));
             }
             rest = &after[2..];
@@ -91,6 +96,10 @@ fn shorten_std_path(file: &str) -> &str {
         .and_then(|rest| rest.split_once('/'))
         .map_or(file, |(_, path)| path)
 }
+
+/// At most this many addresses are symbolized per run (libos cuts one backtrace at 256 frames; a
+/// guest that prints report-like lines in a loop must not flood the terminal).
+const MAX_ADDRS: usize = 300;
 
 /// Frames (innermost first) for one address: `function (file:line)`.
 pub trait Lookup {
@@ -175,7 +184,7 @@ pub fn report(serial: &str, elf_name: &str, lookup: &dyn Lookup) -> Option<Strin
         return None;
     }
     let mut out = format!("stencil: fault report, symbolized from {elf_name}:\n");
-    for a in addrs {
+    for &a in addrs.iter().take(MAX_ADDRS) {
         let frames = lookup.frames(a.probe());
         let label = a.label();
         match frames.split_first() {
@@ -194,6 +203,13 @@ pub fn report(serial: &str, elf_name: &str, lookup: &dyn Lookup) -> Option<Strin
                 }
             }
         }
+    }
+    if addrs.len() > MAX_ADDRS {
+        let _ = writeln!(
+            out,
+            "  ... and {} more addresses (not symbolized)",
+            addrs.len() - MAX_ADDRS
+        );
     }
     Some(out)
 }
@@ -256,6 +272,12 @@ stencil: exit
         assert_eq!(addresses(overflow), [Addr::Rip(0x2010)]);
         assert!(addresses("Hello from Stencil\n#1 0x10 not after a header\n").is_empty());
         assert!(addresses("RIP 0xzz\nbacktrace\n  #x 0x10\n").is_empty());
+        // Only libos's own forms count, not any mention of a RIP.
+        assert!(addresses("my RIP 0x1234 is fine\n").is_empty());
+        assert_eq!(
+            addresses("unexpected interrupt vector 3 at RIP 0x42\n"),
+            [Addr::Rip(0x42)]
+        );
     }
 
     #[test]
@@ -303,6 +325,13 @@ stencil: exit
         assert!(lines[4].ends_with("?? (no debug info for this address)"));
         assert_eq!(lines.len(), 6);
         assert_eq!(report("no fault here\n", "app", &Fake), None);
+        let flood = "  at RIP 0x1\n".repeat(MAX_ADDRS + 5);
+        let r = report(&flood, "app", &Fake).unwrap();
+        assert_eq!(r.lines().count(), 1 + MAX_ADDRS + 1);
+        assert!(
+            r.trim_end()
+                .ends_with("... and 5 more addresses (not symbolized)")
+        );
     }
 
     /// xtask's own binary has DWARF (host test builds are dev builds): a function of this file
