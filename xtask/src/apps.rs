@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use crate::parse::{MAX_TIMEOUT_SECS, MemSize};
 use crate::qemu::Machine;
 
 #[derive(Debug, Deserialize)]
@@ -61,8 +62,9 @@ pub struct TestCase {
     /// Seconds before the VM is killed.
     #[serde(default = "default_timeout")]
     pub timeout: u64,
-    #[serde(default = "default_mem")]
-    pub mem: String,
+    /// Guest memory, in `--mem` syntax.
+    #[serde(default = "default_mem", deserialize_with = "mem_size")]
+    pub mem: MemSize,
     #[serde(default = "default_smp")]
     pub smp: u32,
     /// Build the app with `--release`.
@@ -78,8 +80,14 @@ fn default_timeout() -> u64 {
     60
 }
 
-fn default_mem() -> String {
-    "256M".to_owned()
+fn default_mem() -> MemSize {
+    MemSize::DEFAULT
+}
+
+fn mem_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<MemSize, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse()
+        .map_err(|e| serde::de::Error::custom(format!("mem: {e}")))
 }
 
 fn default_smp() -> u32 {
@@ -156,11 +164,19 @@ pub fn cases_of(pkg: &Package) -> Result<Vec<TestCase>> {
                 c.name
             );
         }
-        if c.timeout == 0 {
+        if c.timeout == 0 || c.timeout > MAX_TIMEOUT_SECS {
             bail!(
-                "package `{}`, case `{}`: timeout must be at least 1 s",
+                "package `{}`, case `{}`: timeout must be 1..={MAX_TIMEOUT_SECS} s",
                 pkg.name,
                 c.name
+            );
+        }
+        if c.smp != 1 {
+            bail!(
+                "package `{}`, case `{}`: smp = {}: Stencil runs on one CPU for now",
+                pkg.name,
+                c.name,
+                c.smp
             );
         }
     }
@@ -227,7 +243,7 @@ mod tests {
              "expect": ["Hello", "arg[1] = a b"]},
             {"name": "hello-q35", "machine": "q35", "exit": 3, "cmdline": ["log=debug"],
              "reject": ["panicked"], "timeout": 30, "mem": "512M", "release": true,
-             "smp": 2}
+             "smp": 1}
          ]}, "other-tool": 1}},
         {"name": "stack", "id": "path+file:///ws/tests/apps/stack#0.1.0",
          "manifest_path": "/ws/tests/apps/stack/Cargo.toml", "dependencies": [],
@@ -253,15 +269,15 @@ mod tests {
         assert_eq!(a.machine, Machine::Microvm);
         assert_eq!(a.args, ["a b", "c\"d"]);
         assert_eq!(
-            (a.exit, a.timeout, a.mem.as_str(), a.smp, a.release),
-            (0, 60, "256M", 1, false)
+            (a.exit, a.timeout, a.mem.mib(), a.smp, a.release),
+            (0, 60, 256, 1, false)
         );
         assert!(a.reject.is_empty() && a.cmdline.is_empty());
         let b = &hello.cases[1];
         assert_eq!(b.machine, Machine::Q35);
         assert_eq!(
-            (b.exit, b.timeout, b.mem.as_str(), b.smp, b.release),
-            (3, 30, "512M", 2, true)
+            (b.exit, b.timeout, b.mem.mib(), b.smp, b.release),
+            (3, 30, 512, 1, true)
         );
         assert!(apps[2].cases.is_empty());
     }
@@ -284,5 +300,13 @@ mod tests {
         assert!(err.contains("used twice"), "{err}");
         let bad_machine = META.replace("\"q35\"", "\"pc\"");
         assert!(apps(&parse(&bad_machine).unwrap()).is_err());
+        let bad_mem = META.replace("\"512M\"", "\"0\"");
+        let err = format!("{:#}", apps(&parse(&bad_mem).unwrap()).unwrap_err());
+        assert!(err.contains("mem: '0' is too small"), "{err}");
+        let smp = META.replace("\"smp\": 1", "\"smp\": 2");
+        let err = apps(&parse(&smp).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("one CPU for now"), "{err}");
+        let long = META.replace("\"timeout\": 30", "\"timeout\": 99999999999");
+        assert!(apps(&parse(&long).unwrap()).is_err());
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 
 use crate::Interrupted;
 use crate::apps::{self, App, TestCase};
-use crate::cargo_build::{self, BuildRequest};
+use crate::cargo_build::{self, BuildRequest, Selection};
 use crate::cmdline::kernel_cmdline;
 use crate::proc::{self, ChildGuard, Echo, Ending, Stop};
 use crate::qemu::{self, AccelChoice, Firmware, Vm};
@@ -20,6 +20,10 @@ const TAIL_LINES: usize = 40;
 
 #[derive(Debug)]
 pub struct Options {
+    /// A crate outside the workspace whose declared cases to run (no host tests then).
+    pub manifest_path: Option<PathBuf>,
+    /// `--features` / `--bin` for the app builds.
+    pub select: Selection,
     pub filter: Option<String>,
     pub no_host: bool,
     pub no_qemu: bool,
@@ -43,8 +47,25 @@ fn say(msg: &str) {
 
 /// Runs the harness; returns the exit code (0 iff nothing failed).
 pub fn run(root: &Path, opts: &Options) -> Result<i32> {
-    let meta = apps::load(&root.join("Cargo.toml"))?;
+    let manifest = match &opts.manifest_path {
+        Some(m) => Some(
+            m.canonicalize()
+                .with_context(|| format!("--manifest-path {}", m.display()))?,
+        ),
+        None => None,
+    };
+    let meta = apps::load(manifest.as_deref().unwrap_or(&root.join("Cargo.toml")))?;
     let apps = apps::apps(&meta)?;
+    // Cargo runs in the outside crate's directory (its toolchain file and config apply).
+    let build_dir = match &manifest {
+        Some(m) => m.parent().map(Path::to_path_buf).unwrap_or_default(),
+        None => root.to_path_buf(),
+    };
+    let place = Place {
+        root,
+        dir: &build_dir,
+        manifest: manifest.as_deref(),
+    };
     let cases: Vec<(&App, &TestCase)> = apps
         .iter()
         .flat_map(|a| a.cases.iter().map(move |c| (a, c)))
@@ -60,11 +81,15 @@ pub fn run(root: &Path, opts: &Options) -> Result<i32> {
         return Ok(0);
     }
     let mut totals = Totals::default();
-    if !opts.no_host {
+    if manifest.is_some() {
+        if !opts.no_host {
+            say("xtask: host tests: none for --manifest-path (its packages build for the guest)");
+        }
+    } else if !opts.no_host {
         host_tests(root, &apps, &mut totals)?;
     }
     if !opts.no_qemu {
-        qemu_cases(root, &cases, opts, &mut totals)?;
+        qemu_cases(&place, &cases, opts, &mut totals)?;
     }
     say(&format!(
         "{} passed, {} failed",
@@ -146,8 +171,18 @@ fn host_tests(root: &Path, apps: &[App], totals: &mut Totals) -> Result<()> {
     Ok(())
 }
 
+/// Where the apps are built and their sources live.
+struct Place<'a> {
+    /// The Stencil checkout (file names in symbolized reports are shown relative to it).
+    root: &'a Path,
+    /// The directory cargo runs in.
+    dir: &'a Path,
+    /// `--manifest-path`, for a crate outside the workspace.
+    manifest: Option<&'a Path>,
+}
+
 fn qemu_cases(
-    root: &Path,
+    place: &Place<'_>,
     cases: &[(&App, &TestCase)],
     opts: &Options,
     totals: &mut Totals,
@@ -196,13 +231,24 @@ fn qemu_cases(
             names.join(" ")
         ));
         let req = BuildRequest {
-            dir: root,
-            manifest_path: None,
+            dir: place.dir,
+            manifest_path: place.manifest,
             packages: &names,
             release,
         };
-        let built = cargo_build::build(&req)
-            .and_then(|arts| cargo_build::executables_by_package(&arts, &wanted));
+        let sel = &opts.select;
+        let built = if sel.bin.is_some() && names.len() != 1 {
+            Err(anyhow::anyhow!(
+                "--bin picks a binary of one app, but cases of {} apps are selected ({}); \
+                 narrow them with FILTER",
+                names.len(),
+                names.join(", ")
+            ))
+        } else {
+            cargo_build::build_selected(&req, sel).and_then(|arts| {
+                cargo_build::executables_by_package(&arts, &wanted, sel.bin.as_deref())
+            })
+        };
         match built {
             Ok(map) => {
                 for (name, elf) in map {
@@ -242,7 +288,7 @@ fn qemu_cases(
         }
         let mut vm = Vm::new(elf, case.machine, accel);
         vm.qemu = qemu_path.clone();
-        vm.mem = case.mem.clone();
+        vm.mem = case.mem.qemu_arg();
         vm.smp = case.smp;
         vm.cmdline = kernel_cmdline(&case.cmdline, &case.args)?;
         vm.set_firmware(opts.firmware)?;
@@ -308,6 +354,11 @@ fn qemu_cases(
             ));
             for l in tail(&serial, TAIL_LINES) {
                 report.push_str(&format!("    | {l}\n"));
+            }
+        }
+        if let Some(sym) = crate::symbolize::report_for_elf(&serial, &vm.kernel, place.root) {
+            for l in sym.lines() {
+                report.push_str(&format!("    {l}\n"));
             }
         }
         report.push_str(&format!("    command: {}", vm.shell_line()));
@@ -392,7 +443,7 @@ mod tests {
             expect: expect.iter().map(|s| (*s).to_owned()).collect(),
             reject: reject.iter().map(|s| (*s).to_owned()).collect(),
             timeout: 5,
-            mem: "256M".to_owned(),
+            mem: "256M".parse().unwrap(),
             smp: 1,
             release: false,
             http: None,

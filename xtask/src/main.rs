@@ -9,8 +9,10 @@ mod cmdline;
 mod harness;
 mod http;
 mod new_crate;
+mod parse;
 mod proc;
 mod qemu;
+mod symbolize;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::cargo_build::Selection;
+use crate::parse::{MemSize, Timeout};
 use crate::qemu::{Accel, AccelChoice, EXIT_XTASK_ERROR, Firmware, Machine, Vm};
 
 /// The exit-code table of `--help`; `stencil_abi::exit::HelpTable` generates the same text (a test
@@ -40,6 +44,9 @@ const TEST_HELP: &str = "\
 Host tests: cargo test --workspace --no-fail-fast --exclude <every app>.
 QEMU cases: declared in each app's Cargo.toml as [[package.metadata.stencil.test]]
 (see docs/xtask.md), built in one cargo call per profile and booted one after another.
+With --manifest-path: the declared cases of a crate outside the workspace (no host tests:
+its packages build for the guest). A failing case's report includes its fault report
+symbolized as `function (file:line)`. Each case has its own timeout (default 60 s).
 The last line is `N passed, N failed`. Exit status: 0 if nothing failed, else 1;
 130 on Ctrl-C; 113 on an xtask error.";
 
@@ -59,7 +66,8 @@ struct Cli {
 enum Cmd {
     /// Build apps for x86_64-unknown-none and print the path of each ELF
     Build(BuildCmd),
-    /// Build an app and boot it in QEMU; serial output goes to the terminal
+    /// Build an app and boot it in QEMU until it exits (or Ctrl-C); serial output goes to the
+    /// terminal, fault reports are symbolized
     #[command(after_help = EXIT_CODES_HELP)]
     Run(RunCmd),
     /// Run the host tests, then boot every declared QEMU test case; ends with `N passed, N failed`
@@ -98,12 +106,33 @@ struct BuildOpts {
 }
 
 #[derive(Debug, Args)]
+struct SelectOpts {
+    /// Cargo features to enable (passed to cargo as --features; repeatable, or comma-separated)
+    #[arg(long, value_name = "FEATURES")]
+    features: Vec<String>,
+    /// The binary to build and boot, for a package with several (passed to cargo as --bin)
+    #[arg(long, value_name = "NAME")]
+    bin: Option<String>,
+}
+
+impl SelectOpts {
+    fn selection(&self) -> Selection {
+        Selection {
+            features: self.features.clone(),
+            bin: self.bin.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
 struct BuildCmd {
     /// App package names (default: every app of the workspace, or the --manifest-path crate)
     #[arg(value_name = "APP")]
     apps: Vec<String>,
     #[command(flatten)]
     build: BuildOpts,
+    #[command(flatten)]
+    select: SelectOpts,
 }
 
 #[derive(Debug, Args)]
@@ -113,8 +142,10 @@ struct RunCmd {
     app: Option<String>,
     #[command(flatten)]
     build: BuildOpts,
+    #[command(flatten)]
+    select: SelectOpts,
     /// Boot this prebuilt ELF instead of building an app
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["app", "release", "manifest_path"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["app", "release", "manifest_path", "features", "bin"])]
     elf: Option<PathBuf>,
     /// Accelerator
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
@@ -122,22 +153,25 @@ struct RunCmd {
     /// QEMU machine type
     #[arg(long, value_enum, default_value_t = Machine::Microvm)]
     machine: Machine,
-    /// Guest memory (QEMU -m syntax: 256M, 2G, ...)
-    #[arg(long, default_value = "256M")]
-    mem: String,
-    /// Number of virtual CPUs
+    /// Guest memory, QEMU -m syntax: 256M, 2G, 512 (MiB); suffixes K, M, G, T; a whole number
+    /// of MiB, at least 4M (what libos needs to boot)
+    #[arg(long, default_value = "256M", value_name = "SIZE")]
+    mem: MemSize,
+    /// Number of virtual CPUs (Stencil runs on one CPU for now: anything but 1 is an error)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
     smp: u32,
     /// Firmware for q35 (microvm always uses QEMU's bios-microvm.bin)
     #[arg(long, value_enum, default_value_t = Firmware::Auto)]
     firmware: Firmware,
-    /// Start QEMU's gdb stub on tcp::1234; the guest waits for the debugger (no timeout unless
-    /// --timeout is given)
-    #[arg(long)]
-    gdb: bool,
-    /// Kill the guest after this many seconds and exit 111 [default: 60; 0: never]
+    /// Start QEMU's gdb stub on 127.0.0.1:PORT [default PORT: 1234]; the guest waits for the
+    /// debugger. A port that is taken is an error
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "1234",
+          require_equals = true, value_parser = clap::value_parser!(u16).range(1..))]
+    gdb: Option<u16>,
+    /// Kill the guest after SECS seconds and exit 111 [default: none: the guest runs until it
+    /// exits or Ctrl-C; 0: none]
     #[arg(long, value_name = "SECS")]
-    timeout: Option<u64>,
+    timeout: Option<Timeout>,
     /// Build, then print the QEMU command line instead of running it
     #[arg(long)]
     dry_run: bool,
@@ -167,6 +201,12 @@ struct RunCmd {
 struct TestCmd {
     /// Run only the QEMU cases whose name contains this (host tests still run unless --no-host)
     filter: Option<String>,
+    /// Cargo.toml of a crate outside the workspace: run its declared QEMU cases (its packages
+    /// are guest crates, so there are no host tests to run)
+    #[arg(long, value_name = "PATH")]
+    manifest_path: Option<PathBuf>,
+    #[command(flatten)]
+    select: SelectOpts,
     /// Skip the host tests (cargo test)
     #[arg(long)]
     no_host: bool,
@@ -229,7 +269,7 @@ fn real_main(cli: Cli) -> Result<i32> {
     let root = workspace_root();
     match cli.command {
         Cmd::Build(b) => {
-            for (_, elf) in build_apps(&root, &b.apps, &b.build)? {
+            for (_, elf) in build_apps_selected(&root, &b.apps, &b.build, &b.select.selection())? {
                 println!("{}", elf.display());
             }
             Ok(0)
@@ -238,6 +278,8 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Test(t) => harness::run(
             &root,
             &harness::Options {
+                manifest_path: t.manifest_path,
+                select: t.select.selection(),
                 filter: t.filter,
                 no_host: t.no_host,
                 no_qemu: t.no_qemu,
@@ -256,6 +298,10 @@ fn real_main(cli: Cli) -> Result<i32> {
                 "build and boot it: cargo xtask run --manifest-path {}",
                 manifest.display()
             );
+            println!(
+                "run its test case: cargo xtask test --manifest-path {}",
+                manifest.display()
+            );
             Ok(0)
         }
     }
@@ -272,6 +318,16 @@ fn workspace_root() -> PathBuf {
 
 /// Builds the named apps (or all of them) in one cargo call; returns (package, ELF) pairs.
 fn build_apps(root: &Path, names: &[String], opts: &BuildOpts) -> Result<Vec<(String, PathBuf)>> {
+    build_apps_selected(root, names, opts, &Selection::default())
+}
+
+/// [`build_apps`] with `--features` / `--bin`.
+fn build_apps_selected(
+    root: &Path,
+    names: &[String],
+    opts: &BuildOpts,
+    sel: &Selection,
+) -> Result<Vec<(String, PathBuf)>> {
     let (dir, manifest, wanted) = match &opts.manifest_path {
         Some(m) => {
             let m = m
@@ -323,14 +379,21 @@ fn build_apps(root: &Path, names: &[String], opts: &BuildOpts) -> Result<Vec<(St
         }
     };
     let packages: Vec<String> = wanted.iter().map(|(n, _)| n.clone()).collect();
+    if sel.bin.is_some() && packages.len() != 1 {
+        bail!(
+            "--bin picks a binary of one app; name the app ({} selected: {})",
+            packages.len(),
+            packages.join(", ")
+        );
+    }
     let req = cargo_build::BuildRequest {
         dir: &dir,
         manifest_path: manifest.as_deref(),
         packages: &packages,
         release: opts.release,
     };
-    let artifacts = cargo_build::build(&req)?;
-    let map = cargo_build::executables_by_package(&artifacts, &wanted)?;
+    let artifacts = cargo_build::build_selected(&req, sel)?;
+    let map = cargo_build::executables_by_package(&artifacts, &wanted, sel.bin.as_deref())?;
     Ok(packages
         .into_iter()
         .map(|n| {
@@ -341,6 +404,12 @@ fn build_apps(root: &Path, names: &[String], opts: &BuildOpts) -> Result<Vec<(St
 }
 
 fn run(root: &Path, r: RunCmd) -> Result<i32> {
+    if r.smp != 1 {
+        bail!(
+            "--smp {}: Stencil runs on one CPU for now (libos starts no other CPU); use --smp 1",
+            r.smp
+        );
+    }
     let kernel = match &r.elf {
         Some(elf) => {
             if !elf.is_file() {
@@ -350,7 +419,7 @@ fn run(root: &Path, r: RunCmd) -> Result<i32> {
         }
         None => {
             let names: Vec<String> = r.app.iter().cloned().collect();
-            let built = build_apps(root, &names, &r.build)?;
+            let built = build_apps_selected(root, &names, &r.build, &r.select.selection())?;
             let [(_, elf)] = <[_; 1]>::try_from(built)
                 .map_err(|b| anyhow::anyhow!("expected one app, built {}", b.len()))?;
             elf
@@ -378,7 +447,7 @@ fn run(root: &Path, r: RunCmd) -> Result<i32> {
     options.extend(r.cmdline.iter().cloned());
 
     let mut vm = Vm::new(kernel, r.machine, accel);
-    vm.mem = r.mem.clone();
+    vm.mem = r.mem.qemu_arg();
     vm.smp = r.smp;
     vm.gdb = r.gdb;
     vm.icount = r.icount;
@@ -395,23 +464,103 @@ fn run(root: &Path, r: RunCmd) -> Result<i32> {
     }
     vm.qemu = qemu::find_qemu()?;
     qemu::check_host_ports(&vm.ports)?;
-    let timeout = match (r.timeout, r.gdb) {
-        (Some(0), _) | (None, true) => None,
-        (Some(secs), _) => Some(Duration::from_secs(secs)),
-        (None, false) => Some(Duration::from_secs(60)),
-    };
-    if r.gdb {
+    // No timeout unless asked for: a server runs until Ctrl-C.
+    let timeout: Option<Duration> = r.timeout.and_then(|t| t.0);
+    if let Some(port) = r.gdb {
+        qemu::check_gdb_port(port)?;
         eprintln!(
-            "stencil: QEMU waits for gdb on localhost:1234; connect with: gdb {} -ex 'target \
-             remote :1234'",
+            "stencil: QEMU waits for gdb on 127.0.0.1:{port}; connect with: gdb {} -ex 'target \
+             remote 127.0.0.1:{port}'",
             vm.kernel.display()
         );
     }
     let res = qemu::run(&vm, timeout, true)?;
+    let serial = String::from_utf8_lossy(&res.serial);
+    if let Some(report) = symbolize::report_for_elf(&serial, &vm.kernel, root) {
+        eprint!("{report}");
+    }
     if res.code != 0
         && let Some(summary) = &res.summary
     {
         eprintln!("{summary}");
     }
     Ok(res.code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_cmd(args: &[&str]) -> RunCmd {
+        let argv = ["cargo xtask", "run"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Cmd::Run(r) => r,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    /// `run` has no timeout unless one is asked for (a server runs until Ctrl-C); `--timeout 0`
+    /// also means none.
+    #[test]
+    fn run_timeout_defaults_to_none() {
+        assert_eq!(run_cmd(&["httpd"]).timeout.and_then(|t| t.0), None);
+        assert_eq!(
+            run_cmd(&["httpd", "--timeout", "0"])
+                .timeout
+                .and_then(|t| t.0),
+            None
+        );
+        assert_eq!(
+            run_cmd(&["httpd", "--timeout", "5"])
+                .timeout
+                .and_then(|t| t.0),
+            Some(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn gdb_port_is_optional_and_needs_equals() {
+        assert_eq!(run_cmd(&["hello"]).gdb, None);
+        assert_eq!(run_cmd(&["hello", "--gdb"]).gdb, Some(1234));
+        assert_eq!(run_cmd(&["hello", "--gdb=2345"]).gdb, Some(2345));
+        // Without `=`, the next word is not taken as the port.
+        let r = run_cmd(&["--gdb", "hello"]);
+        assert_eq!((r.gdb, r.app.as_deref()), (Some(1234), Some("hello")));
+        assert!(Cli::try_parse_from(["cargo xtask", "run", "hello", "--gdb=0"]).is_err());
+    }
+
+    #[test]
+    fn features_and_bin_reach_the_selection() {
+        let r = run_cmd(&[
+            "hello",
+            "--features",
+            "a,b",
+            "--features",
+            "c",
+            "--bin",
+            "x",
+        ]);
+        assert_eq!(
+            r.select.selection(),
+            Selection {
+                features: vec!["a,b".to_owned(), "c".to_owned()],
+                bin: Some("x".to_owned()),
+            }
+        );
+        let Cmd::Test(t) = Cli::try_parse_from([
+            "cargo xtask",
+            "test",
+            "--manifest-path",
+            "/x/Cargo.toml",
+            "--bin",
+            "y",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not test");
+        };
+        assert_eq!(t.manifest_path.as_deref(), Some(Path::new("/x/Cargo.toml")));
+        assert_eq!(t.select.bin.as_deref(), Some("y"));
+    }
 }

@@ -3,8 +3,11 @@
 //! The crate gets its own `[workspace]` table (so a parent directory's workspace does not claim
 //! it), a `rust-toolchain.toml` like Stencil's (stable + `x86_64-unknown-none`), a copy of
 //! Stencil's `Cargo.lock` (the dependency versions libos is tested with; no registry look-up for
-//! them), a `.gitignore` and a small `src/main.rs`. It needs no build script and no linker flags:
-//! `cargo xtask run --manifest-path <path>/Cargo.toml` passes them.
+//! them), a `.cargo/config.toml` whose `[build] target = "x86_64-unknown-none"` makes a plain
+//! `cargo check` and rust-analyzer check the crate for the guest (the crate has no host code), a
+//! `.gitignore` and a small `src/main.rs`. The manifest declares one QEMU test case, run by
+//! `cargo xtask test --manifest-path <path>/Cargo.toml`. It needs no build script and no linker
+//! flags: `cargo xtask run --manifest-path <path>/Cargo.toml` passes them.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -68,12 +71,26 @@ opt-level = 1
 [profile.release]
 debug = "line-tables-only"
 
+# Boots run by `cargo xtask test --manifest-path Cargo.toml` (Stencil's docs/xtask.md, "Declaring
+# a test case").
+[[package.metadata.stencil.test]]
+name = "{name}-ok"
+expect = ["{name}: 4 tasks read the table, sum 6", "{name}: ok"]
+timeout = 60
+
 # A workspace of its own: a Cargo workspace in a parent directory must not claim this crate.
 [workspace]
 "#,
         libos = toml_string(&libos.display().to_string())
     )
 }
+
+/// The generated `.cargo/config.toml`.
+pub const CARGO_CONFIG: &str = r#"# A plain `cargo check` / `cargo build` and rust-analyzer build this crate for the guest target.
+# `cargo xtask run` / `build` / `test` pass the target and the linker flags themselves.
+[build]
+target = "x86_64-unknown-none"
+"#;
 
 /// The generated `src/main.rs`: a small service that spawns tasks from a template.
 pub fn main_rs(name: &str) -> String {
@@ -180,14 +197,17 @@ pub fn create(root: &Path, path: &Path, name: Option<&str>) -> Result<PathBuf> {
         .join("libos")
         .canonicalize()
         .context("cannot find libos/ in the Stencil checkout")?;
-    fs::create_dir_all(path.join("src"))
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    for sub in ["src", ".cargo"] {
+        fs::create_dir_all(path.join(sub))
+            .with_context(|| format!("cannot create {}", path.join(sub).display()))?;
+    }
     let write = |rel: &str, text: &str| {
         fs::write(path.join(rel), text).with_context(|| format!("cannot write {rel}"))
     };
     write("Cargo.toml", &manifest(&name, &libos))?;
     write("src/main.rs", &main_rs(&name))?;
     write(".gitignore", "/target\n")?;
+    write(".cargo/config.toml", CARGO_CONFIG)?;
     let toolchain = fs::read_to_string(root.join("rust-toolchain.toml"))
         .context("cannot read Stencil's rust-toolchain.toml")?;
     write("rust-toolchain.toml", &toolchain)?;
@@ -222,6 +242,8 @@ mod tests {
         assert!(m.contains("name = \"svc\""));
         assert!(m.contains(r#"libos = { path = "/a \"b\"/libos" }"#));
         assert!(m.trim_end().ends_with("[workspace]"));
+        assert!(m.contains("name = \"svc-ok\""));
+        assert!(m.contains("expect = [\"svc: 4 tasks read the table, sum 6\", \"svc: ok\"]"));
     }
 
     #[test]

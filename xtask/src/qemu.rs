@@ -185,8 +185,9 @@ pub struct Vm {
     pub smp: u32,
     pub kernel: PathBuf,
     pub cmdline: String,
-    /// Start QEMU's gdb stub on tcp::1234 and wait for the debugger before the first instruction.
-    pub gdb: bool,
+    /// Start QEMU's gdb stub on 127.0.0.1:PORT and wait for the debugger before the first
+    /// instruction.
+    pub gdb: Option<u16>,
     /// `-bios` for q35 (`None`: QEMU's default).
     pub bios: Option<PathBuf>,
     /// `-initrd` (the Linux peer's initramfs).
@@ -209,9 +210,12 @@ impl std::str::FromStr for PortForward {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
+        // Digits only: `u16::from_str` would also take a leading `+`.
         let port = |p: &str| match p.parse::<u16>() {
-            Ok(0) | Err(_) => Err(format!("'{p}' is not a port number (1-65535)")),
-            Ok(n) => Ok(n),
+            Ok(n) if n != 0 && p.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+            _ => Err(format!(
+                "'{p}' in '{s}' is not a port number (1-65535); expected HOST:GUEST or PORT"
+            )),
         };
         match s.split_once(':') {
             Some((h, g)) => Ok(PortForward {
@@ -241,6 +245,18 @@ pub fn check_host_ports(ports: &[PortForward]) -> Result<()> {
     Ok(())
 }
 
+/// Fails with a clear message if the gdb stub's port cannot be bound on 127.0.0.1 (QEMU would
+/// otherwise fail, or the debugger would connect to whatever holds the port).
+pub fn check_gdb_port(port: u16) -> Result<()> {
+    if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+        bail!(
+            "--gdb: port {port} is not available on 127.0.0.1 ({e}); is another debugger or \
+             guest using it? Pick another with --gdb=PORT"
+        );
+    }
+    Ok(())
+}
+
 impl Vm {
     /// A VM with the defaults; the caller sets the rest.
     pub fn new(kernel: PathBuf, machine: Machine, accel: Accel) -> Self {
@@ -252,7 +268,7 @@ impl Vm {
             smp: 1,
             kernel,
             cmdline: String::new(),
-            gdb: false,
+            gdb: None,
             bios: None,
             initrd: None,
             icount: false,
@@ -334,8 +350,14 @@ impl Vm {
                 nic.into(),
             ]);
         }
-        if self.gdb {
-            a.extend(["-s", "-S"].map(OsString::from));
+        if let Some(port) = self.gdb {
+            // Not `-s` (tcp::1234): that binds every address and falls back to [::] when
+            // 0.0.0.0:1234 is taken, so the stub may not be where xtask says it is.
+            a.extend([
+                "-gdb".into(),
+                format!("tcp:127.0.0.1:{port}").into(),
+                "-S".into(),
+            ]);
         }
         a
     }
@@ -678,12 +700,18 @@ mod tests {
         let host = taken.local_addr().unwrap().port();
         let err = check_host_ports(&[PortForward { host, guest: 80 }]).unwrap_err();
         assert!(err.to_string().contains("not available"), "{err}");
+        let err = check_gdb_port(host).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("--gdb: port {host} is not available on 127.0.0.1")),
+            "{err}"
+        );
     }
 
     #[test]
     fn command_line_q35_kvm_gdb() {
         let mut vm = Vm::new("/x/app".into(), Machine::Q35, Accel::Kvm);
-        vm.gdb = true;
+        vm.gdb = Some(1234);
         vm.smp = 2;
         vm.mem = "1G".to_owned();
         vm.bios = Some("/q/qboot.rom".into());
@@ -696,7 +724,7 @@ mod tests {
         assert!(joined.starts_with(
             "-M q35 -bios /q/qboot.rom -accel kvm -cpu host,-arch-capabilities -m 1G -smp 2 "
         ));
-        assert!(joined.ends_with(" -s -S"));
+        assert!(joined.ends_with(" -gdb tcp:127.0.0.1:1234 -S"));
         assert!(
             args.contains(&String::new()),
             "empty -append is passed as an empty word"

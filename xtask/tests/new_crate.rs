@@ -1,6 +1,8 @@
 //! `cargo xtask new` end to end: create a service crate in a temporary directory outside the
-//! workspace, build it with `cargo xtask run --manifest-path` (libos by path) and boot it in
-//! QEMU, checking its output and exit code. Skipped (with a note) without qemu-system-x86_64.
+//! workspace; a plain host `cargo check` in it must be clean (its `.cargo/config.toml` names the
+//! guest target); build it with `cargo xtask run --manifest-path` (libos by path) and boot it in
+//! QEMU, checking its output and exit code; and run its declared case with
+//! `cargo xtask test --manifest-path`. Skipped (with a note) without qemu-system-x86_64.
 //!
 //! The crate builds into `target/new-crate-test/` of the Stencil checkout (not its own
 //! `target/`), so later runs reuse the compiled libos; the first run from a clean checkout
@@ -83,6 +85,26 @@ fn new_crate_builds_and_boots_outside_the_workspace() {
     assert!(text.contains("libos = { path = "), "{text}");
     assert!(dir.join("rust-toolchain.toml").is_file());
     assert!(dir.join("src/main.rs").is_file());
+    assert!(dir.join(".cargo/config.toml").is_file());
+
+    // What an IDE runs: a plain `cargo check` in the crate, no xtask.
+    let out = Command::new(env!("CARGO"))
+        .current_dir(&dir)
+        .args(["check", "--quiet", "--message-format=short"])
+        .env(
+            "CARGO_TARGET_DIR",
+            workspace_root().join("target/new-crate-test"),
+        )
+        .env_remove("RUSTFLAGS")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cargo check failed:\n{stderr}");
+    assert!(
+        !stderr.contains("warning") && !stderr.contains("error"),
+        "cargo check is not clean:\n{stderr}"
+    );
 
     let out = xtask()
         .args([
@@ -111,4 +133,25 @@ fn new_crate_builds_and_boots_outside_the_workspace() {
     ] {
         assert!(stdout.contains(want), "missing `{want}` in:\n{stdout}");
     }
+
+    // The declared case, through the harness.
+    let out = xtask()
+        .args(["test", "--accel", "tcg", "--manifest-path"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}");
+    assert!(
+        stdout.contains("test my-service-ok (my-service, microvm) ... ok"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("host tests: none for --manifest-path"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.trim_end().ends_with("1 passed, 0 failed"),
+        "{stdout}"
+    );
 }

@@ -160,6 +160,63 @@ fn bad_usage_exits_113() {
     assert_eq!(out.status.code(), Some(0));
 }
 
+/// Bad values are refused before anything is built or booted: exit 113 and a message naming
+/// the value (nothing is silently ignored, rounded or replaced by a default).
+#[test]
+fn bad_values_are_refused_with_a_message() {
+    let elf = write_guest("values.elf", &halt_forever());
+    let cases: &[(&[&str], &str)] = &[
+        (&["--smp", "2"], "Stencil runs on one CPU for now"),
+        (
+            &["--mem", "0"],
+            "'0' is too small: libos needs at least 4 MiB",
+        ),
+        (&["--mem", "1.5G"], "unknown size suffix '.5G'"),
+        (&["--mem", "1025K"], "not a whole number of MiB"),
+        (&["--mem", "99999999999999999999G"], "too large"),
+        (&["--timeout=-1"], "'-1' is not a number of seconds"),
+        (&["--timeout", "99999999999"], "too long"),
+        (&["--port", "0:80"], "'0' in '0:80' is not a port number"),
+        (
+            &["--port", "80:+81"],
+            "'+81' in '80:+81' is not a port number",
+        ),
+        (&["--gdb=0"], "--gdb"),
+    ];
+    for (args, want) in cases {
+        let out = run_elf(&elf, args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(113), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: want `{want}` in: {err}");
+    }
+}
+
+/// `--gdb` puts the stub on 127.0.0.1 (not QEMU's `-s`, which binds every address and may fall
+/// back to another), and a port that is taken is refused before QEMU starts.
+#[test]
+fn gdb_stub_address_is_exact() {
+    let elf = write_guest("gdb.elf", &halt_forever());
+    let out = run_elf(&elf, &["--gdb", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let line = text(&out.stdout);
+    assert!(line.contains(" -gdb tcp:127.0.0.1:1234 -S"), "{line}");
+    assert!(!line.contains(" -s "), "{line}");
+    let out = run_elf(&elf, &["--gdb=4321", "--dry-run"]);
+    assert!(text(&out.stdout).contains(" -gdb tcp:127.0.0.1:4321 -S"));
+    if !have_qemu() {
+        return;
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = run_elf(&elf, &[&format!("--gdb={port}")]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(113), "{err}");
+    assert!(
+        err.contains(&format!("--gdb: port {port} is not available on 127.0.0.1")),
+        "{err}"
+    );
+}
+
 #[test]
 fn missing_qemu_names_the_install_command() {
     let elf = write_guest("noqemu.elf", &halt_forever());
