@@ -437,9 +437,6 @@ fn main() -> i32 {
         Ok(i) => i,
         Err(e) => {
             println!("httpd: network: {e}");
-            if let NetError::NoDevice = e {
-                println!("httpd: boot it with a NIC: cargo xtask run httpd --port 8080:80");
-            }
             return exit_code(&e);
         }
     };
