@@ -387,9 +387,8 @@ fn library_size(asked: Option<u64>, free_mib: u64) -> Result<u64, String> {
             mem_hint(needed_mib(1))
         ));
     }
-    let mut line = format!(
-        "forkserver: no --lib-mib given: a {lib} MiB library fits the {free_mib} MiB free"
-    );
+    let mut line =
+        format!("forkserver: no --lib-mib given: a {lib} MiB library fits the {free_mib} MiB free");
     if lib < DEFAULT_LIB_MIB {
         line.push_str(&format!(
             " ({DEFAULT_LIB_MIB} MiB needs --mem {})",
