@@ -419,6 +419,16 @@ fn parse_args(args: &[String]) -> Result<(u64, Limits), String> {
         }
         i += 2;
     }
+    // The content's own frames, its page tables and index, and room to serve (task stacks,
+    // socket buffers, kernel heap).
+    let need_mib = content_mib + content_mib.div_ceil(64) + 32;
+    let free_mib = ((libos::free_frames() as u64) * 4096) >> 20;
+    if need_mib > free_mib {
+        return Err(format!(
+            "--content-mib {content_mib} needs about {need_mib} MiB of free memory and \
+             {free_mib} MiB are free: pass a smaller --content-mib or boot with more --mem"
+        ));
+    }
     Ok((content_mib, limits))
 }
 
