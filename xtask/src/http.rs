@@ -151,6 +151,17 @@ pub struct HttpCheck {
     /// and the response must report it.
     #[serde(default)]
     pub udp_echo: bool,
+    /// A slowloris: a client that sends `GET /` (39 bytes) one byte every `slow_client_ms`
+    /// milliseconds. The server must answer 408 before the client has sent it all, a normal GET
+    /// sent meanwhile must be served, and the worker must end (`active_connections` back to 1,
+    /// the `/stats` request itself).
+    #[serde(default)]
+    pub slow_client_ms: Option<u64>,
+    /// Bad request heads, each on its own connection: one longer than 8 KiB must get 431, a
+    /// target not starting with `/` 400, `HTTP/2.0` 505, `POST` 405; then `GET /` must still
+    /// answer 200.
+    #[serde(default)]
+    pub bad_heads: bool,
     /// Path that makes the guest exit once the script is done.
     #[serde(default = "default_quit")]
     pub quit: String,
@@ -209,6 +220,158 @@ pub fn concurrent(port: u16, path: &str, n: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Sends `raw` on a fresh connection and reads the response to the end.
+pub fn raw_request(port: u16, raw: &[u8]) -> Result<Response> {
+    let mut s = connect(port)?;
+    s.write_all(raw).context("send the request")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).context("read the response")?;
+    parse_response(&buf)
+}
+
+/// How a slow client's connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SlowEnd {
+    /// The server answered (status) after the client had sent `sent` of `total` bytes.
+    Answered { status: u16, sent: usize },
+    /// The server closed or reset the connection without an answer after `sent` bytes.
+    Closed { sent: usize },
+}
+
+/// Sends `raw` one byte every `gap`, watching for the server to answer or close in between.
+/// `meanwhile` runs once, after the first byte. Returns how the connection ended; an error if
+/// the server waited for the whole request.
+pub fn slow_request(
+    port: u16,
+    raw: &[u8],
+    gap: Duration,
+    meanwhile: impl FnOnce() -> Result<()>,
+) -> Result<SlowEnd> {
+    let mut s = connect(port)?;
+    s.set_read_timeout(Some(gap))?;
+    let mut meanwhile = Some(meanwhile);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    for (sent, b) in raw.iter().enumerate() {
+        if s.write_all(std::slice::from_ref(b)).is_err() {
+            return Ok(SlowEnd::Closed { sent });
+        }
+        if let Some(f) = meanwhile.take() {
+            f()?;
+        }
+        if sent + 1 == raw.len() {
+            break; // the whole request is out: its answer is read below
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(SlowEnd::Closed { sent: sent + 1 }),
+            Ok(n) => {
+                // An answer before the request was complete: read it to the end.
+                got.extend_from_slice(&buf[..n]);
+                s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+                // A reset after the answer still leaves the answer.
+                let _ = s.read_to_end(&mut got);
+                let status = parse_response(&got)?.status;
+                return Ok(SlowEnd::Answered {
+                    status,
+                    sent: sent + 1,
+                });
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Ok(SlowEnd::Closed { sent: sent + 1 }),
+        }
+    }
+    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    let _ = s.read_to_end(&mut got);
+    let answer = parse_response(&got)
+        .map(|r| format!("status {}", r.status))
+        .unwrap_or_else(|e| format!("{e:#}"));
+    bail!(
+        "the server waited for the whole request, {} bytes over {:.0?}, and answered: {answer}",
+        raw.len(),
+        gap * raw.len() as u32
+    )
+}
+
+/// The `slow_client_ms` check; returns the failures.
+fn slow_client_check(port: u16, gap: Duration) -> Result<Vec<String>> {
+    let mut fails = Vec::new();
+    // Short enough that a server that waits for all of it is reported within a case's timeout
+    // (39 bytes: 39 s at one byte a second), long enough to outlast a short deadline.
+    let raw = b"GET / HTTP/1.1\r\nUser-Agent: slowloris\r\n\r\n";
+    let mut served = None;
+    // Connects a little apart: QEMU's user networking accepts with a backlog of 1 (see
+    // CONNECT_GAP), and a connect that overflows it waits for SYN retransmits.
+    std::thread::sleep(CONNECT_GAP);
+    let end = slow_request(port, raw, gap, || {
+        std::thread::sleep(CONNECT_GAP);
+        served = Some(get(port, "/")?.status);
+        Ok(())
+    })?;
+    if served != Some(200) {
+        fails.push(format!(
+            "slow client: a normal GET / sent meanwhile answered {served:?}, expected 200"
+        ));
+    }
+    match end {
+        SlowEnd::Answered { status: 408, .. } => {}
+        SlowEnd::Answered { status, sent } => fails.push(format!(
+            "slow client: answered {status} after {sent} of {} bytes, expected 408",
+            raw.len()
+        )),
+        SlowEnd::Closed { sent } => fails.push(format!(
+            "slow client: closed without an answer after {sent} of {} bytes, expected 408",
+            raw.len()
+        )),
+    }
+    // The worker ends: only the /stats request's own connection stays active. Another worker
+    // may be alive for a moment: a connection of `wait_ready`'s that QEMU handed to the guest
+    // late waits out the deadline too; so look for up to 5 s.
+    let mut active = None;
+    for _ in 0..50 {
+        active = stat(&get(port, "/stats")?.text(), "active_connections");
+        if active == Some(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if active != Some(1) {
+        fails.push(format!(
+            "slow client: active_connections is {active:?} after it was cut off, expected 1"
+        ));
+    }
+    Ok(fails)
+}
+
+/// The `bad_heads` check; returns the failures.
+fn bad_heads_check(port: u16) -> Result<Vec<String>> {
+    let mut big = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
+    big.resize(9000, b'a');
+    big.extend_from_slice(b"\r\n\r\n");
+    let cases: [(&str, &[u8], u16); 4] = [
+        ("a 9000-byte head", &big, 431),
+        ("target 'nope'", b"GET nope HTTP/1.1\r\n\r\n", 400),
+        ("HTTP/2.0", b"GET / HTTP/2.0\r\n\r\n", 505),
+        ("POST", b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
+    ];
+    let mut fails = Vec::new();
+    for (what, raw, want) in cases {
+        match raw_request(port, raw) {
+            Ok(r) if r.status == want => {}
+            Ok(r) => fails.push(format!("{what}: status {} (expected {want})", r.status)),
+            Err(e) => fails.push(format!("{what}: {e:#} (expected {want})")),
+        }
+    }
+    let r = get(port, "/")?;
+    if r.status != 200 {
+        fails.push(format!("GET / after the bad heads: status {}", r.status));
+    }
+    Ok(fails)
+}
+
 /// Runs a case's script against the guest on host port `port`; returns why it failed (empty:
 /// passed). Always ends with GET `quit` so the guest exits.
 pub fn run_check(
@@ -250,6 +413,12 @@ pub fn run_check(
             if !r.text().contains("udp: got 'pong' from 10.0.2.2") {
                 fails.push(format!("udp: the guest answered: {}", r.text().trim()));
             }
+        }
+        if check.bad_heads {
+            fails.extend(bad_heads_check(port)?);
+        }
+        if let Some(ms) = check.slow_client_ms {
+            fails.extend(slow_client_check(port, Duration::from_millis(ms))?);
         }
         let frames = |what: &str| -> Result<u64> {
             let page = get(port, "/stats")?.text();
@@ -424,6 +593,69 @@ mod tests {
         });
         assert_eq!(get(port, "/").unwrap().text(), "ok");
         assert!(concurrent(port, "/x", 2).is_empty());
+        server.join().unwrap();
+    }
+
+    /// A server that gives a whole request 300 ms, like httpd with a short deadline.
+    fn impatient_server(l: std::net::TcpListener) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let deadline = Instant::now() + Duration::from_millis(300);
+            let mut buf = [0u8; 64];
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .unwrap();
+                if let Ok(n) = s.read(&mut buf) {
+                    assert!(n > 0, "the client does not close early");
+                }
+            }
+            s.write_all(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+        })
+    }
+
+    #[test]
+    fn slow_request_sees_the_server_cut_it_off() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = impatient_server(l);
+        let raw = b"GET / HTTP/1.1\r\n\r\n";
+        let mut ran = false;
+        let end = slow_request(port, raw, Duration::from_millis(200), || {
+            ran = true;
+            Ok(())
+        })
+        .unwrap();
+        assert!(ran);
+        match end {
+            SlowEnd::Answered { status: 408, sent } => assert!(sent < raw.len()),
+            other => panic!("expected a 408 before the end, got {other:?}"),
+        }
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn slow_request_reports_a_server_that_waits() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 64];
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                req.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+        });
+        let err =
+            slow_request(port, b"GET /\r\n\r\n", Duration::from_millis(5), || Ok(())).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("waited for the whole request, 9 bytes"),
+            "{err:#}"
+        );
+        assert!(format!("{err:#}").contains("status 200"), "{err:#}");
         server.join().unwrap();
     }
 }

@@ -22,12 +22,18 @@
 //! first instruction) and per-mode totals. `--mode boot` (default) uses the boot's `share=`
 //! option; `--mode share|copy|both` chooses explicitly.
 //!
+//! Without `--lib-mib` the library is 512 MiB if that fits the free memory, else the largest
+//! power of two that does (128 MiB in the default 256 MiB guest), and a line says so. An explicit
+//! `--lib-mib` that does not fit is refused before anything is built, naming the memory it needs
+//! and the `--mem` to boot with.
+//!
 //! ```console
+//! $ cargo xtask run forkserver                    # fits the default guest memory
 //! $ cargo xtask run forkserver --release --mem 2G -- --lib-mib 512 --requests 200 --mode both
 //! ```
 //!
-//! Exit codes: 0 all checked; 1 a check failed; 2 bad arguments; 3 out of memory building the
-//! templates; 4 a spawn failed.
+//! Exit codes: 0 all checked; 1 a check failed; 2 bad arguments; 3 not enough memory for the
+//! templates (the message says how much is needed); 4 a spawn failed.
 
 #![no_std]
 #![no_main]
@@ -67,6 +73,15 @@ const PAGE: u64 = 4096;
 const RECORD: u64 = 32;
 const PER_PAGE: u64 = PAGE / RECORD;
 const MAGIC: u64 = 0x5354_454e_4349_4c21; // "STENCIL!"
+/// Library size without `--lib-mib`, if it fits.
+const DEFAULT_LIB_MIB: u64 = 512;
+/// Largest `--lib-mib`: the dictionary's slot ends where the text mapping starts (16 GiB).
+const MAX_LIB_MIB: u64 = (TEXT_VA - LIB_VA) >> 20;
+/// Memory the server needs besides the library's pages, its page tables and the index: the
+/// shared heap, task stacks, copy mode's table copies, kernel heap growth, and a margin.
+const OVERHEAD_MIB: u64 = 24;
+/// Most requests in all: the reply board in the shared heap holds this many replies.
+const MAX_REQUESTS: u64 = 50_000;
 /// A string the checker looks for in the library's rodata mapping.
 static BANNER: &str = "forkserver: the library maps this app's rodata";
 
@@ -257,7 +272,8 @@ fn handle(req: u32, key: u64, board: &BoardCell, first_tsc: u64) -> i32 {
 }
 
 struct Args {
-    lib_mib: u64,
+    /// `None`: size it from free memory.
+    lib_mib: Option<u64>,
     requests: u64,
     modes: Vec<Mode>,
     keys: Vec<u64>,
@@ -266,7 +282,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
-        lib_mib: 512,
+        lib_mib: None,
         requests: 100,
         modes: alloc::vec![libos::space::mode()],
         keys: Vec::new(),
@@ -282,7 +298,7 @@ fn parse_args() -> Result<Args, String> {
     while i < args.len() {
         match args[i].as_str() {
             "--lib-mib" => {
-                a.lib_mib = num(i + 1, "--lib-mib")?;
+                a.lib_mib = Some(num(i + 1, "--lib-mib")?);
                 i += 1;
             }
             "--requests" => {
@@ -307,10 +323,80 @@ fn parse_args() -> Result<Args, String> {
         }
         i += 1;
     }
-    if a.lib_mib == 0 {
-        return Err(String::from("--lib-mib must be at least 1"));
+    match a.lib_mib {
+        Some(0) => return Err(String::from("--lib-mib must be at least 1")),
+        Some(n) if n > MAX_LIB_MIB => {
+            return Err(format!(
+                "--lib-mib {n}: at most {MAX_LIB_MIB} (the library's slot is 16 GiB)"
+            ));
+        }
+        _ => {}
+    }
+    let total = a.requests.saturating_add(a.keys.len() as u64);
+    if total > MAX_REQUESTS {
+        return Err(format!(
+            "{total} requests: at most {MAX_REQUESTS} in all (the reply board in the {} MiB \
+             shared heap holds that many)",
+            HEAP_LEN >> 20
+        ));
     }
     Ok(a)
+}
+
+/// Free memory a library of `lib_mib` MiB needs: its pages, its page tables and the sparse
+/// index (4 KiB per MiB, counted twice for a margin), and [`OVERHEAD_MIB`].
+fn needed_mib(lib_mib: u64) -> u64 {
+    lib_mib + lib_mib.div_ceil(128) + OVERHEAD_MIB
+}
+
+/// A QEMU `-m` size that leaves `need_mib` free: the next power of two above it and what the
+/// kernel keeps, as `512M` or `2G`.
+fn mem_hint(need_mib: u64) -> String {
+    let mib = (need_mib + 8).next_power_of_two();
+    if mib >= 1024 {
+        format!("{}G", mib / 1024)
+    } else {
+        format!("{mib}M")
+    }
+}
+
+/// The library size: the one asked for if it fits `free_mib`, else without `--lib-mib` the
+/// largest power of two up to [`DEFAULT_LIB_MIB`] that fits. `Err`: the message to print.
+fn library_size(asked: Option<u64>, free_mib: u64) -> Result<u64, String> {
+    if let Some(lib) = asked {
+        let need = needed_mib(lib);
+        if need > free_mib {
+            let mem = mem_hint(need);
+            return Err(format!(
+                "a {lib} MiB library needs about {need} MiB of free memory and {free_mib} MiB \
+                 are free: boot with --mem {mem} (cargo xtask run forkserver --mem {mem} -- \
+                 --lib-mib {lib}), or pass a smaller --lib-mib"
+            ));
+        }
+        return Ok(lib);
+    }
+    let mut lib = DEFAULT_LIB_MIB;
+    while lib > 1 && needed_mib(lib) > free_mib {
+        lib /= 2;
+    }
+    if needed_mib(lib) > free_mib {
+        return Err(format!(
+            "even a 1 MiB library needs about {} MiB of free memory and {free_mib} MiB are \
+             free: boot with --mem {}",
+            needed_mib(1),
+            mem_hint(needed_mib(1))
+        ));
+    }
+    let mut line =
+        format!("forkserver: no --lib-mib given: a {lib} MiB library fits the {free_mib} MiB free");
+    if lib < DEFAULT_LIB_MIB {
+        line.push_str(&format!(
+            " ({DEFAULT_LIB_MIB} MiB needs --mem {})",
+            mem_hint(needed_mib(DEFAULT_LIB_MIB))
+        ));
+    }
+    println!("{line}");
+    Ok(lib)
 }
 
 fn mode_name(m: Mode) -> &'static str {
@@ -333,6 +419,7 @@ fn pct(sorted: &[u64], p: usize) -> u64 {
 }
 
 fn main() -> i32 {
+    let free_mib = ((libos::free_frames() as u64) * PAGE) >> 20;
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -344,6 +431,13 @@ fn main() -> i32 {
             return 2;
         }
     };
+    let lib_mib = match library_size(args.lib_mib, free_mib) {
+        Ok(n) => n,
+        Err(e) => {
+            println!("forkserver: {e}");
+            return 3;
+        }
+    };
     let boot_mode = mode_name(libos::space::mode());
     println!(
         "forkserver: mode {} (boot share={}), library {} MiB, {} generated + {} given requests",
@@ -353,13 +447,13 @@ fn main() -> i32 {
             .collect::<Vec<_>>()
             .join(" then "),
         if boot_mode == "share" { "on" } else { "off" },
-        args.lib_mib,
+        lib_mib,
         args.requests,
         args.keys.len()
     );
 
     // 1. Warm: parse the config.
-    let records = (args.lib_mib << 20) / RECORD;
+    let records = (lib_mib << 20) / RECORD;
     let cfg = match parse_config(CONFIG, records) {
         Ok(c) => c,
         Err(e) => {
@@ -374,7 +468,7 @@ fn main() -> i32 {
         .region(
             "dictionary",
             LIB_VA,
-            args.lib_mib << 20,
+            lib_mib << 20,
             Kind::ReadOnly,
             |off, page| fill_page(&cfg, off, page),
         )
@@ -385,15 +479,16 @@ fn main() -> i32 {
         Ok(t) => t,
         Err(e) => {
             println!(
-                "forkserver: cannot build a {} MiB library template: {e} (give QEMU more memory: --mem)",
-                args.lib_mib
+                "forkserver: cannot build a {lib_mib} MiB library template: {e} (give QEMU more \
+                 memory: --mem {})",
+                mem_hint(needed_mib(lib_mib) * 2)
             );
             return 3;
         }
     };
     println!(
         "forkserver: library {} MiB ({} records) + text + rodata built in {} ms",
-        args.lib_mib,
+        lib_mib,
         records,
         t0.elapsed().as_millis()
     );

@@ -10,7 +10,14 @@
 //! Pages: `/` (index), `/hello.txt`, `/file/N` (N-th file of the content set), `/stats`
 //! (tasks spawned, spawn latency, frames in use), `/quit` (ends the server, exit 0).
 //!
-//! Exit codes: 0 after `/quit`; 3 no NIC; 4 link down; 5 no DHCP lease; 6 other network error.
+//! Requests are read by `stencil-http`'s [`RequestReader`]: the head must be complete within
+//! 8 KiB, 32 headers and `--request-deadline-ms` (default 5000) of the accept, or the worker
+//! answers 431 / 400 / 505 / 408 and ends.
+//!
+//! Options: `--content-mib N` (default 4), `--request-deadline-ms N` (default 5000).
+//!
+//! Exit codes: 0 after `/quit`; 2 bad arguments; 3 no NIC; 4 link down; 5 no DHCP lease; 6 other
+//! network error; 7 warming or snapshotting the content failed.
 
 #![no_std]
 #![no_main]
@@ -29,6 +36,7 @@ use libos::println;
 use libos::space::Template;
 use libos::sync::Mutex;
 use libos::time::Instant;
+use stencil_http::{HeadError, Limits, Method, Request, RequestReader};
 
 libos::main!(main);
 
@@ -40,10 +48,11 @@ const CONTENT_VA: u64 = 0x4000_0000;
 const FILE_SIZE: u64 = 64 << 10;
 /// Connections that may wait to be accepted.
 const BACKLOG: usize = 64;
-/// Longest request head we read.
-const MAX_REQUEST: usize = 8 << 10;
-/// How long a worker waits for its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest `--content-mib`: the content set must fit guest memory anyway; this bound only keeps
+/// the size arithmetic exact.
+const MAX_CONTENT_MIB: u64 = 1 << 20;
+/// Longest `--request-deadline-ms`: ten minutes.
+const MAX_DEADLINE_MS: u64 = 600_000;
 /// Spawn-latency samples kept for /stats.
 const SAMPLES: usize = 4096;
 
@@ -52,6 +61,7 @@ static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 static SPAWN_FAILED: AtomicU64 = AtomicU64::new(0);
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
+static REFUSED: AtomicU64 = AtomicU64::new(0);
 static FREE_AT_START: AtomicUsize = AtomicUsize::new(0);
 
 /// Latency samples in nanoseconds: spawn call, and spawn call until the task's first instruction.
@@ -114,6 +124,7 @@ fn file_byte(n: u64, i: u64) -> u8 {
 
 /// Builds the content set in private memory of the main task and returns its index.
 fn warm(content_mib: u64) -> Result<(Content, u64), String> {
+    // `main` bounds content_mib by MAX_CONTENT_MIB, so this does not overflow.
     let files = (content_mib << 20) / FILE_SIZE;
     let mut index = String::from(
         "<!doctype html>\n<html><head><title>Stencil httpd</title></head><body>\n\
@@ -187,13 +198,15 @@ fn stats_page() -> String {
     let n = net::stats();
     let us = |ns: u64| format!("{}.{:03}", ns / 1000, ns % 1000);
     format!(
-        "tasks_spawned: {}\nspawn_failed: {}\nrequests: {}\nactive_connections: {}\n\
+        "tasks_spawned: {}\nspawn_failed: {}\nrequests: {}\nrequests_refused: {}\n\
+         active_connections: {}\n\
          spawn_us_p50: {}\nspawn_us_p99: {}\nspawn_to_start_us_p50: {}\nspawn_to_start_us_p99: {}\n\
          frames_in_use: {}\nframes_free: {}\nheap_reserved_frames: {}\nheap_allocated_bytes: {}\n\
          net_rx_frames: {}\nnet_tx_frames: {}\nnet_sockets: {}\nshare: {}\n",
         SPAWNED.load(Ordering::Relaxed),
         SPAWN_FAILED.load(Ordering::Relaxed),
         REQUESTS.load(Ordering::Relaxed),
+        REFUSED.load(Ordering::Relaxed),
         ACTIVE.load(Ordering::Relaxed),
         us(percentile(&spawn, 50)),
         us(percentile(&spawn, 99)),
@@ -223,36 +236,58 @@ fn respond_text(s: &mut TcpStream, status: &str, body: &str) -> Result<(), NetEr
     s.write_all(body.as_bytes())
 }
 
-/// Reads the request head; returns (method, path).
-fn read_request(s: &mut TcpStream) -> Result<Option<(String, String)>, NetError> {
-    let mut req = Vec::new();
+/// Reads the request head, within `limits` (the deadline counts from `accepted`).
+fn read_request(
+    s: &mut TcpStream,
+    limits: Limits,
+    accepted: Instant,
+) -> Result<Result<Request, HeadError>, NetError> {
+    let mut reader = RequestReader::new(limits);
     let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read_timeout(&mut buf, Some(REQUEST_TIMEOUT))?;
-        if n == 0 || req.len() + n > MAX_REQUEST {
-            return Ok(None);
+    loop {
+        // Each read waits at most until the deadline: a client that trickles its request one
+        // byte at a time cannot keep the worker longer than that.
+        let Some(left) = reader.time_left(accepted.elapsed()) else {
+            return Ok(Err(reader.timed_out()));
+        };
+        match s.read_timeout(&mut buf, Some(left)) {
+            Ok(0) => return Ok(reader.end_of_stream()),
+            Ok(n) => {
+                if let Some(answer) = reader.feed(&buf[..n], accepted.elapsed()).transpose() {
+                    return Ok(answer);
+                }
+            }
+            // The deadline has passed; the next round answers.
+            Err(NetError::TimedOut) => {}
+            Err(e) => return Err(e),
         }
-        req.extend_from_slice(&buf[..n]);
     }
-    let line_end = req.iter().position(|&b| b == b'\r').unwrap_or(req.len());
-    let line = core::str::from_utf8(&req[..line_end]).unwrap_or("");
-    let mut words = line.split(' ');
-    let method = words.next().unwrap_or("");
-    let path = words.next().unwrap_or("");
-    Ok(Some((String::from(method), String::from(path))))
 }
 
 /// A worker: serves one connection, in a task spawned from the snapshot.
-fn serve(mut s: TcpStream, content: &Content) -> Result<(), NetError> {
-    let Some((method, path)) = read_request(&mut s)? else {
-        return respond_text(&mut s, "400 Bad Request", "bad request\n");
+fn serve(
+    mut s: TcpStream,
+    content: &Content,
+    limits: Limits,
+    accepted: Instant,
+) -> Result<(), NetError> {
+    let req = match read_request(&mut s, limits, accepted)? {
+        Ok(req) => req,
+        Err(e) => {
+            let Some((code, reason)) = e.status() else {
+                return Ok(()); // closed without a byte: nothing to answer
+            };
+            REFUSED.fetch_add(1, Ordering::Relaxed);
+            println!("httpd: refused a request: {e} ({code})");
+            return respond_text(&mut s, &format!("{code} {reason}"), &format!("{e}\n"));
+        }
     };
     REQUESTS.fetch_add(1, Ordering::Relaxed);
-    if method != "GET" && method != "HEAD" {
+    if let Method::Other(_) = req.method {
         return respond_text(&mut s, "405 Method Not Allowed", "only GET and HEAD\n");
     }
-    let (path, query) = path.split_once('?').unwrap_or((&path, ""));
-    match path {
+    let query = req.query.as_deref().unwrap_or("");
+    match req.path.as_str() {
         "/stats" => respond_text(&mut s, "200 OK", &stats_page()),
         "/udp-echo" => {
             // /udp-echo?port=P: a UDP round trip with a host program on 127.0.0.1:P (QEMU's user
@@ -269,11 +304,11 @@ fn serve(mut s: TcpStream, content: &Content) -> Result<(), NetError> {
             respond_text(&mut s, "200 OK", "bye\n")
         }
         _ => {
-            let Some(e) = content.find(path) else {
+            let Some(e) = content.find(&req.path) else {
                 return respond_text(&mut s, "404 Not Found", "not found\n");
             };
             respond(&mut s, "200 OK", e.mime, e.len)?;
-            if method == "HEAD" {
+            if req.method == Method::Head {
                 return Ok(());
             }
             // The body comes from this task's own address space: the snapshot's pages.
@@ -312,13 +347,14 @@ fn udp_echo(port: u16) -> String {
     }
 }
 
-fn spawn_worker(template: &Template, content: &Arc<Content>, stream: TcpStream) {
+fn spawn_worker(template: &Template, content: &Arc<Content>, stream: TcpStream, limits: Limits) {
     let content = content.clone();
+    // The request deadline counts from here, right after the accept.
     let t0 = Instant::now();
     ACTIVE.fetch_add(1, Ordering::Relaxed);
     let r = libos::task::spawn(&[template], move || {
         let started = t0.elapsed().as_nanos() as u64;
-        let r = serve(stream, &content);
+        let r = serve(stream, &content, limits, t0);
         ACTIVE.fetch_sub(1, Ordering::Relaxed);
         if let Err(e) = r {
             println!("httpd: connection: {e}");
@@ -350,24 +386,62 @@ fn record_start(ns: u64) {
     }
 }
 
-fn main() -> i32 {
-    FREE_AT_START.store(libos::free_frames(), Ordering::Relaxed);
+/// `--content-mib N --request-deadline-ms N`: the content size and the request limits.
+fn parse_args(args: &[String]) -> Result<(u64, Limits), String> {
     let mut content_mib = 4u64;
-    let args = libos::args();
+    let mut limits = Limits::default();
     let mut i = 0;
     while i < args.len() {
+        let value = |name: &str, max: u64| -> Result<u64, String> {
+            let v = args
+                .get(i + 1)
+                .ok_or_else(|| format!("{name} needs a number"))?;
+            match v.parse::<u64>() {
+                Ok(n) if n <= max => Ok(n),
+                Ok(_) => Err(format!("{name} {v}: at most {max}")),
+                Err(_) => Err(format!("{name} needs a number, not '{v}'")),
+            }
+        };
         match args[i].as_str() {
-            "--content-mib" if i + 1 < args.len() => {
-                content_mib = args[i + 1].parse().unwrap_or(content_mib);
-                i += 1;
+            "--content-mib" => content_mib = value("--content-mib", MAX_CONTENT_MIB)?,
+            "--request-deadline-ms" => {
+                let ms = value("--request-deadline-ms", MAX_DEADLINE_MS)?;
+                if ms == 0 {
+                    return Err(String::from("--request-deadline-ms must be at least 1"));
+                }
+                limits.deadline = Duration::from_millis(ms);
             }
             other => {
-                println!("httpd: unknown argument '{other}' (known: --content-mib N)");
-                return 2;
+                return Err(format!(
+                    "unknown argument '{other}' (known: --content-mib N, --request-deadline-ms N)"
+                ));
             }
         }
-        i += 1;
+        i += 2;
     }
+    // The content's own frames, its page tables and index, and room to serve (task stacks,
+    // socket buffers, kernel heap).
+    let need_mib = content_mib + content_mib.div_ceil(64) + 32;
+    let free_mib = ((libos::free_frames() as u64) * 4096) >> 20;
+    if need_mib > free_mib {
+        return Err(format!(
+            "--content-mib {content_mib} needs about {need_mib} MiB of free memory and \
+             {free_mib} MiB are free: pass a smaller --content-mib or boot with more --mem"
+        ));
+    }
+    Ok((content_mib, limits))
+}
+
+fn main() -> i32 {
+    FREE_AT_START.store(libos::free_frames(), Ordering::Relaxed);
+    let (content_mib, limits) = match parse_args(libos::args()) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("httpd: {e}");
+            println!("usage: httpd [--content-mib N] [--request-deadline-ms N]");
+            return 2;
+        }
+    };
 
     let info = match net::init() {
         Ok(i) => i,
@@ -409,15 +483,16 @@ fn main() -> i32 {
         }
     };
     println!(
-        "httpd: ready: listening on {}:{PORT} (share={})",
+        "httpd: ready: listening on {}:{PORT} (share={}, request deadline {} ms)",
         info.address,
-        if libos::share_mode() { "on" } else { "off" }
+        if libos::share_mode() { "on" } else { "off" },
+        limits.deadline.as_millis()
     );
 
     while !QUIT.load(Ordering::Relaxed) {
         match listener.try_accept() {
             Ok(Some(stream)) => {
-                spawn_worker(&template, &content, stream);
+                spawn_worker(&template, &content, stream, limits);
                 // Let the worker start at once (its first instruction is the start sample).
                 libos::task::yield_now();
             }

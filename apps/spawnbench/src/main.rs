@@ -18,7 +18,10 @@
 //! `PTBYTES size=.. pages=<mode> bytes=..`, `DENSITY size=.. pages=<mode> tasks=..`, `SKIP ..`,
 //! `ERROR ..`, and `DONE`. Under `-icount shift=0,sleep=off` the TSC counts instructions, so the
 //! `_ns` figures are guest instructions.
-//! Arguments: `full` (default), `quick` (fewer sizes and samples) or `smoke` (2 MiB only; a test).
+//! Arguments: `full` (every size; minutes under TCG), `quick` (fewer sizes and samples; what
+//! `cargo xtask bench --quick` runs) or `smoke` (2 MiB only; seconds). `cargo xtask bench` always
+//! names the level; without one the app runs `smoke`, so `cargo xtask run spawnbench` finishes
+//! within `run`'s default 60 s timeout. Anything else: exit 2 with the usage.
 #![no_std]
 #![no_main]
 
@@ -249,12 +252,26 @@ enum Level {
     Smoke,
 }
 
-fn main() {
+fn main() -> i32 {
     let level = match libos::args().first().map(|s| s.as_str()) {
+        Some("full") => Level::Full,
         Some("quick") => Level::Quick,
         Some("smoke") => Level::Smoke,
-        _ => Level::Full,
+        None => {
+            println!(
+                "INFO no level given: smoke (2 MiB templates); pass quick or full for more sizes"
+            );
+            Level::Smoke
+        }
+        Some(other) => {
+            println!("ERROR unknown level '{other}'; usage: spawnbench [full|quick|smoke]");
+            return 2;
+        }
     };
+    if libos::args().len() > 1 {
+        println!("ERROR one argument at most; usage: spawnbench [full|quick|smoke]");
+        return 2;
+    }
     println!(
         "INFO stencil tsc_hz={} free_mib={} level={}",
         libos::time::tsc_hz(),
@@ -295,4 +312,5 @@ fn main() {
     density(Mode::Share, share_cap);
     density(Mode::Copy, copy_cap);
     println!("DONE");
+    0
 }

@@ -39,6 +39,14 @@ const CORPUS_VA: u64 = 0x1_0000_0000;
 const HEAP_VA: u64 = 0x2_0000_0000;
 const HEAP_LEN: u64 = 8 << 20;
 const WORDS_PER_LINE: u64 = 12;
+/// Most `--workers`: each is a task with its own stack and address space.
+const MAX_WORKERS: u64 = 1024;
+/// Most `--vocab`: every distinct word is a key in the 8 MiB shared heap (about 80 bytes with the
+/// table), and the skewed picker multiplies two indices below it.
+const MAX_VOCAB: u64 = 50_000;
+/// Memory the app needs besides three copies of the corpus (the text, the sequential count's
+/// keys, the corpus template): the shared heap, stacks, tables and a margin.
+const OVERHEAD_MIB: u64 = 24;
 
 /// A word stored in the shared heap.
 #[derive(Debug, PartialEq, Eq)]
@@ -210,6 +218,16 @@ fn parse_args() -> Result<Args, String> {
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| format!("{} needs a number", args[i]))?;
         match args[i].as_str() {
+            "--workers" if v > MAX_WORKERS => {
+                return Err(format!("--workers {v}: at most {MAX_WORKERS}"));
+            }
+            "--vocab" if v > MAX_VOCAB => {
+                return Err(format!(
+                    "--vocab {v}: at most {MAX_VOCAB} (the counts live in an {} MiB shared heap)",
+                    HEAP_LEN >> 20
+                ));
+            }
+            // At most MAX_WORKERS: fits usize.
             "--workers" => a.workers = v as usize,
             "--words" => a.words = v,
             "--vocab" => a.vocab = v,
@@ -222,7 +240,28 @@ fn parse_args() -> Result<Args, String> {
             "--workers, --words and --vocab must be at least 1",
         ));
     }
+    // The corpus must fit memory three times over (see OVERHEAD_MIB).
+    let need_mib = corpus_bytes(a.words, a.vocab)
+        .saturating_mul(3)
+        .div_ceil(1 << 20)
+        .saturating_add(OVERHEAD_MIB);
+    let free_mib = ((libos::free_frames() as u64) * 4096) >> 20;
+    if need_mib > free_mib {
+        return Err(format!(
+            "--words {}: the corpus needs about {need_mib} MiB of free memory and {free_mib} MiB \
+             are free: pass fewer --words or boot with more --mem",
+            a.words
+        ));
+    }
     Ok(a)
+}
+
+/// An upper bound on the corpus size: every word as long as the longest vocabulary word, plus
+/// its separator.
+fn corpus_bytes(words: u64, vocab: u64) -> u64 {
+    let mut longest = String::new();
+    vocab_word(vocab - 1, &mut longest);
+    words.saturating_mul(longest.len() as u64 + 1)
 }
 
 fn main() -> i32 {
