@@ -50,7 +50,6 @@ pub mod entry;
 mod error;
 mod flush;
 mod mem;
-mod raw;
 pub mod sim;
 mod space;
 mod template;
