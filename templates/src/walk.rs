@@ -707,3 +707,155 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The owned-entry API on its own, over simulated memory: every reference it takes is given
+    //! back, and the cursor never writes through a table it has freed.
+
+    use super::*;
+    use crate::sim::SimMem;
+
+    const GIB: u64 = 1 << 30;
+
+    fn rw() -> u64 {
+        entry::leaf(0, 1, true, false, false)
+    }
+
+    fn count(mem: &SimMem, addr: u64) -> u32 {
+        mem.ref_count(frame_at(addr))
+    }
+
+    #[test]
+    fn a_page_is_released_unless_installed_and_an_occupied_entry_is_refused() {
+        let mem = SimMem::new(64);
+        let mut tree = Tree::new(&mem).unwrap();
+        let root_only = mem.frames_in_use();
+        let mut c = tree.cursor();
+        drop(c.zeroed_page(1).unwrap());
+        assert_eq!(mem.frames_in_use(), root_only, "a dropped page is freed");
+        let page = c.zeroed_page(1).unwrap();
+        let addr = page.addr;
+        c.map_page(GIB, page, rw()).unwrap();
+        // Root + L3 + L2 + L1 + the page.
+        assert_eq!(mem.frames_in_use(), root_only + 4);
+        let other = c.zeroed_page(1).unwrap();
+        assert_eq!(
+            c.map_page(GIB, other, rw()),
+            Err(Error::Overlap { addr: GIB })
+        );
+        assert_eq!(
+            mem.frames_in_use(),
+            root_only + 4,
+            "the refused page is freed"
+        );
+        let leaf = c.reader().leaf(GIB + 8).unwrap();
+        assert_eq!(entry::addr(leaf.entry), addr);
+        assert_eq!(count(&mem, addr), 1);
+        drop(tree);
+        assert_eq!(mem.frames_in_use(), 0);
+    }
+
+    #[test]
+    fn clear_forgets_the_cached_table_it_frees() {
+        let mem = SimMem::new(64);
+        let mut tree = Tree::new(&mem).unwrap();
+        let mut c = tree.cursor();
+        let p = c.zeroed_page(1).unwrap();
+        c.map_page(GIB, p, rw()).unwrap();
+        // Covers root entry 0 whole: its L3, L2 and L1 (the cached table) are freed.
+        c.prepare_clear(0, 512 * GIB).unwrap();
+        assert_eq!(c.clear(0, 512 * GIB), Flush::range(0, 512 * GIB));
+        assert_eq!(mem.frames_in_use(), 1, "only the root is left");
+        // The same L1 range again: a stale cached table would take the write (and the freed
+        // frame may already be reused as this very page).
+        let p = c.zeroed_page(1).unwrap();
+        let addr = p.addr;
+        c.map_page(GIB + 4096, p, rw()).unwrap();
+        let leaf = c
+            .reader()
+            .leaf(GIB + 4096)
+            .expect("mapped through fresh tables");
+        assert_eq!(entry::addr(leaf.entry), addr);
+        assert_eq!(mem.frames_in_use(), 5);
+        drop(tree);
+        assert_eq!(mem.frames_in_use(), 0);
+    }
+
+    #[test]
+    fn attach_takes_one_reference_and_refuses_an_occupied_entry() {
+        let mem = SimMem::new(64);
+        let mut template = Tree::new(&mem).unwrap();
+        {
+            let mut c = template.cursor();
+            for va in [GIB, 2 * GIB] {
+                let p = c.zeroed_page(1).unwrap();
+                c.map_page(va, p, rw()).unwrap();
+            }
+        }
+        let l3 = entry::addr(raw::read(&mem, template.root(), 0));
+        let sealed = &template;
+        let whole = sealed.reader().subtree(0, None).unwrap();
+        let mut space = Tree::new(&mem).unwrap();
+        let mut c = space.cursor();
+        c.attach(0, None, whole, false).unwrap();
+        assert_eq!(count(&mem, l3), 2);
+        assert_eq!(
+            c.attach(0, None, whole, false),
+            Err(Error::SlotConflict { slot: 0 })
+        );
+        assert_eq!(count(&mem, l3), 2, "a refused attach takes nothing");
+        drop(space);
+        assert_eq!(count(&mem, l3), 1);
+
+        // Per 1 GiB slot, and as a deep copy: the copy's tables are its own, the pages +1.
+        let mut space = Tree::new(&mem).unwrap();
+        let mut c = space.cursor();
+        let slot1 = sealed.reader().subtree(0, Some(1)).unwrap();
+        let l2 = entry::addr(slot1.entry);
+        let page = entry::addr(sealed.reader().leaf(GIB).unwrap().entry);
+        c.attach(0, Some(1), slot1, true).unwrap();
+        assert_eq!((count(&mem, l2), count(&mem, page)), (1, 2));
+        assert!(sealed.reader().subtree(0, Some(3)).is_none());
+        drop(space);
+        assert_eq!(count(&mem, page), 1);
+        drop(template);
+        assert_eq!(mem.frames_in_use(), 0);
+    }
+
+    #[test]
+    fn break_cow_copies_a_shared_page_and_takes_over_a_private_one() {
+        let mem = SimMem::new(64);
+        let mut a = Tree::new(&mem).unwrap();
+        let cow = entry::leaf(0, 1, false, false, true);
+        {
+            let mut c = a.cursor();
+            for va in [GIB, GIB + 4096] {
+                let p = c.zeroed_page(1).unwrap();
+                c.map_page(va, p, cow).unwrap();
+            }
+        }
+        // A second tree shares the first page only.
+        let mut b = Tree::new(&mem).unwrap();
+        let shared = a.reader().leaf(GIB).unwrap();
+        let alone = entry::addr(a.reader().leaf(GIB + 4096).unwrap().entry);
+        b.cursor()
+            .map_page(GIB, a.reader().share(&shared), cow)
+            .unwrap();
+        let mut c = a.cursor();
+        assert_eq!(c.break_cow(GIB, 1), Ok(Flush::Page(VirtAddr::new(GIB))));
+        let mine = c.reader().leaf(GIB).unwrap();
+        assert_ne!(entry::addr(mine.entry), entry::addr(shared.entry), "copied");
+        assert!(entry::writable(mine.entry) && !entry::cow(mine.entry));
+        assert_eq!(count(&mem, entry::addr(shared.entry)), 1, "b's alone now");
+        c.break_cow(GIB + 4096, 1).unwrap().ignore();
+        let taken = c.reader().leaf(GIB + 4096).unwrap();
+        assert_eq!(entry::addr(taken.entry), alone, "taken over, not copied");
+        assert_eq!(
+            c.break_cow(GIB + 8192, 1),
+            Err(Error::NotMapped { addr: GIB + 8192 })
+        );
+        drop((a, b));
+        assert_eq!(mem.frames_in_use(), 0);
+    }
+}
