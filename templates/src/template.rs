@@ -308,7 +308,7 @@ impl Claim {
 /// is *claimed*: a spawn attaches one L4 entry per 512 GiB if no other template claims slots in
 /// it, otherwise one L3 entry per claimed 1 GiB slot.
 ///
-/// Sealed means read-only in the types (docs/engine.md, invariant 1): the tables sit behind an
+/// Sealed means read-only in the types (docs/engine.md, invariants 1 and 8): the tables sit behind an
 /// `Arc`, and the engine's writing cursor needs `&mut` of the tree it writes, so a template can
 /// only be walked. Reading works:
 ///
