@@ -285,9 +285,8 @@ impl<M: PhysMem> AddressSpace<M> {
             if !r.demand_zero {
                 return Err(Fault::Unmapped { addr });
             }
-            let frame = c.zeroed_page(1).map_err(oom)?;
             let flags = entry::leaf(0, 1, r.perm.write, r.perm.exec, false);
-            c.map_page(page, frame, flags).map_err(oom)?;
+            c.map_zeroed(page, 1, flags).map_err(oom)?;
             // The page was not present: nothing to flush.
             return Ok(Flush::None);
         };
@@ -335,7 +334,7 @@ impl<M: PhysMem> AddressSpace<M> {
                 if va == end {
                     break Ok(());
                 }
-                if let Err(e) = c.zeroed_page(1).and_then(|f| c.map_page(va, f, flags)) {
+                if let Err(e) = c.map_zeroed(va, 1, flags) {
                     break Err(e);
                 }
                 va += SIZE_4K;

@@ -256,12 +256,15 @@ impl<M: PhysMem> TemplateBuilder<M> {
             let (write, cow) = leaf_write_bits(r.kind, r.perm.write);
             let flags = entry::leaf(0, level, write, r.perm.exec, cow);
             for (n, va) in (r.start..r.end).step_by(size as usize).enumerate() {
-                let page = match backing {
-                    Backing::Zeroed => cursor.zeroed_page(level)?,
-                    Backing::Frames(fs) => cursor.given_page(fs[n], level),
-                    Backing::Alias(f) => cursor.given_page(*f, level),
-                };
-                cursor.map_page(va, page, flags)?;
+                match backing {
+                    Backing::Zeroed => cursor.map_zeroed(va, level, flags)?,
+                    Backing::Frames(fs) => {
+                        cursor.map_page(va, cursor.given_page(fs[n], level), flags)?
+                    }
+                    Backing::Alias(f) => {
+                        cursor.map_page(va, cursor.given_page(*f, level), flags)?
+                    }
+                }
             }
         }
         let mut regions: Vec<Region> = self.regions.into_iter().map(|(r, _)| r).collect();

@@ -462,11 +462,6 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
         }
     }
 
-    /// A fresh zeroed page of `level` (1: 4 KiB, 2: 2 MiB), to `map_page`.
-    pub(crate) fn zeroed_page(&self, level: u8) -> Result<OwnedPage<'a, M>, Error> {
-        OwnedPage::zeroed(self.mem, level)
-    }
-
     /// A new reference to a page the caller holds (count above zero: a template's given
     /// backing), to `map_page`.
     pub(crate) fn given_page(&self, addr: PhysAddr, level: u8) -> OwnedPage<'a, M> {
@@ -555,6 +550,15 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
         }
         raw::write(self.mem, t, i, with_addr(flags, page.into_entry()));
         Ok(())
+    }
+
+    /// Map a fresh zeroed page of `level` (1: 4 KiB, 2: 2 MiB) at `va`, with the flag bits of
+    /// `flags`, as [`map_page`](Self::map_page) does. The path is made first and the page
+    /// allocated last, so frames are taken in the order the tables are walked.
+    pub(crate) fn map_zeroed(&mut self, va: u64, level: u8, flags: u64) -> Result<(), Error> {
+        self.owned_table(va, level, true)?;
+        let page = OwnedPage::zeroed(self.mem, level)?;
+        self.map_page(va, page, flags)
     }
 
     /// The entry of the present leaf at `va` (level `level`) in its owned table.
@@ -732,14 +736,14 @@ mod tests {
         let mut tree = Tree::new(&mem).unwrap();
         let root_only = mem.frames_in_use();
         let mut c = tree.cursor();
-        drop(c.zeroed_page(1).unwrap());
+        drop(OwnedPage::zeroed(&mem, 1).unwrap());
         assert_eq!(mem.frames_in_use(), root_only, "a dropped page is freed");
-        let page = c.zeroed_page(1).unwrap();
+        let page = OwnedPage::zeroed(&mem, 1).unwrap();
         let addr = page.addr;
         c.map_page(GIB, page, rw()).unwrap();
         // Root + L3 + L2 + L1 + the page.
         assert_eq!(mem.frames_in_use(), root_only + 4);
-        let other = c.zeroed_page(1).unwrap();
+        let other = OwnedPage::zeroed(&mem, 1).unwrap();
         assert_eq!(
             c.map_page(GIB, other, rw()),
             Err(Error::Overlap { addr: GIB })
@@ -761,7 +765,7 @@ mod tests {
         let mem = SimMem::new(64);
         let mut tree = Tree::new(&mem).unwrap();
         let mut c = tree.cursor();
-        let p = c.zeroed_page(1).unwrap();
+        let p = OwnedPage::zeroed(&mem, 1).unwrap();
         c.map_page(GIB, p, rw()).unwrap();
         // Covers root entry 0 whole: its L3, L2 and L1 (the cached table) are freed.
         c.prepare_clear(0, 512 * GIB).unwrap();
@@ -769,7 +773,7 @@ mod tests {
         assert_eq!(mem.frames_in_use(), 1, "only the root is left");
         // The same L1 range again: a stale cached table would take the write (and the freed
         // frame may already be reused as this very page).
-        let p = c.zeroed_page(1).unwrap();
+        let p = OwnedPage::zeroed(&mem, 1).unwrap();
         let addr = p.addr;
         c.map_page(GIB + 4096, p, rw()).unwrap();
         let leaf = c
@@ -789,7 +793,7 @@ mod tests {
         {
             let mut c = template.cursor();
             for va in [GIB, 2 * GIB] {
-                let p = c.zeroed_page(1).unwrap();
+                let p = OwnedPage::zeroed(&mem, 1).unwrap();
                 c.map_page(va, p, rw()).unwrap();
             }
         }
@@ -831,7 +835,7 @@ mod tests {
         {
             let mut c = a.cursor();
             for va in [GIB, GIB + 4096] {
-                let p = c.zeroed_page(1).unwrap();
+                let p = OwnedPage::zeroed(&mem, 1).unwrap();
                 c.map_page(va, p, cow).unwrap();
             }
         }
