@@ -140,39 +140,26 @@ impl<M: PhysMem> AddressSpace<M> {
         mode: Mode,
         kernel: Option<&KernelHalf>,
     ) -> Result<Self, Error> {
-        // Merge the claims per 512 GiB range; any slot claimed twice is a conflict. Per range:
-        // (L4 index, claimed slots, how many templates claim in it, the last one that did) — no
-        // per-range list, as this is on the spawn path.
-        let mut ranges: Vec<(usize, [u64; 8], usize, usize)> = Vec::new();
-        for (n, t) in templates.iter().enumerate() {
-            for c in t.claims() {
-                let at = match ranges.iter().position(|r| r.0 == c.l4) {
-                    Some(at) => at,
-                    None => {
-                        ranges.push((c.l4, [0; 8], 0, 0));
-                        ranges.len() - 1
-                    }
-                };
-                let r = &mut ranges[at];
-                for w in 0..8 {
-                    let both = r.1[w] & c.bits[w];
-                    if both != 0 {
-                        let j = (w * 64) as u64 + u64::from(both.trailing_zeros());
-                        let slot = (((c.l4 as u64) << 9) | j) << 30;
-                        return Err(Error::SlotConflict { slot });
-                    }
-                    r.1[w] |= c.bits[w];
-                }
-                r.2 += 1;
-                r.3 = n;
-            }
-        }
+        // One template claims each 512 GiB range once and alone: attach its L4 entries as they
+        // are (no merge, no allocation: this is the spawn path). Several: merge their claims.
+        let ranges = match templates {
+            [_] => Vec::new(),
+            _ => merge_claims(templates)?,
+        };
         let mut tree = match kernel {
             Some(k) => Tree::with_kernel(mem, &k.entries)?,
             None => Tree::new(mem)?,
         };
         let mut c = tree.cursor();
         let copy = mode == Mode::Copy;
+        if let [t] = templates {
+            let tr = t.reader();
+            for claim in t.claims() {
+                if let Some(sub) = tr.subtree(claim.l4, None) {
+                    c.attach(claim.l4, None, sub, copy)?;
+                }
+            }
+        }
         for &(l4, _, users, last) in &ranges {
             if users == 1 {
                 // The whole 512 GiB range is one template's: one L4 entry.
@@ -515,6 +502,39 @@ impl<M: PhysMem> AddressSpace<M> {
         self.tree.reader().account(&mut s);
         s
     }
+}
+
+/// Per 512 GiB range: (L4 index, claimed slots, how many templates claim in it, the last one
+/// that did) — no per-range list, as this is on the spawn path.
+type ClaimedRange = (usize, [u64; 8], usize, usize);
+
+/// Merge the templates' claims per 512 GiB range; any slot claimed twice is a conflict.
+fn merge_claims<M: PhysMem>(templates: &[&Template<M>]) -> Result<Vec<ClaimedRange>, Error> {
+    let mut ranges: Vec<ClaimedRange> = Vec::new();
+    for (n, t) in templates.iter().enumerate() {
+        for c in t.claims() {
+            let at = match ranges.iter().position(|r| r.0 == c.l4) {
+                Some(at) => at,
+                None => {
+                    ranges.push((c.l4, [0; 8], 0, 0));
+                    ranges.len() - 1
+                }
+            };
+            let r = &mut ranges[at];
+            for w in 0..8 {
+                let both = r.1[w] & c.bits[w];
+                if both != 0 {
+                    let j = (w * 64) as u64 + u64::from(both.trailing_zeros());
+                    let slot = (((c.l4 as u64) << 9) | j) << 30;
+                    return Err(Error::SlotConflict { slot });
+                }
+                r.1[w] |= c.bits[w];
+            }
+            r.2 += 1;
+            r.3 = n;
+        }
+    }
+    Ok(ranges)
 }
 
 fn find(regions: &[Region], va: u64) -> Option<&Region> {
