@@ -9,7 +9,7 @@
 //! copy-on-write page (which is then never `WRITABLE`).
 //!
 //! `ACCESSED` and `DIRTY` are set in advance on every entry the engine writes, so the CPU never
-//! has a reason to write a shared table (invariant 1): it only sets those bits when they are
+//! has a reason to write a shared table (invariants 1 and 9): it only sets those bits when they are
 //! clear. Bits 10, 11 and 52–62 are unused and left zero.
 
 use x86_64::structures::paging::PageTableFlags as F;

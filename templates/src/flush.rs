@@ -1,5 +1,6 @@
 //! TLB flush tokens: every change that affects translations returns one.
 
+use crate::entry::LOWER_HALF_END;
 use x86_64::VirtAddr;
 
 /// What the caller must invalidate in the TLB of every CPU running the changed space (only that
@@ -23,6 +24,19 @@ pub enum Flush {
 impl Flush {
     /// The space is not loaded on any CPU: nothing to invalidate.
     pub fn ignore(self) {}
+
+    /// Every page in `start..end` (the whole space if the range reaches the end of the lower
+    /// half, whose end is not a canonical address).
+    pub(crate) fn range(start: u64, end: u64) -> Flush {
+        if end >= LOWER_HALF_END {
+            Flush::All
+        } else {
+            Flush::Range {
+                start: VirtAddr::new(start),
+                end: VirtAddr::new(end),
+            }
+        }
+    }
 
     /// A token covering both.
     pub fn merge(self, other: Flush) -> Flush {

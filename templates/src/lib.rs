@@ -38,6 +38,9 @@
 //!   `resolve_fault`, `map`, `unmap`, `protect`, `snapshot`, `stats`. Every change returns a
 //!   [`Flush`] token.
 //! * [`sim`]: simulated memory and a software MMU for host tests and benchmarks.
+//! * Inside, the cursor module (`walk`) is the only code that writes a table or moves a
+//!   reference count; a sealed template gives only its read-only walk (docs/engine.md,
+//!   invariants 1–10, invariant 8 for this split).
 //!
 //! PTE bits: see [`entry`] — software bit 9 ([`COW_BIT`]) marks copy-on-write; `ACCESSED` and
 //! `DIRTY` are preset so the CPU never writes a shared table. Only the lower half (L4 entries
@@ -50,7 +53,6 @@ pub mod entry;
 mod error;
 mod flush;
 mod mem;
-mod raw;
 pub mod sim;
 mod space;
 mod template;

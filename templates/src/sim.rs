@@ -7,8 +7,8 @@
 
 use crate::entry;
 use crate::mem::PhysMem;
-use crate::raw;
 use crate::space::Access;
+use crate::walk::raw;
 use alloc::boxed::Box;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
@@ -399,7 +399,7 @@ impl<M: PhysMem> SoftMmu<M> {
             x &= entry::executable(e);
             let leaf = level == 1 || (level <= 3 && entry::huge(e));
             if e & a == 0 {
-                raw::write(&self.mem, table, i, e | a);
+                raw::set_hardware_bits(&self.mem, table, i, a);
             }
             if leaf {
                 if (write && !w) || (fetch && !x) {
@@ -407,7 +407,7 @@ impl<M: PhysMem> SoftMmu<M> {
                 }
                 let e = raw::read(&self.mem, table, i);
                 if write && e & d == 0 {
-                    raw::write(&self.mem, table, i, e | d);
+                    raw::set_hardware_bits(&self.mem, table, i, d);
                 }
                 let offset = va & (entry::span(level) - 1);
                 return Ok(PhysAddr::new(

@@ -4,10 +4,9 @@
 use crate::entry::{self, LOWER_HALF_END, SIZE_2M, SIZE_4K};
 use crate::error::{Error, Fault, Name};
 use crate::flush::Flush;
-use crate::mem::{PhysMem, frame_at};
-use crate::raw;
-use crate::template::{Kind, PageSize, Perm, Region, Template, Tree, check_range, zeroed_page};
-use crate::walk;
+use crate::mem::PhysMem;
+use crate::template::{Kind, PageSize, Perm, Region, Template, check_range};
+use crate::walk::{Leaf, Tree};
 use alloc::vec::Vec;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::page_table::{PageTable, PageTableEntry};
@@ -79,6 +78,23 @@ pub struct Translation {
     pub copy_on_write: bool,
 }
 
+impl Translation {
+    /// The translation of `va` through `leaf`, the leaf that maps it.
+    pub(crate) fn of(leaf: Leaf, va: u64) -> Self {
+        Translation {
+            phys: PhysAddr::new(entry::addr(leaf.entry) + (va - leaf.va)),
+            page_size: if leaf.level == 1 {
+                PageSize::Size4KiB
+            } else {
+                PageSize::Size2MiB
+            },
+            writable: entry::writable(leaf.entry),
+            executable: entry::executable(leaf.entry),
+            copy_on_write: entry::cow(leaf.entry),
+        }
+    }
+}
+
 /// Page-table accounting of one space (a diagnostic walk of its lower half).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpaceStats {
@@ -124,59 +140,43 @@ impl<M: PhysMem> AddressSpace<M> {
         mode: Mode,
         kernel: Option<&KernelHalf>,
     ) -> Result<Self, Error> {
-        // Merge the claims per 512 GiB range; any slot claimed twice is a conflict. Per range:
-        // (L4 index, claimed slots, how many templates claim in it, the last one that did) — no
-        // per-range list, as this is on the spawn path.
-        let mut ranges: Vec<(usize, [u64; 8], usize, usize)> = Vec::new();
-        for (n, t) in templates.iter().enumerate() {
-            for c in t.claims() {
-                let at = match ranges.iter().position(|r| r.0 == c.l4) {
-                    Some(at) => at,
-                    None => {
-                        ranges.push((c.l4, [0; 8], 0, 0));
-                        ranges.len() - 1
-                    }
-                };
-                let r = &mut ranges[at];
-                for w in 0..8 {
-                    let both = r.1[w] & c.bits[w];
-                    if both != 0 {
-                        let j = (w * 64) as u64 + u64::from(both.trailing_zeros());
-                        let slot = (((c.l4 as u64) << 9) | j) << 30;
-                        return Err(Error::SlotConflict { slot });
-                    }
-                    r.1[w] |= c.bits[w];
-                }
-                r.2 += 1;
-                r.3 = n;
-            }
-        }
-        let tree = match kernel {
+        // One template claims each 512 GiB range once and alone: attach its L4 entries as they
+        // are (no merge, no allocation: this is the spawn path). Several: merge their claims.
+        let ranges = match templates {
+            [_] => Vec::new(),
+            _ => merge_claims(templates)?,
+        };
+        let mut tree = match kernel {
             Some(k) => Tree::with_kernel(mem, &k.entries)?,
             None => Tree::new(mem)?,
         };
         let mut c = tree.cursor();
         let copy = mode == Mode::Copy;
+        if let [t] = templates {
+            let tr = t.reader();
+            for claim in t.claims() {
+                if let Some(sub) = tr.subtree(claim.l4, None) {
+                    c.attach(claim.l4, None, sub, copy)?;
+                }
+            }
+        }
         for &(l4, _, users, last) in &ranges {
-            let l4 = &l4;
             if users == 1 {
                 // The whole 512 GiB range is one template's: one L4 entry.
-                let e = templates[last].l4_entry(*l4);
-                if entry::present(e) {
-                    c.attach(*l4, None, e, copy)?;
+                if let Some(sub) = templates[last].reader().subtree(l4, None) {
+                    c.attach(l4, None, sub, copy)?;
                 }
                 continue;
             }
             // Several templates: an own L3, one entry per claimed 1 GiB slot.
             for &t in templates {
-                let tc = walk::Cursor::new(mem, t.root());
-                let Some(claim) = t.claims().iter().find(|cl| cl.l4 == *l4) else {
+                let Some(claim) = t.claims().iter().find(|cl| cl.l4 == l4) else {
                     continue;
                 };
+                let tr = t.reader();
                 for j in claim.slots() {
-                    let e = tc.l3_entry(*l4, j);
-                    if entry::present(e) {
-                        c.attach(*l4, Some(j), e, copy)?;
+                    if let Some(sub) = tr.subtree(l4, Some(j)) {
+                        c.attach(l4, Some(j), sub, copy)?;
                     }
                 }
             }
@@ -197,12 +197,12 @@ impl<M: PhysMem> AddressSpace<M> {
 
     /// The root table (for CR3).
     pub fn root(&self) -> PhysFrame {
-        self.tree.root
+        self.tree.root()
     }
 
     /// The root table's physical address (for CR3).
     pub fn root_phys(&self) -> PhysAddr {
-        self.tree.root.start_address()
+        self.tree.root().start_address()
     }
 
     /// The mode the space was created in.
@@ -231,18 +231,7 @@ impl<M: PhysMem> AddressSpace<M> {
         if va >= LOWER_HALF_END {
             return None;
         }
-        let l = self.tree.cursor().leaf(va)?;
-        Some(Translation {
-            phys: PhysAddr::new(entry::addr(l.entry) + (va - l.va)),
-            page_size: if l.level == 1 {
-                PageSize::Size4KiB
-            } else {
-                PageSize::Size2MiB
-            },
-            writable: entry::writable(l.entry),
-            executable: entry::executable(l.entry),
-            copy_on_write: entry::cow(l.entry),
-        })
+        Some(Translation::of(self.tree.reader().leaf(va)?, va))
     }
 
     /// Resolve a page fault at `va` for `access`: copy-on-write (unsharing the path, then
@@ -277,24 +266,15 @@ impl<M: PhysMem> AddressSpace<M> {
             }
             _ => {}
         }
-        let mem = &self.tree.mem;
         let mut c = self.tree.cursor();
         let page = addr & !(SIZE_4K - 1);
-        let Some(l) = c.leaf(addr) else {
+        let Some(l) = c.reader().leaf(addr) else {
             if !r.demand_zero {
                 return Err(Fault::Unmapped { addr });
             }
-            let t = c
-                .owned_table(page, 1, true)
-                .map_err(oom)?
-                .ok_or(Fault::OutOfFrames { addr })?;
-            let f = zeroed_page(mem, PageSize::Size4KiB).map_err(oom)?;
-            c.set(
-                t,
-                page,
-                1,
-                entry::leaf(f, 1, r.perm.write, r.perm.exec, false),
-            );
+            let flags = entry::leaf(0, 1, r.perm.write, r.perm.exec, false);
+            c.map_zeroed(page, 1, flags).map_err(oom)?;
+            // The page was not present: nothing to flush.
             return Ok(Flush::None);
         };
         if access == Access::Write && !entry::writable(l.entry) {
@@ -304,27 +284,8 @@ impl<M: PhysMem> AddressSpace<M> {
                     region: name(),
                 });
             }
-            let t = c
-                .owned_table(l.va, l.level, false)
-                .map_err(oom)?
-                .ok_or(Fault::Unmapped { addr })?;
-            let e = c.get(t, l.va, l.level);
-            let old = frame_at(entry::addr(e));
-            let writable = entry::with_write(e, true, false);
-            if mem.ref_count(old) == 1 {
-                // No one else sees this frame: take it over.
-                c.set(t, l.va, l.level, writable);
-            } else {
-                let size = if l.level == 1 {
-                    PageSize::Size4KiB
-                } else {
-                    PageSize::Size2MiB
-                };
-                let new = copy_page(mem, entry::addr(e), size).map_err(oom)?;
-                c.set(t, l.va, l.level, (writable & !entry::ADDR_MASK) | new);
-                walk::release_leaf(mem, e, l.level);
-            }
-            return Ok(Flush::Page(VirtAddr::new(l.va)));
+            // Copy (or take over) the page for this space: `Flush::Page(l.va)`.
+            return c.break_cow(l.va, l.level).map_err(oom);
         }
         if access == Access::Execute && !entry::executable(l.entry) {
             return Err(Fault::ExecuteNoExec {
@@ -353,26 +314,15 @@ impl<M: PhysMem> AddressSpace<M> {
             });
         }
         if populate {
-            let mem = &self.tree.mem;
             let mut c = self.tree.cursor();
+            let flags = entry::leaf(0, 1, perm.write, perm.exec, false);
             let mut va = start;
-            let mut table = None;
             let result = loop {
                 if va == end {
                     break Ok(());
                 }
-                if table.is_none() || entry::index(va, 1) == 0 {
-                    match c.owned_table(va, 1, true) {
-                        Ok(t) => table = t,
-                        Err(e) => break Err(e),
-                    }
-                }
-                let Some(t) = table else {
-                    break Err(Error::OutOfFrames);
-                };
-                match zeroed_page(mem, PageSize::Size4KiB) {
-                    Ok(f) => c.set(t, va, 1, entry::leaf(f, 1, perm.write, perm.exec, false)),
-                    Err(e) => break Err(e),
+                if let Err(e) = c.map_zeroed(va, 1, flags) {
+                    break Err(e);
                 }
                 va += SIZE_4K;
             };
@@ -380,7 +330,8 @@ impl<M: PhysMem> AddressSpace<M> {
                 // Every table on the paths of start..va is owned already: no allocation here.
                 if va > start {
                     c.prepare_clear(start, va)?;
-                    c.clear(start, va);
+                    // Mapped by this call and never handed to a CPU: nothing can be cached.
+                    c.clear(start, va).ignore();
                 }
                 return Err(e);
             }
@@ -408,9 +359,9 @@ impl<M: PhysMem> AddressSpace<M> {
         check_huge_split(&self.regions, start, end)?;
         let mut c = self.tree.cursor();
         c.prepare_clear(start, end)?;
-        c.clear(start, end);
+        let flush = c.clear(start, end);
         carve(&mut self.regions, start, end);
-        Ok(range_flush(start, end))
+        Ok(flush)
     }
 
     /// Change the rights of `start..start+len`, which must be covered by `Private` regions.
@@ -436,29 +387,31 @@ impl<M: PhysMem> AddressSpace<M> {
             let cow = perm.write && !entry::writable(e);
             entry::with_exec(entry::with_write(e, w, cow), perm.exec)
         };
-        self.update_leaves(&[(start, end)], |_, e| new_entry(e))?;
+        let changed = self.update_leaves(&[(start, end)], |_, e| new_entry(e))?;
         let mut pieces = carve(&mut self.regions, start, end);
         for p in &mut pieces {
             p.perm = perm;
         }
         self.regions.extend(pieces);
         self.regions.sort_by_key(|r| r.start);
-        Ok(range_flush(start, end))
+        // The changed pages lie in the range; the caller flushes all of it.
+        Ok(changed.merge(Flush::range(start, end)))
     }
 
-    /// Apply `f(region, entry) -> entry` to every present leaf in `ranges`, in two phases:
-    /// unshare the paths of the leaves that change (may fail; invisible), then write.
+    /// Apply `f(region, entry) -> entry` (flag bits only) to every present leaf in `ranges`, in
+    /// two phases: unshare the paths of the leaves that change (may fail; invisible), then
+    /// write. Returns the pages changed.
     fn update_leaves(
         &mut self,
         ranges: &[(u64, u64)],
         f: impl Fn(&Region, u64) -> u64,
-    ) -> Result<bool, Error> {
+    ) -> Result<Flush, Error> {
         let mut c = self.tree.cursor();
-        let mut changed = false;
+        let mut changed = Flush::None;
         for phase in 0..2 {
             for &(start, end) in ranges {
                 let mut va = start;
-                while let Some(l) = c.next_leaf(va, end) {
+                while let Some(l) = c.reader().next_leaf(va, end) {
                     if l.va < start || l.end() > end {
                         return Err(Error::SplitsHugePage { addr: l.va });
                     }
@@ -468,12 +421,10 @@ impl<M: PhysMem> AddressSpace<M> {
                     };
                     let new = f(r, l.entry);
                     if new != l.entry {
-                        let t = c
-                            .owned_table(l.va, l.level, false)?
-                            .ok_or(Error::NotMapped { addr: l.va })?;
-                        if phase == 1 {
-                            c.set(t, l.va, l.level, new);
-                            changed = true;
+                        if phase == 0 {
+                            c.unshare_path(l.va, l.level)?;
+                        } else {
+                            changed = changed.merge(c.rewrite_leaf(l.va, l.level, new)?);
                         }
                     }
                     va = l.end();
@@ -500,7 +451,6 @@ impl<M: PhysMem> AddressSpace<M> {
         for &(s, e) in &rs {
             check_huge_split(&self.regions, s, e)?;
         }
-        let mem = &self.tree.mem;
         let make_cow = |r: &Region, e: u64| {
             if r.kind == Kind::Private && entry::writable(e) {
                 entry::with_write(e, false, true)
@@ -509,9 +459,9 @@ impl<M: PhysMem> AddressSpace<M> {
             }
         };
         // Build the template's tables; dropped (and released) on any error.
-        let tree = Tree::new(mem)?;
+        let mut tree = Tree::new(self.tree.mem())?;
         {
-            let src = self.tree.cursor();
+            let src = self.tree.reader();
             let mut dst = tree.cursor();
             for &(start, end) in &rs {
                 let mut va = start;
@@ -520,11 +470,7 @@ impl<M: PhysMem> AddressSpace<M> {
                         return Err(Error::SplitsHugePage { addr: l.va });
                     }
                     if let Some(r) = find(&self.regions, l.va) {
-                        let t = dst
-                            .owned_table(l.va, l.level, true)?
-                            .ok_or(Error::OutOfFrames)?;
-                        walk::retain_leaf(mem, l.entry);
-                        dst.set(t, l.va, l.level, make_cow(r, l.entry));
+                        dst.map_page(l.va, src.share(&l), make_cow(r, l.entry))?;
                     }
                     va = l.end();
                 }
@@ -541,29 +487,54 @@ impl<M: PhysMem> AddressSpace<M> {
             }
         }
         regions.sort_by_key(|r| r.start);
-        let flush = if changed { Flush::All } else { Flush::None };
+        // Leaves of this space became copy-on-write: flush all of it.
+        let flush = if changed == Flush::None {
+            Flush::None
+        } else {
+            Flush::All
+        };
         Ok((Template::from_parts(tree, regions), flush))
     }
 
     /// Page-table accounting (walks the owned tables and the shared ones below them).
     pub fn stats(&self) -> SpaceStats {
         let mut s = SpaceStats::default();
-        self.tree.cursor().account(&mut s);
+        self.tree.reader().account(&mut s);
         s
     }
 }
 
-/// A flush of `start..end` (the whole space if the range reaches the end of the lower half,
-/// whose end is not a canonical address).
-fn range_flush(start: u64, end: u64) -> Flush {
-    if end >= LOWER_HALF_END {
-        Flush::All
-    } else {
-        Flush::Range {
-            start: VirtAddr::new(start),
-            end: VirtAddr::new(end),
+/// Per 512 GiB range: (L4 index, claimed slots, how many templates claim in it, the last one
+/// that did) — no per-range list, as this is on the spawn path.
+type ClaimedRange = (usize, [u64; 8], usize, usize);
+
+/// Merge the templates' claims per 512 GiB range; any slot claimed twice is a conflict.
+fn merge_claims<M: PhysMem>(templates: &[&Template<M>]) -> Result<Vec<ClaimedRange>, Error> {
+    let mut ranges: Vec<ClaimedRange> = Vec::new();
+    for (n, t) in templates.iter().enumerate() {
+        for c in t.claims() {
+            let at = match ranges.iter().position(|r| r.0 == c.l4) {
+                Some(at) => at,
+                None => {
+                    ranges.push((c.l4, [0; 8], 0, 0));
+                    ranges.len() - 1
+                }
+            };
+            let r = &mut ranges[at];
+            for w in 0..8 {
+                let both = r.1[w] & c.bits[w];
+                if both != 0 {
+                    let j = (w * 64) as u64 + u64::from(both.trailing_zeros());
+                    let slot = (((c.l4 as u64) << 9) | j) << 30;
+                    return Err(Error::SlotConflict { slot });
+                }
+                r.1[w] |= c.bits[w];
+            }
+            r.2 += 1;
+            r.3 = n;
         }
     }
+    Ok(ranges)
 }
 
 fn find(regions: &[Region], va: u64) -> Option<&Region> {
@@ -610,27 +581,4 @@ fn carve(regions: &mut Vec<Region>, start: u64, end: u64) -> Vec<Region> {
     kept.sort_by_key(|r| r.start);
     *regions = kept;
     removed
-}
-
-/// A private copy of the page at `src` (4 KiB or a 2 MiB run).
-fn copy_page<M: PhysMem>(mem: &M, src: u64, size: PageSize) -> Result<u64, Error> {
-    match size {
-        PageSize::Size4KiB => {
-            let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
-            raw::copy(mem, frame_at(src), f);
-            Ok(f.start_address().as_u64())
-        }
-        PageSize::Size2MiB => {
-            let run = mem.alloc_huge_frame().ok_or(Error::OutOfFrames)?;
-            let base = run.start_address().as_u64();
-            for k in 0..512 {
-                raw::copy(
-                    mem,
-                    frame_at(src + k * SIZE_4K),
-                    frame_at(base + k * SIZE_4K),
-                );
-            }
-            Ok(base)
-        }
-    }
 }

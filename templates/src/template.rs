@@ -2,9 +2,9 @@
 
 use crate::entry::{self, SIZE_1G, SIZE_2M, SIZE_4K};
 use crate::error::{Error, Name};
-use crate::mem::{PhysMem, frame_at};
-use crate::raw;
-use crate::walk::{self, Cursor};
+use crate::mem::PhysMem;
+use crate::space::Translation;
+use crate::walk::{Reader, Tree};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use x86_64::PhysAddr;
@@ -196,46 +196,6 @@ pub const fn is_canonical(addr: u64) -> bool {
     top == 0 || top == (1 << 17) - 1
 }
 
-/// A tree of tables rooted at an L4 of count 1, released on drop. Templates and address spaces
-/// each own one.
-#[derive(Debug)]
-pub(crate) struct Tree<M: PhysMem> {
-    pub(crate) mem: M,
-    pub(crate) root: PhysFrame,
-}
-
-impl<M: PhysMem> Tree<M> {
-    pub(crate) fn new(mem: &M) -> Result<Self, Error> {
-        Ok(Tree {
-            mem: mem.clone(),
-            root: walk::alloc_table(mem)?,
-        })
-    }
-
-    /// A tree whose root's upper half is `kernel`, installed verbatim in entries 256..512 — the
-    /// engine never follows, counts, changes or frees them (invariant 6) — and whose lower half
-    /// is empty. Each byte of the root is written once: this is on the spawn path.
-    pub(crate) fn with_kernel(mem: &M, kernel: &[u64; 256]) -> Result<Self, Error> {
-        let root = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
-        raw::zero_entries(mem, root, 0, 256);
-        raw::write_entries(mem, root, 256, kernel);
-        Ok(Tree {
-            mem: mem.clone(),
-            root,
-        })
-    }
-    pub(crate) fn cursor(&self) -> Cursor<'_, M> {
-        Cursor::new(&self.mem, self.root)
-    }
-}
-
-impl<M: PhysMem> Drop for Tree<M> {
-    fn drop(&mut self) {
-        // Releases entries 0..256 only: the kernel half is never followed.
-        walk::release_table(&self.mem, self.root, 4);
-    }
-}
-
 /// Collects regions, then [`seal`](Self::seal)s them into a [`Template`].
 #[derive(Debug)]
 pub struct TemplateBuilder<M: PhysMem> {
@@ -299,37 +259,23 @@ impl<M: PhysMem> TemplateBuilder<M> {
 
     /// Build every table and seal the result. On failure (out of frames) nothing is leaked.
     pub fn seal(self) -> Result<Template<M>, Error> {
-        let tree = Tree::new(&self.mem)?;
-        let mem = &self.mem;
+        let mut tree = Tree::new(&self.mem)?;
         let mut cursor = tree.cursor();
         for (r, backing) in &self.regions {
             let size = r.page_size.bytes();
             let level = r.page_size.level();
             let (write, cow) = leaf_write_bits(r.kind, r.perm.write);
-            let mut table = None;
+            let flags = entry::leaf(0, level, write, r.perm.exec, cow);
             for (n, va) in (r.start..r.end).step_by(size as usize).enumerate() {
-                // One descent per table, not per page.
-                if table.is_none() || entry::index(va, level) == 0 {
-                    table = cursor.owned_table(va, level, true)?;
-                }
-                let t = table.ok_or(Error::OutOfFrames)?;
-                let frame = match backing {
-                    Backing::Zeroed => zeroed_page(mem, r.page_size)?,
+                match backing {
+                    Backing::Zeroed => cursor.map_zeroed(va, level, flags)?,
                     Backing::Frames(fs) => {
-                        mem.inc_ref(frame_at(fs[n].as_u64()));
-                        fs[n].as_u64()
+                        cursor.map_page(va, cursor.given_page(fs[n], level), flags)?
                     }
                     Backing::Alias(f) => {
-                        mem.inc_ref(frame_at(f.as_u64()));
-                        f.as_u64()
+                        cursor.map_page(va, cursor.given_page(*f, level), flags)?
                     }
-                };
-                cursor.set(
-                    t,
-                    va,
-                    level,
-                    entry::leaf(frame, level, write, r.perm.exec, cow),
-                );
+                }
             }
         }
         let mut regions: Vec<Region> = self.regions.into_iter().map(|(r, _)| r).collect();
@@ -344,25 +290,6 @@ pub(crate) fn leaf_write_bits(kind: Kind, write: bool) -> (bool, bool) {
         Kind::Shared => (write, false),
         Kind::Private => (false, write),
         Kind::ReadOnly => (false, false),
-    }
-}
-
-/// A fresh zeroed 4 KiB frame or 2 MiB run; returns its address.
-pub(crate) fn zeroed_page<M: PhysMem>(mem: &M, size: PageSize) -> Result<u64, Error> {
-    match size {
-        PageSize::Size4KiB => {
-            let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
-            raw::zero(mem, f);
-            Ok(f.start_address().as_u64())
-        }
-        PageSize::Size2MiB => {
-            let run = mem.alloc_huge_frame().ok_or(Error::OutOfFrames)?;
-            let base = run.start_address().as_u64();
-            for k in 0..512 {
-                raw::zero(mem, frame_at(base + k * SIZE_4K));
-            }
-            Ok(base)
-        }
     }
 }
 
@@ -394,6 +321,40 @@ impl Claim {
 /// Its tables live under a private L4 (never loaded into CR3). Each 1 GiB slot its regions touch
 /// is *claimed*: a spawn attaches one L4 entry per 512 GiB if no other template claims slots in
 /// it, otherwise one L3 entry per claimed 1 GiB slot.
+///
+/// Sealed means read-only in the types (docs/engine.md, invariants 1 and 8): the tables sit behind an
+/// `Arc`, and the engine's writing cursor needs `&mut` of the tree it writes, so a template can
+/// only be walked. Reading works:
+///
+/// ```
+/// use templates::{Kind, RegionSpec, TemplateBuilder, sim::SimMem};
+/// use x86_64::VirtAddr;
+///
+/// let mem = SimMem::new(64);
+/// let mut b = TemplateBuilder::new(&mem);
+/// b.add(RegionSpec::new("data", 1 << 30, 4096, Kind::Private)).unwrap();
+/// let t = b.seal().unwrap();
+/// let tr = t.translate(VirtAddr::new(1 << 30)).unwrap();
+/// assert!(tr.copy_on_write && !tr.writable);
+/// ```
+///
+/// but nothing on a template, not even through `&mut`, changes a translation:
+///
+/// ```compile_fail,E0599
+/// use templates::{Template, sim::SimMem};
+/// fn change(t: &mut Template<SimMem>) {
+///     let _ = t.cursor_mut(); // no writing cursor exists for a sealed template
+/// }
+/// ```
+///
+/// ```compile_fail,E0599
+/// use templates::{Access, Template, sim::SimMem};
+/// use x86_64::VirtAddr;
+/// fn change(t: &mut Template<SimMem>) {
+///     // Faults, maps and protections are resolved in an `AddressSpace`, never in a template.
+///     let _ = t.resolve_fault(VirtAddr::new(1 << 30), Access::Write);
+/// }
+/// ```
 #[derive(Debug)]
 pub struct Template<M: PhysMem> {
     inner: Arc<Inner<M>>,
@@ -454,17 +415,28 @@ impl<M: PhysMem> Template<M> {
 
     /// The template's private L4 (for inspection and tests; never loaded into CR3).
     pub fn root(&self) -> PhysFrame {
-        self.inner.tree.root
+        self.inner.tree.root()
     }
 
-    /// Entry `l4` of the template's root (0 if absent).
-    pub(crate) fn l4_entry(&self, l4: usize) -> u64 {
-        self.inner.tree.cursor().root_entry(l4)
+    /// What a space spawned from this template translates `va` to before any change of its own
+    /// (`None`: not present): a read-only walk of the sealed tables.
+    pub fn translate(&self, va: VirtAddr) -> Option<Translation> {
+        let va = va.as_u64();
+        if va >= entry::LOWER_HALF_END {
+            return None;
+        }
+        Some(Translation::of(self.reader().leaf(va)?, va))
+    }
+
+    /// The read-only cursor over the sealed tables: the only access a `Template` gives to them
+    /// (its tree sits behind an `Arc`, so no `&mut` and no writing cursor exist).
+    pub(crate) fn reader(&self) -> Reader<'_, M> {
+        self.inner.tree.reader()
     }
 
     /// Number of tables below the root, and of leaf entries (a diagnostic walk).
     pub fn stats(&self) -> TemplateStats {
-        let (tables, leaves) = self.inner.tree.cursor().count();
+        let (tables, leaves) = self.reader().count();
         TemplateStats { tables, leaves }
     }
 }

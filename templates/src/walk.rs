@@ -1,18 +1,34 @@
-//! The cursor: the only code that walks and changes page tables, and the reference-count
-//! bookkeeping that goes with it (retain on copy, release on drop).
+//! The cursor: the only code that walks and changes page tables, and the only code that moves a
+//! reference count (docs/engine.md, invariants 2, 3 and 8).
+//!
+//! * [`Tree`] owns one root (an L4 of count 1) and releases everything below it on drop.
+//!   Templates and address spaces each own one.
+//! * [`Reader`] (from `&Tree`): walks, finds leaves, counts, and hands out [`Subtree`]s to attach.
+//!   It has no method that writes a table. A sealed `Template` keeps its tree behind an `Arc`,
+//!   so a `Reader` is all it can ever give (invariant 1).
+//! * [`CursorMut`] (from `&mut Tree` only): the one writer. On its way down it unshares,
+//!   allocates missing tables, and installs, rewrites or clears entries; every reference it
+//!   takes or drops goes with an entry it writes or removes.
+//! * [`OwnedPage`]: one counted reference to a data frame (or 2 MiB run), released on drop unless
+//!   a cursor installs it into an entry. [`Subtree`]: a table of a live tree, borrowed from its
+//!   `Reader`; attaching it takes the reference.
 //!
 //! Ownership rule (invariants 2 and 3): a table is *exclusively owned* by a tree when the tree's
-//! root is reached only through tables of count 1 and the table's own count is 1. A cursor
-//! writes only to such tables; on its way down it turns every table of count > 1 on its path
-//! into a private copy (*unshare*), top-down, so only the tables on the path are copied and their
+//! root is reached only through tables of count 1 and the table's own count is 1. The cursor
+//! writes only to such tables; on its way down it turns every table of count > 1 on its path into
+//! a private copy (*unshare*), top-down, so only the tables on the path are copied and their
 //! siblings stay shared (invariant 4).
+
+pub(crate) mod raw;
 
 use crate::entry::{self, span};
 use crate::error::Error;
+use crate::flush::Flush;
 use crate::mem::{PhysMem, frame_at};
-use crate::raw::{self, ENTRIES};
-use x86_64::PhysAddr;
+use core::marker::PhantomData;
+use raw::ENTRIES;
 use x86_64::structures::paging::{PhysFrame, Size2MiB};
+use x86_64::{PhysAddr, VirtAddr};
 
 /// Entries of an L4 that belong to the lower half: the engine never follows 256..512.
 const LOWER_L4: usize = 256;
@@ -25,20 +41,20 @@ fn huge_run(addr: u64) -> PhysFrame<Size2MiB> {
     PhysFrame::containing_address(PhysAddr::new(addr))
 }
 
+/// `e` pointing at `addr` instead, every other bit kept.
+fn with_addr(e: u64, addr: u64) -> u64 {
+    (e & !entry::ADDR_MASK) | addr
+}
+
 /// A zeroed table of count 1.
-pub(crate) fn alloc_table<M: PhysMem>(mem: &M) -> Result<PhysFrame, Error> {
+fn alloc_table<M: PhysMem>(mem: &M) -> Result<PhysFrame, Error> {
     let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
     raw::zero(mem, f);
     Ok(f)
 }
 
-/// Take one more reference to what leaf entry `e` maps.
-pub(crate) fn retain_leaf<M: PhysMem>(mem: &M, e: u64) {
-    mem.inc_ref(frame_at(entry::addr(e)));
-}
-
 /// Drop the reference leaf entry `e` held (`level` 1: a 4 KiB frame; 2: a 2 MiB run).
-pub(crate) fn release_leaf<M: PhysMem>(mem: &M, e: u64, level: u8) {
+fn release_leaf<M: PhysMem>(mem: &M, e: u64, level: u8) {
     if level == 1 {
         mem.dec_ref(frame_at(entry::addr(e)));
     } else {
@@ -63,7 +79,7 @@ fn retain_children<M: PhysMem>(mem: &M, table: PhysFrame, level: u8) {
 /// freed (and unreadable) once `dec_ref` returns 0. A count of 1 means no one else can reach the
 /// table. (If two owners of a shared table drop it concurrently and both read a count of 2,
 /// the subtree leaks rather than being used after free; the engine itself is not concurrent.)
-pub(crate) fn release_table<M: PhysMem>(mem: &M, table: PhysFrame, level: u8) {
+fn release_table<M: PhysMem>(mem: &M, table: PhysFrame, level: u8) {
     if mem.ref_count(table) == 1 {
         for i in child_range(level) {
             let e = raw::read(mem, table, i);
@@ -86,11 +102,7 @@ fn release_entry<M: PhysMem>(mem: &M, e: u64, level: u8) {
 
 /// A deep copy of `table` (every table below it copied, every data frame retained): what
 /// fork() does, and what `Mode::Copy` does at spawn. On failure nothing is left allocated.
-pub(crate) fn deep_copy<M: PhysMem>(
-    mem: &M,
-    table: PhysFrame,
-    level: u8,
-) -> Result<PhysFrame, Error> {
+fn deep_copy<M: PhysMem>(mem: &M, table: PhysFrame, level: u8) -> Result<PhysFrame, Error> {
     let new = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
     if level == 1 {
         raw::copy(mem, table, new);
@@ -104,14 +116,11 @@ pub(crate) fn deep_copy<M: PhysMem>(
             continue;
         }
         if entry::is_leaf(e, level) {
-            retain_leaf(mem, e);
+            mem.inc_ref(frame_at(entry::addr(e)));
             raw::write(mem, new, i, e);
         } else {
             match deep_copy(mem, frame_at(entry::addr(e)), level - 1) {
-                Ok(child) => {
-                    let e2 = (e & !entry::ADDR_MASK) | child.start_address().as_u64();
-                    raw::write(mem, new, i, e2);
-                }
+                Ok(child) => raw::write(mem, new, i, with_addr(e, child.start_address().as_u64())),
                 Err(err) => {
                     release_table(mem, new, level);
                     return Err(err);
@@ -120,6 +129,74 @@ pub(crate) fn deep_copy<M: PhysMem>(
         }
     }
     Ok(new)
+}
+
+/// A tree of tables rooted at an L4 of count 1, released on drop. Templates and address spaces
+/// each own one; only `&mut Tree` gives a [`CursorMut`].
+#[derive(Debug)]
+pub(crate) struct Tree<M: PhysMem> {
+    mem: M,
+    root: PhysFrame,
+}
+
+impl<M: PhysMem> Tree<M> {
+    /// A tree with an empty root.
+    pub(crate) fn new(mem: &M) -> Result<Self, Error> {
+        Ok(Tree {
+            mem: mem.clone(),
+            root: alloc_table(mem)?,
+        })
+    }
+
+    /// A tree whose root's upper half is `kernel`, installed verbatim in entries 256..512 — the
+    /// engine never follows, counts, changes or frees them (invariant 6) — and whose lower half
+    /// is empty. Each byte of the root is written once: this is on the spawn path.
+    pub(crate) fn with_kernel(mem: &M, kernel: &[u64; 256]) -> Result<Self, Error> {
+        let root = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+        raw::zero_entries(mem, root, 0, LOWER_L4);
+        raw::write_entries(mem, root, LOWER_L4, kernel);
+        Ok(Tree {
+            mem: mem.clone(),
+            root,
+        })
+    }
+
+    /// The root table.
+    pub(crate) fn root(&self) -> PhysFrame {
+        self.root
+    }
+
+    /// The memory the tree lives in.
+    pub(crate) fn mem(&self) -> &M {
+        &self.mem
+    }
+
+    /// A read-only walk of the tree.
+    #[inline]
+    pub(crate) fn reader(&self) -> Reader<'_, M> {
+        Reader {
+            mem: &self.mem,
+            root: self.root,
+        }
+    }
+
+    /// The writing cursor: needs the tree exclusively.
+    #[inline]
+    pub(crate) fn cursor(&mut self) -> CursorMut<'_, M> {
+        CursorMut {
+            mem: &self.mem,
+            root: self.root,
+            last: None,
+            _tree: PhantomData,
+        }
+    }
+}
+
+impl<M: PhysMem> Drop for Tree<M> {
+    fn drop(&mut self) {
+        // Releases entries 0..256 only: the kernel half is never followed.
+        release_table(&self.mem, self.root, 4);
+    }
 }
 
 /// A present leaf found by a walk.
@@ -142,24 +219,104 @@ impl Leaf {
     }
 }
 
-/// A cursor over one tree whose root (an L4 of count 1) the caller owns.
-pub(crate) struct Cursor<'a, M: PhysMem> {
+/// One counted reference to a data frame (level 1) or a 2 MiB run (level 2, counted on its
+/// head), not yet in any entry. A cursor's `map_page` moves it into a leaf entry; dropped
+/// instead, it releases the reference, so an error between allocating and installing a page
+/// leaks nothing.
+#[must_use = "dropping an OwnedPage releases its frame; install it with CursorMut::map_page"]
+pub(crate) struct OwnedPage<'a, M: PhysMem> {
+    mem: &'a M,
+    addr: u64,
+    level: u8,
+}
+
+impl<'a, M: PhysMem> OwnedPage<'a, M> {
+    /// A fresh zeroed 4 KiB frame (level 1) or 2 MiB run (level 2).
+    fn zeroed(mem: &'a M, level: u8) -> Result<Self, Error> {
+        let addr = if level == 1 {
+            let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+            raw::zero(mem, f);
+            f.start_address().as_u64()
+        } else {
+            let run = mem.alloc_huge_frame().ok_or(Error::OutOfFrames)?;
+            let base = run.start_address().as_u64();
+            for k in 0..512 {
+                raw::zero(mem, frame_at(base + k * entry::SIZE_4K));
+            }
+            base
+        };
+        Ok(OwnedPage { mem, addr, level })
+    }
+
+    /// A fresh private copy of the page at `src` (which the caller references).
+    fn copy_of(mem: &'a M, src: u64, level: u8) -> Result<Self, Error> {
+        let addr = if level == 1 {
+            let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+            raw::copy(mem, frame_at(src), f);
+            f.start_address().as_u64()
+        } else {
+            let run = mem.alloc_huge_frame().ok_or(Error::OutOfFrames)?;
+            let base = run.start_address().as_u64();
+            for k in 0..512 {
+                let off = k * entry::SIZE_4K;
+                raw::copy(mem, frame_at(src + off), frame_at(base + off));
+            }
+            base
+        };
+        Ok(OwnedPage { mem, addr, level })
+    }
+
+    /// One more reference to a frame someone already holds (count above zero).
+    fn retain(mem: &'a M, addr: u64, level: u8) -> Self {
+        mem.inc_ref(frame_at(addr));
+        OwnedPage { mem, addr, level }
+    }
+
+    /// Give the reference to an entry: the caller writes `addr` into a leaf entry now.
+    fn into_entry(self) -> u64 {
+        let addr = self.addr;
+        core::mem::forget(self);
+        addr
+    }
+}
+
+impl<M: PhysMem> Drop for OwnedPage<'_, M> {
+    fn drop(&mut self) {
+        release_leaf(self.mem, self.addr, self.level);
+    }
+}
+
+/// A table of a live tree that an entry of another tree may point at: the L3 under an L4 entry
+/// (level 3) or the L2 under an L3 entry (level 2). Borrowed from the tree's [`Reader`], so the
+/// table stays referenced while it exists; [`CursorMut::attach`] takes a reference of its own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Subtree<'a> {
+    entry: u64,
+    level: u8,
+    _tree: PhantomData<&'a ()>,
+}
+
+/// A read-only cursor: walks a tree, changes nothing.
+pub(crate) struct Reader<'a, M: PhysMem> {
     mem: &'a M,
     root: PhysFrame,
 }
 
-impl<'a, M: PhysMem> Cursor<'a, M> {
-    pub(crate) fn new(mem: &'a M, root: PhysFrame) -> Self {
-        Cursor { mem, root }
+impl<M: PhysMem> Clone for Reader<'_, M> {
+    fn clone(&self) -> Self {
+        *self
     }
+}
+impl<M: PhysMem> Copy for Reader<'_, M> {}
 
-    /// The present leaf mapping `va`, if any (read-only walk).
+impl<'a, M: PhysMem> Reader<'a, M> {
+    /// The present leaf mapping `va`, if any.
     pub(crate) fn leaf(&self, va: u64) -> Option<Leaf> {
         self.next_leaf(va, va + 1).filter(|l| l.va <= va)
     }
 
-    /// The first present leaf that intersects `from..end` (read-only walk; skips absent
-    /// subtrees a whole entry at a time).
+    /// The first present leaf that intersects `from..end` (skips absent subtrees a whole entry
+    /// at a time).
     pub(crate) fn next_leaf(&self, from: u64, end: u64) -> Option<Leaf> {
         let mut va = from;
         'restart: while va < end {
@@ -186,128 +343,35 @@ impl<'a, M: PhysMem> Cursor<'a, M> {
         None
     }
 
-    /// Make entry `i` of the owned `table` (at `level`) point at an exclusively owned child
-    /// table: unshare it if its count is above 1, allocate it if absent and `alloc`.
-    /// `Ok(None)`: absent and not `alloc`. A huge leaf in the way is `SplitsHugePage`.
-    fn own_child(
-        &mut self,
-        table: PhysFrame,
-        level: u8,
-        i: usize,
-        va: u64,
-        alloc: bool,
-    ) -> Result<Option<PhysFrame>, Error> {
-        let mem = self.mem;
-        let e = raw::read(mem, table, i);
-        if !entry::present(e) {
-            if !alloc {
-                return Ok(None);
+    /// A new reference to the page that `leaf` (found by this reader, the tree unchanged since)
+    /// maps: to map the same frame in another tree (`snapshot`).
+    pub(crate) fn share(&self, leaf: &Leaf) -> OwnedPage<'a, M> {
+        debug_assert_eq!(self.leaf(leaf.va).map(|l| l.entry), Some(leaf.entry));
+        OwnedPage::retain(self.mem, entry::addr(leaf.entry), leaf.level)
+    }
+
+    /// The table under root entry `l4` (`slot` `None`: an L3, 512 GiB), or under entry `slot`
+    /// of that L3 (an L2, 1 GiB); `None` if absent.
+    #[inline]
+    pub(crate) fn subtree(&self, l4: usize, slot: Option<usize>) -> Option<Subtree<'a>> {
+        if l4 >= LOWER_L4 {
+            return None;
+        }
+        let mut e = raw::read(self.mem, self.root, l4);
+        let mut level = 3;
+        if let Some(j) = slot {
+            if !entry::present(e) {
+                return None;
             }
-            let child = alloc_table(mem)?;
-            raw::write(mem, table, i, entry::table(child.start_address().as_u64()));
-            return Ok(Some(child));
+            e = raw::read(self.mem, frame_at(entry::addr(e)), j);
+            level = 2;
         }
-        if entry::is_leaf(e, level) {
-            return Err(Error::SplitsHugePage { addr: va });
-        }
-        let child = frame_at(entry::addr(e));
-        if mem.ref_count(child) == 1 {
-            return Ok(Some(child));
-        }
-        // Unshare: a private copy whose children gain a reference, then drop ours on the original.
-        let copy = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
-        raw::copy(mem, child, copy);
-        retain_children(mem, copy, level - 1);
-        raw::write(
-            mem,
-            table,
-            i,
-            (e & !entry::ADDR_MASK) | copy.start_address().as_u64(),
-        );
-        release_table(mem, child, level - 1);
-        Ok(Some(copy))
-    }
-
-    /// The exclusively owned table at `level` (1: an L1 for a 4 KiB leaf; 2: an L2 for a 2 MiB
-    /// leaf) on `va`'s path, unsharing every shared table above it top-down and allocating
-    /// missing ones if `alloc`. `Ok(None)`: the path is absent and `alloc` is false.
-    pub(crate) fn owned_table(
-        &mut self,
-        va: u64,
-        level: u8,
-        alloc: bool,
-    ) -> Result<Option<PhysFrame>, Error> {
-        let mut table = self.root;
-        let mut l = 4u8;
-        while l > level {
-            match self.own_child(table, l, entry::index(va, l), va, alloc)? {
-                Some(child) => table = child,
-                None => return Ok(None),
-            }
-            l -= 1;
-        }
-        Ok(Some(table))
-    }
-
-    /// Write leaf entry `e` for `va` into `table`, which `owned_table(va, level, _)` returned.
-    pub(crate) fn set(&mut self, table: PhysFrame, va: u64, level: u8, e: u64) {
-        raw::write(self.mem, table, entry::index(va, level), e);
-    }
-
-    /// Read the entry for `va` in `table` (as returned by `owned_table(va, level, _)`).
-    pub(crate) fn get(&self, table: PhysFrame, va: u64, level: u8) -> u64 {
-        raw::read(self.mem, table, entry::index(va, level))
-    }
-
-    /// Attach template entry `src` (pointing at a table): at root entry `l4` if `slot` is `None`
-    /// (an L3 table: 512 GiB), or at entry `slot` of this tree's own L3 under root entry `l4`
-    /// (an L2 table: 1 GiB). `copy`: attach a deep copy instead of a reference.
-    pub(crate) fn attach(
-        &mut self,
-        l4: usize,
-        slot: Option<usize>,
-        src: u64,
-        copy: bool,
-    ) -> Result<(), Error> {
-        let mem = self.mem;
-        let (table, i, child_level) = match slot {
-            None => (self.root, l4, 3),
-            Some(j) => {
-                let l3 = self
-                    .own_child(self.root, 4, l4, 0, true)?
-                    .ok_or(Error::OutOfFrames)?;
-                (l3, j, 2)
-            }
-        };
-        debug_assert!(
-            !entry::present(raw::read(mem, table, i)),
-            "slots are disjoint"
-        );
-        let child = frame_at(entry::addr(src));
-        let e = if copy {
-            let c = deep_copy(mem, child, child_level)?;
-            (src & !entry::ADDR_MASK) | c.start_address().as_u64()
-        } else {
-            mem.inc_ref(child);
-            src
-        };
-        raw::write(mem, table, i, e);
-        Ok(())
-    }
-
-    /// Entry `i` of the table that root entry `l4` points at (0 if absent).
-    pub(crate) fn l3_entry(&self, l4: usize, i: usize) -> u64 {
-        let e = raw::read(self.mem, self.root, l4);
-        if entry::present(e) {
-            raw::read(self.mem, frame_at(entry::addr(e)), i)
-        } else {
-            0
-        }
-    }
-
-    /// Entry `l4` of the root.
-    pub(crate) fn root_entry(&self, l4: usize) -> u64 {
-        raw::read(self.mem, self.root, l4)
+        // The engine maps 4 KiB and 2 MiB leaves only: L4 and L3 entries are tables.
+        (entry::present(e) && !entry::huge(e)).then_some(Subtree {
+            entry: e,
+            level,
+            _tree: PhantomData,
+        })
     }
 
     /// Tables below the root and leaf entries in the lower half (a diagnostic walk).
@@ -376,6 +440,211 @@ impl<'a, M: PhysMem> Cursor<'a, M> {
             self.account_rec(target, level - 1, child_owned, s);
         }
     }
+}
+
+/// The writing cursor over one tree, borrowed exclusively (`Tree::cursor(&mut self)`).
+pub(crate) struct CursorMut<'a, M: PhysMem> {
+    mem: &'a M,
+    root: PhysFrame,
+    /// The last exclusively owned leaf table found: (its level, the first address it covers,
+    /// the table). An owned table stays owned while the cursor lives (nothing else can reach
+    /// it); only `clear` can free it, and `clear` forgets it.
+    last: Option<(u8, u64, PhysFrame)>,
+    _tree: PhantomData<&'a mut Tree<M>>,
+}
+
+impl<'a, M: PhysMem> CursorMut<'a, M> {
+    /// Read-only walks of the same tree.
+    pub(crate) fn reader(&self) -> Reader<'_, M> {
+        Reader {
+            mem: self.mem,
+            root: self.root,
+        }
+    }
+
+    /// A new reference to a page the caller holds (count above zero: a template's given
+    /// backing), to `map_page`.
+    pub(crate) fn given_page(&self, addr: PhysAddr, level: u8) -> OwnedPage<'a, M> {
+        OwnedPage::retain(self.mem, addr.as_u64(), level)
+    }
+
+    /// Make entry `i` of the owned `table` (at `level`) point at an exclusively owned child
+    /// table: unshare it if its count is above 1, allocate it if absent and `alloc`.
+    /// `Ok(None)`: absent and not `alloc`. A huge leaf in the way is `SplitsHugePage`.
+    fn own_child(
+        &mut self,
+        table: PhysFrame,
+        level: u8,
+        i: usize,
+        va: u64,
+        alloc: bool,
+    ) -> Result<Option<PhysFrame>, Error> {
+        let mem = self.mem;
+        let e = raw::read(mem, table, i);
+        if !entry::present(e) {
+            if !alloc {
+                return Ok(None);
+            }
+            let child = alloc_table(mem)?;
+            raw::write(mem, table, i, entry::table(child.start_address().as_u64()));
+            return Ok(Some(child));
+        }
+        if entry::is_leaf(e, level) {
+            return Err(Error::SplitsHugePage { addr: va });
+        }
+        let child = frame_at(entry::addr(e));
+        if mem.ref_count(child) == 1 {
+            return Ok(Some(child));
+        }
+        // Unshare: a private copy whose children gain a reference, then drop ours on the original.
+        let copy = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+        raw::copy(mem, child, copy);
+        retain_children(mem, copy, level - 1);
+        raw::write(mem, table, i, with_addr(e, copy.start_address().as_u64()));
+        release_table(mem, child, level - 1);
+        Ok(Some(copy))
+    }
+
+    /// The exclusively owned table at `level` (1: an L1 for a 4 KiB leaf; 2: an L2 for a 2 MiB
+    /// leaf) on `va`'s path, unsharing every shared table above it top-down and allocating
+    /// missing ones if `alloc`. `Ok(None)`: the path is absent and `alloc` is false.
+    fn owned_table(&mut self, va: u64, level: u8, alloc: bool) -> Result<Option<PhysFrame>, Error> {
+        let base = va & !(span(level + 1) - 1);
+        if let Some((l, b, t)) = self.last
+            && l == level
+            && b == base
+        {
+            return Ok(Some(t));
+        }
+        let mut table = self.root;
+        let mut l = 4u8;
+        while l > level {
+            match self.own_child(table, l, entry::index(va, l), va, alloc)? {
+                Some(child) => table = child,
+                None => return Ok(None),
+            }
+            l -= 1;
+        }
+        self.last = Some((level, base, table));
+        Ok(Some(table))
+    }
+
+    /// Install `page` at `va` as a leaf with the flag bits of `flags` (a leaf entry whose
+    /// address is ignored), unsharing and allocating the path. The entry must be absent
+    /// (`Overlap` otherwise); it was not present, so there is nothing to flush. On error the page
+    /// is released and the translations are unchanged.
+    pub(crate) fn map_page(
+        &mut self,
+        va: u64,
+        page: OwnedPage<'_, M>,
+        flags: u64,
+    ) -> Result<(), Error> {
+        let level = page.level;
+        debug_assert!(entry::present(flags) && entry::huge(flags) == (level == 2));
+        let t = self
+            .owned_table(va, level, true)?
+            .ok_or(Error::OutOfFrames)?;
+        let i = entry::index(va, level);
+        if entry::present(raw::read(self.mem, t, i)) {
+            return Err(Error::Overlap { addr: va });
+        }
+        raw::write(self.mem, t, i, with_addr(flags, page.into_entry()));
+        Ok(())
+    }
+
+    /// Map a fresh zeroed page of `level` (1: 4 KiB, 2: 2 MiB) at `va`, with the flag bits of
+    /// `flags`, as [`map_page`](Self::map_page) does. The path is made first and the page
+    /// allocated last, so frames are taken in the order the tables are walked.
+    pub(crate) fn map_zeroed(&mut self, va: u64, level: u8, flags: u64) -> Result<(), Error> {
+        self.owned_table(va, level, true)?;
+        let page = OwnedPage::zeroed(self.mem, level)?;
+        self.map_page(va, page, flags)
+    }
+
+    /// The entry of the present leaf at `va` (level `level`) in its owned table.
+    fn owned_leaf(&mut self, va: u64, level: u8) -> Result<(PhysFrame, usize, u64), Error> {
+        let t = self
+            .owned_table(va, level, false)?
+            .ok_or(Error::NotMapped { addr: va })?;
+        let i = entry::index(va, level);
+        let e = raw::read(self.mem, t, i);
+        if !entry::present(e) || !entry::is_leaf(e, level) {
+            return Err(Error::NotMapped { addr: va });
+        }
+        Ok((t, i, e))
+    }
+
+    /// Make the copy-on-write leaf at `va` (level `level`) writable for this tree: unshare its
+    /// path, then take its frame over if no one else references it, or else point the entry at a
+    /// private copy and drop the reference to the original. On error nothing visible changed.
+    pub(crate) fn break_cow(&mut self, va: u64, level: u8) -> Result<Flush, Error> {
+        let (t, i, e) = self.owned_leaf(va, level)?;
+        let writable = entry::with_write(e, true, false);
+        if self.mem.ref_count(frame_at(entry::addr(e))) == 1 {
+            // No one else sees this frame: take it over.
+            raw::write(self.mem, t, i, writable);
+        } else {
+            let copy = OwnedPage::copy_of(self.mem, entry::addr(e), level)?;
+            raw::write(self.mem, t, i, with_addr(writable, copy.into_entry()));
+            release_leaf(self.mem, e, level);
+        }
+        Ok(Flush::Page(VirtAddr::new(va)))
+    }
+
+    /// Phase 1 of a leaf rewrite: unshare the path to the leaf at `va` so that
+    /// [`rewrite_leaf`](Self::rewrite_leaf) cannot fail. Changes no translation.
+    pub(crate) fn unshare_path(&mut self, va: u64, level: u8) -> Result<(), Error> {
+        self.owned_leaf(va, level).map(|_| ())
+    }
+
+    /// Replace the flag bits of the present leaf at `va` with those of `flags`; the frame (and
+    /// so every count) stays as it is.
+    pub(crate) fn rewrite_leaf(&mut self, va: u64, level: u8, flags: u64) -> Result<Flush, Error> {
+        let (t, i, e) = self.owned_leaf(va, level)?;
+        debug_assert!(entry::present(flags) && entry::huge(flags) == entry::huge(e));
+        raw::write(self.mem, t, i, with_addr(flags, entry::addr(e)));
+        Ok(Flush::Page(VirtAddr::new(va)))
+    }
+
+    /// Attach `sub` (a table of a template) at root entry `l4` if `slot` is `None` (an L3:
+    /// 512 GiB), or at entry `slot` of this tree's own L3 under root entry `l4` (an L2: 1 GiB),
+    /// taking a reference to it. `copy`: attach a deep copy instead (`Mode::Copy`). The target
+    /// entry must be absent (`SlotConflict` otherwise). Absent before: nothing to flush.
+    pub(crate) fn attach(
+        &mut self,
+        l4: usize,
+        slot: Option<usize>,
+        sub: Subtree<'_>,
+        copy: bool,
+    ) -> Result<(), Error> {
+        let mem = self.mem;
+        let slot_addr = ((l4 as u64) << 39) | ((slot.unwrap_or(0) as u64) << 30);
+        if l4 >= LOWER_L4 || sub.level != if slot.is_none() { 3 } else { 2 } {
+            return Err(Error::NotLowerHalf { addr: slot_addr });
+        }
+        let (table, i) = match slot {
+            None => (self.root, l4),
+            Some(j) => {
+                let l3 = self
+                    .own_child(self.root, 4, l4, 0, true)?
+                    .ok_or(Error::OutOfFrames)?;
+                (l3, j)
+            }
+        };
+        if entry::present(raw::read(mem, table, i)) {
+            return Err(Error::SlotConflict { slot: slot_addr });
+        }
+        let child = frame_at(entry::addr(sub.entry));
+        let e = if copy {
+            let c = deep_copy(mem, child, sub.level)?;
+            with_addr(sub.entry, c.start_address().as_u64())
+        } else {
+            mem.inc_ref(child);
+            sub.entry
+        };
+        raw::write(mem, table, i, e);
+        Ok(())
+    }
 
     /// Phase 1 of removing `start..end` (4 KiB aligned): unshare every table that the range
     /// covers only partially and that has present entries in it, so that phase 2 can write.
@@ -413,8 +682,11 @@ impl<'a, M: PhysMem> Cursor<'a, M> {
 
     /// Phase 2: clear every entry in `start..end`, releasing whole subtrees where the range
     /// covers them. Needs a successful `prepare_clear` on the same range; allocates nothing.
-    pub(crate) fn clear(&mut self, start: u64, end: u64) {
+    pub(crate) fn clear(&mut self, start: u64, end: u64) -> Flush {
+        // A cached leaf table may be freed below.
+        self.last = None;
         self.clear_rec(self.root, 4, start, end);
+        Flush::range(start, end)
     }
 
     fn clear_rec(&mut self, table: PhysFrame, level: u8, start: u64, end: u64) {
@@ -437,5 +709,157 @@ impl<'a, M: PhysMem> Cursor<'a, M> {
             }
             va = next;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The owned-entry API on its own, over simulated memory: every reference it takes is given
+    //! back, and the cursor never writes through a table it has freed.
+
+    use super::*;
+    use crate::sim::SimMem;
+
+    const GIB: u64 = 1 << 30;
+
+    fn rw() -> u64 {
+        entry::leaf(0, 1, true, false, false)
+    }
+
+    fn count(mem: &SimMem, addr: u64) -> u32 {
+        mem.ref_count(frame_at(addr))
+    }
+
+    #[test]
+    fn a_page_is_released_unless_installed_and_an_occupied_entry_is_refused() {
+        let mem = SimMem::new(64);
+        let mut tree = Tree::new(&mem).unwrap();
+        let root_only = mem.frames_in_use();
+        let mut c = tree.cursor();
+        drop(OwnedPage::zeroed(&mem, 1).unwrap());
+        assert_eq!(mem.frames_in_use(), root_only, "a dropped page is freed");
+        let page = OwnedPage::zeroed(&mem, 1).unwrap();
+        let addr = page.addr;
+        c.map_page(GIB, page, rw()).unwrap();
+        // Root + L3 + L2 + L1 + the page.
+        assert_eq!(mem.frames_in_use(), root_only + 4);
+        let other = OwnedPage::zeroed(&mem, 1).unwrap();
+        assert_eq!(
+            c.map_page(GIB, other, rw()),
+            Err(Error::Overlap { addr: GIB })
+        );
+        assert_eq!(
+            mem.frames_in_use(),
+            root_only + 4,
+            "the refused page is freed"
+        );
+        let leaf = c.reader().leaf(GIB + 8).unwrap();
+        assert_eq!(entry::addr(leaf.entry), addr);
+        assert_eq!(count(&mem, addr), 1);
+        drop(tree);
+        assert_eq!(mem.frames_in_use(), 0);
+    }
+
+    #[test]
+    fn clear_forgets_the_cached_table_it_frees() {
+        let mem = SimMem::new(64);
+        let mut tree = Tree::new(&mem).unwrap();
+        let mut c = tree.cursor();
+        let p = OwnedPage::zeroed(&mem, 1).unwrap();
+        c.map_page(GIB, p, rw()).unwrap();
+        // Covers root entry 0 whole: its L3, L2 and L1 (the cached table) are freed.
+        c.prepare_clear(0, 512 * GIB).unwrap();
+        assert_eq!(c.clear(0, 512 * GIB), Flush::range(0, 512 * GIB));
+        assert_eq!(mem.frames_in_use(), 1, "only the root is left");
+        // The same L1 range again: a stale cached table would take the write (and the freed
+        // frame may already be reused as this very page).
+        let p = OwnedPage::zeroed(&mem, 1).unwrap();
+        let addr = p.addr;
+        c.map_page(GIB + 4096, p, rw()).unwrap();
+        let leaf = c
+            .reader()
+            .leaf(GIB + 4096)
+            .expect("mapped through fresh tables");
+        assert_eq!(entry::addr(leaf.entry), addr);
+        assert_eq!(mem.frames_in_use(), 5);
+        drop(tree);
+        assert_eq!(mem.frames_in_use(), 0);
+    }
+
+    #[test]
+    fn attach_takes_one_reference_and_refuses_an_occupied_entry() {
+        let mem = SimMem::new(64);
+        let mut template = Tree::new(&mem).unwrap();
+        {
+            let mut c = template.cursor();
+            for va in [GIB, 2 * GIB] {
+                let p = OwnedPage::zeroed(&mem, 1).unwrap();
+                c.map_page(va, p, rw()).unwrap();
+            }
+        }
+        let l3 = entry::addr(raw::read(&mem, template.root(), 0));
+        let sealed = &template;
+        let whole = sealed.reader().subtree(0, None).unwrap();
+        let mut space = Tree::new(&mem).unwrap();
+        let mut c = space.cursor();
+        c.attach(0, None, whole, false).unwrap();
+        assert_eq!(count(&mem, l3), 2);
+        assert_eq!(
+            c.attach(0, None, whole, false),
+            Err(Error::SlotConflict { slot: 0 })
+        );
+        assert_eq!(count(&mem, l3), 2, "a refused attach takes nothing");
+        drop(space);
+        assert_eq!(count(&mem, l3), 1);
+
+        // Per 1 GiB slot, and as a deep copy: the copy's tables are its own, the pages +1.
+        let mut space = Tree::new(&mem).unwrap();
+        let mut c = space.cursor();
+        let slot1 = sealed.reader().subtree(0, Some(1)).unwrap();
+        let l2 = entry::addr(slot1.entry);
+        let page = entry::addr(sealed.reader().leaf(GIB).unwrap().entry);
+        c.attach(0, Some(1), slot1, true).unwrap();
+        assert_eq!((count(&mem, l2), count(&mem, page)), (1, 2));
+        assert!(sealed.reader().subtree(0, Some(3)).is_none());
+        drop(space);
+        assert_eq!(count(&mem, page), 1);
+        drop(template);
+        assert_eq!(mem.frames_in_use(), 0);
+    }
+
+    #[test]
+    fn break_cow_copies_a_shared_page_and_takes_over_a_private_one() {
+        let mem = SimMem::new(64);
+        let mut a = Tree::new(&mem).unwrap();
+        let cow = entry::leaf(0, 1, false, false, true);
+        {
+            let mut c = a.cursor();
+            for va in [GIB, GIB + 4096] {
+                let p = OwnedPage::zeroed(&mem, 1).unwrap();
+                c.map_page(va, p, cow).unwrap();
+            }
+        }
+        // A second tree shares the first page only.
+        let mut b = Tree::new(&mem).unwrap();
+        let shared = a.reader().leaf(GIB).unwrap();
+        let alone = entry::addr(a.reader().leaf(GIB + 4096).unwrap().entry);
+        b.cursor()
+            .map_page(GIB, a.reader().share(&shared), cow)
+            .unwrap();
+        let mut c = a.cursor();
+        assert_eq!(c.break_cow(GIB, 1), Ok(Flush::Page(VirtAddr::new(GIB))));
+        let mine = c.reader().leaf(GIB).unwrap();
+        assert_ne!(entry::addr(mine.entry), entry::addr(shared.entry), "copied");
+        assert!(entry::writable(mine.entry) && !entry::cow(mine.entry));
+        assert_eq!(count(&mem, entry::addr(shared.entry)), 1, "b's alone now");
+        c.break_cow(GIB + 4096, 1).unwrap().ignore();
+        let taken = c.reader().leaf(GIB + 4096).unwrap();
+        assert_eq!(entry::addr(taken.entry), alone, "taken over, not copied");
+        assert_eq!(
+            c.break_cow(GIB + 8192, 1),
+            Err(Error::NotMapped { addr: GIB + 8192 })
+        );
+        drop((a, b));
+        assert_eq!(mem.frames_in_use(), 0);
     }
 }
