@@ -7,7 +7,7 @@ use crate::space::Translation;
 use crate::walk::{Reader, Tree};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use x86_64::PhysAddr;
+use x86_64::{PhysAddr, VirtAddr};
 use x86_64::structures::paging::PhysFrame;
 
 /// How a region's frames are shared between the tasks that map it.
