@@ -7,8 +7,8 @@ use crate::space::Translation;
 use crate::walk::{Reader, Tree};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use x86_64::{PhysAddr, VirtAddr};
 use x86_64::structures::paging::PhysFrame;
+use x86_64::{PhysAddr, VirtAddr};
 
 /// How a region's frames are shared between the tasks that map it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

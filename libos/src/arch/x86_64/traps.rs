@@ -315,9 +315,10 @@ fn exception(frame: &mut TrapFrame) {
 /// (libos and apps are built with `-C force-frame-pointers=yes`).
 pub fn backtrace(mut rbp: u64) {
     let mut out = crate::console::EmergencyWriter;
+    // `cargo xtask run` and the test harness symbolize these lines from the booted ELF.
     let _ = writeln!(
         out,
-        "backtrace (addr2line -f -C -e <app ELF> <address>...):"
+        "backtrace (return addresses; cargo xtask names each function):"
     );
     let (mut last, mut repeats) = (0u64, 0u32);
     for depth in 0..256 {
