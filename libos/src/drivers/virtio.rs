@@ -29,7 +29,15 @@ pub(crate) struct StencilHal;
 
 /// Physical address of kernel virtual address `va`: arithmetic for the direct map and the image,
 /// a page-table walk (through the direct map) for anything else, e.g. the kernel heap or a stack.
+///
+/// Lower-half addresses are refused (`None`): a task's page there may be a copy-on-write frame
+/// that other tasks map too, and a device writing into it would change their memory. `share`
+/// therefore bounces such a buffer (the copy back goes through the MMU, which does the
+/// copy-on-write); libos itself hands the device only kernel-heap buffers.
 fn virt_to_phys(va: u64) -> Option<u64> {
+    if va < DIRECT_MAP {
+        return None;
+    }
     if (DIRECT_MAP..KHEAP).contains(&va) {
         return Some(va - DIRECT_MAP);
     }

@@ -108,7 +108,8 @@ unsafe impl Source for FrameSource {
         talc.source.mapped_end = end;
         // Only this code allocates frames meanwhile: the heap lock keeps interrupts off, on the
         // one CPU. So the difference is exactly the pages plus the tables created for them.
-        HEAP_FRAMES.fetch_add(free_before - frames().free_frames(), Ordering::Relaxed);
+        let grown = free_before - frames().free_frames();
+        HEAP_FRAMES.fetch_add(grown, Ordering::Relaxed);
         FAILED_REQUEST.store(usize::MAX, Ordering::Relaxed);
         match NonNull::new(talc.source.heap_end as *mut u8) {
             None => {
@@ -116,6 +117,14 @@ unsafe impl Source for FrameSource {
                 // and stays mapped for the rest of the run.
                 let heap_end = unsafe { talc.claim(start as *mut u8, end - start) };
                 let Some(heap_end) = heap_end else {
+                    // talc refused the region (too small for its metadata; not with GROW_MIN):
+                    // give the pages and their tables back, as if the growth never happened.
+                    for j in 0..pages {
+                        unmap_kernel_page((start + j * PAGE_SIZE as usize) as u64);
+                    }
+                    reclaim_heap_tables();
+                    talc.source.mapped_end = start;
+                    HEAP_FRAMES.fetch_sub(grown, Ordering::Relaxed);
                     return Self::fail(layout);
                 };
                 talc.source.heap_end = heap_end.as_ptr() as usize;

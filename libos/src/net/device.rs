@@ -4,8 +4,9 @@
 //! Receive: `QUEUE` buffers of [`BUF_LEN`] bytes are posted at start; a completed one is copied
 //! out into the [`RxToken`] and posted again at once. Transmit: each frame gets its own heap
 //! buffer (virtio header + frame), submitted without waiting; completed ones are reclaimed on the
-//! next poll. All buffers live in the kernel heap; the HAL gives the device their physical
-//! address (a page-table walk), bouncing one that is not physically contiguous.
+//! next poll. All buffers are [`DmaBuf`]s in the kernel heap: 2 KiB, 2 KiB-aligned, so none
+//! crosses a page and the HAL hands the device its physical address (a page-table walk) without
+//! ever bouncing it — the kernel heap is not physically contiguous across pages.
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -28,12 +29,22 @@ const MTU: usize = 1514;
 
 type Raw = VirtIONetRaw<StencilHal, SomeTransport<'static>, QUEUE>;
 
+/// One device buffer: aligned to its size, so it lies inside one 4 KiB page (one frame).
+#[repr(C, align(2048))]
+struct DmaBuf([u8; BUF_LEN]);
+
+impl DmaBuf {
+    fn new() -> Box<DmaBuf> {
+        Box::new(DmaBuf([0; BUF_LEN]))
+    }
+}
+
 pub(crate) struct Nic {
     raw: Raw,
     /// Posted receive buffers, by virtqueue token.
-    rx: Vec<Option<Box<[u8]>>>,
-    /// Frames handed to the device and not yet reclaimed, by token.
-    tx: Vec<Option<Vec<u8>>>,
+    rx: Vec<Option<Box<DmaBuf>>>,
+    /// Frames handed to the device and not yet reclaimed, by token: the buffer and the bytes used.
+    tx: Vec<Option<(Box<DmaBuf>, usize)>>,
     tx_in_flight: usize,
     pub(crate) rx_frames: u64,
     pub(crate) tx_frames: u64,
@@ -57,8 +68,7 @@ impl Nic {
             tx_frames: 0,
         };
         for _ in 0..QUEUE {
-            let buf = vec![0u8; BUF_LEN].into_boxed_slice();
-            nic.post_rx(buf)
+            nic.post_rx(DmaBuf::new())
                 .map_err(|e| format!("posting receive buffers: {e}"))?;
         }
         Ok(nic)
@@ -68,11 +78,11 @@ impl Nic {
         self.raw.mac_address()
     }
 
-    fn post_rx(&mut self, mut buf: Box<[u8]>) -> virtio_drivers::Result<()> {
+    fn post_rx(&mut self, mut buf: Box<DmaBuf>) -> virtio_drivers::Result<()> {
         // SAFETY: the buffer is kept in `self.rx` at its token and not touched until the device
         // returns it (`receive_complete` in `receive`); it lives in the heap, so moving the Box
         // does not move the bytes.
-        let token = unsafe { self.raw.receive_begin(&mut buf)? };
+        let token = unsafe { self.raw.receive_begin(&mut buf.0)? };
         self.rx[usize::from(token)] = Some(buf);
         Ok(())
     }
@@ -80,25 +90,27 @@ impl Nic {
     /// Takes back transmit buffers the device has finished with.
     pub(crate) fn reclaim_tx(&mut self) {
         while let Some(token) = self.raw.poll_transmit() {
-            let Some(buf) = self.tx[usize::from(token)].take() else {
+            let Some((buf, used)) = self.tx[usize::from(token)].take() else {
                 log::error!("net: the device completed unknown transmit token {token}");
                 return;
             };
-            // SAFETY: `buf` is the buffer submitted with `token` (kept untouched in `self.tx`).
-            if let Err(e) = unsafe { self.raw.transmit_complete(token, &buf) } {
+            // SAFETY: `buf[..used]` is the slice submitted with `token` (kept untouched in
+            // `self.tx`).
+            if let Err(e) = unsafe { self.raw.transmit_complete(token, &buf.0[..used]) } {
                 log::warn!("net: transmit failed: {e}");
             }
             self.tx_in_flight -= 1;
         }
     }
 
-    fn send(&mut self, frame: Vec<u8>) {
+    fn send(&mut self, frame: Box<DmaBuf>, used: usize) {
         self.reclaim_tx();
         // SAFETY: `frame` is kept in `self.tx` at its token, untouched, until `reclaim_tx` gets
-        // it back from the device; its bytes live in the heap.
-        match unsafe { self.raw.transmit_begin(&frame) } {
+        // it back from the device; its bytes live in the heap, so moving the Box does not move
+        // them.
+        match unsafe { self.raw.transmit_begin(&frame.0[..used]) } {
             Ok(token) => {
-                self.tx[usize::from(token)] = Some(frame);
+                self.tx[usize::from(token)] = Some((frame, used));
                 self.tx_in_flight += 1;
                 self.tx_frames += 1;
             }
@@ -121,15 +133,19 @@ impl phy::RxToken for RxToken {
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut frame = vec![0u8; len + 12];
-        let hdr = self
-            .0
-            .raw
-            .fill_buffer_header(&mut frame)
-            .expect("the buffer has room for the header");
-        frame.truncate(hdr + len);
-        let r = f(&mut frame[hdr..]);
-        self.0.send(frame);
+        let mut frame = DmaBuf::new();
+        let Ok(hdr) = self.0.raw.fill_buffer_header(&mut frame.0) else {
+            // Unreachable with a 2 KiB buffer; never panic in the network path.
+            log::error!("net: no room for the virtio-net header; frame dropped");
+            return f(&mut vec![0u8; len]);
+        };
+        let Some(used) = hdr.checked_add(len).filter(|&u| u <= BUF_LEN) else {
+            // smoltcp sends at most the MTU (1514 bytes), which always fits.
+            log::error!("net: a {len}-byte frame does not fit a {BUF_LEN}-byte buffer; dropped");
+            return f(&mut vec![0u8; len]);
+        };
+        let r = f(&mut frame.0[hdr..used]);
+        self.0.send(frame, used);
         r
     }
 }
@@ -142,9 +158,9 @@ impl phy::Device for Nic {
         let token = self.raw.poll_receive()?;
         let mut buf = self.rx[usize::from(token)].take()?;
         // SAFETY: `buf` is the buffer posted with `token`.
-        let done = unsafe { self.raw.receive_complete(token, &mut buf) };
+        let done = unsafe { self.raw.receive_complete(token, &mut buf.0) };
         let frame = match done {
-            Ok((hdr, len)) => Some(buf[hdr..hdr + len].to_vec()),
+            Ok((hdr, len)) => buf.0.get(hdr..hdr.saturating_add(len)).map(<[u8]>::to_vec),
             Err(e) => {
                 log::warn!("net: bad receive completion: {e}");
                 None

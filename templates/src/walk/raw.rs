@@ -49,7 +49,11 @@ pub(crate) fn set_hardware_bits<M: PhysMem>(mem: &M, table: PhysFrame, index: us
 /// Write `values` into entries `start..start + values.len()` of `table` (one copy). The caller
 /// holds a reference to `table` and owns it exclusively, as for [`write`].
 pub(super) fn write_entries<M: PhysMem>(mem: &M, table: PhysFrame, start: usize, values: &[u64]) {
-    assert!(start + values.len() <= ENTRIES);
+    assert!(
+        start
+            .checked_add(values.len())
+            .is_some_and(|e| e <= ENTRIES)
+    );
     let p = mem.frame_ptr(table).cast::<u64>().wrapping_add(start);
     // SAFETY: the range `start..start + len` lies inside the referenced, 8-aligned 4096-byte frame
     // (asserted above); `values` is a distinct Rust allocation, so the ranges do not overlap.
@@ -58,7 +62,7 @@ pub(super) fn write_entries<M: PhysMem>(mem: &M, table: PhysFrame, start: usize,
 
 /// Zero entries `start..start + count` of `table` (one fill), with the same rules as [`write`].
 pub(super) fn zero_entries<M: PhysMem>(mem: &M, table: PhysFrame, start: usize, count: usize) {
-    assert!(start + count <= ENTRIES);
+    assert!(start.checked_add(count).is_some_and(|e| e <= ENTRIES));
     let p = mem.frame_ptr(table).cast::<u64>().wrapping_add(start);
     // SAFETY: `start + count <= 512` (asserted above) keeps the fill inside the referenced,
     // 8-aligned 4096-byte frame.
@@ -83,7 +87,7 @@ pub(super) fn copy<M: PhysMem>(mem: &M, src: PhysFrame, dst: PhysFrame) {
 
 /// Read `buf.len()` bytes at `offset` in `frame` (`offset + len <= 4096`).
 pub(crate) fn read_bytes<M: PhysMem>(mem: &M, frame: PhysFrame, offset: usize, buf: &mut [u8]) {
-    assert!(offset + buf.len() <= FRAME);
+    assert!(offset.checked_add(buf.len()).is_some_and(|e| e <= FRAME));
     let p = mem.frame_ptr(frame).wrapping_add(offset);
     // SAFETY: `offset + len <= 4096` (asserted above) keeps the read inside the referenced frame;
     // `buf` is a distinct Rust allocation, so the ranges do not overlap.
@@ -93,7 +97,7 @@ pub(crate) fn read_bytes<M: PhysMem>(mem: &M, frame: PhysFrame, offset: usize, b
 /// Write `data` at `offset` in the data frame `frame` (`offset + len <= 4096`): what a task's
 /// store does (the simulation only; the engine never writes data this way).
 pub(crate) fn write_bytes<M: PhysMem>(mem: &M, frame: PhysFrame, offset: usize, data: &[u8]) {
-    assert!(offset + data.len() <= FRAME);
+    assert!(offset.checked_add(data.len()).is_some_and(|e| e <= FRAME));
     let p = mem.frame_ptr(frame).wrapping_add(offset);
     // SAFETY: `offset + len <= 4096` (asserted above) keeps the write inside the referenced
     // frame; `data` is a distinct Rust allocation, so the ranges do not overlap.
