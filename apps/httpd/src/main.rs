@@ -266,12 +266,12 @@ fn read_request(
 
 /// A worker: serves one connection, in a task spawned from the snapshot.
 fn serve(
-    mut s: TcpStream,
+    s: &mut TcpStream,
     content: &Content,
     limits: Limits,
     accepted: Instant,
 ) -> Result<(), NetError> {
-    let req = match read_request(&mut s, limits, accepted)? {
+    let req = match read_request(s, limits, accepted)? {
         Ok(req) => req,
         Err(e) => {
             let Some((code, reason)) = e.status() else {
@@ -279,16 +279,16 @@ fn serve(
             };
             REFUSED.fetch_add(1, Ordering::Relaxed);
             println!("httpd: refused a request: {e} ({code})");
-            return respond_text(&mut s, &format!("{code} {reason}"), &format!("{e}\n"));
+            return respond_text(s, &format!("{code} {reason}"), &format!("{e}\n"));
         }
     };
     REQUESTS.fetch_add(1, Ordering::Relaxed);
     if let Method::Other(_) = req.method {
-        return respond_text(&mut s, "405 Method Not Allowed", "only GET and HEAD\n");
+        return respond_text(s, "405 Method Not Allowed", "only GET and HEAD\n");
     }
     let query = req.query.as_deref().unwrap_or("");
     match req.path.as_str() {
-        "/stats" => respond_text(&mut s, "200 OK", &stats_page()),
+        "/stats" => respond_text(s, "200 OK", &stats_page()),
         "/udp-echo" => {
             // /udp-echo?port=P: a UDP round trip with a host program on 127.0.0.1:P (QEMU's user
             // networking maps 10.0.2.2 to the host's loopback).
@@ -297,17 +297,17 @@ fn serve(
                 Some(p) => udp_echo(p),
                 None => String::from("usage: /udp-echo?port=P\n"),
             };
-            respond_text(&mut s, "200 OK", &body)
+            respond_text(s, "200 OK", &body)
         }
         "/quit" => {
             QUIT.store(true, Ordering::Relaxed);
-            respond_text(&mut s, "200 OK", "bye\n")
+            respond_text(s, "200 OK", "bye\n")
         }
         _ => {
             let Some(e) = content.find(&req.path) else {
-                return respond_text(&mut s, "404 Not Found", "not found\n");
+                return respond_text(s, "404 Not Found", "not found\n");
             };
-            respond(&mut s, "200 OK", e.mime, e.len)?;
+            respond(s, "200 OK", e.mime, e.len)?;
             if req.method == Method::Head {
                 return Ok(());
             }
@@ -354,8 +354,12 @@ fn spawn_worker(template: &Template, content: &Arc<Content>, stream: TcpStream, 
     ACTIVE.fetch_add(1, Ordering::Relaxed);
     let r = libos::task::spawn(&[template], move || {
         let started = t0.elapsed().as_nanos() as u64;
-        let r = serve(stream, &content, limits, t0);
+        let mut stream = stream;
+        let r = serve(&mut stream, &content, limits, t0);
+        // Counted down before the stream closes: a client that sees the close and asks /stats
+        // must not find this connection still active.
         ACTIVE.fetch_sub(1, Ordering::Relaxed);
+        drop(stream);
         if let Err(e) = r {
             println!("httpd: connection: {e}");
         }
