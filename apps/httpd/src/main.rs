@@ -337,12 +337,21 @@ fn udp_echo(port: u16) -> String {
     if let Err(e) = sock.send_to(b"ping", gw, port) {
         return format!("udp: send: {e}\n");
     }
+    // A buffer too small for the answer is refused with the datagram's length, which stays
+    // queued (never truncated) for the full-size read below.
+    let mut small = [0u8; 2];
+    let refused = match sock.recv_from_timeout(&mut small, Some(Duration::from_secs(5))) {
+        Err(net::NetError::MessageTooLarge { len }) => len,
+        Ok((n, ..)) => return format!("udp: a {n}-byte datagram fit a 2-byte buffer?\n"),
+        Err(e) => return format!("udp: receive: {e}\n"),
+    };
     let mut buf = [0u8; 64];
     match sock.recv_from_timeout(&mut buf, Some(Duration::from_secs(5))) {
-        Ok((n, from, from_port)) => format!(
-            "udp: got '{}' from {from}:{from_port}\n",
+        Ok((n, from, from_port)) if n == refused => format!(
+            "udp: got '{}' from {from}:{from_port} (a 2-byte buffer was refused first)\n",
             String::from_utf8_lossy(&buf[..n])
         ),
+        Ok((n, ..)) => format!("udp: got {n} bytes after {refused} were announced\n"),
         Err(e) => format!("udp: receive: {e}\n"),
     }
 }

@@ -73,7 +73,8 @@ impl UdpSocket {
 
     /// Receives one datagram into `buf`, waiting for it. Returns its length and sender. A
     /// datagram longer than `buf` is never truncated: the call answers
-    /// [`NetError::MessageTooLarge`] with its length and leaves it queued for a larger buffer.
+    /// [`NetError::MessageTooLarge`] with its length and leaves it queued for a larger buffer
+    /// (or for [`discard`](Self::discard)).
     pub fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, Ipv4Addr, u16), NetError> {
         self.recv_from_timeout(buf, None)
     }
@@ -102,6 +103,21 @@ impl UdpSocket {
             let _ = s.recv();
             let IpAddress::Ipv4(a) = from.addr;
             Some(Ok((n, a, from.port)))
+        })
+    }
+
+    /// Drops the next queued datagram without reading it, e.g. one that
+    /// [`recv_from`](Self::recv_from) answered with [`NetError::MessageTooLarge`] and the app
+    /// does not want to read with a larger buffer (otherwise one oversized datagram would stay at
+    /// the head of the queue). Returns its length and sender, or `None` if nothing is queued;
+    /// never waits.
+    pub fn discard(&self) -> Result<Option<(usize, Ipv4Addr, u16)>, NetError> {
+        with_net(|net| {
+            let s = net.sockets.get_mut::<udp::Socket>(self.handle);
+            s.recv().ok().map(|(payload, meta)| {
+                let IpAddress::Ipv4(a) = meta.endpoint.addr;
+                (payload.len(), a, meta.endpoint.port)
+            })
         })
     }
 }
