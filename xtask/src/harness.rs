@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::Interrupted;
 use crate::apps::{self, App, TestCase};
 use crate::cargo_build::{self, BuildRequest, Selection};
 use crate::cmdline::kernel_cmdline;
-use crate::proc::{self, ChildGuard, Echo, Ending, Stop};
+use crate::proc::{self, ChildGuard, Echo, Ending, Interrupted, Stop};
 use crate::qemu::{self, AccelChoice, Firmware, Vm};
 
 /// Lines of serial output shown for a failed case.
