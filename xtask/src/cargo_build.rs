@@ -261,7 +261,7 @@ fn build_inner(
     match ending {
         Ending::Exited(status) if status.success() => Ok(found),
         Ending::Exited(status) => bail!("cargo build failed ({status})"),
-        Ending::Interrupted(sig) => Err(crate::Interrupted(sig).into()),
+        Ending::Interrupted(sig) => Err(crate::proc::Interrupted(sig).into()),
         Ending::TimedOut => unreachable!("no deadline"),
     }
 }

@@ -4,16 +4,17 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::Interrupted;
 use crate::apps::{self, App, TestCase};
 use crate::cargo_build::{self, BuildRequest, Selection};
-use crate::cmdline::kernel_cmdline;
-use crate::proc::{self, ChildGuard, Echo, Ending, Stop};
-use crate::qemu::{self, AccelChoice, Firmware, Vm};
+use crate::cmdline::{check_len, kernel_cmdline};
+use crate::proc::{self, ChildGuard, Echo, Ending, Interrupted, Stop};
+use crate::qemu::{self, Accel, AccelChoice, Firmware, Vm};
 
 /// Lines of serial output shown for a failed case.
 const TAIL_LINES: usize = 40;
@@ -269,102 +270,196 @@ fn qemu_cases(
         "xtask: running {} QEMU case(s) with {accel}",
         cases.len()
     ));
-    for (app, case) in cases {
+    let env = CaseEnv {
+        qemu: &qemu_path,
+        accel,
+        firmware: opts.firmware,
+        show_output: opts.show_output,
+        root: place.root,
+    };
+    let runs: Vec<(&App, &TestCase, Result<PathBuf, String>)> = cases
+        .iter()
+        .map(
+            |&(app, case)| match elfs.get(&(case.release, app.name.clone())) {
+                Some(elf) => (app, case, elf.clone()),
+                None => unreachable!("every case's app was built or failed"),
+            },
+        )
+        .collect();
+    run_cases(&env, &runs, totals, &mut std::io::stdout())
+}
+
+/// What every QEMU case of a run shares.
+struct CaseEnv<'a> {
+    qemu: &'a Path,
+    accel: Accel,
+    firmware: Firmware,
+    show_output: bool,
+    /// The Stencil checkout (for symbolized reports).
+    root: &'a Path,
+}
+
+/// Boots the cases one after another (each with its ELF, or why it has none) and counts them;
+/// writes `test NAME (...) ... ok` or `FAILED` with the reasons for each to `out`.
+fn run_cases(
+    env: &CaseEnv<'_>,
+    runs: &[(&App, &TestCase, Result<PathBuf, String>)],
+    totals: &mut Totals,
+    out: &mut impl Write,
+) -> Result<()> {
+    for (app, case, elf) in runs {
         let label = format!("test {} ({}, {}) ...", case.name, app.name, case.machine);
-        let elf = match elfs.get(&(case.release, app.name.clone())) {
-            Some(Ok(elf)) => elf.clone(),
-            Some(Err(why)) => {
-                say(&format!("{label} FAILED (not run)\n    {why}"));
+        let elf = match elf {
+            Ok(elf) => elf.clone(),
+            Err(why) => {
+                let _ = writeln!(out, "{label} FAILED (not run)\n    {why}");
                 totals.failed += 1;
                 continue;
             }
-            None => unreachable!("every case's app was built or failed"),
         };
-        if opts.show_output {
-            say(&label);
+        // With live output the label gets a line of its own above the guest's.
+        let _ = if env.show_output {
+            writeln!(out, "{label}")
         } else {
-            print!("{label} ");
-            let _ = std::io::stdout().flush();
-        }
-        let mut vm = Vm::new(elf, case.machine, accel);
-        vm.qemu = qemu_path.clone();
-        vm.mem = case.mem.qemu_arg();
-        vm.smp = case.smp;
-        vm.cmdline = kernel_cmdline(&case.cmdline, &case.args)?;
-        vm.set_firmware(opts.firmware)?;
-        // A case with an HTTP script: forward a free host port and run the script from a
-        // thread while the guest runs (it ends by telling the guest to exit).
-        let vm_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let script = match &case.http {
-            Some(check) => {
-                let port = crate::http::free_port()?;
-                vm.ports = vec![qemu::PortForward {
-                    host: port,
-                    guest: check.guest_port,
-                }];
-                let check = check.clone();
-                let ready = Duration::from_secs(case.timeout);
-                let stop = vm_done.clone();
-                Some(std::thread::spawn(move || {
-                    crate::http::run_check(&check, port, ready, &stop)
-                }))
-            }
-            None => None,
+            write!(out, "{label} ")
         };
-        let res = qemu::run(
-            &vm,
-            Some(Duration::from_secs(case.timeout)),
-            opts.show_output,
-        )?;
-        vm_done.store(true, std::sync::atomic::Ordering::Relaxed);
-        let http_fails = script
-            .map(|t| {
-                t.join()
-                    .unwrap_or_else(|_| vec!["http script panicked".to_owned()])
-            })
-            .unwrap_or_default();
-        if let Some(sig) = res.interrupted {
-            say("interrupted");
-            return Err(Interrupted(sig).into());
-        }
-        let serial = String::from_utf8_lossy(&res.serial);
-        let mut reasons = judge(case, res.code, &serial);
-        reasons.extend(http_fails);
-        let secs = res.elapsed.as_secs_f64();
-        if reasons.is_empty() {
-            say(&format!("ok ({secs:.2} s)"));
+        let _ = out.flush();
+        let outcome = run_case(env, case, elf)?;
+        if outcome.passed {
             totals.passed += 1;
-            continue;
+        } else {
+            totals.failed += 1;
         }
-        totals.failed += 1;
-        let mut report = format!("FAILED ({secs:.2} s)\n");
-        for r in &reasons {
-            report.push_str(&format!("    {r}\n"));
-        }
-        let stderr = String::from_utf8_lossy(&res.stderr);
-        if !stderr.trim().is_empty() {
-            report.push_str("    --- QEMU stderr ---\n");
-            for l in tail(&stderr, 10) {
-                report.push_str(&format!("    {l}\n"));
-            }
-        }
-        if !opts.show_output {
-            report.push_str(&format!(
-                "    --- last {TAIL_LINES} lines of serial output ---\n"
-            ));
-            for l in tail(&serial, TAIL_LINES) {
-                report.push_str(&format!("    | {l}\n"));
-            }
-        }
-        if let Some(sym) = crate::symbolize::report_for_elf(&serial, &vm.kernel, place.root) {
-            for l in sym.lines() {
-                report.push_str(&format!("    {l}\n"));
-            }
-        }
-        report.push_str(&format!("    command: {}", vm.shell_line()));
-        say(&report);
+        let _ = writeln!(out, "{}", outcome.report);
+        let _ = out.flush();
     }
     Ok(())
+}
+
+/// How one case ended: the rest of its `test ...` line (`ok (1.23 s)`, or `FAILED` and the report).
+#[derive(Debug)]
+struct Outcome {
+    passed: bool,
+    report: String,
+}
+
+/// The VM of one case, checked as far as it can be before booting (its kernel command line fits
+/// the loader, its firmware exists).
+fn case_vm(env: &CaseEnv<'_>, case: &TestCase, elf: PathBuf) -> Result<Vm> {
+    let mut vm = Vm::new(elf, case.machine, env.accel);
+    vm.qemu = env.qemu.to_path_buf();
+    vm.mem = case.mem.qemu_arg();
+    vm.smp = case.smp;
+    vm.cmdline = kernel_cmdline(&case.cmdline, &case.args)?;
+    vm.set_firmware(env.firmware)?;
+    check_len(&vm.cmdline, vm.machine, vm.bios.is_some())?;
+    Ok(vm)
+}
+
+/// The report of a case that could not be started.
+fn not_run(why: &anyhow::Error, vm: Option<&Vm>) -> Outcome {
+    let mut report = format!("FAILED (not run)\n    {why:#}");
+    if let Some(vm) = vm {
+        report.push_str(&format!("\n    command: {}", vm.shell_line()));
+    }
+    Outcome {
+        passed: false,
+        report,
+    }
+}
+
+/// Boots one case and judges it. A case that cannot be started (its command line too long, its
+/// firmware missing, QEMU failing to start) fails with the reason; only an interruption (Ctrl-C)
+/// is an error. The time reported is the whole case: boot, HTTP script and shutdown.
+fn run_case(env: &CaseEnv<'_>, case: &TestCase, elf: PathBuf) -> Result<Outcome> {
+    let start = Instant::now();
+    let mut vm = match case_vm(env, case, elf) {
+        Ok(vm) => vm,
+        Err(e) => return Ok(not_run(&e, None)),
+    };
+    // A case with an HTTP script: forward a free host port and run the script from a
+    // thread while the guest runs (it ends by telling the guest to exit).
+    let vm_done = Arc::new(AtomicBool::new(false));
+    let script = match &case.http {
+        Some(check) => {
+            let port = match crate::http::free_port() {
+                Ok(p) => p,
+                Err(e) => return Ok(not_run(&e, Some(&vm))),
+            };
+            vm.ports = vec![qemu::PortForward {
+                host: port,
+                guest: check.guest_port,
+            }];
+            let check = check.clone();
+            let ready = Duration::from_secs(case.timeout);
+            let stop = vm_done.clone();
+            Some(std::thread::spawn(move || {
+                crate::http::run_check(&check, port, ready, &stop)
+            }))
+        }
+        None => None,
+    };
+    let res = qemu::run(
+        &vm,
+        Some(Duration::from_secs(case.timeout)),
+        env.show_output,
+    );
+    vm_done.store(true, Ordering::Relaxed);
+    let http_fails = script
+        .map(|t| {
+            t.join()
+                .unwrap_or_else(|_| vec!["http script panicked".to_owned()])
+        })
+        .unwrap_or_default();
+    let secs = start.elapsed().as_secs_f64();
+    let res = match res {
+        Ok(res) => res,
+        Err(e) if e.is::<Interrupted>() => return Err(e),
+        // The script's complaints are about a guest that never ran: the reason is this.
+        Err(e) => return Ok(not_run(&e, Some(&vm))),
+    };
+    if let Some(sig) = res.interrupted {
+        say("interrupted");
+        return Err(Interrupted(sig).into());
+    }
+    let serial = String::from_utf8_lossy(&res.serial);
+    let mut reasons = judge(case, res.code, &serial);
+    reasons.extend(http_fails);
+    if reasons.is_empty() {
+        return Ok(Outcome {
+            passed: true,
+            report: format!("ok ({secs:.2} s)"),
+        });
+    }
+    let mut report = format!("FAILED ({secs:.2} s)\n");
+    for r in &reasons {
+        report.push_str(&format!("    {r}\n"));
+    }
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    if !stderr.trim().is_empty() {
+        report.push_str("    --- QEMU stderr ---\n");
+        for l in tail(&stderr, 10) {
+            report.push_str(&format!("    {l}\n"));
+        }
+    }
+    if !env.show_output {
+        report.push_str(&format!(
+            "    --- last {TAIL_LINES} lines of serial output ---\n"
+        ));
+        for l in tail(&serial, TAIL_LINES) {
+            report.push_str(&format!("    | {l}\n"));
+        }
+    }
+    if let Some(sym) = crate::symbolize::report_for_elf(&serial, &vm.kernel, env.root) {
+        for l in sym.lines() {
+            report.push_str(&format!("    {l}\n"));
+        }
+    }
+    report.push_str(&format!("    command: {}", vm.shell_line()));
+    Ok(Outcome {
+        passed: false,
+        report,
+    })
 }
 
 fn tail(text: &str, n: usize) -> Vec<&str> {
@@ -463,6 +558,68 @@ mod tests {
         let r = judge(&case(0, &[], &[]), qemu::EXIT_TIMEOUT, "");
         assert!(r[1].contains("within 5 s"));
         assert!(judge(&case(3, &[], &[]), 3, "").is_empty());
+    }
+
+    /// A case whose kernel command line is longer than its loader carries cannot start: it fails
+    /// with that reason (without booting anything) and the cases after it still run.
+    #[test]
+    fn a_case_that_cannot_start_fails_alone() {
+        let mut long = case(0, &[], &[]);
+        long.name = "too-long".to_owned();
+        long.args = vec!["x".repeat(200_000)];
+        let mut long_http = long.clone();
+        long_http.name = "too-long-http".to_owned();
+        long_http.timeout = 60;
+        long_http.http = Some(serde_json::from_str("{}").unwrap());
+        let app = App {
+            name: "app".to_owned(),
+            id: "app 0.1.0".to_owned(),
+            cases: vec![],
+        };
+        let elf = || Ok(PathBuf::from("/nonexistent/app"));
+        let runs = [
+            (&app, &long, elf()),
+            (&app, &long_http, elf()),
+            (&app, &long, Err("build failed: no".to_owned())),
+        ];
+        let env = CaseEnv {
+            qemu: Path::new("/nonexistent/qemu-system-x86_64"),
+            accel: Accel::Tcg,
+            firmware: Firmware::Auto,
+            show_output: false,
+            root: Path::new("/nonexistent"),
+        };
+        let mut totals = Totals::default();
+        let mut out = Vec::new();
+        run_cases(&env, &runs, &mut totals, &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        let firsts: Vec<&str> = out.lines().filter(|l| l.starts_with("test ")).collect();
+        assert_eq!(
+            firsts,
+            [
+                "test too-long (app, microvm) ... FAILED (not run)",
+                "test too-long-http (app, microvm) ... FAILED (not run)",
+                "test too-long (app, microvm) ... FAILED (not run)",
+            ],
+            "{out}"
+        );
+        assert!(out.contains("    build failed: no"), "{out}");
+        assert_eq!(
+            totals,
+            Totals {
+                passed: 0,
+                failed: 3
+            }
+        );
+        for c in [&long, &long_http] {
+            let out = run_case(&env, c, PathBuf::from("/nonexistent/app")).unwrap();
+            assert!(!out.passed);
+            assert!(out.report.starts_with("FAILED (not run"), "{}", out.report);
+            let len = kernel_cmdline(&c.cmdline, &c.args).unwrap().len();
+            let why = format!("the kernel command line is {len} bytes");
+            assert!(out.report.contains(&why), "{}", out.report);
+            assert!(out.report.contains("at most 131071"), "{}", out.report);
+        }
     }
 
     #[test]

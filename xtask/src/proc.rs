@@ -7,6 +7,7 @@
 //! group (the terminal's Ctrl-C reaches only xtask, which then kills QEMU itself) and with a
 //! parent-death signal, so even `kill -9` of xtask takes QEMU down.
 
+use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
@@ -25,6 +26,18 @@ const GRACE: Duration = Duration::from_secs(5);
 
 /// At most this much of a child's output is kept in memory (all of it is still echoed).
 const CAPTURE_LIMIT: usize = 64 << 20;
+
+/// Error: xtask got this signal and stopped its child; it exits with 128 + signal.
+#[derive(Debug)]
+pub struct Interrupted(pub i32);
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "interrupted (signal {})", self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// Installs the handlers; a later signal only sets a flag that [`pending_signal`] reads.
 pub fn install_signal_handlers() -> anyhow::Result<()> {

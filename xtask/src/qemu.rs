@@ -630,12 +630,7 @@ mod tests {
     }
 
     #[test]
-    fn exit_codes_help_matches_the_abi() {
-        let generated = format!(
-            "Exit codes of `build` and `run`:\n{}\n`test` exits 0 if every test passed, else 1.",
-            stencil_abi::exit::HelpTable
-        );
-        assert_eq!(crate::EXIT_CODES_HELP, generated);
+    fn every_code_is_described() {
         for code in 0..=255 {
             let text = describe(code);
             match ExitCode::from_code(code) {

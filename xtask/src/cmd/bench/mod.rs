@@ -268,11 +268,11 @@ fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<Par
         bail!("the Stencil part needs a guest accelerator");
     };
     println!("stencil: building apps/spawnbench (release)");
-    let opts = crate::BuildOpts {
+    let opts = crate::build_apps::BuildOpts {
         release: true,
         manifest_path: None,
     };
-    let built = crate::build_apps(root, &["spawnbench".to_owned()], &opts)?;
+    let built = crate::build_apps::build_apps(root, &["spawnbench".to_owned()], &opts)?;
     let (_, elf) = built
         .into_iter()
         .next()
@@ -312,7 +312,7 @@ fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<Par
         }
     })?;
     if let Some(sig) = res.interrupted {
-        return Err(crate::Interrupted(sig).into());
+        return Err(crate::proc::Interrupted(sig).into());
     }
     let serial = String::from_utf8_lossy(&res.serial).into_owned();
     let unit = if cmd.icount {

@@ -324,7 +324,7 @@ pub fn run_guest(g: &Guest) -> Result<PeerRun> {
     let start = Instant::now();
     let res = qemu::run_with_lines(&vm, Some(g.timeout), progress("linux", start))?;
     if let Some(sig) = res.interrupted {
-        return Err(crate::Interrupted(sig).into());
+        return Err(crate::proc::Interrupted(sig).into());
     }
     let serial = String::from_utf8_lossy(&res.serial).into_owned();
     let unit = if g.icount {
@@ -407,7 +407,7 @@ pub fn run_native(peer: &Path, quick: bool, timeout: Duration) -> Result<PeerRun
     };
     collect(&text, "native", Unit::Ns, &mut run);
     match ending {
-        Ending::Interrupted(sig) => return Err(crate::Interrupted(sig).into()),
+        Ending::Interrupted(sig) => return Err(crate::proc::Interrupted(sig).into()),
         Ending::TimedOut => run.notes.push(format!(
             "native: did not finish within {} s and was killed; {} results kept",
             timeout.as_secs(),

@@ -137,7 +137,7 @@ pub fn csv(ms: &[Measurement], setting: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::model::Unit;
+    use crate::cmd::bench::model::Unit;
 
     fn m(system: &str, mode: &str, kind: &str, size: u64, p50: f64) -> Measurement {
         Measurement {
