@@ -240,7 +240,7 @@ EXCEPTION: page fault (#PF, vector 14), error code 0x4
   at RIP 0x0000000000203a1c, RSP 0xffff800000107f00, RFLAGS 0x10046
   page fault address (CR2) 0x0000123456789000: read of an unmapped page
   rax 0x0000000000000000 rbx 0x0000000000000000 rcx 0x0000000000000000 rdx 0x0
-backtrace (addr2line -f -C -e <app ELF> <address>...):
+backtrace (return addresses; cargo xtask names each function):
   #0  0x0000000000203b00
   #1  0x0000000000204c10
       (the frame above repeats 3 more times)
