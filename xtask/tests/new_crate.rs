@@ -8,57 +8,15 @@
 //! `target/`), so later runs reuse the compiled libos; the first run from a clean checkout
 //! compiles libos and its dependencies (about a minute on two cores).
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn qemu_available() -> bool {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .any(|d| d.join("qemu-system-x86_64").is_file());
-    if !found {
-        eprintln!("note: qemu-system-x86_64 not on PATH; external-crate boot test skipped");
-    }
-    found
-}
+mod common;
 
-/// Removes the temporary directory on every return path.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir() -> TempDir {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir =
-        std::env::temp_dir().join(format!("stencil-new-crate-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn xtask() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
-    cmd.stdin(Stdio::null()).env(
-        "CARGO_TARGET_DIR",
-        workspace_root().join("target/new-crate-test"),
-    );
-    cmd
-}
+use common::{have_qemu, temp_dir, test_target_dir, xtask_building as xtask};
 
 #[test]
 fn new_refuses_a_non_empty_directory() {
-    let tmp = temp_dir();
+    let tmp = temp_dir("stencil-new-crate");
     std::fs::write(tmp.0.join("file"), "x").unwrap();
     let out = xtask().arg("new").arg(&tmp.0).output().unwrap();
     assert_eq!(out.status.code(), Some(113));
@@ -68,10 +26,10 @@ fn new_refuses_a_non_empty_directory() {
 
 #[test]
 fn new_crate_builds_and_boots_outside_the_workspace() {
-    if !qemu_available() {
+    if !have_qemu("external-crate boot test") {
         return;
     }
-    let tmp = temp_dir();
+    let tmp = temp_dir("stencil-new-crate");
     let dir = tmp.0.join("my-service");
     let out = xtask().arg("new").arg(&dir).output().unwrap();
     assert!(
@@ -91,10 +49,7 @@ fn new_crate_builds_and_boots_outside_the_workspace() {
     let out = Command::new(env!("CARGO"))
         .current_dir(&dir)
         .args(["check", "--quiet", "--message-format=short"])
-        .env(
-            "CARGO_TARGET_DIR",
-            workspace_root().join("target/new-crate-test"),
-        )
+        .env("CARGO_TARGET_DIR", test_target_dir())
         .env_remove("RUSTFLAGS")
         .stdin(Stdio::null())
         .output()

@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{have_qemu, xtask};
+
 const LOAD: u32 = 0x10_0000;
 const NOTE_OFF: usize = 0xc0;
 const CODE_OFF: usize = 0x100;
@@ -89,21 +93,6 @@ fn write_guest(name: &str, code: &[u8]) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, pvh_elf(code)).unwrap();
     path
-}
-
-fn have_qemu() -> bool {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .any(|d| d.join("qemu-system-x86_64").is_file());
-    if !found {
-        eprintln!("note: qemu-system-x86_64 not on PATH; QEMU plumbing test skipped");
-    }
-    found
-}
-
-fn xtask() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
-    cmd.stdin(Stdio::null());
-    cmd
 }
 
 fn run_elf(elf: &Path, extra: &[&str]) -> Output {
@@ -203,7 +192,7 @@ fn gdb_stub_address_is_exact() {
     assert!(!line.contains(" -s "), "{line}");
     let out = run_elf(&elf, &["--gdb=4321", "--dry-run"]);
     assert!(text(&out.stdout).contains(" -gdb tcp:127.0.0.1:4321 -S"));
-    if !have_qemu() {
+    if !have_qemu("QEMU plumbing test") {
         return;
     }
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -232,7 +221,7 @@ fn missing_qemu_names_the_install_command() {
 
 #[test]
 fn exit_codes_come_back() {
-    if !have_qemu() {
+    if !have_qemu("QEMU plumbing test") {
         return;
     }
     let mut ok = print("hello\n");
@@ -259,7 +248,7 @@ fn exit_codes_come_back() {
 
 #[test]
 fn hung_guest_is_killed_at_the_timeout() {
-    if !have_qemu() {
+    if !have_qemu("QEMU plumbing test") {
         return;
     }
     let start = Instant::now();
@@ -346,7 +335,7 @@ fn signal(pid: u32, sig: i32) {
 
 #[test]
 fn sigint_kills_qemu_and_exits_130() {
-    if !have_qemu() {
+    if !have_qemu("QEMU plumbing test") {
         return;
     }
     let (mut child, qemu) = start_hanging("sigint.elf");
@@ -358,7 +347,7 @@ fn sigint_kills_qemu_and_exits_130() {
 
 #[test]
 fn sigkill_of_xtask_takes_qemu_down() {
-    if !have_qemu() {
+    if !have_qemu("QEMU plumbing test") {
         return;
     }
     let (mut child, qemu) = start_hanging("sigkill.elf");

@@ -7,37 +7,13 @@
 //! It builds into `target/new-crate-test/` (cargo holds the lock on `target/` while the tests
 //! run), shared with `new_crate.rs`, so only the first run compiles libos there.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn have_qemu() -> bool {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .any(|d| d.join("qemu-system-x86_64").is_file());
-    if !found {
-        eprintln!("note: qemu-system-x86_64 not on PATH; symbolization test skipped");
-    }
-    found
-}
-
-fn xtask() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
-    cmd.stdin(Stdio::null()).env(
-        "CARGO_TARGET_DIR",
-        workspace_root().join("target/new-crate-test"),
-    );
-    cmd
-}
+use common::{have_qemu, temp_dir, xtask_building as xtask};
 
 #[test]
 fn page_fault_report_names_the_function_and_line() {
-    if !have_qemu() {
+    if !have_qemu("symbolization test") {
         return;
     }
     let out = xtask()
@@ -74,15 +50,6 @@ fn page_fault_report_names_the_function_and_line() {
     );
 }
 
-/// Removes the temporary directory on every return path.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 const PANICKING_MAIN: &str = r#"#![no_std]
 #![no_main]
 
@@ -97,12 +64,10 @@ fn main() {
 
 #[test]
 fn failing_case_report_is_symbolized() {
-    if !have_qemu() {
+    if !have_qemu("symbolization test") {
         return;
     }
-    let tmp = TempDir(
-        std::env::temp_dir().join(format!("stencil-symbolize-test-{}", std::process::id())),
-    );
+    let tmp = temp_dir("stencil-symbolize-test");
     let dir = tmp.0.join("sym-fail");
     let out = xtask().arg("new").arg(&dir).output().unwrap();
     assert!(
