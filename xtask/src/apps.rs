@@ -44,8 +44,9 @@ pub struct TestCase {
     pub name: String,
     #[serde(default)]
     pub machine: Machine,
-    /// App arguments.
-    #[serde(default)]
+    /// App arguments: each a string, or `{ repeat = "TEXT", chars = N, suffix = "END" }` for a
+    /// long generated one (the first N characters of TEXT repeated, then the optional suffix).
+    #[serde(default, deserialize_with = "arg_list")]
     pub args: Vec<String>,
     /// Extra kernel options, e.g. `log=debug`.
     #[serde(default)]
@@ -88,6 +89,55 @@ fn mem_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<MemSize, D::Error>
     let s = String::deserialize(d)?;
     s.parse()
         .map_err(|e| serde::de::Error::custom(format!("mem: {e}")))
+}
+
+/// Longest generated argument, in characters: well past what any loader carries (xtask refuses a
+/// command line over 131,071 bytes anyway), and small enough to build without a second thought.
+const MAX_GENERATED_CHARS: usize = 1 << 20;
+
+/// One entry of a case's `args`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ArgSpec {
+    Text(String),
+    Generated {
+        repeat: String,
+        chars: usize,
+        #[serde(default)]
+        suffix: String,
+    },
+}
+
+impl ArgSpec {
+    fn build(self) -> Result<String, String> {
+        match self {
+            ArgSpec::Text(s) => Ok(s),
+            ArgSpec::Generated {
+                repeat,
+                chars,
+                suffix,
+            } => {
+                if repeat.is_empty() {
+                    return Err("args: `repeat` must not be empty".into());
+                }
+                if chars > MAX_GENERATED_CHARS {
+                    return Err(format!(
+                        "args: `chars = {chars}` is more than {MAX_GENERATED_CHARS}"
+                    ));
+                }
+                let mut s: String = repeat.chars().cycle().take(chars).collect();
+                s.push_str(&suffix);
+                Ok(s)
+            }
+        }
+    }
+}
+
+fn arg_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Vec::<ArgSpec>::deserialize(d)?
+        .into_iter()
+        .map(|a| a.build().map_err(serde::de::Error::custom))
+        .collect()
 }
 
 fn default_smp() -> u32 {
@@ -280,6 +330,28 @@ mod tests {
             (3, 30, 512, 1, true)
         );
         assert!(apps[2].cases.is_empty());
+    }
+
+    #[test]
+    fn generated_arguments() {
+        let case = |args: &str| {
+            serde_json::from_str::<TestCase>(&format!(r#"{{"name": "g", "args": {args}}}"#))
+                .map(|c| c.args)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            case(r#"["x", {"repeat": "ab✓", "chars": 7, "suffix": "!"}]"#).unwrap(),
+            ["x", "ab✓ab✓a!"]
+        );
+        assert_eq!(case(r#"[{"repeat": "a", "chars": 0}]"#).unwrap(), [""]);
+        let long = case(r#"[{"repeat": "0123456789", "chars": 100000}]"#).unwrap();
+        assert_eq!(long[0].len(), 100_000);
+        assert!(long[0].ends_with("6789"));
+        let empty = case(r#"[{"repeat": "", "chars": 3}]"#).unwrap_err();
+        assert!(empty.contains("`repeat` must not be empty"), "{empty}");
+        let huge = case(r#"[{"repeat": "a", "chars": 99999999}]"#).unwrap_err();
+        assert!(huge.contains("is more than"), "{huge}");
+        assert!(case(r#"[7]"#).is_err());
     }
 
     #[test]
