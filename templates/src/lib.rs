@@ -62,8 +62,10 @@ pub use entry::COW_BIT;
 pub use error::{Error, Fault, Name};
 pub use flush::Flush;
 pub use mem::PhysMem;
-pub use space::{Access, AddressSpace, KernelHalf, Mode, SpaceStats, Translation};
+pub use space::{Access, AddressSpace, KernelHalf, Mode};
+pub use template::Translation;
 pub use template::{
     Backing, Kind, PageSize, Perm, Region, RegionSpec, Template, TemplateBuilder, TemplateStats,
     is_canonical,
 };
+pub use walk::SpaceStats;

@@ -5,8 +5,8 @@ use crate::entry::{self, LOWER_HALF_END, SIZE_2M, SIZE_4K};
 use crate::error::{Error, Fault, Name};
 use crate::flush::Flush;
 use crate::mem::PhysMem;
-use crate::template::{Kind, PageSize, Perm, Region, Template, check_range};
-use crate::walk::{Leaf, Tree};
+use crate::template::{Kind, PageSize, Perm, Region, Template, Translation, check_range};
+use crate::walk::{SpaceStats, Tree};
 use alloc::vec::Vec;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::page_table::{PageTable, PageTableEntry};
@@ -60,62 +60,6 @@ impl KernelHalf {
             *r = e.flags().bits() | e.addr().as_u64();
         }
         KernelHalf { entries: raw }
-    }
-}
-
-/// What `translate` found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Translation {
-    /// Physical address of the translated byte.
-    pub phys: PhysAddr,
-    /// Leaf size.
-    pub page_size: PageSize,
-    /// `WRITABLE` is set (a copy-on-write page is not writable until its fault is resolved).
-    pub writable: bool,
-    /// `NO_EXECUTE` is clear.
-    pub executable: bool,
-    /// The copy-on-write software bit is set.
-    pub copy_on_write: bool,
-}
-
-impl Translation {
-    /// The translation of `va` through `leaf`, the leaf that maps it.
-    pub(crate) fn of(leaf: Leaf, va: u64) -> Self {
-        Translation {
-            phys: PhysAddr::new(entry::addr(leaf.entry) + (va - leaf.va)),
-            page_size: if leaf.level == 1 {
-                PageSize::Size4KiB
-            } else {
-                PageSize::Size2MiB
-            },
-            writable: entry::writable(leaf.entry),
-            executable: entry::executable(leaf.entry),
-            copy_on_write: entry::cow(leaf.entry),
-        }
-    }
-}
-
-/// Page-table accounting of one space (a diagnostic walk of its lower half).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SpaceStats {
-    /// Tables exclusively owned by the space, root included: its page-table memory.
-    pub tables_owned: usize,
-    /// Tables reachable only through shared tables or shared themselves (template tables).
-    pub tables_shared: usize,
-    /// Entries of owned tables that point at shared tables (attachments).
-    pub shared_attachments: usize,
-    /// 4 KiB pages mapped by leaves in owned tables.
-    pub pages_in_owned_tables: usize,
-    /// 4 KiB pages mapped by leaves in shared tables.
-    pub pages_in_shared_tables: usize,
-    /// 4 KiB pages of frames referenced only by this space (private data).
-    pub private_pages: usize,
-}
-
-impl SpaceStats {
-    /// Page-table bytes this space costs on its own.
-    pub fn page_table_bytes(&self) -> usize {
-        self.tables_owned * SIZE_4K as usize
     }
 }
 

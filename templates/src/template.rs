@@ -3,8 +3,7 @@
 use crate::entry::{self, SIZE_1G, SIZE_2M, SIZE_4K};
 use crate::error::{Error, Name};
 use crate::mem::PhysMem;
-use crate::space::Translation;
-use crate::walk::{Reader, Tree};
+use crate::walk::{Leaf, Reader, Tree};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use x86_64::structures::paging::PhysFrame;
@@ -448,4 +447,36 @@ pub struct TemplateStats {
     pub tables: usize,
     /// Leaf entries (pages mapped).
     pub leaves: usize,
+}
+
+/// What `translate` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// Physical address of the translated byte.
+    pub phys: PhysAddr,
+    /// Leaf size.
+    pub page_size: PageSize,
+    /// `WRITABLE` is set (a copy-on-write page is not writable until its fault is resolved).
+    pub writable: bool,
+    /// `NO_EXECUTE` is clear.
+    pub executable: bool,
+    /// The copy-on-write software bit is set.
+    pub copy_on_write: bool,
+}
+
+impl Translation {
+    /// The translation of `va` through `leaf`, the leaf that maps it.
+    pub(crate) fn of(leaf: Leaf, va: u64) -> Self {
+        Translation {
+            phys: PhysAddr::new(entry::addr(leaf.entry) + (va - leaf.va)),
+            page_size: if leaf.level == 1 {
+                PageSize::Size4KiB
+            } else {
+                PageSize::Size2MiB
+            },
+            writable: entry::writable(leaf.entry),
+            executable: entry::executable(leaf.entry),
+            copy_on_write: entry::cow(leaf.entry),
+        }
+    }
 }

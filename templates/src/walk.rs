@@ -397,18 +397,12 @@ impl<'a, M: PhysMem> Reader<'a, M> {
     }
 
     /// Walk the whole lower half, counting owned and shared tables.
-    pub(crate) fn account(&self, s: &mut crate::space::SpaceStats) {
+    pub(crate) fn account(&self, s: &mut SpaceStats) {
         s.tables_owned += 1; // the root
         self.account_rec(self.root, 4, true, s);
     }
 
-    fn account_rec(
-        &self,
-        table: PhysFrame,
-        level: u8,
-        owned: bool,
-        s: &mut crate::space::SpaceStats,
-    ) {
+    fn account_rec(&self, table: PhysFrame, level: u8, owned: bool, s: &mut SpaceStats) {
         let mem = self.mem;
         for i in child_range(level) {
             let e = raw::read(mem, table, i);
@@ -709,6 +703,30 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
             }
             va = next;
         }
+    }
+}
+
+/// Page-table accounting of one space (a diagnostic walk of its lower half).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpaceStats {
+    /// Tables exclusively owned by the space, root included: its page-table memory.
+    pub tables_owned: usize,
+    /// Tables reachable only through shared tables or shared themselves (template tables).
+    pub tables_shared: usize,
+    /// Entries of owned tables that point at shared tables (attachments).
+    pub shared_attachments: usize,
+    /// 4 KiB pages mapped by leaves in owned tables.
+    pub pages_in_owned_tables: usize,
+    /// 4 KiB pages mapped by leaves in shared tables.
+    pub pages_in_shared_tables: usize,
+    /// 4 KiB pages of frames referenced only by this space (private data).
+    pub private_pages: usize,
+}
+
+impl SpaceStats {
+    /// Page-table bytes this space costs on its own.
+    pub fn page_table_bytes(&self) -> usize {
+        self.tables_owned * entry::SIZE_4K as usize
     }
 }
 

@@ -1,12 +1,10 @@
 //! The guest's kernel command line (`-append`) and shell quoting for `--dry-run`.
 //!
 //! Format (docs/ARCHITECTURE.md, "Kernel command line"): `[kernel options] [-- app arguments]`,
-//! encoded by [`stencil_abi::cmdline::encode`], the inverse of what the guest decodes. This module
-//! adds what only the host knows: how long a line each loader carries intact.
+//! encoded by [`stencil_abi::cmdline::encode`], the inverse of what the guest decodes. How long a
+//! line each loader carries intact is the machine's business: `qemu::check_cmdline_len`.
 
 use anyhow::{Result, bail};
-
-use crate::qemu::Machine;
 
 /// Builds the whole command line from kernel options and app arguments. The `--` separator is
 /// written only when there are app arguments. An option holding the word `--` and any NUL are
@@ -16,43 +14,6 @@ pub fn kernel_cmdline(options: &[String], args: &[String]) -> Result<String> {
         Ok(line) => Ok(line),
         Err(e) => bail!("cannot build the kernel command line: {e}"),
     }
-}
-
-/// The longest command line, in bytes, that reaches the guest intact on `machine` (`qboot`: q35
-/// booted through qboot rather than SeaBIOS). Measured with QEMU 7.2 (the guest itself takes any
-/// length its loader places below 1 MiB):
-///
-/// - microvm: 131,071, Linux's limit on one `execve` argument (`MAX_ARG_STRLEN`, 128 KiB with the
-///   NUL); qboot's microvm loader carries all of it;
-/// - q35 + qboot: 65,359 arrive intact, longer ones overwrite the memory map; we allow 65,024;
-/// - q35 + SeaBIOS: 4,127 arrive intact, longer ones overwrite the PVH start info (or hang the
-///   loader); we allow 4,096.
-pub fn max_len(machine: Machine, qboot: bool) -> usize {
-    match (machine, qboot) {
-        (Machine::Microvm, _) => 131_071,
-        (Machine::Q35, true) => 65_024,
-        (Machine::Q35, false) => 4_096,
-    }
-}
-
-/// Refuses a command line longer than [`max_len`], before QEMU could cut or mangle it.
-pub fn check_len(line: &str, machine: Machine, qboot: bool) -> Result<()> {
-    let max = max_len(machine, qboot);
-    if line.len() > max {
-        let (loader, hint) = match (machine, qboot) {
-            (Machine::Microvm, _) => ("microvm", " (the host's limit on one QEMU argument)"),
-            (Machine::Q35, true) => ("q35 with qboot", " (microvm carries 131071)"),
-            (Machine::Q35, false) => (
-                "q35 with SeaBIOS",
-                " (with --firmware qboot: 65024; microvm: 131071)",
-            ),
-        };
-        bail!(
-            "the kernel command line is {} bytes; {loader} carries at most {max} intact{hint}",
-            line.len()
-        );
-    }
-    Ok(())
 }
 
 /// Quotes a word for a POSIX shell, so a `--dry-run` line can be pasted as is.
@@ -104,23 +65,6 @@ mod tests {
         assert!(format!("{e:#}").contains("'--'"), "{e:#}");
         let e = kernel_cmdline(&[], &s(&["ok", "a\0b"])).unwrap_err();
         assert!(format!("{e:#}").contains("app argument 1"), "{e:#}");
-    }
-
-    #[test]
-    fn length_limits() {
-        let line = "x".repeat(max_len(Machine::Microvm, false));
-        check_len(&line, Machine::Microvm, false).unwrap();
-        let e = check_len(&format!("{line}y"), Machine::Microvm, false).unwrap_err();
-        assert!(format!("{e}").contains("131072 bytes"), "{e}");
-        let e = check_len(&"x".repeat(5003), Machine::Q35, false).unwrap_err();
-        assert!(
-            format!("{e}").contains("5003 bytes; q35 with SeaBIOS carries at most 4096"),
-            "{e}"
-        );
-        check_len(&"x".repeat(4096), Machine::Q35, false).unwrap();
-        assert!(check_len(&"x".repeat(4097), Machine::Q35, false).is_err());
-        check_len(&"x".repeat(65_024), Machine::Q35, true).unwrap();
-        assert!(check_len(&"x".repeat(65_025), Machine::Q35, true).is_err());
     }
 
     #[test]

@@ -12,8 +12,9 @@ use anyhow::{Context, Result};
 
 use crate::apps::{self, App, TestCase};
 use crate::cargo_build::{self, BuildRequest, Selection};
-use crate::cmdline::{check_len, kernel_cmdline};
+use crate::cmdline::kernel_cmdline;
 use crate::proc::{self, ChildGuard, Echo, Ending, Interrupted, Stop};
+use crate::qemu::check_cmdline_len;
 use crate::qemu::{self, Accel, AccelChoice, Firmware, Vm};
 
 /// Lines of serial output shown for a failed case.
@@ -352,7 +353,7 @@ fn case_vm(env: &CaseEnv<'_>, case: &TestCase, elf: PathBuf) -> Result<Vm> {
     vm.smp = case.smp;
     vm.cmdline = kernel_cmdline(&case.cmdline, &case.args)?;
     vm.set_firmware(env.firmware)?;
-    check_len(&vm.cmdline, vm.machine, vm.bios.is_some())?;
+    check_cmdline_len(&vm.cmdline, vm.machine, vm.bios.is_some())?;
     Ok(vm)
 }
 
