@@ -17,7 +17,7 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::arch::x86_64::{gdt, pic, traps};
+use crate::arch::{gdt, pic, traps};
 use crate::cmdline;
 use crate::memmap::{MapEntry, Range, normalize};
 use crate::mm::layout::{EARLY_LIMIT, KERNEL_BASE, phys_to_virt};
@@ -314,19 +314,12 @@ extern "C" fn stencil_boot64(start_info: u64, entry_tsc: u64) -> ! {
             format_args!("cannot map the main stack: {e:?}"),
         ),
     };
-    // SAFETY: switches to the freshly mapped main stack (16-byte aligned top) and calls a function
-    // that never returns, so nothing on the old stack is used again.
-    unsafe {
-        core::arch::asm!(
-            "mov rsp, {top}",
-            "xor ebp, ebp",
-            "call {cont}",
-            "ud2",
-            top = in(reg) stack.top(),
-            cont = sym continue_on_main_stack,
-            options(noreturn)
-        )
-    }
+    let top = stack.top();
+    // The main stack lives for the rest of the boot: it is never freed.
+    core::mem::forget(stack);
+    // SAFETY: `top` is the 16-byte-aligned top of the freshly mapped main stack, which nothing
+    // else uses; `continue_on_main_stack` never returns.
+    unsafe { crate::arch::cpu::run_on_stack(top, continue_on_main_stack) }
 }
 
 extern "C" fn continue_on_main_stack() -> ! {

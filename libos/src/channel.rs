@@ -20,7 +20,7 @@
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 
-use crate::sync::IrqMutex;
+use crate::arch::irq::IrqMutex;
 
 #[derive(Debug)]
 struct State<T> {

@@ -7,7 +7,7 @@
 //! heap when it is long), and the lock is held only to send its bytes: the lock keeps interrupts
 //! off, so app code (a `Display` impl) must never run under it.
 
-use crate::sync::IrqMutex;
+use crate::arch::irq::IrqMutex;
 use alloc::string::String;
 use core::fmt::{self, Write};
 use uart_16550::Uart16550;

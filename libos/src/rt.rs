@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use spin::Once;
 
-use crate::arch::x86_64;
+use crate::arch;
 
 use stencil_abi::ExitCode;
 
@@ -85,12 +85,12 @@ fn raw_exit(code: u32) -> ! {
         ));
         EXIT_PANIC + 1
     });
-    x86_64::debug_exit(value);
+    arch::debug_exit(value);
     crate::console::emergency_write(format_args!(
         "stencil: exit({code}): no isa-debug-exit device at port {:#x}; halting\n",
         stencil_abi::exit::DEBUG_EXIT_PORT
     ));
-    x86_64::halt_forever()
+    arch::halt_forever()
 }
 
 /// What `main` may return: `()`, an `i32` exit code, or a `Result` (an `Err` is printed and
@@ -168,7 +168,7 @@ static PANICKING: AtomicBool = AtomicBool::new(false);
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     // No preemption while reporting: another task panicking meanwhile would see PANICKING set.
-    ::x86_64::instructions::interrupts::disable();
+    crate::arch::irq::disable();
     if PANICKING.swap(true, Ordering::Relaxed) {
         crate::console::emergency_write(format_args!(
             "\npanicked while panicking: {}\n",
@@ -191,12 +191,7 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
             info.message()
         )),
     }
-    let rbp: u64;
-    // SAFETY: reads the frame-pointer register; no memory access.
-    unsafe {
-        core::arch::asm!("mov {}, rbp", out(reg) rbp, options(nomem, nostack, preserves_flags))
-    };
-    crate::arch::x86_64::traps::backtrace(rbp);
+    crate::arch::traps::backtrace(crate::arch::cpu::frame_pointer());
     let oom = kernel_heap_oom(info);
     if let Some(bytes) = oom {
         crate::console::emergency_write(format_args!(
@@ -215,7 +210,7 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     if crate::task::in_spawned_task() {
         // Only this task ends; the app goes on. (Inside a kernel critical section the app ends
         // instead, in `fail_current`, and the lock may be the heap's: do not allocate then.)
-        let msg = if crate::sync::irq_locks_held() == 0 {
+        let msg = if crate::arch::irq::irq_locks_held() == 0 {
             task_message(info)
         } else {
             String::new()

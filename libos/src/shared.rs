@@ -31,10 +31,10 @@ use talc::base::Talc;
 use talc::base::binning::DefaultBinning;
 use talc::source::Manual;
 
+use crate::arch::irq::IrqMutex;
 use crate::mm::kernel::frames;
 use crate::mm::layout::{PAGE_SIZE, phys_to_virt};
 use crate::space::{Error, Kind, Template, TemplateBuilder};
-use crate::sync::IrqMutex;
 
 struct Inner {
     /// Lower-half address of the region (what tasks use).

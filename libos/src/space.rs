@@ -11,13 +11,14 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
-use ::x86_64::registers::control::{Cr3, Cr3Flags};
+use ::x86_64::registers::control::Cr3Flags;
 use ::x86_64::structures::paging::{PageTable, PhysFrame, Size2MiB};
 use ::x86_64::{PhysAddr, VirtAddr};
 use templates::{Access, AddressSpace, Backing, Flush, KernelHalf, PhysMem, RegionSpec};
 
 pub use templates::{Error, Fault, Kind, Mode, PageSize, SpaceStats};
 
+use crate::arch::mmu;
 use crate::mm::kernel::{frames, kernel_root};
 use crate::mm::layout::{PAGE_SIZE, phys_to_virt};
 
@@ -380,7 +381,7 @@ impl Drop for Space {
     fn drop(&mut self) {
         // Release the tables with interrupts off, as the scheduler does for tasks: the engine's
         // reference counting assumes no other space is dropped halfway through.
-        ::x86_64::instructions::interrupts::without_interrupts(|| {
+        crate::arch::irq::without(|_| {
             // SAFETY: `inner` is dropped exactly once, here, and never used afterwards.
             unsafe { core::mem::ManuallyDrop::drop(&mut self.inner) }
         });
@@ -424,7 +425,7 @@ impl Space {
 
     /// Spawns a space in an explicit mode (benchmarks compare both in one boot).
     pub fn with_mode(templates: &[&Template], mode: Mode) -> Result<Space, Error> {
-        let inner = ::x86_64::instructions::interrupts::without_interrupts(|| {
+        let inner = crate::arch::irq::without(|_| {
             AddressSpace::new(&KernelMem, templates, mode, Some(kernel_half()))
         })?;
         Ok(Space {
@@ -444,15 +445,15 @@ impl Space {
     }
 
     fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        ::x86_64::instructions::interrupts::without_interrupts(|| {
+        crate::arch::irq::without(|_| {
             let prev = CURRENT.swap(&mut **self.inner, Ordering::AcqRel);
-            let (prev_root, flags) = Cr3::read();
+            let (prev_root, flags) = mmu::root();
             // SAFETY: the space's root has the kernel half installed, so code, stack and data
             // stay mapped across the switch.
-            unsafe { Cr3::write(self.inner.root(), Cr3Flags::empty()) };
+            unsafe { mmu::load_root(self.inner.root(), Cr3Flags::empty()) };
             let r = f();
-            // SAFETY: back to the running task's own root.
-            unsafe { Cr3::write(prev_root, flags) };
+            // SAFETY: back to the running task's own root, which was loaded a moment ago.
+            unsafe { mmu::load_root(prev_root, flags) };
             CURRENT.store(prev, Ordering::Release);
             r
         })
@@ -554,22 +555,17 @@ pub(crate) fn lower_ranges(ranges: &[(u64, u64)]) -> Result<Vec<(VirtAddr, u64)>
 
 /// Honours a flush token for the loaded space.
 pub(crate) fn apply(flush: Flush) {
-    use ::x86_64::instructions::tlb;
     match flush {
         Flush::None => {}
-        Flush::Page(va) => tlb::flush(va),
+        Flush::Page(va) => mmu::flush_page(va),
         Flush::Range { start, end } => {
             let mut a = start.as_u64() & !(PAGE_SIZE - 1);
             while a < end.as_u64() {
-                tlb::flush(VirtAddr::new(a));
+                mmu::flush_page(VirtAddr::new(a));
                 a += PAGE_SIZE;
             }
         }
-        Flush::All => {
-            let (root, flags) = Cr3::read();
-            // SAFETY: reloading the same root only drops non-global TLB entries.
-            unsafe { Cr3::write(root, flags) };
-        }
+        Flush::All => mmu::flush_all(),
     }
 }
 
@@ -606,7 +602,7 @@ pub(crate) fn set_current(space: &mut AddressSpace<KernelMem>) {
 
 /// Runs `f` on the running task's address space (interrupts off, so no switch intervenes).
 pub(crate) fn with_current<R>(f: impl FnOnce(&mut AddressSpace<KernelMem>) -> R) -> R {
-    ::x86_64::instructions::interrupts::without_interrupts(|| {
+    crate::arch::irq::without(|_| {
         let ptr = CURRENT.load(Ordering::Acquire);
         assert!(!ptr.is_null(), "no address space is loaded");
         // SAFETY: CURRENT points at the loaded space, owned by the running task (or borrowed by

@@ -14,8 +14,8 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use crate::arch::irq::IrqMutex;
 use crate::mm::layout::{KSTACK_SLOT, KSTACKS, PAGE_SIZE};
-use crate::sync::IrqMutex;
 
 /// How many stacks can exist at once: the slots fill one L4 entry (512 GiB).
 pub const MAX_SLOTS: usize = ((1u64 << 39) / KSTACK_SLOT) as usize;
@@ -184,7 +184,7 @@ pub fn contains(addr: u64, len: u64) -> bool {
     if let Some((_, bottom, top)) = slot_of(addr) {
         return in_range((bottom, top));
     }
-    in_range(crate::arch::x86_64::gdt::double_fault_stack()) || in_range(boot_stack())
+    in_range(crate::arch::gdt::double_fault_stack()) || in_range(boot_stack())
 }
 
 fn boot_stack() -> (u64, u64) {

@@ -22,7 +22,7 @@ use core::cell::UnsafeCell;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use ::x86_64::instructions::interrupts;
+use crate::arch::irq as interrupts;
 use templates::{AddressSpace, Mode};
 
 use crate::space::{KernelMem, Template};
@@ -177,7 +177,7 @@ fn sched() -> &'static mut Sched {
 
 /// Runs `f` with interrupts off, restoring the previous state afterwards.
 fn irq_off<R>(f: impl FnOnce() -> R) -> R {
-    interrupts::without_interrupts(f)
+    interrupts::without(|_| f())
 }
 
 core::arch::global_asm!(
@@ -242,12 +242,12 @@ pub(crate) fn init() {
     irq_off(|| {
         let s = sched();
         s.current = main;
-        s.slice_start = crate::arch::x86_64::cpu::rdtsc();
+        s.slice_start = crate::arch::cpu::rdtsc();
         // SAFETY: `main` was just created; its root has the kernel half.
         crate::space::set_current(unsafe { &mut (*main).space });
         // SAFETY: the root maps the kernel half, so execution continues unchanged.
         unsafe {
-            ::x86_64::registers::control::Cr3::write(
+            crate::arch::mmu::load_root(
                 ::x86_64::structures::paging::PhysFrame::containing_address(
                     ::x86_64::PhysAddr::new(cr3),
                 ),
@@ -255,7 +255,7 @@ pub(crate) fn init() {
             )
         };
     });
-    if crate::arch::x86_64::apic::start_timer(QUANTUM_US) {
+    if crate::arch::apic::start_timer(QUANTUM_US) {
         PREEMPTION.store(true, Ordering::Relaxed);
         interrupts::enable();
     } else {
@@ -484,7 +484,7 @@ fn finish_switch() {
 /// the run queue (a yield); without, it is blocked or exiting and someone else will wake it (or
 /// it is a zombie). Interrupts must be off.
 fn switch_away(requeue: bool) {
-    let held = crate::sync::irq_locks_held();
+    let held = crate::arch::irq::irq_locks_held();
     if held > 0 {
         // Switching now would leave the lock taken, with interrupts off, for whichever task asks
         // for it next: a silent freeze. Report it instead (this ends the app: see
@@ -509,7 +509,7 @@ fn switch_away(requeue: bool) {
         // IDLE; without a timer, poll the sleepers instead of halting.
         IDLE.store(true, Ordering::Relaxed);
         if PREEMPTION.load(Ordering::Relaxed) {
-            interrupts::enable_and_hlt();
+            interrupts::enable_and_wait();
         } else {
             interrupts::enable();
             core::hint::spin_loop();
@@ -520,14 +520,14 @@ fn switch_away(requeue: bool) {
     let s = sched();
     if next == cur {
         // The idle loop woke the very task it was idling in (it had gone to sleep): just go on.
-        s.slice_start = crate::arch::x86_64::cpu::rdtsc();
+        s.slice_start = crate::arch::cpu::rdtsc();
         return;
     }
     if requeue {
         s.run_queue.push_back(cur);
     }
     s.current = next;
-    s.slice_start = crate::arch::x86_64::cpu::rdtsc();
+    s.slice_start = crate::arch::cpu::rdtsc();
     // SAFETY: `next` is a live task taken from the run queue; its space is live while it runs.
     unsafe {
         crate::space::set_current(&mut (*next).space);
@@ -545,7 +545,7 @@ fn wake_sleepers(s: &mut Sched) {
     if s.sleepers.is_empty() {
         return;
     }
-    let now = crate::arch::x86_64::cpu::rdtsc();
+    let now = crate::arch::cpu::rdtsc();
     let mut i = 0;
     while i < s.sleepers.len() {
         if s.sleepers[i].0 <= now {
@@ -577,7 +577,7 @@ pub fn yield_now() {
 /// libos::task::sleep(core::time::Duration::from_millis(10));
 /// ```
 pub fn sleep(d: core::time::Duration) {
-    let now = crate::arch::x86_64::cpu::rdtsc();
+    let now = crate::arch::cpu::rdtsc();
     let deadline = crate::limits::deadline(now, d, crate::time::tsc_hz()).unwrap_or(u64::MAX);
     irq_off(|| {
         let s = sched();
@@ -641,7 +641,7 @@ pub fn exit(code: i32) -> ! {
 /// returns); in the main task, returns so the caller ends the app.
 pub(crate) fn fail_current(err: TaskError) {
     if in_spawned_task() {
-        if crate::sync::irq_locks_held() > 0 {
+        if crate::arch::irq::irq_locks_held() > 0 {
             // The task died inside a kernel critical section (e.g. formatting under the console
             // lock, or in the heap): the lock would stay taken with every other task waiting on
             // it with interrupts off. Ending the app with a report beats hanging.

@@ -12,7 +12,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 use core::time::Duration;
 
-use crate::arch::x86_64::{cpu, pit};
+use crate::arch::{cpu, pit};
 use crate::calibrate::{self, Calibration, Clocks, ReferenceSource};
 
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);

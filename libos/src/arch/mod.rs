@@ -1,3 +1,10 @@
-//! Hardware access. Everything that touches CPU registers, ports or descriptor tables lives here.
+//! Hardware access: the ground floor. Everything that touches CPU registers, ports, MMIO or
+//! descriptor tables lives here, and nothing here imports the layers above (traps hand over to
+//! a handler the kernel core registers). The rest of libos names only what this module
+//! re-exports, never `x86_64::` directly.
 
-pub mod x86_64;
+mod x86_64;
+
+pub(crate) use self::x86_64::{
+    apic, cpu, debug_exit, gdt, halt_forever, irq, mmu, pci, pic, pit, traps,
+};

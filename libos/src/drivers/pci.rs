@@ -2,11 +2,7 @@
 //! every PC chipset QEMU emulates (q35, i440fx) supports. On machines without PCI (microvm) the
 //! ports read all ones, so a scan finds nothing.
 
-use ::x86_64::instructions::port::Port;
 use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction};
-
-const CONFIG_ADDRESS: u16 = 0xcf8;
-const CONFIG_DATA: u16 = 0xcfc;
 
 /// Port-I/O configuration access ("configuration mechanism #1").
 #[derive(Debug)]
@@ -22,25 +18,13 @@ fn address(df: DeviceFunction, offset: u8) -> u32 {
 
 impl ConfigurationAccess for PortCam {
     fn read_word(&self, df: DeviceFunction, offset: u8) -> u32 {
-        let mut addr = Port::<u32>::new(CONFIG_ADDRESS);
-        let mut data = Port::<u32>::new(CONFIG_DATA);
-        // SAFETY: the standard configuration-mechanism ports; a read of a dword of configuration
-        // space has no side effect. Interrupts are off so the address/data pair is not split.
-        ::x86_64::instructions::interrupts::without_interrupts(|| unsafe {
-            addr.write(address(df, offset));
-            data.read()
-        })
+        crate::arch::pci::config_read(address(df, offset))
     }
 
     fn write_word(&mut self, df: DeviceFunction, offset: u8, value: u32) {
-        let mut addr = Port::<u32>::new(CONFIG_ADDRESS);
-        let mut data = Port::<u32>::new(CONFIG_DATA);
-        // SAFETY: as in `read_word`; the caller (the virtio-drivers PCI code or our BAR setup)
-        // writes registers of the one device it drives.
-        ::x86_64::instructions::interrupts::without_interrupts(|| unsafe {
-            addr.write(address(df, offset));
-            data.write(value);
-        })
+        // SAFETY: the caller (the virtio-drivers PCI code or our BAR setup) writes registers of
+        // the one device it drives.
+        unsafe { crate::arch::pci::config_write(address(df, offset), value) }
     }
 
     unsafe fn unsafe_clone(&self) -> Self {

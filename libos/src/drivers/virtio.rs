@@ -44,8 +44,7 @@ fn virt_to_phys(va: u64) -> Option<u64> {
     if va >= KERNEL_BASE {
         return Some(va - KERNEL_BASE);
     }
-    let (root, _) = ::x86_64::registers::control::Cr3::read();
-    let mut table = root.start_address().as_u64();
+    let mut table = crate::arch::mmu::root_phys();
     for level in (0..4).rev() {
         let index = (va >> (12 + 9 * level)) & 511;
         // SAFETY: `table` is a page table of the active hierarchy (RAM), read through the direct

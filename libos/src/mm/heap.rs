@@ -20,7 +20,7 @@ use talc::source::Source;
 
 use super::kernel::{frames, map_new_kernel_page, ready, reclaim_heap_tables, unmap_kernel_page};
 use super::layout::{KHEAP, KHEAP_SIZE, PAGE_SIZE};
-use crate::sync::RawIrqSpinlock;
+use crate::arch::irq::RawIrqSpinlock;
 
 /// Smallest step the heap grows by.
 const GROW_MIN: usize = 1 << 20;

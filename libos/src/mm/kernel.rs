@@ -3,7 +3,7 @@
 
 use core::sync::atomic::AtomicU32;
 
-use ::x86_64::registers::control::{Cr3, Cr3Flags};
+use ::x86_64::registers::control::Cr3Flags;
 use ::x86_64::structures::paging::{
     FrameAllocator as PtFrameAllocator, Mapper, OffsetPageTable, Page, PageTable,
     PageTableFlags as F, PhysFrame, Size1GiB, Size2MiB, Size4KiB,
@@ -15,9 +15,9 @@ use super::frame::{FrameAllocator, metadata_bytes};
 use super::layout::{
     DIRECT_MAP, EARLY_LIMIT, KERNEL_BASE, KHEAP, KSTACKS, PAGE_SIZE, phys_to_virt,
 };
-use crate::arch::x86_64::cpu;
+use crate::arch::irq::{IrqMutex, RawIrqSpinlock};
+use crate::arch::{cpu, mmu};
 use crate::memmap::Range;
-use crate::sync::{IrqMutex, RawIrqSpinlock};
 
 static FRAMES: Once<FrameAllocator<'static, RawIrqSpinlock>> = Once::new();
 static KERNEL_PT: Once<IrqMutex<OffsetPageTable<'static>>> = Once::new();
@@ -257,7 +257,7 @@ pub(crate) unsafe fn init(ram: &[Range]) -> Result<(), InitError> {
     // Switch. The code, stack and statics all live in the image, which the new tables map at the
     // same addresses.
     // SAFETY: `root` maps everything the kernel touches from here on (image, direct map).
-    unsafe { Cr3::write(root, Cr3Flags::empty()) };
+    unsafe { mmu::load_root(root, Cr3Flags::empty()) };
     cpu::enable_global_pages();
 
     // Start the frame allocator over the metadata area, now reached through the direct map.
@@ -427,8 +427,6 @@ fn reclaim_tables(l3: &PhysFrame) {
     }
     if freed > 0 {
         // Drop paging-structure caches that may still point at the freed tables.
-        let (root, flags) = Cr3::read();
-        // SAFETY: reloading the current root changes no mapping.
-        unsafe { Cr3::write(root, flags) };
+        mmu::flush_all();
     }
 }

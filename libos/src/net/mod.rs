@@ -42,7 +42,7 @@ pub use core::net::Ipv4Addr;
 pub use tcp::{MAX_BACKLOG, TcpListener, TcpStream};
 pub use udp::UdpSocket;
 
-use crate::sync::IrqMutex;
+use crate::arch::irq::IrqMutex;
 use device::Nic;
 
 /// How long [`init`] waits for a DHCP lease before giving up.
@@ -354,7 +354,7 @@ fn bring_up() -> Result<NetState, NetError> {
     })?;
     let mac = dev.mac();
     let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
-    config.random_seed = crate::arch::x86_64::cpu::rdtsc();
+    config.random_seed = crate::arch::cpu::rdtsc();
     let iface = Interface::new(config, &mut dev, now());
     Ok(NetState {
         iface,

@@ -41,3 +41,35 @@ pub fn enable_global_pages() {
         unsafe { Cr4::update(|f| f.insert(Cr4Flags::PAGE_GLOBAL)) };
     }
 }
+
+/// The frame-pointer register (RBP): the head of the frame chain for a backtrace (libos and apps
+/// are built with frame pointers).
+#[inline(always)]
+pub fn frame_pointer() -> u64 {
+    let rbp: u64;
+    // SAFETY: reads a register; no memory access.
+    unsafe {
+        core::arch::asm!("mov {}, rbp", out(reg) rbp, options(nomem, nostack, preserves_flags))
+    };
+    rbp
+}
+
+/// Switches to the stack whose top is `top` and calls `f` there; `f` never returns, and nothing
+/// on the old stack is used again.
+///
+/// # Safety
+/// `top` must be the 16-byte-aligned top of a mapped, writable stack that nothing else uses.
+pub unsafe fn run_on_stack(top: u64, f: extern "C" fn() -> !) -> ! {
+    // SAFETY: the caller guarantees the stack; `f` never returns, so the old stack is abandoned.
+    unsafe {
+        core::arch::asm!(
+            "mov rsp, {top}",
+            "xor ebp, ebp",
+            "call {f}",
+            "ud2",
+            top = in(reg) top,
+            f = in(reg) f,
+            options(noreturn)
+        )
+    }
+}

@@ -1,9 +1,13 @@
-//! x86_64 support: PVH entry, descriptor tables, traps, PIC, PIT, debug-exit device, CPU features.
+//! x86_64 support: PVH entry, descriptor tables, traps, interrupts and their locks, the MMU, PIC,
+//! PIT, the local APIC, the debug-exit device, CPU features.
 
 pub mod apic;
 pub mod boot;
 pub mod cpu;
 pub mod gdt;
+pub mod irq;
+pub mod mmu;
+pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod traps;
