@@ -15,13 +15,11 @@
 //! the kernel page tables nor the frame allocator ever reuse (mm/kernel.rs); one that does not is
 //! a boot error naming its address and length, never a silent cut.
 
-use core::sync::atomic::{AtomicBool, Ordering};
-
 use crate::arch::{gdt, pic, traps};
 use crate::cmdline;
 use crate::memmap::{MapEntry, Range, normalize};
 use crate::mm::layout::{EARLY_LIMIT, KERNEL_BASE, phys_to_virt};
-use crate::rt;
+use crate::{rt, shutdown};
 use alloc::string::String;
 use spin::Once;
 
@@ -51,7 +49,6 @@ struct BootData {
 static BOOT_DATA: Once<BootData> = Once::new();
 /// The command line, copied onto the heap once it exists.
 static CMDLINE: Once<&'static str> = Once::new();
-static SHARE: AtomicBool = AtomicBool::new(true);
 
 fn boot_data() -> &'static BootData {
     BOOT_DATA
@@ -100,6 +97,23 @@ fn keep_cmdline() {
     CMDLINE.call_once(|| line);
 }
 
+/// Maps the local APIC and starts its timer at the scheduling quantum; false when there is no
+/// usable APIC (tasks are then scheduled cooperatively).
+fn start_preemption_timer() -> bool {
+    let Some(phys) = crate::arch::apic::base_phys() else {
+        return false;
+    };
+    let Some(mmio) = crate::mm::kernel::map_mmio_page(phys) else {
+        return false;
+    };
+    // SAFETY: `mmio` maps the APIC's register page uncached for good (`map_mmio_page`).
+    let waited = unsafe {
+        crate::arch::apic::start_timer(mmio, crate::time::tsc_hz(), crate::task::QUANTUM_US)
+    };
+    crate::time::add_calibration_wait(waited);
+    true
+}
+
 /// Logs the one-line boot banner (called just before the app's `main`).
 pub(crate) fn banner() {
     let fa = crate::mm::kernel::frames();
@@ -128,7 +142,7 @@ pub fn ram_ranges() -> &'static [Range] {
 /// libos::println!("share={}", if libos::share_mode() { "on" } else { "off" });
 /// ```
 pub fn share_mode() -> bool {
-    SHARE.load(Ordering::Relaxed)
+    crate::space::mode() == templates::Mode::Share
 }
 
 fn early_ptr<T>(phys: u64, len: u64) -> Option<*const T> {
@@ -137,7 +151,7 @@ fn early_ptr<T>(phys: u64, len: u64) -> Option<*const T> {
 
 fn boot_fail(code: u32, args: core::fmt::Arguments<'_>) -> ! {
     crate::console::emergency_write(format_args!("stencil: boot failed: {args}\n"));
-    rt::fatal_exit(code)
+    crate::shutdown::fatal_exit(code)
 }
 
 /// Reads `hvm_start_info` through the boot mapping and copies what we keep.
@@ -147,7 +161,7 @@ fn boot_fail(code: u32, args: core::fmt::Arguments<'_>) -> ! {
 unsafe fn copy_start_info(start_info: u64, d: &mut BootData) {
     let Some(info) = early_ptr::<u32>(start_info, 56) else {
         boot_fail(
-            rt::EXIT_BOOT_FAILED,
+            shutdown::EXIT_BOOT_FAILED,
             format_args!("start info at {start_info:#x} is not below 1 GiB"),
         );
     };
@@ -156,7 +170,7 @@ unsafe fn copy_start_info(start_info: u64, d: &mut BootData) {
     let qword = |i: usize| u64::from(word(i)) | (u64::from(word(i + 1)) << 32);
     if word(0) != PVH_MAGIC {
         boot_fail(
-            rt::EXIT_BOOT_FAILED,
+            shutdown::EXIT_BOOT_FAILED,
             format_args!(
                 "bad hvm_start_info magic {:#x} (not booted through PVH, or the loader overwrote \
                  it: QEMU's SeaBIOS PVH loader does so with a kernel command line over ~4 KiB)",
@@ -173,20 +187,20 @@ unsafe fn copy_start_info(start_info: u64, d: &mut BootData) {
     };
     if entries == 0 {
         boot_fail(
-            rt::EXIT_BOOT_FAILED,
+            shutdown::EXIT_BOOT_FAILED,
             format_args!("the loader passed no memory map (PVH start info version {version})"),
         );
     }
     if entries > MAX_MAP {
         boot_fail(
-            rt::EXIT_BOOT_FAILED,
+            shutdown::EXIT_BOOT_FAILED,
             format_args!("the memory map has {entries} entries; libos reads at most {MAX_MAP}"),
         );
     }
     let n = entries;
     let Some(map) = early_ptr::<u8>(memmap_paddr, 24 * n as u64) else {
         boot_fail(
-            rt::EXIT_BOOT_FAILED,
+            shutdown::EXIT_BOOT_FAILED,
             format_args!("memory map at {memmap_paddr:#x} is not below 1 GiB"),
         );
     };
@@ -208,7 +222,7 @@ unsafe fn copy_start_info(start_info: u64, d: &mut BootData) {
     d.ram_len = normalize(&d.map[..n], &mut d.ram);
     if d.ram_len == 0 {
         boot_fail(
-            rt::EXIT_BOOT_FAILED,
+            shutdown::EXIT_BOOT_FAILED,
             format_args!("the memory map ({n} entries) holds no usable RAM"),
         );
     }
@@ -229,7 +243,7 @@ unsafe fn measure_cmdline(phys: u64, ram: &[Range]) -> usize {
     let room = CMDLINE_LIMIT.saturating_sub(phys);
     let Some(p) = early_ptr::<u8>(phys, room).filter(|_| room > 0) else {
         boot_fail(
-            rt::EXIT_BAD_CMDLINE,
+            shutdown::EXIT_BAD_CMDLINE,
             format_args!(
                 "the kernel command line is at {phys:#x}; libos needs it below {CMDLINE_LIMIT:#x}"
             ),
@@ -239,7 +253,7 @@ unsafe fn measure_cmdline(phys: u64, ram: &[Range]) -> usize {
     let len = (0..room as usize).find(|&i| unsafe { p.add(i).read_volatile() } == 0);
     let Some(len) = len else {
         boot_fail(
-            rt::EXIT_BAD_CMDLINE,
+            shutdown::EXIT_BAD_CMDLINE,
             format_args!(
                 "the kernel command line at {phys:#x} is at least {room} bytes long and does \
                  not end below {CMDLINE_LIMIT:#x}, where libos needs it"
@@ -248,7 +262,7 @@ unsafe fn measure_cmdline(phys: u64, ram: &[Range]) -> usize {
     };
     if ram.first().is_none_or(|r| r.start >= 2 << 20) {
         boot_fail(
-            rt::EXIT_BOOT_FAILED,
+            shutdown::EXIT_BOOT_FAILED,
             format_args!("the memory map has no RAM in the first 2 MiB, where the command line is"),
         );
     }
@@ -256,7 +270,7 @@ unsafe fn measure_cmdline(phys: u64, ram: &[Range]) -> usize {
     let bytes = unsafe { core::slice::from_raw_parts(p, len) };
     if let Err(e) = core::str::from_utf8(bytes) {
         boot_fail(
-            rt::EXIT_BAD_CMDLINE,
+            shutdown::EXIT_BAD_CMDLINE,
             format_args!(
                 "the kernel command line ({len} bytes) is not UTF-8: invalid byte at offset {}",
                 e.valid_up_to()
@@ -271,7 +285,7 @@ unsafe fn measure_cmdline(phys: u64, ram: &[Range]) -> usize {
 extern "C" fn stencil_boot64(start_info: u64, entry_tsc: u64) -> ! {
     crate::console::init();
     gdt::init();
-    traps::init();
+    traps::init(crate::fault::on_trap);
     pic::remap_and_mask();
     crate::time::start_calibration(entry_tsc);
     BOOT_DATA.call_once(|| {
@@ -296,21 +310,21 @@ extern "C" fn stencil_boot64(start_info: u64, entry_tsc: u64) -> ! {
     let opts = match cmdline::parse_options(early) {
         Ok(o) => o,
         Err(e) => boot_fail(
-            rt::EXIT_BAD_CMDLINE,
+            shutdown::EXIT_BAD_CMDLINE,
             format_args!("bad kernel command line: {e}\n  command line: {early}"),
         ),
     };
     crate::console::init_logger(opts.log);
-    SHARE.store(opts.share, Ordering::Relaxed);
+    crate::space::set_share_mode(opts.share);
     // SAFETY: called once, with the boot tables active and the normalised map.
     if let Err(e) = unsafe { crate::mm::kernel::init(ram_ranges()) } {
-        boot_fail(rt::EXIT_OOM, format_args!("{e}"));
+        boot_fail(shutdown::EXIT_OOM, format_args!("{e}"));
     }
     keep_cmdline();
     let stack = match crate::stack::alloc(MAIN_STACK_SIZE) {
         Ok(s) => s,
         Err(e) => boot_fail(
-            rt::EXIT_OOM,
+            shutdown::EXIT_OOM,
             format_args!("cannot map the main stack: {e:?}"),
         ),
     };
@@ -326,10 +340,14 @@ extern "C" fn continue_on_main_stack() -> ! {
     match cmdline::parse_args(cmdline()) {
         Ok(args) => rt::set_args(args),
         Err(e) => boot_fail(
-            rt::EXIT_BAD_CMDLINE,
+            shutdown::EXIT_BAD_CMDLINE,
             format_args!("bad app arguments: {e}\n  command line: {}", cmdline()),
         ),
     }
     crate::time::finish_calibration();
+    let preemption = start_preemption_timer();
+    crate::task::init(preemption);
+    crate::time::mark_main();
+    banner();
     rt::run_main()
 }

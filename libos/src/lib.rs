@@ -43,11 +43,15 @@ pub mod console;
 #[cfg(target_os = "none")]
 mod drivers;
 #[cfg(target_os = "none")]
+mod fault;
+#[cfg(target_os = "none")]
 pub mod net;
 #[cfg(target_os = "none")]
 mod rt;
 #[cfg(target_os = "none")]
 pub mod shared;
+#[cfg(target_os = "none")]
+mod shutdown;
 #[cfg(target_os = "none")]
 pub mod space;
 #[cfg(target_os = "none")]

@@ -410,11 +410,19 @@ pub(crate) fn kernel_half() -> &'static KernelHalf {
 /// }
 /// ```
 pub fn mode() -> Mode {
-    if crate::share_mode() {
+    if SHARE.load(Ordering::Relaxed) {
         Mode::Share
     } else {
         Mode::Copy
     }
+}
+
+/// The boot's `share=` option (boot sets it once, from the command line, before any task).
+static SHARE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(true);
+
+/// Sets the share mode for spaces made from now on (boot calls this with `share=`).
+pub(crate) fn set_share_mode(share: bool) {
+    SHARE.store(share, Ordering::Relaxed);
 }
 
 impl Space {

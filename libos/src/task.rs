@@ -215,9 +215,9 @@ unsafe extern "C" {
     fn stencil_switch(old_rsp: *mut u64, new_rsp: u64, new_cr3: u64);
 }
 
-/// Sets up the main task (the app's `main`) with an empty address space of its own, loads it,
-/// and starts the preemption timer.
-pub(crate) fn init() {
+/// Sets up the main task (the app's `main`) with an empty address space of its own and loads it;
+/// with `preemption` (boot started the APIC timer), turns interrupts on so the timer preempts.
+pub(crate) fn init(preemption: bool) {
     let space = AddressSpace::new(
         &KernelMem,
         &[],
@@ -255,7 +255,7 @@ pub(crate) fn init() {
             )
         };
     });
-    if crate::arch::apic::start_timer(QUANTUM_US) {
+    if preemption {
         PREEMPTION.store(true, Ordering::Relaxed);
         interrupts::enable();
     } else {
@@ -632,7 +632,7 @@ fn end_current(result: Result<i32, TaskError>) -> ! {
 /// ```
 pub fn exit(code: i32) -> ! {
     if !in_spawned_task() {
-        crate::exit(code)
+        crate::shutdown::exit_app(code)
     }
     end_current(Ok(code))
 }
@@ -649,10 +649,10 @@ pub(crate) fn fail_current(err: TaskError) {
                 "stencil: task {} failed while holding a kernel lock ({err}); the system cannot go on safely\n",
                 current()
             ));
-            crate::rt::fatal_exit(match err {
-                TaskError::Panic(_) => crate::rt::EXIT_PANIC,
-                TaskError::StackOverflow { .. } => crate::rt::EXIT_STACK_OVERFLOW,
-                _ => crate::rt::EXIT_EXCEPTION,
+            crate::shutdown::fatal_exit(match err {
+                TaskError::Panic(_) => crate::shutdown::EXIT_PANIC,
+                TaskError::StackOverflow { .. } => crate::shutdown::EXIT_STACK_OVERFLOW,
+                _ => crate::shutdown::EXIT_EXCEPTION,
             });
         }
         end_current(Err(err));

@@ -37,7 +37,7 @@ impl Clocks for Hardware {
 
 /// The TSC rate the CPU reports, if it reports one (all zero under QEMU here).
 fn cpu_reported_rate() -> Option<(ReferenceSource, u64)> {
-    use core::arch::x86_64::__cpuid;
+    use crate::arch::cpu::cpuid as __cpuid;
     let max = __cpuid(0).eax;
     if max >= 0x15 {
         let l = __cpuid(0x15);

@@ -1,4 +1,5 @@
-//! The PVH entry point: 32-bit protected mode → long mode → [`crate::boot::start`].
+//! The PVH entry point: 32-bit protected mode → long mode → `stencil_boot64` (the kernel's first
+//! Rust code, which the boot module defines; arch names only the symbol).
 //!
 //! QEMU (and any PVH loader) finds the 32-bit entry address in the `.note.Xen` ELF note
 //! (type 18, `XEN_ELFNOTE_PHYS32_ENTRY`) and jumps there with paging off and `ebx` holding the

@@ -25,6 +25,12 @@ pub fn features() -> Features {
     }
 }
 
+/// Executes CPUID for `leaf` (sub-leaf 0).
+#[inline]
+pub fn cpuid(leaf: u32) -> core::arch::x86_64::CpuidResult {
+    __cpuid(leaf)
+}
+
 /// Reads the time-stamp counter.
 #[inline]
 pub fn rdtsc() -> u64 {

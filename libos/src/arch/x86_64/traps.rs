@@ -1,19 +1,17 @@
-//! CPU exceptions and interrupts: entry stubs, the IDT, and fatal-fault reports.
+//! CPU exceptions and interrupts: entry stubs, the IDT, and decoding.
 //!
 //! `extern "x86-interrupt"` is nightly-only, so every vector gets a small assembly stub that
 //! pushes a uniform [`TrapFrame`] (a dummy error code where the CPU pushes none, the vector, all
-//! general registers) and calls [`stencil_trap`]. The IDT is filled with
-//! `set_handler_addr`. The double fault runs on its own stack (IST1) so a kernel stack overflow is
-//! still reported.
+//! general registers) and calls `stencil_trap`, which hands the frame to the one handler the
+//! kernel core registered with [`init`] (what a trap *means* — resolve a page fault, end a task,
+//! end the app — is the core's policy, not arch's). The IDT is filled with `set_handler_addr`.
+//! The double fault runs on its own stack (IST1) so a kernel stack overflow is still reported.
 
 use ::x86_64::VirtAddr;
 use ::x86_64::registers::control::Cr2;
 use ::x86_64::structures::idt::InterruptDescriptorTable;
 use core::fmt::Write;
 use spin::Once;
-
-/// End of the lower half: page faults below it belong to the current address space.
-const LOWER_HALF_END: u64 = 1 << 47;
 
 /// Vectors that have a stub (CPU exceptions 0..32, interrupts 32..64, spurious 255).
 const STUB_VECTORS: usize = 64;
@@ -93,10 +91,27 @@ pub struct TrapFrame {
     pub ss: u64,
 }
 
-static IDT: Once<InterruptDescriptorTable> = Once::new();
+impl TrapFrame {
+    /// The faulting address (CR2) for a page fault or a double fault (which may follow a stack
+    /// overflow), else 0.
+    pub fn fault_address(&self) -> u64 {
+        if self.vector == 14 || self.vector == 8 {
+            Cr2::read_raw()
+        } else {
+            0
+        }
+    }
+}
 
-/// Builds and loads the IDT.
-pub fn init() {
+/// The kernel core's trap handler: gets every exception and interrupt, with interrupts off.
+pub type Handler = fn(&mut TrapFrame);
+
+static IDT: Once<InterruptDescriptorTable> = Once::new();
+static HANDLER: Once<Handler> = Once::new();
+
+/// Builds and loads the IDT; every vector goes to `handler` from now on.
+pub fn init(handler: Handler) {
+    HANDLER.call_once(|| handler);
     let idt = IDT.call_once(|| {
         let mut idt = InterruptDescriptorTable::new();
         for vector in 0..STUB_VECTORS {
@@ -226,95 +241,18 @@ pub fn describe_pf_error(code: u64) -> &'static str {
 /// Common Rust entry for every vector, called by the stubs.
 #[unsafe(no_mangle)]
 extern "C" fn stencil_trap(frame: &mut TrapFrame) {
-    match frame.vector {
-        v if v < 32 => exception(frame),
-        super::apic::TIMER_VECTOR => {
-            super::apic::eoi();
-            crate::task::timer_tick();
-        }
-        super::apic::SPURIOUS_VECTOR => {}
-        _ => {
-            // No interrupt sources are enabled yet; a stray one is reported, not ignored.
-            crate::console::emergency_write(format_args!(
-                "stencil: unexpected interrupt vector {} at RIP {:#x}\n",
-                frame.vector, frame.rip
-            ));
-        }
+    match HANDLER.get() {
+        Some(handler) => handler(frame),
+        // The IDT is loaded only after a handler is set, so this cannot happen; stop rather than
+        // return into a fault that would repeat forever.
+        None => super::halt_forever(),
     }
 }
 
-fn exception(frame: &mut TrapFrame) {
-    let cr2 = if frame.vector == 14 || frame.vector == 8 {
-        Cr2::read_raw()
-    } else {
-        0
-    };
-    let mut unresolved = None;
-    if frame.vector == 14 && cr2 < LOWER_HALF_END {
-        match crate::space::handle_page_fault(cr2, frame.error_code) {
-            Some(Ok(())) => return,
-            Some(Err(fault)) => unresolved = Some(fault),
-            None => {}
-        }
-    }
-    let task = crate::rt::TaskPrefix;
-    if let Some(guard) =
-        crate::stack::guard_hit(cr2).filter(|_| frame.vector == 8 || frame.vector == 14)
-    {
-        crate::console::emergency_write(format_args!(
-            "\n{task}STACK OVERFLOW: {} hit its guard page at {:#x} (RIP {:#x}, RSP {:#x})\n",
-            guard, cr2, frame.rip, frame.rsp
-        ));
-        backtrace(frame.rbp);
-        crate::task::fail_current(crate::task::TaskError::StackOverflow { addr: cr2 });
-        crate::rt::fatal_exit(crate::rt::EXIT_STACK_OVERFLOW);
-    }
-    let (name, mnemonic) = exception_name(frame.vector);
-    let mut out = crate::console::EmergencyWriter;
-    let _ = write!(
-        out,
-        "\n{task}EXCEPTION: {name} ({mnemonic}, vector {}), error code {:#x}\n  at RIP {:#018x}, RSP {:#018x}, RFLAGS {:#x}\n",
-        frame.vector, frame.error_code, frame.rip, frame.rsp, frame.rflags
-    );
-    if frame.vector == 14 {
-        let _ = writeln!(
-            out,
-            "  page fault address (CR2) {:#018x}: {}",
-            cr2,
-            describe_pf_error(frame.error_code)
-        );
-        if let Some(fault) = &unresolved {
-            let _ = writeln!(out, "  address space: {fault}");
-        }
-    }
-    let _ = writeln!(
-        out,
-        "  rax {:#018x} rbx {:#018x} rcx {:#018x} rdx {:#018x}\n  rsi {:#018x} rdi {:#018x} rbp {:#018x} r8  {:#018x}",
-        frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp, frame.r8
-    );
-    backtrace(frame.rbp);
-    if crate::task::in_spawned_task() {
-        let cause = match (&unresolved, frame.vector) {
-            (Some(fault), _) => alloc::format!("{fault}"),
-            (None, 14) => alloc::format!("{} at {cr2:#x}", describe_pf_error(frame.error_code)),
-            (None, _) => alloc::format!("{name} ({mnemonic})"),
-        };
-        // Nothing on this stack is dropped after the switch: release what we hold first.
-        drop(unresolved);
-        let _ = writeln!(out, "{task}ended; the app goes on");
-        crate::task::fail_current(crate::task::TaskError::Fault {
-            addr: cr2,
-            rip: frame.rip,
-            cause,
-        });
-    }
-    crate::rt::fatal_exit(crate::rt::EXIT_EXCEPTION);
-}
-
-/// Prints return addresses by following the frame-pointer chain from `rbp`
-/// (libos and apps are built with `-C force-frame-pointers=yes`).
-pub fn backtrace(mut rbp: u64) {
-    let mut out = crate::console::EmergencyWriter;
+/// Writes return addresses to `out` by following the frame-pointer chain from `rbp` (libos and
+/// apps are built with `-C force-frame-pointers=yes`). A frame is followed only where
+/// `readable(addr, len)` says the memory lies in a known stack, so a corrupt chain cannot fault.
+pub fn backtrace(mut rbp: u64, readable: impl Fn(u64, u64) -> bool, out: &mut dyn Write) {
     // `cargo xtask run` and the test harness symbolize these lines from the booted ELF.
     let _ = writeln!(
         out,
@@ -322,8 +260,7 @@ pub fn backtrace(mut rbp: u64) {
     );
     let (mut last, mut repeats) = (0u64, 0u32);
     for depth in 0..256 {
-        // Only follow frame pointers that lie inside a known stack, so a corrupt chain cannot fault.
-        if !rbp.is_multiple_of(8) || !crate::stack::contains(rbp, 16) {
+        if !rbp.is_multiple_of(8) || !readable(rbp, 16) {
             break;
         }
         // SAFETY: rbp and rbp + 8 lie inside a mapped kernel stack (checked just above).
