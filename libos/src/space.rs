@@ -6,7 +6,8 @@
 //! (`share=on|off`) with the kernel half attached, and [`Space::read`]/[`Space::write`] run
 //! *inside* it: CR3 switches to the space, the copy goes through the MMU, and page faults in the
 //! lower half (copy-on-write, demand-zero) are resolved by the engine from the page-fault handler.
-//! Tasks (the next step) run whole functions inside a space the same way.
+//! A task (`libos::task`) runs whole functions inside its own space the same way: the scheduler
+//! loads its root on every switch.
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, Ordering};

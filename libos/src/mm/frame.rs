@@ -3,7 +3,7 @@
 //! Every 4 KiB frame of RAM has a `u32` reference count and a bit in a free bitmap. A frame is
 //! free exactly when its bit is set; an allocated frame starts with count 1, and [`FrameAllocator::dec_ref`]
 //! frees it when the count reaches zero. The page-table template engine counts its table and
-//! data frames here (DESIGN invariant 2).
+//! data frames here (invariant 2, docs/engine.md).
 //!
 //! Counts are atomics, so taking and dropping references needs no lock; the bitmap sits behind a
 //! spin lock (allocation and the final release only). Allocation scans the bitmap from a hint,

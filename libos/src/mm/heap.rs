@@ -4,8 +4,8 @@
 //! Growth needs free frames, not physically contiguous ones, so a fragmented RAM does not stop it.
 //! The region's L3 table is created at boot and every address space's L4 entry 509 points at it,
 //! so a page mapped here is visible in every task at once (the kernel half's one live shared
-//! subtree, DESIGN invariant 1's exception). The heap is one talc heap: each growth maps pages
-//! right after the last ones and extends it. A growth that cannot complete unmaps what it mapped
+//! subtree, invariant 1's exception, docs/engine.md). The heap is one talc heap: each growth
+//! maps pages right after the last ones and extends it. A growth that cannot complete unmaps what it mapped
 //! and frees the page tables it created, so a failed allocation leaves the heap and the free-frame
 //! count exactly as they were.
 

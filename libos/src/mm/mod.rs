@@ -21,11 +21,11 @@
 //! ```
 //!
 //! The upper half (L4 256..511) is the kernel template, identical in every address space
-//! (DESIGN invariant 6). The L3 tables of the heap (509) and stack (510) areas are created at
-//! boot, so their L4 entries never change: mapping a heap page or a stack changes only tables
-//! below them, which every address space shares, and every task sees it at once (the one live
-//! shared subtree, DESIGN invariant 1's exception; only libos changes it). Physical memory: the
-//! image is loaded at 1 MiB; the frame allocator's metadata and the first page tables are carved
+//! (invariant 6, docs/engine.md). The L3 tables of the heap (509) and stack (510) areas are
+//! created at boot, so their L4 entries never change: mapping a heap page or a stack changes only
+//! tables below them, which every address space shares, and every task sees it at once (the one
+//! live shared subtree, invariant 1's exception, docs/engine.md; only libos changes it). Physical
+//! memory: the image is loaded at 1 MiB; the frame allocator's metadata and the first page tables are carved
 //! from RAM below 1 GiB at boot; everything else is handed out by [`frame::FrameAllocator`], one
 //! frame at a time (the kernel heap needs no physically contiguous memory).
 
