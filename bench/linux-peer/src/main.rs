@@ -15,8 +15,9 @@
 //! `cargo xtask bench` runs it twice: as `/init` (pid 1) of a Linux guest in QEMU, where it mounts
 //! `/proc` and `/sys` (only to report the clock source and check that the huge pages are real)
 //! and powers the machine off at the end, and natively on the host as context. The output is one
-//! machine-readable line per figure (`RESULT key=value ...`), plus `INFO`, `SKIP`, `PROGRESS` and
-//! a final `DONE`; docs/bench.md explains them.
+//! machine-readable line per figure (`RESULT key=value ...`), plus `INFO`, `WARN` (a region not
+//! backed by the page size asked for), `SKIP`, `PROGRESS` and a final `DONE`; docs/bench.md
+//! explains them.
 //!
 //! Times come from `CLOCK_MONOTONIC` in nanoseconds. Under QEMU's `-icount shift=0,sleep=off`
 //! the guest clock advances one nanosecond per executed instruction, so the same figures are
@@ -714,7 +715,11 @@ fn measure_size(slot: &Slot, cfg: &Config, size: u64, pages: Pages) -> Result<()
     );
     let mut w = measure_fork_writes(slot, &region, c)?;
     // Whether the children's copy-on-write faults left the parent's huge pages in place.
-    let after = huge_pct(&region).map_or_else(String::new, |p| format!(" huge_pct_after={p}"));
+    let pct_after = huge_pct(&region);
+    let after = pct_after.map_or_else(String::new, |p| format!(" huge_pct_after={p}"));
+    if let Some(w) = split_warning(size, pages, pct, pct_after) {
+        println!("{w}");
+    }
     let extra = format!("{huge}{after}");
     println!(
         "{}",
@@ -728,6 +733,25 @@ fn measure_size(slot: &Slot, cfg: &Config, size: u64, pages: Pages) -> Result<()
     }
     drop(region);
     Ok(())
+}
+
+/// A `WARN` line when the parent's region lost huge pages while its children wrote to their
+/// copies (Linux split the parent's huge pages, not only the children's mappings).
+fn split_warning(
+    size: u64,
+    pages: Pages,
+    before: Option<u64>,
+    after: Option<u64>,
+) -> Option<String> {
+    let (before, after) = (before?, after?);
+    (pages == Pages::Thp && after < before).then(|| {
+        format!(
+            "WARN size={size} pages={} reason=\"huge pages backed {before}% of the {} region \
+             before the first-write samples, {after}% after\"",
+            pages.name(),
+            size_name(size)
+        )
+    })
 }
 
 /// A `WARN` line when the region is not backed as asked: THP mode without huge pages on all of
@@ -1018,6 +1042,14 @@ AnonHugePages:         0 kB
              (AnonHugePages in /proc/self/smaps)\""
         );
         assert!(huge_warning(2 * MIB, Pages::Small, Some(100)).is_some());
+        assert_eq!(split_warning(GIB, Pages::Thp, Some(100), Some(100)), None);
+        assert_eq!(split_warning(GIB, Pages::Thp, Some(100), None), None);
+        assert_eq!(split_warning(GIB, Pages::Small, Some(0), Some(0)), None);
+        assert_eq!(
+            split_warning(GIB, Pages::Thp, Some(100), Some(99)).unwrap(),
+            "WARN size=1073741824 pages=thp reason=\"huge pages backed 100% of the 1 GiB region \
+             before the first-write samples, 99% after\""
+        );
     }
 
     #[test]
@@ -1042,8 +1074,6 @@ AnonHugePages:         0 kB
         // A functional check only (no timing assertions): every sample is reported, the child's
         // writes stay in the child.
         let slot = Slot::new().unwrap();
-        let region = Mapping::new(HUGE, HUGE, false).unwrap();
-        region.populate();
         let c = Counts {
             fork: 3,
             vfork: 0,
@@ -1051,14 +1081,22 @@ AnonHugePages:         0 kB
             write: 3,
             warmup: 1,
         };
-        let w = measure_fork_writes(&slot, &region, c).unwrap();
-        assert_eq!(w.first.len(), 3);
-        assert_eq!(w.second.len(), 3);
-        assert!(w.first.iter().all(|&t| t > 0));
-        for off in (0..region.len).step_by(PAGE) {
-            // SAFETY: `off < len`, inside the mapping.
-            let v = unsafe { ptr::read_volatile(region.ptr.add(off)) };
-            assert_eq!(v, 1, "the parent's page at {off} is unchanged");
+        for advice in [libc::MADV_NOHUGEPAGE, libc::MADV_HUGEPAGE] {
+            let region = Mapping::new(2 * HUGE, HUGE, false).unwrap();
+            region.advise(advice).unwrap();
+            region.populate();
+            let w = measure_fork_writes(&slot, &region, c).unwrap();
+            assert_eq!(w.first.len(), 3);
+            assert_eq!(w.second.len(), 3);
+            assert!(w.first.iter().all(|&t| t > 0));
+            for off in (0..region.len).step_by(PAGE) {
+                // SAFETY: `off < len`, inside the mapping.
+                let v = unsafe { ptr::read_volatile(region.ptr.add(off)) };
+                assert_eq!(
+                    v, 1,
+                    "advice {advice}: the parent's page at {off} is unchanged"
+                );
+            }
         }
     }
 }

@@ -183,8 +183,8 @@ pub fn run(root: &Path, cmd: &BenchCmd) -> Result<i32> {
         report::first_write_table(
             &all,
             &format!(
-                "First write to an inherited page: Stencil's first write to a Private template \
-                 page vs a forked Linux child's copy-on-write fault ({setting}, {}, same run)",
+                "First write to an inherited page: Stencil (a Private template page) vs a forked \
+                 Linux child (copy-on-write fault), {setting}: {}",
                 match unit {
                     Unit::Ns => "p50 / p99 time",
                     Unit::Instructions => "p50 / p99 guest instructions",

@@ -174,7 +174,7 @@ pub fn first_write_table(ms: &[Measurement], heading: &str) -> String {
             "size",
             "Stencil first write",
             "Linux fork: 1st write",
-            "2nd write",
+            "Linux 2nd write",
             "Stencil / Linux",
         ]
         .iter()
