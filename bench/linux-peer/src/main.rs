@@ -7,11 +7,17 @@
 //! create + join). Each size is measured with 4 KiB pages (`MADV_NOHUGEPAGE`) and with
 //! transparent huge pages (`MADV_HUGEPAGE`).
 //!
+//! It also measures the copy-on-write fault a forked child takes on its first write to a page
+//! it inherited (`fork_first_write`, the peer of Stencil's `first_write`), and on a second write
+//! to another 4 KiB page in the same 2 MiB (`fork_second_write`: with THP it shows whether the
+//! first fault copied the whole huge page or split it and copied 4 KiB).
+//!
 //! `cargo xtask bench` runs it twice: as `/init` (pid 1) of a Linux guest in QEMU, where it mounts
 //! `/proc` and `/sys` (only to report the clock source and check that the huge pages are real)
 //! and powers the machine off at the end, and natively on the host as context. The output is one
-//! machine-readable line per figure (`RESULT key=value ...`), plus `INFO`, `SKIP`, `PROGRESS` and
-//! a final `DONE`; docs/bench.md explains them.
+//! machine-readable line per figure (`RESULT key=value ...`), plus `INFO`, `WARN` (a region not
+//! backed by the page size asked for), `SKIP`, `PROGRESS` and a final `DONE`; docs/bench.md
+//! explains them.
 //!
 //! Times come from `CLOCK_MONOTONIC` in nanoseconds. Under QEMU's `-icount shift=0,sleep=off`
 //! the guest clock advances one nanosecond per executed instruction, so the same figures are
@@ -24,7 +30,7 @@
 use std::ffi::{CStr, c_int, c_void};
 use std::fmt::Write as _;
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering, compiler_fence};
 
 const PAGE: usize = 4096;
 const HUGE: usize = 2 << 20;
@@ -37,6 +43,13 @@ const DEFAULT_SIZES: [u64; 4] = [2 * MIB, 16 * MIB, 128 * MIB, GIB];
 
 /// A size is measured only if it is at most this fraction of RAM (the rest is the kernel's).
 const MAX_RAM_FRACTION: f64 = 0.7;
+
+/// 8-byte cells in the shared slot page.
+const SLOT_CELLS: usize = PAGE / 8;
+
+/// Stack the forked child touches before its timed writes (so that the copy-on-write faults on
+/// its own stack pages happen outside the timed part).
+const WARM_STACK: usize = 16 << 10;
 
 /// Stack for the vfork child (it runs on its own stack, sharing the parent's memory).
 const VFORK_STACK: usize = 64 << 10;
@@ -71,6 +84,8 @@ struct Counts {
     fork: usize,
     vfork: usize,
     thread: usize,
+    /// Forks whose child times its first (and second) write to the inherited region.
+    write: usize,
     warmup: usize,
 }
 
@@ -91,6 +106,7 @@ fn counts(size: u64, quick: bool) -> Counts {
         fork,
         vfork: other,
         thread: other,
+        write: fork,
         warmup: if size >= GIB { 1 } else { 3 },
     }
 }
@@ -279,12 +295,36 @@ impl Drop for Mapping {
     }
 }
 
-/// `AnonHugePages` of this process in KiB, from /proc/self/smaps_rollup (None without /proc).
-fn anon_huge_kib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("AnonHugePages:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+/// `AnonHugePages` (KiB) of the mapping that contains `addr`, from the text of
+/// `/proc/self/smaps`. `None` if no mapping there holds the field.
+fn smaps_huge_kib(smaps: &str, addr: usize) -> Option<u64> {
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((start, end)) = smaps_range(line) {
+            inside = (start..end).contains(&addr);
+        } else if inside && let Some(v) = line.strip_prefix("AnonHugePages:") {
+            return v.trim().trim_end_matches("kB").trim().parse().ok();
+        }
+    }
+    None
+}
+
+/// The address range of an smaps header line (`7f12a0000000-7f12a0200000 rw-p ...`); `None` for
+/// the field lines under it.
+fn smaps_range(line: &str) -> Option<(usize, usize)> {
+    let first = line.split_whitespace().next()?;
+    let (a, b) = first.split_once('-')?;
+    let start = usize::from_str_radix(a, 16).ok()?;
+    let end = usize::from_str_radix(b, 16).ok()?;
+    (start < end).then_some((start, end))
+}
+
+/// Percent of `map` that huge pages back, from /proc/self/smaps (None without /proc).
+fn huge_pct(map: &Mapping) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let kib = smaps_huge_kib(&text, map.ptr as usize)?;
+    let len = u64::try_from(map.len).ok()?.max(1);
+    Some((kib.saturating_mul(KIB).min(len)) * 100 / len)
 }
 
 /// The page where a child or thread stores the time of its first instruction; MAP_SHARED so a
@@ -300,9 +340,16 @@ impl Slot {
     }
 
     fn cell(&self) -> &AtomicU64 {
-        // SAFETY: the page is mapped, writable, 8-aligned and lives as long as `self`; it is only
-        // ever accessed through this atomic (by the parent, the children and the threads).
-        unsafe { &*self.map.ptr.cast::<AtomicU64>() }
+        self.cell_at(0)
+    }
+
+    /// The `i`-th 8-byte cell of the page (`i < SLOT_CELLS`).
+    fn cell_at(&self, i: usize) -> &AtomicU64 {
+        assert!(i < SLOT_CELLS, "slot cell {i} out of range");
+        // SAFETY: `i < SLOT_CELLS`, so the 8-aligned cell lies inside the mapped, writable page,
+        // which lives as long as `self`; it is only ever accessed through this atomic (by the
+        // parent, the children and the threads).
+        unsafe { &*self.map.ptr.cast::<AtomicU64>().add(i) }
     }
 
     fn addr(&self) -> *mut c_void {
@@ -453,6 +500,119 @@ fn measure_thread(slot: &Slot, c: Counts) -> Result<Series, String> {
     Ok(s)
 }
 
+/// The pages a write sample touches: `first` (sample `i` walks the region in steps of 513
+/// pages, so successive samples hit different pages and different PTE tables), and `second`,
+/// the neighbouring 4 KiB page, which lies in the same 2 MiB (the region is 2 MiB-aligned);
+/// `None` for a one-page region.
+fn write_offsets(len: usize, i: usize) -> (usize, Option<usize>) {
+    let pages = (len / PAGE).max(1);
+    let first = i.wrapping_mul(513) % pages;
+    let second = (pages >= 2).then(|| {
+        let n = first ^ 1;
+        if n < pages { n } else { first - 1 }
+    });
+    (first * PAGE, second.map(|p| p * PAGE))
+}
+
+/// Writes to every page of the stack the timed part can reach, so that it is copied (the
+/// stack's own copy-on-write faults) before the timing starts.
+#[inline(never)]
+fn warm_stack() {
+    let mut buf = [0u8; WARM_STACK];
+    for b in buf.iter_mut().step_by(PAGE / 2) {
+        // SAFETY: `b` is a valid, exclusive reference into `buf`.
+        unsafe { ptr::write_volatile(b, 1) };
+    }
+    std::hint::black_box(&buf);
+}
+
+/// The forked child's timed part: one write to `first`, then one to `second`; each figure is
+/// the time of one store (which takes the copy-on-write fault) plus one clock read.
+///
+/// # Safety
+///
+/// `first` and `second` (if not null) must point into a writable mapping of this process.
+#[inline(never)]
+unsafe fn timed_writes(first: *mut u8, second: *mut u8) -> (u64, u64) {
+    let t0 = now_ns();
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: the caller guarantees `first` points into a writable mapping.
+    unsafe { ptr::write_volatile(first, 2) };
+    compiler_fence(Ordering::SeqCst);
+    let t1 = now_ns();
+    if second.is_null() {
+        return (t1 - t0, 0);
+    }
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: the caller guarantees `second` points into a writable mapping.
+    unsafe { ptr::write_volatile(second, 2) };
+    compiler_fence(Ordering::SeqCst);
+    let t2 = now_ns();
+    (t1 - t0, t2 - t1)
+}
+
+#[derive(Default)]
+struct Writes {
+    first: Vec<u64>,
+    second: Vec<u64>,
+}
+
+/// fork(), then the child's first write to a page of the populated `region` it inherited (the
+/// copy-on-write fault: with THP, the huge page's split first) and a second write to the next
+/// page in the same 2 MiB. The child times both, stores them in the shared slot and exits; the
+/// parent waits. Nothing is printed while a child runs.
+fn measure_fork_writes(slot: &Slot, region: &Mapping, c: Counts) -> Result<Writes, String> {
+    let mut w = Writes::default();
+    for i in 0..c.warmup + c.write {
+        let (first, second) = write_offsets(region.len, i);
+        // SAFETY: both offsets are below `region.len` (write_offsets), so the pointers stay
+        // inside the region.
+        let (p1, p2) = unsafe {
+            (
+                region.ptr.add(first),
+                second.map_or(ptr::null_mut(), |o| region.ptr.add(o)),
+            )
+        };
+        for cell in 0..3 {
+            slot.cell_at(cell).store(0, Ordering::SeqCst);
+        }
+        // SAFETY: the child only writes to its own stack and its copy of the region, reads the
+        // clock, stores to the shared page and calls _exit, all async-signal-safe; it never
+        // returns into Rust code that could observe the fork.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // The vDSO and the clock's data page are not copied at fork: fault them in, and
+            // copy the stack pages the timed part uses, before timing.
+            let _ = now_ns();
+            warm_stack();
+            // SAFETY: p1 and p2 (or null) point into the region, which the child inherited
+            // mapped and writable.
+            let (a, b) = unsafe { timed_writes(p1, p2) };
+            slot.cell_at(0).store(a, Ordering::SeqCst);
+            slot.cell_at(1).store(b, Ordering::SeqCst);
+            slot.cell_at(2).store(1, Ordering::SeqCst);
+            // SAFETY: ends the child at once, without running the parent's exit handlers.
+            unsafe { libc::_exit(0) };
+        }
+        if pid < 0 {
+            return Err(os_error("fork"));
+        }
+        reap(pid)?;
+        let a = slot.cell_at(0).load(Ordering::SeqCst);
+        let b = slot.cell_at(1).load(Ordering::SeqCst);
+        if slot.cell_at(2).load(Ordering::SeqCst) != 1 {
+            return Err("a forked child exited without reporting its write times".to_owned());
+        }
+        if i >= c.warmup {
+            w.first.push(a);
+            if second.is_some() {
+                w.second.push(b);
+            }
+        }
+    }
+    Ok(w)
+}
+
 fn total_ram() -> u64 {
     // SAFETY: an all-zero sysinfo is a valid value to be overwritten.
     let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
@@ -479,7 +639,6 @@ fn clock_overhead() -> u64 {
 /// Populates one region and measures every spawn kind with it in place.
 fn measure_size(slot: &Slot, cfg: &Config, size: u64, pages: Pages) -> Result<(), String> {
     let len = usize::try_from(size).map_err(|_| "size too large")?;
-    let huge_before = anon_huge_kib();
     println!("PROGRESS populate size={size} pages={}", pages.name());
     let t = now_ns();
     let region = Mapping::new(len, HUGE, false)?;
@@ -489,18 +648,16 @@ fn measure_size(slot: &Slot, cfg: &Config, size: u64, pages: Pages) -> Result<()
     })?;
     region.populate();
     let populate_ms = (now_ns() - t) / 1_000_000;
-    // How much of the region huge pages back (from the process total, measured around it).
-    let huge = match (huge_before, anon_huge_kib()) {
-        (Some(b), Some(a)) => {
-            let pct = a.saturating_sub(b) * KIB * 100 / size.max(1);
-            format!(" huge_pct={}", pct.min(100))
-        }
-        _ => String::new(),
-    };
+    // How much of the region huge pages back (its own mapping in /proc/self/smaps).
+    let pct = huge_pct(&region);
+    let huge = pct.map_or_else(String::new, |p| format!(" huge_pct={p}"));
     println!(
         "INFO populated size={size} pages={} ms={populate_ms}{huge}",
         pages.name()
     );
+    if let Some(w) = huge_warning(size, pages, pct) {
+        println!("{w}");
+    }
     let c = counts(size, cfg.quick);
     let p = pages.name();
     let name = size_name(size);
@@ -551,8 +708,69 @@ fn measure_size(slot: &Slot, cfg: &Config, size: u64, pages: Pages) -> Result<()
         "{}",
         result_line("thread_roundtrip", size, pages, &mut th.round, &huge)
     );
+
+    println!(
+        "PROGRESS write size={size} pages={p} n={} ({name})",
+        c.write
+    );
+    let mut w = measure_fork_writes(slot, &region, c)?;
+    // Whether the children's copy-on-write faults left the parent's huge pages in place.
+    let pct_after = huge_pct(&region);
+    let after = pct_after.map_or_else(String::new, |p| format!(" huge_pct_after={p}"));
+    if let Some(w) = split_warning(size, pages, pct, pct_after) {
+        println!("{w}");
+    }
+    let extra = format!("{huge}{after}");
+    println!(
+        "{}",
+        result_line("fork_first_write", size, pages, &mut w.first, &extra)
+    );
+    if !w.second.is_empty() {
+        println!(
+            "{}",
+            result_line("fork_second_write", size, pages, &mut w.second, &extra)
+        );
+    }
     drop(region);
     Ok(())
+}
+
+/// A `WARN` line when the parent's region lost huge pages while its children wrote to their
+/// copies (Linux split the parent's huge pages, not only the children's mappings).
+fn split_warning(
+    size: u64,
+    pages: Pages,
+    before: Option<u64>,
+    after: Option<u64>,
+) -> Option<String> {
+    let (before, after) = (before?, after?);
+    (pages == Pages::Thp && after < before).then(|| {
+        format!(
+            "WARN size={size} pages={} reason=\"huge pages backed {before}% of the {} region \
+             before the first-write samples, {after}% after\"",
+            pages.name(),
+            size_name(size)
+        )
+    })
+}
+
+/// A `WARN` line when the region is not backed as asked: THP mode without huge pages on all of
+/// it (THP off, memory fragmented, a region under 2 MiB), or 4 KiB mode with some. `None` when
+/// it is as asked or /proc could not tell.
+fn huge_warning(size: u64, pages: Pages, pct: Option<u64>) -> Option<String> {
+    let pct = pct?;
+    let wrong = match pages {
+        Pages::Thp => pct < 100,
+        Pages::Small => pct > 0,
+    };
+    wrong.then(|| {
+        format!(
+            "WARN size={size} pages={} reason=\"huge pages back {pct}% of the {} region \
+             (AnonHugePages in /proc/self/smaps)\"",
+            pages.name(),
+            size_name(size)
+        )
+    })
 }
 
 fn read_trimmed(path: &str) -> Option<String> {
@@ -760,6 +978,7 @@ mod tests {
             fork: 2,
             vfork: 2,
             thread: 2,
+            write: 2,
             warmup: 1,
         };
         let f = measure_fork(&slot, c).unwrap();
@@ -767,5 +986,117 @@ mod tests {
         assert!(f.first.iter().all(|&t| t > 0));
         assert_eq!(measure_vfork(&slot, c).unwrap().round.len(), 2);
         assert_eq!(measure_thread(&slot, c).unwrap().first.len(), 2);
+    }
+
+    const SMAPS: &str = "\
+55d4c6a00000-55d4c6c00000 rw-p 00000000 00:00 0                          [heap]
+Size:               2048 kB
+AnonHugePages:      2048 kB
+7f0000000000-7f0040000000 rw-p 00000000 00:00 0 
+Size:            1048576 kB
+Rss:             1048576 kB
+AnonHugePages:    522240 kB
+THPeligible:    1
+7f0040000000-7f0040001000 rw-s 00000000 00:01 1234                       /dev/zero (deleted)
+Size:                  4 kB
+AnonHugePages:         0 kB
+";
+
+    #[test]
+    fn smaps_of_one_mapping() {
+        assert_eq!(smaps_huge_kib(SMAPS, 0x7f00_0000_0000), Some(522_240));
+        assert_eq!(smaps_huge_kib(SMAPS, 0x7f00_3fff_ffff), Some(522_240));
+        assert_eq!(smaps_huge_kib(SMAPS, 0x7f00_4000_0000), Some(0));
+        assert_eq!(smaps_huge_kib(SMAPS, 0x55d4_c6a0_1000), Some(2048));
+        assert_eq!(smaps_huge_kib(SMAPS, 0x1000), None, "no mapping there");
+        assert_eq!(smaps_huge_kib("", 0x1000), None);
+        // Field lines are not headers, even the ones with a dash.
+        assert_eq!(smaps_range("VmFlags: rd wr mr mw me ac sd"), None);
+        assert_eq!(smaps_range("Size:               2048 kB"), None);
+        assert_eq!(
+            smaps_range("ffff-1000 rw-p"),
+            None,
+            "an empty or reversed range"
+        );
+    }
+
+    #[test]
+    fn huge_pages_of_a_real_mapping() {
+        // Needs /proc (every Linux host has it); 4 KiB pages were asked for, so none are huge.
+        let m = Mapping::new(HUGE, HUGE, false).unwrap();
+        m.advise(libc::MADV_NOHUGEPAGE).unwrap();
+        m.populate();
+        assert_eq!(huge_pct(&m), Some(0));
+        assert_eq!(huge_warning(2 * MIB, Pages::Small, huge_pct(&m)), None);
+    }
+
+    #[test]
+    fn warnings_for_pages_not_as_asked() {
+        assert_eq!(huge_warning(GIB, Pages::Thp, Some(100)), None);
+        assert_eq!(huge_warning(GIB, Pages::Small, Some(0)), None);
+        assert_eq!(huge_warning(GIB, Pages::Thp, None), None);
+        let w = huge_warning(16 * MIB, Pages::Thp, Some(62)).unwrap();
+        assert_eq!(
+            w,
+            "WARN size=16777216 pages=thp reason=\"huge pages back 62% of the 16 MiB region \
+             (AnonHugePages in /proc/self/smaps)\""
+        );
+        assert!(huge_warning(2 * MIB, Pages::Small, Some(100)).is_some());
+        assert_eq!(split_warning(GIB, Pages::Thp, Some(100), Some(100)), None);
+        assert_eq!(split_warning(GIB, Pages::Thp, Some(100), None), None);
+        assert_eq!(split_warning(GIB, Pages::Small, Some(0), Some(0)), None);
+        assert_eq!(
+            split_warning(GIB, Pages::Thp, Some(100), Some(99)).unwrap(),
+            "WARN size=1073741824 pages=thp reason=\"huge pages backed 100% of the 1 GiB region \
+             before the first-write samples, 99% after\""
+        );
+    }
+
+    #[test]
+    fn write_offsets_stay_inside_and_pair_up() {
+        let len = 2 * HUGE;
+        for i in 0..2000 {
+            let (a, b) = write_offsets(len, i);
+            let b = b.unwrap();
+            assert!(a < len && b < len, "{i}: {a} {b}");
+            assert_ne!(a, b);
+            assert_eq!(a / HUGE, b / HUGE, "same 2 MiB");
+            assert_eq!(a % PAGE, 0);
+        }
+        assert_ne!(write_offsets(len, 0).0, write_offsets(len, 1).0);
+        // Odd page counts: the last page's neighbour is the one before it.
+        assert_eq!(write_offsets(5 * PAGE, 3), (4 * PAGE, Some(3 * PAGE)));
+        assert_eq!(write_offsets(PAGE, 5), (0, None));
+    }
+
+    #[test]
+    fn fork_writes_work_natively() {
+        // A functional check only (no timing assertions): every sample is reported, the child's
+        // writes stay in the child.
+        let slot = Slot::new().unwrap();
+        let c = Counts {
+            fork: 3,
+            vfork: 0,
+            thread: 0,
+            write: 3,
+            warmup: 1,
+        };
+        for advice in [libc::MADV_NOHUGEPAGE, libc::MADV_HUGEPAGE] {
+            let region = Mapping::new(2 * HUGE, HUGE, false).unwrap();
+            region.advise(advice).unwrap();
+            region.populate();
+            let w = measure_fork_writes(&slot, &region, c).unwrap();
+            assert_eq!(w.first.len(), 3);
+            assert_eq!(w.second.len(), 3);
+            assert!(w.first.iter().all(|&t| t > 0));
+            for off in (0..region.len).step_by(PAGE) {
+                // SAFETY: `off < len`, inside the mapping.
+                let v = unsafe { ptr::read_volatile(region.ptr.add(off)) };
+                assert_eq!(
+                    v, 1,
+                    "advice {advice}: the parent's page at {off} is unchanged"
+                );
+            }
+        }
     }
 }

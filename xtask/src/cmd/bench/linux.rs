@@ -232,7 +232,10 @@ fn progress(label: &'static str, start: Instant) -> impl FnMut(&str) + Send + 's
             }
         } else if let Some(rest) = line.strip_prefix("INFO kernel=") {
             format!("running: kernel {rest}")
-        } else if line.starts_with("SKIP ") || line.starts_with("ERROR ") {
+        } else if line.starts_with("SKIP ")
+            || line.starts_with("ERROR ")
+            || line.starts_with("WARN ")
+        {
             line.to_owned()
         } else {
             return;
@@ -260,6 +263,19 @@ fn collect(lines: &str, system: &str, unit: Unit, run: &mut PeerRun) {
             if !run.notes.contains(&note) {
                 run.notes.push(note);
             }
+        } else if let Some(rest) = line.strip_prefix("WARN ") {
+            // The region was not backed as asked (e.g. THP without huge pages): its rows
+            // measure something else, so the report says so.
+            let f = model::fields(rest);
+            let size = f
+                .get("size")
+                .and_then(|s| s.parse().ok())
+                .map_or_else(|| "?".to_owned(), model::size_name);
+            run.notes.push(format!(
+                "{system}: {size} {}: {}",
+                f.get("pages").unwrap_or(&"?"),
+                f.get("reason").unwrap_or(&rest)
+            ));
         } else if let Some(e) = line.strip_prefix("ERROR ") {
             run.notes.push(format!("{system}: the peer failed: {e}"));
         } else if line == "DONE" {
@@ -450,14 +466,24 @@ mod tests {
                    RESULT kind=fork_parent size=2097152 pages=4k n=200 p50_ns=10 p99_ns=20\n\
                    RESULT kind=broken\n\
                    SKIP size=4294967296 pages=4k reason=\"4 GiB does not fit in 2 GiB of RAM\"\n\
+                   WARN size=16777216 pages=thp reason=\"huge pages back 62% of the 16 MiB region\"\n\
+                   RESULT kind=fork_first_write size=2097152 pages=thp n=40 p50_ns=30 p99_ns=40 \
+                   huge_pct=100 huge_pct_after=100\n\
                    DONE\n";
         let mut run = PeerRun::default();
         collect(out, "linux", Unit::Instructions, &mut run);
         assert!(run.complete);
-        assert_eq!(run.results.len(), 1);
+        assert_eq!(run.results.len(), 2);
         assert_eq!(run.results[0].unit, Unit::Instructions);
-        assert_eq!(run.notes.len(), 2, "{:?}", run.notes);
+        assert_eq!(run.results[1].kind, "fork_first_write");
+        assert_eq!(run.results[1].mode, "thp");
+        assert_eq!(run.results[1].p50, 30.0);
+        assert_eq!(run.notes.len(), 3, "{:?}", run.notes);
         assert!(run.notes[1].contains("4 GiB not measured: 4 GiB does not fit"));
+        assert_eq!(
+            run.notes[2],
+            "linux: 16 MiB thp: huge pages back 62% of the 16 MiB region"
+        );
         assert!(run.info.unwrap().starts_with("kernel=6.1.0-56"));
     }
 

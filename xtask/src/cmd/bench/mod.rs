@@ -178,6 +178,20 @@ pub fn run(root: &Path, cmd: &BenchCmd) -> Result<i32> {
         "{}",
         report::table(&all, |system| heading(system, &setting, unit))
     );
+    print!(
+        "{}",
+        report::first_write_table(
+            &all,
+            &format!(
+                "First write to an inherited page: Stencil (a Private template page) vs a forked \
+                 Linux child (copy-on-write fault), {setting}: {}",
+                match unit {
+                    Unit::Ns => "p50 / p99 time",
+                    Unit::Instructions => "p50 / p99 guest instructions",
+                }
+            )
+        )
+    );
     if all.iter().any(|m| m.system == "linux") {
         notes.push(format!(
             "linux: 4, 16 and 64 GiB are not measured: the Linux guest has {} of RAM",
@@ -412,6 +426,29 @@ fn headline(all: &[Measurement]) -> Vec<String> {
         share(GIB),
         find("linux", "4k", "thread_first", GIB),
     );
+    for (smode, lmode, what, target) in [
+        ("share", "4k", "4 KiB pages", "target: ratio <= 1"),
+        (
+            "share-2m",
+            "thp",
+            "THP",
+            "target: Stencil <= 15 k instructions",
+        ),
+    ] {
+        if let Some((s, l, r)) = report::first_write_ratio(all, smode, lmode, GIB) {
+            let unit = all
+                .iter()
+                .find(|m| m.system == "stencil")
+                .map_or(Unit::Ns, |m| m.unit);
+            lines.push(format!(
+                "first write at 1 GiB, Stencil {smode} / Linux fork child's copy-on-write fault \
+                 ({what}) ({target}): {} / {} = {}",
+                model::human(s, unit),
+                model::human(l, unit),
+                report::ratio_text(r)
+            ));
+        }
+    }
     let unit = all.iter().find(|m| m.system == "stencil").map(|m| m.unit);
     match (share(GIB), unit) {
         (Some(s), Some(Unit::Instructions)) => lines.push(format!(
@@ -459,4 +496,46 @@ fn linux_part(target: &Path, cmd: &BenchCmd, accel: Accel, peer: &Path) -> Resul
         results: run.results,
         notes: run.notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(system: &str, mode: &str, kind: &str, size: u64, p50: f64) -> Measurement {
+        Measurement {
+            system: system.to_owned(),
+            mode: mode.to_owned(),
+            kind: kind.to_owned(),
+            size,
+            p50,
+            p99: p50,
+            n: 10,
+            unit: Unit::Instructions,
+        }
+    }
+
+    #[test]
+    fn headline_first_write_lines() {
+        let gib = 1 << 30;
+        let ms = vec![
+            m("stencil", "share", "first_write", gib, 27_000.0),
+            m("linux", "4k", "fork_first_write", gib, 30_000.0),
+            m("stencil", "share-2m", "first_write", gib, 320_000.0),
+        ];
+        let h = headline(&ms);
+        assert_eq!(
+            h,
+            [
+                "first write at 1 GiB, Stencil share / Linux fork child's copy-on-write fault \
+                 (4 KiB pages) (target: ratio <= 1): 27.0 k / 30.0 k = 0.90x"
+            ],
+            "no THP line without Linux's THP figure"
+        );
+        let mut both = ms;
+        both.push(m("linux", "thp", "fork_first_write", gib, 40_000.0));
+        let h = headline(&both);
+        assert_eq!(h.len(), 2);
+        assert!(h[1].contains("Stencil share-2m") && h[1].ends_with("320 k / 40.0 k = 8.00x"));
+    }
 }

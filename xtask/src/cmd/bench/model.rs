@@ -50,6 +50,9 @@ pub const KINDS: &[(&str, &str)] = &[
     ("thread_parent", "thread (parent ret.)"),
     ("thread_first", "thread → 1st instr."),
     ("thread_roundtrip", "thread create+join"),
+    ("first_write", "first write"),
+    ("fork_first_write", "fork: child 1st write"),
+    ("fork_second_write", "fork: child 2nd write"),
 ];
 
 /// The kinds in the terminal table (the CSV has all of them).
@@ -60,6 +63,8 @@ pub const TABLE_KINDS: &[&str] = &[
     "fork_roundtrip",
     "vfork_child_first",
     "thread_first",
+    "first_write",
+    "fork_first_write",
 ];
 
 pub fn kind_label(kind: &str) -> &str {

@@ -79,27 +79,144 @@ pub fn table(ms: &[Measurement], heading: impl Fn(&str) -> String) -> String {
             }
             grid.push(row);
         }
-        let cols = grid[0].len();
-        let widths: Vec<usize> = (0..cols)
-            .map(|c| grid.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-            .collect();
-        let _ = writeln!(out, "\n{}", heading(&system));
-        for (i, row) in grid.iter().enumerate() {
-            let mut line = String::new();
-            for (c, cell) in row.iter().enumerate() {
-                let pad = widths[c] - cell.chars().count();
-                if c < 2 {
-                    let _ = write!(line, "{cell}{}  ", " ".repeat(pad));
-                } else {
-                    let _ = write!(line, "{}{cell}  ", " ".repeat(pad));
-                }
-            }
-            let _ = writeln!(out, "  {}", line.trim_end());
-            if i == 0 {
-                let total: usize = widths.iter().sum::<usize>() + 2 * (cols - 1);
-                let _ = writeln!(out, "  {}", "-".repeat(total));
+        render(&mut out, &heading(&system), &grid, 2);
+    }
+    out
+}
+
+/// Appends `grid` (a header row, then data rows) as an aligned table under `heading`: the first
+/// `left` columns left-aligned, the others right-aligned.
+fn render(out: &mut String, heading: &str, grid: &[Vec<String>], left: usize) {
+    let Some(head) = grid.first() else {
+        return;
+    };
+    let cols = head.len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            grid.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let _ = writeln!(out, "\n{heading}");
+    for (i, row) in grid.iter().enumerate() {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let pad = widths[c] - cell.chars().count();
+            if c < left {
+                let _ = write!(line, "{cell}{}  ", " ".repeat(pad));
+            } else {
+                let _ = write!(line, "{}{cell}  ", " ".repeat(pad));
             }
         }
+        let _ = writeln!(out, "  {}", line.trim_end());
+        if i == 0 {
+            let total: usize = widths.iter().sum::<usize>() + 2 * (cols.saturating_sub(1));
+            let _ = writeln!(out, "  {}", "-".repeat(total));
+        }
+    }
+}
+
+/// Which Stencil mode is compared with which Linux page size in the first-write table: 4 KiB
+/// templates with 4 KiB pages, 2 MiB templates with THP.
+pub const FIRST_WRITE_PAIRS: &[(&str, &str)] = &[
+    ("share", "4k"),
+    ("copy", "4k"),
+    ("share-2m", "thp"),
+    ("copy-2m", "thp"),
+];
+
+/// Stencil's `first_write` over Linux's `fork_first_write` (p50s), for one pair and size of one
+/// run; `None` unless both were measured, in the same unit, and Linux's is above zero.
+pub fn first_write_ratio(
+    ms: &[Measurement],
+    stencil_mode: &str,
+    linux_mode: &str,
+    size: u64,
+) -> Option<(f64, f64, f64)> {
+    let s = find(ms, "stencil", stencil_mode, "first_write", size)?;
+    let l = find(ms, "linux", linux_mode, "fork_first_write", size)?;
+    (s.unit == l.unit && l.p50 > 0.0).then(|| (s.p50, l.p50, s.p50 / l.p50))
+}
+
+fn find<'a>(
+    ms: &'a [Measurement],
+    system: &str,
+    mode: &str,
+    kind: &str,
+    size: u64,
+) -> Option<&'a Measurement> {
+    ms.iter()
+        .find(|m| m.system == system && m.mode == mode && m.kind == kind && m.size == size)
+}
+
+/// `0.93x`, `12.4x`, `250x`.
+pub fn ratio_text(r: f64) -> String {
+    if r >= 100.0 {
+        format!("{r:.0}x")
+    } else if r >= 10.0 {
+        format!("{r:.1}x")
+    } else {
+        format!("{r:.2}x")
+    }
+}
+
+/// The first write to an inherited page, side by side: Stencil's `first_write` (a task's first
+/// write to a `Private` template page) beside the Linux guest's `fork_first_write` (a forked
+/// child's copy-on-write fault) and `fork_second_write`, for every size both measured, with the
+/// ratio Stencil / Linux of the p50s. Empty when no size has both.
+pub fn first_write_table(ms: &[Measurement], heading: &str) -> String {
+    let mut grid: Vec<Vec<String>> = vec![
+        [
+            "Stencil",
+            "Linux",
+            "size",
+            "Stencil first write",
+            "Linux fork: 1st write",
+            "Linux 2nd write",
+            "Stencil / Linux",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect(),
+    ];
+    let cell = |m: Option<&Measurement>| {
+        m.map_or_else(
+            || "-".to_owned(),
+            |m| {
+                format!(
+                    "{} / {}",
+                    model::human(m.p50, m.unit),
+                    model::human(m.p99, m.unit)
+                )
+            },
+        )
+    };
+    for &(smode, lmode) in FIRST_WRITE_PAIRS {
+        let sizes: BTreeSet<u64> = ms
+            .iter()
+            .filter(|m| m.system == "stencil" && m.mode == smode && m.kind == "first_write")
+            .map(|m| m.size)
+            .collect();
+        for size in sizes {
+            let Some((_, _, ratio)) = first_write_ratio(ms, smode, lmode, size) else {
+                continue;
+            };
+            grid.push(vec![
+                smode.to_owned(),
+                lmode.to_owned(),
+                model::size_name(size),
+                cell(find(ms, "stencil", smode, "first_write", size)),
+                cell(find(ms, "linux", lmode, "fork_first_write", size)),
+                cell(find(ms, "linux", lmode, "fork_second_write", size)),
+                ratio_text(ratio),
+            ]);
+        }
+    }
+    let mut out = String::new();
+    if grid.len() > 1 {
+        render(&mut out, heading, &grid, 3);
     }
     out
 }
@@ -161,6 +278,7 @@ mod tests {
             m("linux", "4k", "thread_first", 1 << 30, 80_000.0),
             m("stencil", "share", "spawn_first", 1 << 30, 900.0),
             m("stencil", "share", "first_write", 1 << 30, 5000.0),
+            m("stencil", "share", "spawn_roundtrip", 1 << 30, 3000.0),
         ];
         assert_eq!(systems(&ms), ["stencil", "linux", "native"]);
         let t = table(&ms, |s| format!("== {s}"));
@@ -168,16 +286,75 @@ mod tests {
         assert!(linux.contains("26.9 ms / 53.8 ms"), "{t}");
         assert!(linux.contains("thp   1 GiB"), "{t}");
         assert!(linux.contains("-"), "missing cells are dashes: {t}");
-        // A kind the table does not know still gets a column, named as is.
-        assert!(t.contains("first_write"), "{t}");
+        // A kind the table does not know still gets a column, named as is; known ones their label.
+        assert!(t.contains("spawn_roundtrip"), "{t}");
+        assert!(t.contains("first write"), "{t}");
         let c = csv(&ms, "tcg");
         let lines: Vec<&str> = c.lines().collect();
         assert_eq!(
             lines[0],
             "system,mode,kind,size_bytes,n,p50,p99,unit,setting"
         );
-        assert_eq!(lines.len(), 7);
+        assert_eq!(lines.len(), 8);
         assert!(lines[1].starts_with("stencil,share,first_write,1073741824,10,5000,10000,ns,tcg"));
-        assert!(lines[3].starts_with("linux,4k,fork_child_first,1073741824,10,26900000,"));
+        assert!(lines[4].starts_with("linux,4k,fork_child_first,1073741824,10,26900000,"));
+    }
+
+    #[test]
+    fn first_write_side_by_side() {
+        let gib = 1 << 30;
+        let mib2 = 2 << 20;
+        let ms = vec![
+            m("stencil", "share", "first_write", gib, 27_000.0),
+            m("stencil", "share", "first_write", mib2, 26_000.0),
+            m("stencil", "share", "first_write", 64 * gib, 28_000.0),
+            m("stencil", "share-2m", "first_write", gib, 320_000.0),
+            m("linux", "4k", "fork_first_write", gib, 30_000.0),
+            m("linux", "4k", "fork_second_write", gib, 29_000.0),
+            m("linux", "thp", "fork_first_write", gib, 40_000.0),
+            m("linux", "thp", "fork_second_write", gib, 10_000.0),
+            m("linux", "4k", "fork_child_first", mib2, 1.0),
+        ];
+        assert_eq!(
+            first_write_ratio(&ms, "share", "4k", gib),
+            Some((27_000.0, 30_000.0, 0.9))
+        );
+        assert_eq!(
+            first_write_ratio(&ms, "share-2m", "thp", gib).unwrap().2,
+            8.0
+        );
+        // Not both measured: no ratio (Linux has no 2 MiB first write, no 64 GiB at all).
+        assert_eq!(first_write_ratio(&ms, "share", "4k", mib2), None);
+        assert_eq!(first_write_ratio(&ms, "share", "4k", 64 * gib), None);
+        assert_eq!(first_write_ratio(&ms, "copy", "4k", gib), None);
+        let t = first_write_table(&ms, "== first write");
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("  ")).collect();
+        assert!(t.starts_with("\n== first write\n"), "{t}");
+        assert_eq!(rows.len(), 4, "header, rule, two rows: {t}");
+        assert!(rows[0].contains("Stencil first write") && rows[0].contains("Stencil / Linux"));
+        assert!(
+            rows[2].starts_with("  share     4k     1 GiB")
+                && rows[2].contains("27.0 µs / 54.0 µs")
+                && rows[2].contains("30.0 µs / 60.0 µs")
+                && rows[2].contains("29.0 µs / 58.0 µs")
+                && rows[2].ends_with("0.90x"),
+            "{t}"
+        );
+        assert!(
+            rows[3].starts_with("  share-2m  thp") && rows[3].ends_with("8.00x"),
+            "{t}"
+        );
+        // Units differ (never in one run, but never compared either), or nothing to compare.
+        let mut mixed = ms.clone();
+        mixed[0].unit = Unit::Instructions;
+        assert_eq!(first_write_ratio(&mixed, "share", "4k", gib), None);
+        assert_eq!(first_write_table(&ms[4..], "== first write"), "");
+    }
+
+    #[test]
+    fn ratios_for_humans() {
+        assert_eq!(ratio_text(0.904), "0.90x");
+        assert_eq!(ratio_text(12.44), "12.4x");
+        assert_eq!(ratio_text(1400.4), "1400x");
     }
 }
