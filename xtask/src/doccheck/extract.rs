@@ -193,8 +193,13 @@ pub fn extract(source: &str) -> Result<Vec<Example>, ExtractError> {
     Ok(out)
 }
 
-/// Lines `start..end` (one doc comment block) unindented by their common leading whitespace, as
-/// rustdoc does for `///` comments.
+/// Bytes of leading spaces and tabs (one byte each, so cutting at any count up to it is safe).
+fn leading_blanks(t: &str) -> usize {
+    t.len() - t.trim_start_matches([' ', '\t']).len()
+}
+
+/// Lines `start..end` (one doc comment block) unindented by their common leading spaces and tabs,
+/// as rustdoc does for `///` comments.
 fn block<'a>(lines: &[&'a str], start: usize, end: usize) -> Vec<DocLine<'a>> {
     let raw: Vec<(usize, &str)> = (start..end)
         .map(|n| {
@@ -205,13 +210,13 @@ fn block<'a>(lines: &[&'a str], start: usize, end: usize) -> Vec<DocLine<'a>> {
     let common = raw
         .iter()
         .filter(|(_, t)| !t.trim().is_empty())
-        .map(|(_, t)| t.len() - t.trim_start().len())
+        .map(|(_, t)| leading_blanks(t))
         .min()
         .unwrap_or(0);
     raw.into_iter()
         .enumerate()
         .map(|(k, (at, t))| {
-            let cut = common.min(t.len() - t.trim_start().len());
+            let cut = common.min(leading_blanks(t));
             DocLine {
                 line: start + k + 1,
                 col: at + cut,
@@ -266,7 +271,72 @@ fn examples_in_block(block: &[DocLine<'_>]) -> Result<Vec<Example>, ExtractError
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// Cases per property, the same in every run (CI included).
+    const CASES: u32 = 256;
+
+    /// Source lines made of the pieces a doc comment can hold, with odd whitespace among them:
+    /// most lines are doc comments, so blocks, fences and examples are common.
+    fn source() -> impl Strategy<Value = String> {
+        let indent = prop::sample::select(vec!["", "", " ", "    ", "\t"]);
+        let marker = prop::sample::select(vec!["///", "///", "///", "//!", "////", "// ", ""]);
+        let piece = prop::sample::select(vec![
+            "```",
+            "````",
+            "~~~",
+            "``",
+            "`",
+            "no_run",
+            "ignore",
+            "compile_fail,E0308",
+            "text",
+            " ",
+            "  ",
+            "    ",
+            "\t",
+            "\u{a0}",
+            "\u{3000}",
+            "# ",
+            "#",
+            "##",
+            "#!",
+            "x",
+            "é",
+            "fn f() {}",
+            ",",
+        ]);
+        let line = (indent, marker, prop::collection::vec(piece, 0..6))
+            .prop_map(|(i, m, rest)| format!("{i}{m}{}", rest.concat()));
+        prop::collection::vec(line, 0..24).prop_map(|lines| lines.join("\n"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// No source makes the extractor panic, and every code line it finds maps back to its
+        /// place: the source line, from the recorded column on, holds the code (trailing
+        /// whitespace aside; a `##` escape is the one rewrite).
+        #[test]
+        fn any_source_maps_back(src in source()) {
+            let lines: Vec<&str> = src.lines().collect();
+            if let Ok(examples) = extract(&src) {
+                for ex in &examples {
+                    prop_assert!(ex.line >= 1 && ex.line <= lines.len());
+                    for l in &ex.code {
+                        prop_assert!(l.line > ex.line && l.line <= lines.len());
+                        let line = lines[l.line - 1];
+                        prop_assert!(line.is_char_boundary(l.col), "{line:?} at {}", l.col);
+                        if !l.text.trim_start().starts_with('#') {
+                            prop_assert_eq!(line[l.col..].trim_end(), l.text.trim_end());
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     fn texts(ex: &Example) -> Vec<&str> {
         ex.code.iter().map(|l| l.text.as_str()).collect()
