@@ -30,7 +30,8 @@ failed (doc examples included), else 1; 130 on Ctrl-C; 113 on an xtask error.";
 
 #[derive(Debug, Args)]
 pub struct TestCmd {
-    /// Run only the QEMU cases whose name contains this (host tests still run unless --no-host)
+    /// Run only the QEMU cases whose name contains this (host tests and doc examples still run
+    /// unless --no-host / --no-doc)
     filter: Option<String>,
     /// Cargo.toml of a crate outside the workspace: run its declared QEMU cases (its packages
     /// are guest crates, so there are no host tests to run)
