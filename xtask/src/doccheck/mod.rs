@@ -645,6 +645,19 @@ pub fn judge(gen_dir: &Path, found: &[Found], crates: &[Crate], build: &Build) -
                         f.place(),
                         build.stderr.trim_end()
                     ));
+                } else if !errors
+                    .iter()
+                    .any(|d| example_of(c, found, &main_rs, gen_dir, d).is_some())
+                {
+                    // Only the generated code around it failed: that proves nothing.
+                    let mut msg = format!(
+                        "{}: compile_fail example: the errors are not in its lines:\n",
+                        f.place()
+                    );
+                    for d in errors {
+                        msg.push_str(d.rendered.as_deref().unwrap_or(&d.message));
+                    }
+                    failures.push(msg.trim_end().to_owned());
                 } else if !missing.is_empty() {
                     let mut msg = format!(
                         "{}: compile_fail example fails, but without {} (got {}):\n",
@@ -859,6 +872,16 @@ pub fn read() {}
         b.add(&artifact("doccheck-examples"));
         b.add(&message("doccheck-fail-task-12", "E0308", file, line, 13));
         assert_eq!(judge(gen_dir, &found, &crates, &b), Vec::<String>::new());
+        // An error outside the example's lines (in the generated wrapper) does not count.
+        let mut b = Build::default();
+        b.add(&artifact("doccheck-examples"));
+        b.add(&message("doccheck-fail-task-12", "E0308", file, 1, 1));
+        let failures = judge(gen_dir, &found, &crates, &b);
+        assert_eq!(failures.len(), 1, "{failures:#?}");
+        assert!(failures[0].starts_with(
+            "libos/src/task.rs:12: compile_fail example: the errors are not in its lines:\n\
+             error[E0425]: rendered with generated paths"
+        ));
     }
 
     #[test]
@@ -901,8 +924,8 @@ pub fn read() {}
             "doccheck-fail-task-12",
             "E0308",
             "doccheck-fail-task-12/src/main.rs",
-            1,
-            1,
+            line_of(&crates[1], "let x: u8"),
+            13,
         ));
         b.add(
             &message("doccheck-examples", "E0425", "x", 1, 1).replace("\"error\"", "\"warning\""),
