@@ -148,13 +148,15 @@ impl SharedHeap {
     }
 
     /// An allocator handle for `allocator_api2` / `hashbrown` collections. Only tasks that attach
-    /// [`template`](SharedHeap::template) may touch (or drop) what they allocate with it.
+    /// [`template`](SharedHeap::template) may touch (or drop) what they allocate with it. (A
+    /// `hashbrown` map takes it with hashbrown's `allocator-api2` feature, through
+    /// `HashMap::with_hasher_in`.)
     ///
     /// ```no_run
+    /// use allocator_api2::vec::Vec;
     /// use libos::shared::{SharedAlloc, SharedHeap};
-    /// type Map = hashbrown::HashMap<u64, u64, hashbrown::DefaultHashBuilder, SharedAlloc>;
     /// let heap = SharedHeap::new("kv", 0x2_0000_0000, 1 << 20).expect("memory");
-    /// let map = Map::with_hasher_in(Default::default(), heap.allocator()); // empty: no memory yet
+    /// let v: Vec<u64, SharedAlloc> = Vec::new_in(heap.allocator()); // empty: no memory yet
     /// ```
     pub fn allocator(&self) -> SharedAlloc {
         SharedAlloc {

@@ -449,6 +449,14 @@ impl Builder {
 /// .expect("spawn");
 /// assert_eq!(h.join(), Ok(1));
 /// ```
+///
+/// `f` is `'static`: a task cannot borrow the spawner's locals, it gets its own copy of what it
+/// uses (`move`).
+///
+/// ```compile_fail,E0373
+/// let n = 20;
+/// let h = libos::task::spawn(&[], || n + 1); // borrows `n`: refused
+/// ```
 pub fn spawn<F>(templates: &[&Template], f: F) -> Result<JoinHandle, SpawnError>
 where
     F: FnOnce() -> i32 + Send + 'static,

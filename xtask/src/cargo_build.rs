@@ -24,7 +24,7 @@ pub fn cargo() -> OsString {
 
 /// Removes RUSTFLAGS / CARGO_ENCODED_RUSTFLAGS from a cargo command (they would replace the target
 /// rustflags), warning once.
-fn strip_overriding_flags(cmd: &mut Command, flags: &str) {
+pub fn strip_overriding_flags(cmd: &mut Command, flags: &str) {
     static WARNED: AtomicBool = AtomicBool::new(false);
     for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
         if std::env::var_os(var).is_some() {

@@ -10,6 +10,7 @@ mod build_apps;
 mod cargo_build;
 mod cmd;
 mod cmdline;
+mod doccheck;
 mod harness;
 mod http;
 mod new_crate;
@@ -61,7 +62,8 @@ enum Cmd {
     /// terminal, fault reports are symbolized
     #[command(after_help = EXIT_CODES_HELP)]
     Run(cmd::run::RunCmd),
-    /// Run the host tests, then boot every declared QEMU test case; ends with `N passed, N failed`
+    /// Compile libos's doc examples, run the host tests, then boot every declared QEMU test case;
+    /// ends with `N passed, N failed`
     #[command(after_help = cmd::test::AFTER_HELP)]
     Test(cmd::test::TestCmd),
     /// Spawn benchmark: Stencil vs Linux's fork() in a Linux guest under the same QEMU, plus the

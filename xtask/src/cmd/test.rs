@@ -7,23 +7,31 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::build_apps::SelectOpts;
+use crate::doccheck;
 use crate::harness;
 use crate::qemu::{AccelChoice, Firmware};
 
 /// The text after `cargo xtask test --help`'s options.
 pub const AFTER_HELP: &str = "\
+Doc examples (first; --doc runs only them, --no-doc skips them): every fenced example in the
+/// and //! comments of libos/src is compiled (not run) for x86_64-unknown-none with the apps'
+flags, in crates generated under target/doccheck/; a failure names the example's file and line.
+no_run and plain examples must compile, compile_fail ones must not; ignore ones are skipped,
+except those that define main!, each compiled as a crate of its own; text and other languages
+are not examples.
 Host tests: cargo test --workspace --no-fail-fast --exclude <every app>.
 QEMU cases: declared in each app's Cargo.toml as [[package.metadata.stencil.test]]
 (see docs/xtask.md), built in one cargo call per profile and booted one after another.
 With --manifest-path: the declared cases of a crate outside the workspace (no host tests:
 its packages build for the guest). A failing case's report includes its fault report
 symbolized as `function (file:line)`. Each case has its own timeout (default 60 s).
-The last line is `N passed, N failed`. Exit status: 0 if nothing failed, else 1;
-130 on Ctrl-C; 113 on an xtask error.";
+The last line is `N passed, N failed` (host tests and QEMU cases). Exit status: 0 if nothing
+failed (doc examples included), else 1; 130 on Ctrl-C; 113 on an xtask error.";
 
 #[derive(Debug, Args)]
 pub struct TestCmd {
-    /// Run only the QEMU cases whose name contains this (host tests still run unless --no-host)
+    /// Run only the QEMU cases whose name contains this (host tests and doc examples still run
+    /// unless --no-host / --no-doc)
     filter: Option<String>,
     /// Cargo.toml of a crate outside the workspace: run its declared QEMU cases (its packages
     /// are guest crates, so there are no host tests to run)
@@ -37,6 +45,12 @@ pub struct TestCmd {
     /// Skip the QEMU cases
     #[arg(long)]
     no_qemu: bool,
+    /// Only compile libos's doc examples (no host tests, no QEMU cases)
+    #[arg(long, conflicts_with_all = ["filter", "no_doc", "list", "manifest_path"])]
+    doc: bool,
+    /// Skip the doc examples
+    #[arg(long)]
+    no_doc: bool,
     /// List the QEMU cases (after the filter) and exit
     #[arg(long)]
     list: bool,
@@ -67,9 +81,22 @@ impl TestCmd {
     }
 }
 
-/// Runs the harness; 0 if nothing failed, else 1.
+impl TestCmd {
+    /// Whether the doc examples are checked: not with `--no-doc`, not for `--list` (it only
+    /// lists) and not for a crate outside the workspace (they are libos's examples).
+    fn doc_step(&self) -> bool {
+        !self.no_doc && !self.list && self.manifest_path.is_none()
+    }
+}
+
+/// Checks the doc examples, then runs the harness; 0 if nothing failed, else 1.
 pub fn run(root: &Path, cmd: TestCmd) -> Result<i32> {
-    harness::run(root, &cmd.options())
+    let doc_failed = cmd.doc_step() && doccheck::run(root)?.failed > 0;
+    if cmd.doc {
+        return Ok(i32::from(doc_failed));
+    }
+    let code = harness::run(root, &cmd.options())?;
+    Ok(if doc_failed { code.max(1) } else { code })
 }
 
 #[cfg(test)]
@@ -112,5 +139,31 @@ mod tests {
         );
         assert_eq!(o.filter.as_deref(), Some("net"));
         assert!(o.no_host && !o.no_qemu && !o.list && !o.show_output);
+    }
+
+    #[test]
+    fn doc_step_selection() {
+        let parse = |argv: &[&str]| Wrap::try_parse_from(argv).map(|w| w.cmd);
+        let all = parse(&["test"]).unwrap();
+        assert!(all.doc_step() && !all.doc);
+        let only = parse(&["test", "--doc"]).unwrap();
+        assert!(only.doc_step() && only.doc);
+        assert!(!parse(&["test", "--no-doc"]).unwrap().doc_step());
+        assert!(!parse(&["test", "--list"]).unwrap().doc_step());
+        assert!(
+            !parse(&["test", "--manifest-path", "/x/Cargo.toml"])
+                .unwrap()
+                .doc_step()
+        );
+        // A filter selects QEMU cases; the doc examples still run.
+        assert!(parse(&["test", "hello"]).unwrap().doc_step());
+        for bad in [
+            &["test", "--doc", "--no-doc"][..],
+            &["test", "--doc", "hello"],
+            &["test", "--doc", "--list"],
+            &["test", "--doc", "--manifest-path", "/x/Cargo.toml"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 }
