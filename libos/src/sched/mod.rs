@@ -172,17 +172,52 @@ impl<C> fmt::Debug for JoinState<C> {
 /// The owner's handle to a spawned task: its id and the shared join state. Not `Clone`, and
 /// [`Sched::join`] consumes it, so a task is joined at most once.
 pub struct JoinHandle<C> {
-    id: u64,
-    state: Arc<JoinState<C>>,
+    target: KillHandle<C>,
 }
 
 impl<C> fmt::Debug for JoinHandle<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JoinHandle").field("id", &self.id).finish()
+        f.debug_struct("JoinHandle")
+            .field("id", &self.target.id)
+            .finish()
     }
 }
 
 impl<C> JoinHandle<C> {
+    /// The task's id.
+    pub fn id(&self) -> u64 {
+        self.target.id
+    }
+
+    /// The handle that kills the task (also after this one is given to a join).
+    pub fn kill_handle(&self) -> &KillHandle<C> {
+        &self.target
+    }
+}
+
+/// A handle that can only kill a task and ask whether it has ended; `Clone`, so that one task
+/// can kill a task another one joins.
+pub struct KillHandle<C> {
+    id: u64,
+    state: Arc<JoinState<C>>,
+}
+
+impl<C> Clone for KillHandle<C> {
+    fn clone(&self) -> Self {
+        KillHandle {
+            id: self.id,
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<C> fmt::Debug for KillHandle<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KillHandle").field("id", &self.id).finish()
+    }
+}
+
+impl<C> KillHandle<C> {
     /// The task's id.
     pub fn id(&self) -> u64 {
         self.id
@@ -299,7 +334,9 @@ impl<C: Context> Sched<C> {
             join: state.clone(),
             ctx,
         }));
-        JoinHandle { id, state }
+        JoinHandle {
+            target: KillHandle { id, state },
+        }
     }
 
     /// The running task, if any (none before [`Sched::start`] and while idle).
@@ -323,7 +360,7 @@ impl<C: Context> Sched<C> {
     }
 
     /// True once the task of `h` has ended.
-    pub fn is_finished(&self, h: &JoinHandle<C>) -> bool {
+    pub fn is_finished(&self, h: &KillHandle<C>) -> bool {
         h.state.inner.lock().ended
     }
 
@@ -412,14 +449,23 @@ impl<C: Context> Sched<C> {
     /// task blocks in `h`'s join state (keeping `h`) until that task ends or the joiner is
     /// killed, and calls [`Sched::rejoin`] when it runs again.
     pub fn join(&mut self, h: JoinHandle<C>, now: u64) -> Join<C::Switch> {
-        if let Some(r) = h.state.inner.lock().result.take() {
+        let target = h.target.state;
+        let mut st = target.inner.lock();
+        if let Some(r) = st.result.take() {
             return Join::Done(r);
         }
         let Some(cur) = self.running.take() else {
             // Nobody to block (not reachable from the glue, which always has a running task).
             return Join::Done(Err(TaskError::Killed));
         };
-        self.park_in_join(cur, h.state, now)
+        if cur.id == h.target.id {
+            // A task joining itself waits (until killed) in its own join state: lock it once.
+            drop(st);
+            return self.park_in_join(cur, target, now);
+        }
+        // Two different join states: the joined task's, then the joiner's (never the other way).
+        cur.join.inner.lock().blocked_on = Some(target.clone());
+        self.park_locked(cur, st, &target, now)
     }
 
     /// The running task, back from a wait in [`Sched::join`]: the result of the task it joined
@@ -450,13 +496,24 @@ impl<C: Context> Sched<C> {
         now: u64,
     ) -> Join<C::Switch> {
         cur.join.inner.lock().blocked_on = Some(target.clone());
+        let st = target.inner.lock();
+        self.park_locked(cur, st, &target, now)
+    }
+
+    /// Parks `cur` as the waiter of `target` (whose lock `st` is) and picks the next task.
+    fn park_locked(
+        &mut self,
+        cur: Box<Task<C>>,
+        mut st: spin::MutexGuard<'_, JoinInner<C>>,
+        target: &Arc<JoinState<C>>,
+        now: u64,
+    ) -> Join<C::Switch> {
         self.wake_sleepers(now);
         let next = self.run_queue.pop_front();
-        let mut st = target.inner.lock();
         let parked = st.waiter.insert(cur);
         let Some(mut next) = next else {
             drop(st);
-            self.idle_on = Some(Parked::Joining(target));
+            self.idle_on = Some(Parked::Joining(target.clone()));
             return Join::Wait(Step::Idle);
         };
         let sw = parked.ctx.switch_to(&mut next.ctx);
@@ -468,7 +525,7 @@ impl<C: Context> Sched<C> {
     /// Takes back the task of `h` if it has not run yet (a spawn that must be undone): its
     /// context, for the caller to release.
     pub fn unspawn(&mut self, h: JoinHandle<C>) -> Option<C> {
-        let i = self.run_queue.iter().rposition(|t| t.id == h.id)?;
+        let i = self.run_queue.iter().rposition(|t| t.id == h.id())?;
         self.run_queue.remove(i).map(|t| t.ctx)
     }
 
@@ -508,7 +565,7 @@ impl<C: Context> Sched<C> {
 
     /// Ends the task of `h` with [`TaskError::Killed`], at once, whatever it is doing; see
     /// [`Kill`] for what the caller must do. Its joiner (if any) becomes runnable.
-    pub fn kill(&mut self, h: &JoinHandle<C>, now: u64) -> Kill<C> {
+    pub fn kill(&mut self, h: &KillHandle<C>, now: u64) -> Kill<C> {
         let blocked_on = {
             let mut st = h.state.inner.lock();
             if st.ended {

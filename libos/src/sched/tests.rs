@@ -178,7 +178,7 @@ impl Cpu {
         self.carry(step);
     }
 
-    fn kill(&mut self, h: &JoinHandle<Ctx>) -> &'static str {
+    fn kill(&mut self, h: &KillHandle<Ctx>) -> &'static str {
         match self.s.kill(h, self.now) {
             Kill::AlreadyEnded => "already ended",
             Kill::Ended(t) => {
@@ -261,8 +261,8 @@ fn sleepers_wake_by_deadline_then_arrival() {
     c.yield_now();
     assert_eq!(c.s.sleeping().collect::<Vec<_>>(), vec![(FOREVER, 5)]);
     // The forever sleeper can be killed.
-    assert_eq!(c.kill(&hs[4]), "ended");
-    assert!(c.s.is_finished(&hs[4]));
+    assert_eq!(c.kill(hs[4].kill_handle()), "ended");
+    assert!(c.s.is_finished(hs[4].kill_handle()));
     assert_eq!(c.drops(), vec![5]);
     assert_eq!(c.s.sleeping().count(), 0);
 }
@@ -320,7 +320,7 @@ fn join_after_exit_is_immediate() {
     c.yield_now();
     c.exit(7);
     assert_eq!(c.on, 0);
-    assert!(c.s.is_finished(&h));
+    assert!(c.s.is_finished(h.kill_handle()));
     assert_eq!(c.s.join(h, 0), Join::Done(Ok(7)));
     assert_eq!(c.on, 0);
 }
@@ -386,13 +386,12 @@ fn a_self_join_blocks_but_can_be_killed() {
     let mut c = Cpu::new(1);
     let h = c.spawn();
     let h_again = JoinHandle {
-        id: h.id,
-        state: h.state.clone(),
+        target: h.kill_handle().clone(),
     };
     c.yield_now();
     c.join(h_again); // 1 joins itself
     assert_eq!(c.on, 0);
-    assert_eq!(c.kill(&h), "ended");
+    assert_eq!(c.kill(h.kill_handle()), "ended");
     assert_eq!(c.drops(), vec![1]);
     assert_eq!(c.s.join(h, 0), Join::Done(Err(TaskError::Killed)));
 }
@@ -410,25 +409,21 @@ fn kill_in_every_state() {
     c.sleep_for(FOREVER); // 2 sleeps; 3 runs
     assert_eq!(c.on, 3);
     let t = JoinHandle {
-        id: target.id,
-        state: target.state.clone(),
+        target: target.kill_handle().clone(),
     };
     c.join(t); // 3 blocked in 4's join state; 4 runs
     assert_eq!(c.on, 4);
     c.yield_now(); // 5
     assert_eq!(c.on, 5);
     // Running itself: ends at once, the next task runs, the zombie goes with the switch.
-    let sh = JoinHandle {
-        id: selfish.id,
-        state: selfish.state.clone(),
-    };
+    let sh = selfish.kill_handle().clone();
     assert_eq!(c.kill(&sh), "current");
     assert_eq!(c.on, 0);
     assert_eq!(c.drops(), vec![5]);
-    assert_eq!(c.kill(&runnable), "ended");
-    assert_eq!(c.kill(&sleeping), "ended");
+    assert_eq!(c.kill(runnable.kill_handle()), "ended");
+    assert_eq!(c.kill(sleeping.kill_handle()), "ended");
     assert_eq!(
-        c.kill(&blocked),
+        c.kill(blocked.kill_handle()),
         "ended",
         "a task blocked in a join ends at once"
     );
@@ -436,10 +431,10 @@ fn kill_in_every_state() {
     assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![4]);
     assert_eq!(c.s.sleeping().count(), 0);
     // Killed twice, or after it ended: nothing happens.
-    assert_eq!(c.kill(&blocked), "already ended");
+    assert_eq!(c.kill(blocked.kill_handle()), "already ended");
     c.yield_now(); // 4 runs and ends; nobody waits for it any more
     c.exit(0);
-    assert_eq!(c.kill(&target), "already ended");
+    assert_eq!(c.kill(target.kill_handle()), "already ended");
     assert_eq!(c.on, 0);
     assert_eq!(c.drops(), vec![5, 1, 2, 3, 4]);
     for (h, want) in [
@@ -463,15 +458,12 @@ fn a_joiner_is_woken_by_the_kill_of_the_task_it_waits_for() {
     let mut c = Cpu::new(1);
     let spinner = c.spawn();
     let killer_h = c.spawn();
-    let sp = JoinHandle {
-        id: spinner.id,
-        state: spinner.state.clone(),
-    };
-    c.join(sp); // main waits for 1; 1 runs
+    let killer = spinner.kill_handle().clone();
+    c.join(spinner); // main waits for 1; 1 runs
     assert_eq!(c.on, 1);
     c.yield_now(); // 2 runs
     assert_eq!(c.on, 2);
-    assert_eq!(c.kill(&spinner), "ended");
+    assert_eq!(c.kill(&killer), "ended");
     assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![0]);
     c.exit(0);
     assert_eq!(c.on, 0);
@@ -485,15 +477,14 @@ fn a_killed_joiner_leaves_the_join_state_and_the_target_goes_on() {
     let joiner = c.spawn();
     let target = c.spawn();
     let t = JoinHandle {
-        id: target.id,
-        state: target.state.clone(),
+        target: target.kill_handle().clone(),
     };
     c.yield_now(); // 1
     c.join(t); // 1 waits for 2; 2 runs
     c.yield_now(); // main
-    assert_eq!(c.kill(&joiner), "ended");
+    assert_eq!(c.kill(joiner.kill_handle()), "ended");
     assert_eq!(c.drops(), vec![1]);
-    assert!(target.state.inner.lock().waiter.is_none());
+    assert!(target.target.state.inner.lock().waiter.is_none());
     c.yield_now(); // 2
     c.exit(5); // nobody to wake
     assert_eq!(c.on, 0);
@@ -513,7 +504,7 @@ fn reaping_drops_each_dead_context_once_and_frees_every_frame() {
     );
     // Half are killed while queued, half exit (zombies reaped by the next switch).
     for h in &hs[4..] {
-        assert_eq!(c.kill(h), "ended");
+        assert_eq!(c.kill(h.kill_handle()), "ended");
     }
     c.yield_now();
     for _ in 0..4 {
@@ -656,8 +647,8 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
         ..Model::default()
     };
     let mut handles: BTreeMap<u64, JoinHandle<Ctx>> = BTreeMap::new();
-    // Copies of the handles given to a join, so that the joined task can still be killed.
-    let mut joined_handles: BTreeMap<u64, JoinHandle<Ctx>> = BTreeMap::new();
+    // Kill handles of the tasks given to a join, so that they can still be killed.
+    let mut joined_handles: BTreeMap<u64, KillHandle<Ctx>> = BTreeMap::new();
     for op in ops {
         let now = c.now;
         let r = m.running;
@@ -718,13 +709,7 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
                     continue; // no such handle (never spawned, or joined already)
                 };
                 let t = h.id();
-                joined_handles.insert(
-                    t,
-                    JoinHandle {
-                        id: h.id,
-                        state: h.state.clone(),
-                    },
-                );
+                joined_handles.insert(t, h.kill_handle().clone());
                 c.join(h);
                 if let Some(res) = m.results.remove(&t) {
                     m.joined.push((me, t, res));
@@ -745,13 +730,14 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
             }
             (Op::Kill(k), Some(me)) => {
                 let id = *k as u64;
-                let Some(h) = handles.get(&id).or_else(|| joined_handles.get(&id)) else {
+                let Some(h) = handles
+                    .get(&id)
+                    .map(|h| h.kill_handle())
+                    .or_else(|| joined_handles.get(&id))
+                else {
                     continue;
                 };
-                let h = JoinHandle {
-                    id: h.id,
-                    state: h.state.clone(),
-                };
+                let h = h.clone();
                 let what = c.kill(&h);
                 if m.ended.contains(&id) {
                     prop_assert_eq!(what, "already ended");
@@ -786,7 +772,7 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
         );
         prop_assert_eq!(&dropped, &m.dropped(), "dropped after {:?}", op);
         for (id, h) in &handles {
-            prop_assert_eq!(c.s.is_finished(h), m.ended.contains(id));
+            prop_assert_eq!(c.s.is_finished(h.kill_handle()), m.ended.contains(id));
         }
         for (id, h) in &joined_handles {
             prop_assert_eq!(c.s.is_finished(h), m.ended.contains(id));
@@ -801,8 +787,9 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
         prop_assert_eq!(places, live);
     }
     // The end: kill every task left, drop the scheduler: every context dropped exactly once.
-    let left: Vec<JoinHandle<Ctx>> = handles
-        .into_values()
+    let left: Vec<KillHandle<Ctx>> = handles
+        .values()
+        .map(|h| h.kill_handle().clone())
         .chain(joined_handles.into_values())
         .collect();
     for h in &left {
@@ -815,6 +802,7 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
     }
     let n = m.next;
     drop(left);
+    drop(handles);
     let drops = c.drops.clone();
     drop(c);
     let mut d = drops.borrow().clone();

@@ -15,7 +15,9 @@ use templates::AddressSpace;
 use crate::arch::irq::{self, IrqOff};
 use crate::arch::{context, cpu};
 use crate::sched::policy::{self, Failure, Reason, Verdict};
-use crate::sched::{Context, Join, JoinHandle, Kill, Sched, Step, TaskError, TaskResult};
+use crate::sched::{
+    Context, Join, JoinHandle, Kill, KillHandle, Sched, Step, TaskError, TaskResult,
+};
 use crate::space::KernelMem;
 use crate::stack::KernelStack;
 
@@ -292,11 +294,11 @@ pub(super) fn join(h: JoinHandle<Guest>) -> TaskResult {
     })
 }
 
-pub(super) fn is_finished(h: &JoinHandle<Guest>) -> bool {
+pub(super) fn is_finished(h: &KillHandle<Guest>) -> bool {
     irq::without(|tok| with_sched(tok, |s| s.is_finished(h)))
 }
 
-pub(super) fn kill(h: &JoinHandle<Guest>) {
+pub(super) fn kill(h: &KillHandle<Guest>) {
     irq::without(|tok| match with_sched(tok, |s| s.kill(h, now())) {
         Kill::AlreadyEnded => {}
         // Dropped with interrupts off: its space goes, and no other is made meanwhile.

@@ -236,7 +236,31 @@ impl JoinHandle {
 
     /// True once the task has ended.
     pub fn is_finished(&self) -> bool {
-        glue::is_finished(&self.inner)
+        glue::is_finished(self.inner.kill_handle())
+    }
+
+    /// A handle that can kill this task, also once this one is given to [`JoinHandle::join`]
+    /// (e.g. a watchdog task kills a worker that another task joins; the joiner is woken with
+    /// `Err(TaskError::Killed)`).
+    ///
+    /// ```no_run
+    /// use libos::task::TaskError;
+    /// let worker = libos::task::spawn(&[], || loop {
+    ///     libos::task::yield_now();
+    /// })
+    /// .expect("spawn");
+    /// let k = worker.kill_handle();
+    /// let _watchdog = libos::task::spawn(&[], move || {
+    ///     k.kill();
+    ///     0
+    /// })
+    /// .expect("spawn");
+    /// assert_eq!(worker.join(), Err(TaskError::Killed));
+    /// ```
+    pub fn kill_handle(&self) -> KillHandle {
+        KillHandle {
+            inner: self.inner.kill_handle().clone(),
+        }
     }
 
     /// Waits for the task to end; its exit code, or how it failed.
@@ -267,6 +291,30 @@ impl JoinHandle {
     /// h.kill();
     /// assert_eq!(h.join(), Err(TaskError::Killed));
     /// ```
+    pub fn kill(&self) {
+        glue::kill(self.inner.kill_handle());
+    }
+}
+
+/// A handle that can only kill a task (see [`JoinHandle::kill`]) and ask whether it has ended;
+/// made by [`JoinHandle::kill_handle`], `Clone` and `Send`.
+#[derive(Debug, Clone)]
+pub struct KillHandle {
+    inner: crate::sched::KillHandle<glue::Guest>,
+}
+
+impl KillHandle {
+    /// The task's id.
+    pub fn id(&self) -> u64 {
+        self.inner.id()
+    }
+
+    /// True once the task has ended.
+    pub fn is_finished(&self) -> bool {
+        glue::is_finished(&self.inner)
+    }
+
+    /// Ends the task if it has not ended yet, as [`JoinHandle::kill`] does.
     pub fn kill(&self) {
         glue::kill(&self.inner);
     }
