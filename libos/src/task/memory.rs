@@ -41,7 +41,9 @@ pub fn write(va: u64, data: &[u8]) -> Result<(), templates::Fault> {
     if data.is_empty() {
         return Ok(());
     }
-    // SAFETY: as in `read`, and every byte is in a writable region.
+    // SAFETY: every byte lies in a writable region of the running task's space (checked), which
+    // is the loaded one; copy-on-write and demand-zero faults are resolved by the page-fault
+    // handler.
     unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), va as *mut u8, data.len()) };
     Ok(())
 }
