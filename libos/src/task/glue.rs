@@ -143,12 +143,16 @@ pub(super) fn spawned_count() -> u64 {
     SPAWNED.load(Ordering::Relaxed)
 }
 
-/// Queues a new task that runs `entry` on `stack` in `space`.
+/// Queues a new task that runs `entry` on `stack` in `space`, if `keep` (asked once the task and
+/// every kernel-heap object it needs exist, before anything can run it: interrupts stay off) says
+/// so; else the task is taken back and its space and stack are returned for the caller to
+/// release.
 pub(super) fn spawn(
     space: AddressSpace<KernelMem>,
     stack: KernelStack,
     entry: Entry,
-) -> JoinHandle<Guest> {
+    keep: impl FnOnce() -> bool,
+) -> Result<JoinHandle<Guest>, (AddressSpace<KernelMem>, KernelStack)> {
     // SAFETY: the stack was just allocated: mapped, writable, unused, page aligned, and much
     // larger than the frame.
     let rsp = unsafe { context::initial_frame(stack.top(), task_trampoline) };
@@ -159,15 +163,21 @@ pub(super) fn spawn(
         stack: Some(stack),
         entry: Some(entry),
     };
-    irq::without(|tok| with_sched(tok, |s| s.spawn(ctx)))
-}
-
-/// Takes back a task [`spawn`] queued that has not run yet: its space and stack, for the caller
-/// to release.
-pub(super) fn unspawn(h: JoinHandle<Guest>) -> Option<(AddressSpace<KernelMem>, KernelStack)> {
-    let ctx = irq::without(|tok| with_sched(tok, |s| s.unspawn(h)))?;
-    let Guest { space, stack, .. } = ctx;
-    Some((space, stack?))
+    irq::without(|tok| {
+        let h = with_sched(tok, |s| s.spawn(ctx));
+        if keep() {
+            return Ok(h);
+        }
+        // Not run yet (no preemption with interrupts off), so still in the run queue.
+        match with_sched(tok, |s| s.unspawn(h)) {
+            Some(Guest {
+                space,
+                stack: Some(stack),
+                ..
+            }) => Err((space, stack)),
+            _ => unreachable!("a task spawned with interrupts off ran before they came on"),
+        }
+    })
 }
 
 /// Counts a spawn that is kept.

@@ -143,16 +143,18 @@ impl Builder {
             templates::Error::OutOfFrames => SpawnError::OutOfMemory,
             e => SpawnError::Layout(e),
         })?;
-        let h = glue::spawn(space, stack, Box::new(f));
-        if frames.free_frames() < SPAWN_RESERVE_FRAMES {
-            // This spawn (its stack, tables or kernel-heap objects) ate into the reserve: undo
-            // it, keeping none of its memory (not even in the stack cache).
-            if let Some((space, stack)) = glue::unspawn(h) {
+        // This spawn (its stack, tables or kernel-heap objects) must not eat into the reserve:
+        // if it did, undo it, keeping none of its memory (not even in the stack cache).
+        let h = match glue::spawn(space, stack, Box::new(f), || {
+            frames.free_frames() >= SPAWN_RESERVE_FRAMES
+        }) {
+            Ok(h) => h,
+            Err((space, stack)) => {
                 crate::arch::irq::without(|_| drop(space));
                 crate::stack::release(stack);
+                return Err(SpawnError::OutOfMemory);
             }
-            return Err(SpawnError::OutOfMemory);
-        }
+        };
         glue::count_spawn();
         Ok(JoinHandle { inner: h })
     }
