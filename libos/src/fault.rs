@@ -8,8 +8,9 @@
 //! - anything else the task caused (an unresolved page fault, any other CPU exception, a panic)
 //!   is reported (task, address, RIP, cause, backtrace) and ends **only the running task** when it
 //!   is a spawned one — unless it failed while holding a kernel lock (then the system cannot go
-//!   on safely and the app ends, see `task::fail_current`); in the app's `main` it ends the app
-//!   with the reserved exit code for the cause;
+//!   on safely and the app ends); in the app's `main` it ends the app with the reserved exit
+//!   code for the cause. That decision is `sched::policy::decide` (a pure, host-tested
+//!   function), which `task::fail_current` applies;
 //! - the timer interrupt is the scheduler's tick.
 
 use alloc::string::String;
@@ -18,7 +19,9 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::arch::traps::{self, TrapFrame};
 use crate::arch::{apic, irq};
-use crate::shutdown::{EXIT_EXCEPTION, EXIT_OOM, EXIT_PANIC, EXIT_STACK_OVERFLOW, fatal_exit};
+use crate::sched::policy::Failure;
+use crate::shutdown::{EXIT_PANIC, fatal_exit};
+use crate::task::TaskError;
 
 /// End of the lower half: page faults below it belong to the current address space.
 const LOWER_HALF_END: u64 = 1 << 47;
@@ -61,8 +64,9 @@ fn exception(frame: &mut TrapFrame) {
             guard, cr2, frame.rip, frame.rsp
         ));
         backtrace(frame.rbp);
-        crate::task::fail_current(crate::task::TaskError::StackOverflow { addr: cr2 });
-        fatal_exit(EXIT_STACK_OVERFLOW);
+        crate::task::fail_current(Failure::StackOverflow, || TaskError::StackOverflow {
+            addr: cr2,
+        });
     }
     let (name, mnemonic) = traps::exception_name(frame.vector);
     let mut out = crate::console::EmergencyWriter;
@@ -88,24 +92,26 @@ fn exception(frame: &mut TrapFrame) {
         frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp, frame.r8
     );
     backtrace(frame.rbp);
-    if crate::task::in_spawned_task() {
-        let cause = match (&unresolved, frame.vector) {
+    let (vector, error_code, rip) = (frame.vector, frame.error_code, frame.rip);
+    // Built only when the task alone ends (inside a kernel lock, formatting could deadlock).
+    crate::task::fail_current(Failure::Fault, move || {
+        let cause = match (&unresolved, vector) {
             (Some(fault), _) => alloc::format!("{fault}"),
-            (None, 14) => {
-                alloc::format!("{} at {cr2:#x}", traps::describe_pf_error(frame.error_code))
-            }
+            (None, 14) => alloc::format!("{} at {cr2:#x}", traps::describe_pf_error(error_code)),
             (None, _) => alloc::format!("{name} ({mnemonic})"),
         };
         // Nothing on this stack is dropped after the switch: release what we hold first.
         drop(unresolved);
-        let _ = writeln!(out, "{task}ended; the app goes on");
-        crate::task::fail_current(crate::task::TaskError::Fault {
+        let _ = writeln!(
+            crate::console::EmergencyWriter,
+            "{task}ended; the app goes on"
+        );
+        TaskError::Fault {
             addr: cr2,
-            rip: frame.rip,
+            rip,
             cause,
-        });
-    }
-    fatal_exit(EXIT_EXCEPTION);
+        }
+    })
 }
 
 /// Prints the frame-pointer chain from `rbp` to the console (only frames inside known stacks).
@@ -161,18 +167,13 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
             crate::mm::heap::reserved_bytes() / 1024
         ));
     }
-    if crate::task::in_spawned_task() {
-        // Only this task ends; the app goes on. (Inside a kernel critical section the app ends
-        // instead, in `fail_current`, and the lock may be the heap's: do not allocate then.)
-        let msg = if irq::irq_locks_held() == 0 {
-            task_message(info)
-        } else {
-            String::new()
-        };
+    // A spawned task alone ends (the message is built only then: inside a kernel critical
+    // section the lock may be the heap's); else the app ends with the code for the cause.
+    crate::task::fail_current(Failure::Panic { oom: oom.is_some() }, || {
+        let msg = task_message(info);
         PANICKING.store(false, Ordering::Relaxed);
-        crate::task::fail_current(crate::task::TaskError::Panic(msg));
-    }
-    fatal_exit(if oom.is_some() { EXIT_OOM } else { EXIT_PANIC })
+        TaskError::Panic(msg)
+    })
 }
 
 /// The panic message and location for `TaskError::Panic`. Built with fallible allocation: after

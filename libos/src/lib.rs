@@ -28,6 +28,8 @@ pub mod cmdline;
 pub mod limits;
 pub mod memmap;
 pub mod mm;
+#[doc(hidden)]
+pub mod sched;
 
 #[cfg(target_os = "none")]
 mod arch;

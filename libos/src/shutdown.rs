@@ -10,10 +10,6 @@ use crate::arch;
 // libos's reserved exit codes (docs/ARCHITECTURE.md, "Exit codes"; the scheme is `stencil_abi::exit`).
 /// Exit code of a panic.
 pub const EXIT_PANIC: u32 = ExitCode::PANIC.code() as u32;
-/// Exit code of a fatal CPU exception.
-pub const EXIT_EXCEPTION: u32 = ExitCode::EXCEPTION.code() as u32;
-/// Exit code of a kernel stack overflow.
-pub const EXIT_STACK_OVERFLOW: u32 = ExitCode::STACK_OVERFLOW.code() as u32;
 /// Exit code of a malformed kernel command line.
 pub const EXIT_BAD_CMDLINE: u32 = ExitCode::BAD_CMDLINE.code() as u32;
 /// Exit code of running out of memory (during boot, or the kernel heap cannot grow).

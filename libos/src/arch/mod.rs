@@ -6,5 +6,5 @@
 mod x86_64;
 
 pub(crate) use self::x86_64::{
-    apic, cpu, debug_exit, gdt, halt_forever, irq, mmu, pci, pic, pit, traps,
+    apic, context, cpu, debug_exit, gdt, halt_forever, irq, mmu, pci, pic, pit, traps,
 };

@@ -211,6 +211,76 @@ fn preemption() -> Result<(), &'static str> {
     Ok(())
 }
 
+static RELEASE: AtomicBool = AtomicBool::new(false);
+static BLOCKER_DONE: AtomicBool = AtomicBool::new(false);
+static JOINING: AtomicBool = AtomicBool::new(false);
+
+fn kill_and_join() -> Result<(), &'static str> {
+    // A task blocked in a join ends at once when killed; the task it joined goes on.
+    let blocker = task::spawn(&[], || {
+        while !RELEASE.load(Ordering::SeqCst) {
+            task::yield_now();
+        }
+        BLOCKER_DONE.store(true, Ordering::SeqCst);
+        11
+    })
+    .expect("spawn blocker");
+    let joiner = task::spawn(&[], move || {
+        JOINING.store(true, Ordering::SeqCst);
+        match blocker.join() {
+            Ok(11) => 1,
+            _ => 2,
+        }
+    })
+    .expect("spawn joiner");
+    while !JOINING.load(Ordering::SeqCst) {
+        task::yield_now();
+    }
+    for _ in 0..3 {
+        task::yield_now(); // the joiner runs on into its join and blocks there
+    }
+    check(!joiner.is_finished(), "the joiner waits for the blocker")?;
+    joiner.kill();
+    check(
+        joiner.is_finished(),
+        "a task blocked in a join ends as soon as it is killed",
+    )?;
+    check(
+        joiner.join() == Err(TaskError::Killed),
+        "the killed joiner reports Killed",
+    )?;
+    RELEASE.store(true, Ordering::SeqCst);
+    while !BLOCKER_DONE.load(Ordering::SeqCst) {
+        task::yield_now(); // the joined task goes on and ends
+    }
+    println!("kill blocked joiner ok");
+
+    // A joiner is woken by the kill of the task it waits for (through a kill handle).
+    let spinner = task::spawn(&[], || {
+        loop {
+            task::yield_now();
+        }
+    })
+    .expect("spawn spinner");
+    let k = spinner.kill_handle();
+    let killer = task::spawn(&[], move || {
+        // Queued behind the spinner: main is blocked in the spinner's join by now.
+        for _ in 0..3 {
+            task::yield_now();
+        }
+        k.kill();
+        i32::from(k.is_finished())
+    })
+    .expect("spawn killer");
+    check(
+        spinner.join() == Err(TaskError::Killed),
+        "a joiner is woken by the kill of the task it joins",
+    )?;
+    check(killer.join() == Ok(1), "the killed task ended at once")?;
+    println!("kill wakes joiner ok");
+    Ok(())
+}
+
 fn panics() -> Result<(), &'static str> {
     let t = task::spawn(&[], || {
         let v = core::hint::black_box(3);
@@ -574,6 +644,7 @@ fn main() -> Result<(), &'static str> {
             arena()?;
             sleep_and_join()?;
             preemption()?;
+            kill_and_join()?;
             panics()?;
             oom()?;
         }

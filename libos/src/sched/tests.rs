@@ -1,0 +1,824 @@
+//! Host tests of the scheduler state machine: a harness plays the arch glue (it tracks whose
+//! stack the CPU is on, checks every switch starts there, calls `finish_switch` after each and
+//! retries a join when the joiner runs again), contexts record when they are dropped.
+
+use super::*;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::rc::Rc;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use proptest::prelude::*;
+use templates::sim::SimMem;
+use templates::{AddressSpace, Mode, Perm};
+use x86_64::VirtAddr;
+
+/// A test context: its task's id, a shared log of drops, and optionally an address space.
+struct Ctx {
+    id: u64,
+    drops: Rc<RefCell<Vec<u64>>>,
+    _space: Option<AddressSpace<SimMem>>,
+}
+
+impl Context for Ctx {
+    type Switch = (u64, u64);
+    fn switch_to(&mut self, next: &mut Self) -> (u64, u64) {
+        (self.id, next.id)
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        self.drops.borrow_mut().push(self.id);
+    }
+}
+
+/// The arch glue, simulated.
+struct Cpu {
+    s: Sched<Ctx>,
+    /// Whose stack the CPU is on (the running task, or the one it idles on).
+    on: u64,
+    idle: bool,
+    now: u64,
+    drops: Rc<RefCell<Vec<u64>>>,
+    /// Joins a blocked task finishes when it runs again: joiner -> joined task.
+    pending: BTreeMap<u64, u64>,
+    /// Completed joins: (joiner, joined, result).
+    joined: Vec<(u64, u64, TaskResult)>,
+    space_mem: Option<SimMem>,
+}
+
+impl Cpu {
+    fn new(quantum: u32) -> Cpu {
+        let drops = Rc::new(RefCell::new(Vec::new()));
+        let mut s = Sched::new(quantum);
+        let main = Ctx {
+            id: 0,
+            drops: drops.clone(),
+            _space: None,
+        };
+        assert_eq!(s.start(main).ok(), Some(0));
+        Cpu {
+            s,
+            on: 0,
+            idle: false,
+            now: 0,
+            drops,
+            pending: BTreeMap::new(),
+            joined: Vec::new(),
+            space_mem: None,
+        }
+    }
+
+    fn running(&self) -> Option<u64> {
+        self.s.running().map(|t| t.id())
+    }
+
+    fn spawn(&mut self) -> JoinHandle<Ctx> {
+        let id = self.s.next_id;
+        let space = self.space_mem.as_ref().map(|mem| {
+            let mut a = AddressSpace::new(mem, &[], Mode::Share, None).expect("space");
+            a.map(
+                VirtAddr::new(0x4000_0000),
+                4 * 4096,
+                Perm {
+                    write: true,
+                    exec: false,
+                },
+                "data",
+                true,
+            )
+            .expect("map")
+            .ignore();
+            a
+        });
+        let h = self.s.spawn(Ctx {
+            id,
+            drops: self.drops.clone(),
+            _space: space,
+        });
+        assert_eq!(h.id(), id);
+        h
+    }
+
+    /// Carries out a step as the glue does.
+    fn carry(&mut self, step: Step<(u64, u64)>) {
+        match step {
+            // Go on: with the task the CPU is on, or idling (a tick while idle).
+            Step::Stay => match self.running() {
+                Some(r) => {
+                    assert_eq!(r, self.on, "stay: the CPU's task runs");
+                    self.idle = false;
+                }
+                None => assert!(self.idle, "stay without a running task: only while idle"),
+            },
+            Step::Idle => {
+                assert!(self.running().is_none(), "idle: nothing runs");
+                self.idle = true;
+            }
+            Step::Switch((from, to)) => {
+                assert_eq!(from, self.on, "a switch starts from the CPU's task");
+                assert_eq!(
+                    self.running(),
+                    Some(to),
+                    "a switch ends in the running task"
+                );
+                self.on = to;
+                self.idle = false;
+                drop(self.s.finish_switch());
+            }
+        }
+        if !self.idle {
+            self.resume();
+        }
+    }
+
+    /// The task that runs again goes on with what it blocked in (a join: finish it).
+    fn resume(&mut self) {
+        if let Some(target) = self.pending.remove(&self.on) {
+            let j = self.s.rejoin(self.now);
+            self.joined_or_wait(target, j);
+        }
+    }
+
+    fn joined_or_wait(&mut self, target: u64, j: Join<(u64, u64)>) {
+        match j {
+            Join::Done(r) => self.joined.push((self.on, target, r)),
+            Join::Wait(step) => {
+                self.pending.insert(self.on, target);
+                self.carry(step);
+            }
+        }
+    }
+
+    fn yield_now(&mut self) {
+        let step = self.s.yield_now(self.now);
+        self.carry(step);
+    }
+
+    fn tick(&mut self) {
+        let step = self.s.tick(self.now);
+        self.carry(step);
+    }
+
+    fn sleep_for(&mut self, d: u64) {
+        let deadline = self.now.checked_add(d).unwrap_or(FOREVER);
+        let step = self.s.sleep(deadline, self.now);
+        self.carry(step);
+    }
+
+    fn join(&mut self, h: JoinHandle<Ctx>) {
+        let target = h.id();
+        let j = self.s.join(h, self.now);
+        self.joined_or_wait(target, j);
+    }
+
+    fn exit(&mut self, code: i32) {
+        let step = self.s.exit(Ok(code), self.now);
+        self.carry(step);
+    }
+
+    fn kill(&mut self, h: &KillHandle<Ctx>) -> &'static str {
+        match self.s.kill(h, self.now) {
+            Kill::AlreadyEnded => "already ended",
+            Kill::Ended(t) => {
+                drop(t);
+                "ended"
+            }
+            Kill::Current(step) => {
+                self.carry(step);
+                "current"
+            }
+        }
+    }
+
+    fn advance(&mut self, dt: u64) {
+        self.now = self.now.saturating_add(dt);
+        if self.idle {
+            let step = self.s.poll_idle(self.now);
+            self.carry(step);
+        }
+    }
+
+    fn drops(&self) -> Vec<u64> {
+        self.drops.borrow().clone()
+    }
+}
+
+#[test]
+fn round_robin_every_task_runs_once_per_round() {
+    let mut c = Cpu::new(1);
+    let hs: Vec<_> = (0..5).map(|_| c.spawn()).collect();
+    let mut order = Vec::new();
+    for _ in 0..3 * 6 {
+        order.push(c.on);
+        c.yield_now();
+    }
+    let round: Vec<u64> = (0..6).collect();
+    assert_eq!(order, round.repeat(3));
+    drop(hs);
+}
+
+#[test]
+fn preemption_comes_after_the_quantum_and_only_if_another_task_waits() {
+    let mut c = Cpu::new(3);
+    c.tick();
+    c.tick();
+    c.tick();
+    assert_eq!(c.on, 0, "alone: never preempted");
+    let _h = c.spawn();
+    c.tick();
+    assert_eq!(
+        c.on, 1,
+        "the used-up quantum preempts at once when a task waits"
+    );
+    c.tick();
+    c.tick();
+    assert_eq!(c.on, 1, "a fresh quantum");
+    c.tick();
+    assert_eq!(c.on, 0);
+    assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![1]);
+}
+
+#[test]
+fn sleepers_wake_by_deadline_then_arrival() {
+    let mut c = Cpu::new(1);
+    let hs: Vec<_> = (0..5).map(|_| c.spawn()).collect();
+    c.yield_now(); // 1 runs
+    for d in [30, 10, 30, 20, FOREVER] {
+        c.sleep_for(d); // tasks 1..=5 sleep, in turn
+    }
+    assert_eq!(c.on, 0);
+    assert_eq!(
+        c.s.sleeping().collect::<Vec<_>>(),
+        vec![(10, 2), (20, 4), (30, 1), (30, 3), (FOREVER, 5)]
+    );
+    c.now = FOREVER - 1;
+    c.yield_now(); // wakes every sleeper whose deadline passed, behind main
+    assert_eq!(c.on, 2);
+    assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![4, 1, 3, 0]);
+    c.now = FOREVER;
+    c.yield_now();
+    assert_eq!(c.s.sleeping().collect::<Vec<_>>(), vec![(FOREVER, 5)]);
+    // The forever sleeper can be killed.
+    assert_eq!(c.kill(hs[4].kill_handle()), "ended");
+    assert!(c.s.is_finished(hs[4].kill_handle()));
+    assert_eq!(c.drops(), vec![5]);
+    assert_eq!(c.s.sleeping().count(), 0);
+}
+
+#[test]
+fn sleeping_with_a_past_deadline_yields() {
+    let mut c = Cpu::new(1);
+    let _h = c.spawn();
+    c.now = 50;
+    let step = c.s.sleep(50, 50);
+    c.carry(step);
+    assert_eq!(c.on, 1);
+    assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![0]);
+    assert_eq!(c.s.sleeping().count(), 0);
+}
+
+#[test]
+fn idle_until_a_sleeper_wakes_then_switch_or_stay() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    c.yield_now(); // 1 runs
+    c.sleep_for(100); // 1 sleeps, main runs
+    assert_eq!(c.on, 0);
+    c.sleep_for(50); // main sleeps too: nothing runnable
+    assert!(c.idle);
+    assert_eq!(c.on, 0);
+    c.tick(); // a tick while idle does nothing
+    assert!(c.idle);
+    c.advance(49);
+    assert!(c.idle);
+    c.advance(1); // main's own deadline: it goes on
+    assert!(!c.idle);
+    assert_eq!(c.on, 0);
+    c.sleep_for(100); // main sleeps until 150, 1 until 100
+    c.advance(50);
+    assert_eq!(c.on, 1, "switch from the idle task to the woken one");
+    c.exit(4);
+    assert!(c.idle, "the zombie idles");
+    assert_eq!(
+        c.drops(),
+        Vec::<u64>::new(),
+        "not dropped while the CPU is on its stack"
+    );
+    c.advance(50);
+    assert_eq!(c.on, 0);
+    assert_eq!(c.drops(), vec![1], "dropped by the next switch");
+    c.join(h);
+    assert_eq!(c.joined, vec![(0, 1, Ok(4))]);
+}
+
+#[test]
+fn join_after_exit_is_immediate() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    c.yield_now();
+    c.exit(7);
+    assert_eq!(c.on, 0);
+    assert!(c.s.is_finished(h.kill_handle()));
+    assert_eq!(c.s.join(h, 0), Join::Done(Ok(7)));
+    assert_eq!(c.on, 0);
+}
+
+#[test]
+fn join_a_runnable_task_blocks_until_it_ends() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    c.join(h);
+    assert_eq!(c.on, 1, "the joiner blocked, the task runs");
+    assert_eq!(
+        c.s.runnable().count(),
+        0,
+        "the joiner is in the join state, not queued"
+    );
+    c.yield_now();
+    assert_eq!(c.on, 1, "a blocked joiner is not runnable");
+    c.exit(3);
+    assert_eq!(c.on, 0);
+    assert_eq!(c.joined, vec![(0, 1, Ok(3))]);
+    assert_eq!(c.drops(), vec![1]);
+}
+
+#[test]
+fn join_a_sleeping_task_idles_until_it_wakes() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    c.yield_now();
+    c.sleep_for(10);
+    c.join(h);
+    assert!(c.idle);
+    c.advance(10);
+    assert_eq!(
+        c.on, 1,
+        "from the joiner (in the join state) to the woken task"
+    );
+    c.exit(9);
+    assert_eq!(c.joined, vec![(0, 1, Ok(9))]);
+}
+
+#[test]
+fn join_a_blocked_task_and_a_chain_of_joins() {
+    let mut c = Cpu::new(1);
+    let h1 = c.spawn();
+    let h2 = c.spawn();
+    c.yield_now(); // 1 runs
+    c.join(h2); // 1 waits for 2; 2 runs
+    assert_eq!(c.on, 2);
+    c.yield_now(); // main runs
+    assert_eq!(c.on, 0);
+    c.join(h1); // main waits for 1 (blocked); 2 runs
+    assert_eq!(c.on, 2);
+    c.exit(2);
+    assert_eq!(c.on, 1);
+    c.exit(1);
+    assert_eq!(c.on, 0);
+    assert_eq!(c.joined, vec![(1, 2, Ok(2)), (0, 1, Ok(1))]);
+    assert_eq!(c.drops(), vec![2, 1]);
+}
+
+#[test]
+fn a_self_join_blocks_but_can_be_killed() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    let h_again = JoinHandle {
+        target: h.kill_handle().clone(),
+    };
+    c.yield_now();
+    c.join(h_again); // 1 joins itself
+    assert_eq!(c.on, 0);
+    assert_eq!(c.kill(h.kill_handle()), "ended");
+    assert_eq!(c.drops(), vec![1]);
+    assert_eq!(c.s.join(h, 0), Join::Done(Err(TaskError::Killed)));
+}
+
+#[test]
+fn kill_in_every_state() {
+    let mut c = Cpu::new(1);
+    let runnable = c.spawn();
+    let sleeping = c.spawn();
+    let blocked = c.spawn();
+    let target = c.spawn();
+    let selfish = c.spawn();
+    c.yield_now(); // 1
+    c.yield_now(); // 2
+    c.sleep_for(FOREVER); // 2 sleeps; 3 runs
+    assert_eq!(c.on, 3);
+    let t = JoinHandle {
+        target: target.kill_handle().clone(),
+    };
+    c.join(t); // 3 blocked in 4's join state; 4 runs
+    assert_eq!(c.on, 4);
+    c.yield_now(); // 5
+    assert_eq!(c.on, 5);
+    // Running itself: ends at once, the next task runs, the zombie goes with the switch.
+    let sh = selfish.kill_handle().clone();
+    assert_eq!(c.kill(&sh), "current");
+    assert_eq!(c.on, 0);
+    assert_eq!(c.drops(), vec![5]);
+    assert_eq!(c.kill(runnable.kill_handle()), "ended");
+    assert_eq!(c.kill(sleeping.kill_handle()), "ended");
+    assert_eq!(
+        c.kill(blocked.kill_handle()),
+        "ended",
+        "a task blocked in a join ends at once"
+    );
+    assert_eq!(c.drops(), vec![5, 1, 2, 3]);
+    assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![4]);
+    assert_eq!(c.s.sleeping().count(), 0);
+    // Killed twice, or after it ended: nothing happens.
+    assert_eq!(c.kill(blocked.kill_handle()), "already ended");
+    c.yield_now(); // 4 runs and ends; nobody waits for it any more
+    c.exit(0);
+    assert_eq!(c.kill(target.kill_handle()), "already ended");
+    assert_eq!(c.on, 0);
+    assert_eq!(c.drops(), vec![5, 1, 2, 3, 4]);
+    for (h, want) in [
+        (runnable, Err(TaskError::Killed)),
+        (sleeping, Err(TaskError::Killed)),
+        (blocked, Err(TaskError::Killed)),
+        (target, Ok(0)),
+        (selfish, Err(TaskError::Killed)),
+    ] {
+        match c.s.join(h, 0) {
+            Join::Done(r) => assert_eq!(r, want),
+            Join::Wait(..) => panic!("an ended task's join blocked"),
+        }
+    }
+    // Task 3 died blocked in its join: it never came back to retry it.
+    assert_eq!(c.pending.keys().copied().collect::<Vec<_>>(), vec![3]);
+}
+
+#[test]
+fn a_joiner_is_woken_by_the_kill_of_the_task_it_waits_for() {
+    let mut c = Cpu::new(1);
+    let spinner = c.spawn();
+    let killer_h = c.spawn();
+    let killer = spinner.kill_handle().clone();
+    c.join(spinner); // main waits for 1; 1 runs
+    assert_eq!(c.on, 1);
+    c.yield_now(); // 2 runs
+    assert_eq!(c.on, 2);
+    assert_eq!(c.kill(&killer), "ended");
+    assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![0]);
+    c.exit(0);
+    assert_eq!(c.on, 0);
+    assert_eq!(c.joined, vec![(0, 1, Err(TaskError::Killed))]);
+    drop(killer_h);
+}
+
+#[test]
+fn a_killed_joiner_leaves_the_join_state_and_the_target_goes_on() {
+    let mut c = Cpu::new(1);
+    let joiner = c.spawn();
+    let target = c.spawn();
+    let t = JoinHandle {
+        target: target.kill_handle().clone(),
+    };
+    c.yield_now(); // 1
+    c.join(t); // 1 waits for 2; 2 runs
+    c.yield_now(); // main
+    assert_eq!(c.kill(joiner.kill_handle()), "ended");
+    assert_eq!(c.drops(), vec![1]);
+    assert!(target.target.state.inner.lock().waiter.is_none());
+    c.yield_now(); // 2
+    c.exit(5); // nobody to wake
+    assert_eq!(c.on, 0);
+    assert_eq!(c.s.join(target, 0), Join::Done(Ok(5)));
+}
+
+#[test]
+fn reaping_drops_each_dead_context_once_and_frees_every_frame() {
+    let mem = SimMem::new(10_000);
+    let mut c = Cpu::new(1);
+    c.space_mem = Some(mem.clone());
+    let base = mem.frames_in_use();
+    let hs: Vec<_> = (0..8).map(|_| c.spawn()).collect();
+    assert!(
+        mem.frames_in_use() > base + 8 * 4,
+        "each space holds its frames"
+    );
+    // Half are killed while queued, half exit (zombies reaped by the next switch).
+    for h in &hs[4..] {
+        assert_eq!(c.kill(h.kill_handle()), "ended");
+    }
+    c.yield_now();
+    for _ in 0..4 {
+        c.exit(0);
+    }
+    assert_eq!(c.on, 0);
+    let mut d = c.drops();
+    d.sort_unstable();
+    assert_eq!(
+        d,
+        (1..=8).collect::<Vec<_>>(),
+        "every context dropped exactly once"
+    );
+    assert_eq!(mem.frames_in_use(), base, "every frame is back");
+}
+
+// ---- A proptest of random task programs against a simple model ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Spawn,
+    Yield,
+    Tick,
+    Sleep(u64),
+    SleepForever,
+    Join(usize),
+    Exit(i32),
+    Kill(usize),
+    Advance(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => Just(Op::Spawn),
+        3 => Just(Op::Yield),
+        2 => Just(Op::Tick),
+        2 => (0u64..40).prop_map(Op::Sleep),
+        1 => Just(Op::SleepForever),
+        3 => (0usize..8).prop_map(Op::Join),
+        2 => (0i32..100).prop_map(Op::Exit),
+        2 => (0usize..8).prop_map(Op::Kill),
+        3 => (0u64..30).prop_map(Op::Advance),
+    ]
+}
+
+/// The model: plain lists, written from the rules rather than from the code.
+#[derive(Default)]
+struct Model {
+    running: Option<u64>,
+    on: u64,
+    queue: VecDeque<u64>,
+    /// (deadline, id), kept in wake order.
+    sleepers: Vec<(u64, u64)>,
+    /// joiner -> joined task
+    blocked: BTreeMap<u64, u64>,
+    /// Joiners woken by the end of the task they joined, which take its result when they run.
+    woken: BTreeMap<u64, u64>,
+    /// Results not yet taken by a join.
+    results: BTreeMap<u64, TaskResult>,
+    ended: BTreeSet<u64>,
+    joined: Vec<(u64, u64, TaskResult)>,
+    next: u64,
+    quantum: u32,
+    left: u32,
+}
+
+impl Model {
+    fn wake(&mut self, now: u64) {
+        while let Some(&(d, id)) = self.sleepers.first() {
+            if d > now || d == FOREVER {
+                break;
+            }
+            self.sleepers.remove(0);
+            self.queue.push_back(id);
+        }
+    }
+
+    /// The CPU leaves the task it runs: the next runnable one runs, or it idles.
+    fn pick(&mut self) {
+        self.running = self.queue.pop_front();
+        if let Some(n) = self.running {
+            self.switch_in(n);
+        }
+    }
+
+    fn switch_in(&mut self, n: u64) {
+        self.on = n;
+        self.left = self.quantum;
+        self.running = Some(n);
+        // A woken joiner's join returns the result now.
+        if let Some(t) = self.woken.remove(&n) {
+            let r = self.results.remove(&t).expect("the joined task's result");
+            self.joined.push((n, t, r));
+        }
+    }
+
+    fn rotate(&mut self) {
+        if let (Some(r), Some(n)) = (self.running, self.queue.pop_front()) {
+            self.queue.push_back(r);
+            self.switch_in(n);
+        }
+    }
+
+    fn end(&mut self, id: u64, r: TaskResult) {
+        self.ended.insert(id);
+        self.results.insert(id, r);
+        self.sleepers.retain(|&(_, t)| t != id);
+        self.queue.retain(|&t| t != id);
+        self.blocked.remove(&id);
+        self.woken.remove(&id);
+        let waiters: Vec<u64> = self
+            .blocked
+            .iter()
+            .filter(|&(_, &t)| t == id)
+            .map(|(&j, _)| j)
+            .collect();
+        for w in waiters {
+            self.blocked.remove(&w);
+            self.woken.insert(w, id);
+            self.queue.push_back(w);
+        }
+    }
+
+    fn dropped(&self) -> BTreeSet<u64> {
+        let mut d = self.ended.clone();
+        if self.running.is_none() {
+            d.remove(&self.on); // a zombie the CPU idles on
+        }
+        d
+    }
+}
+
+fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
+    let mut c = Cpu::new(quantum);
+    let mut m = Model {
+        running: Some(0),
+        next: 1,
+        quantum: c.s.quantum,
+        left: c.s.quantum,
+        ..Model::default()
+    };
+    let mut handles: BTreeMap<u64, JoinHandle<Ctx>> = BTreeMap::new();
+    // Kill handles of the tasks given to a join, so that they can still be killed.
+    let mut joined_handles: BTreeMap<u64, KillHandle<Ctx>> = BTreeMap::new();
+    for op in ops {
+        let now = c.now;
+        let r = m.running;
+        match (op, r) {
+            (Op::Advance(dt), _) => {
+                c.advance(*dt);
+                let now = c.now;
+                if m.running.is_none() {
+                    m.wake(now);
+                    if let Some(n) = m.queue.pop_front() {
+                        m.switch_in(n);
+                    }
+                }
+            }
+            (_, None) => continue, // idle: only time passes
+            (Op::Spawn, Some(_)) => {
+                let h = c.spawn();
+                prop_assert_eq!(h.id(), m.next);
+                m.queue.push_back(m.next);
+                handles.insert(m.next, h);
+                m.next += 1;
+            }
+            (Op::Yield, Some(_)) => {
+                c.yield_now();
+                m.wake(now);
+                m.rotate();
+            }
+            (Op::Tick, Some(_)) => {
+                c.tick();
+                m.wake(now);
+                m.left = m.left.saturating_sub(1);
+                if m.left == 0 {
+                    m.rotate();
+                }
+            }
+            (Op::Sleep(d), Some(me)) => {
+                c.sleep_for(*d);
+                let deadline = now + d;
+                if *d == 0 {
+                    m.wake(now);
+                    m.rotate();
+                } else {
+                    m.wake(now);
+                    let i = m.sleepers.partition_point(|&(x, _)| x <= deadline);
+                    m.sleepers.insert(i, (deadline, me));
+                    m.pick();
+                }
+            }
+            (Op::SleepForever, Some(me)) => {
+                let step = c.s.sleep(FOREVER, now);
+                c.carry(step);
+                m.wake(now);
+                m.sleepers.push((FOREVER, me));
+                m.pick();
+            }
+            (Op::Join(k), Some(me)) => {
+                let Some(h) = handles.remove(&(*k as u64)) else {
+                    continue; // no such handle (never spawned, or joined already)
+                };
+                let t = h.id();
+                joined_handles.insert(t, h.kill_handle().clone());
+                c.join(h);
+                if let Some(res) = m.results.remove(&t) {
+                    m.joined.push((me, t, res));
+                } else {
+                    m.blocked.insert(me, t);
+                    m.wake(now);
+                    m.pick();
+                }
+            }
+            (Op::Exit(code), Some(me)) => {
+                if me == 0 {
+                    continue; // `main` exiting ends the app
+                }
+                c.exit(*code);
+                m.end(me, Ok(*code));
+                m.wake(now);
+                m.pick();
+            }
+            (Op::Kill(k), Some(me)) => {
+                let id = *k as u64;
+                let Some(h) = handles
+                    .get(&id)
+                    .map(|h| h.kill_handle())
+                    .or_else(|| joined_handles.get(&id))
+                else {
+                    continue;
+                };
+                let h = h.clone();
+                let what = c.kill(&h);
+                if m.ended.contains(&id) {
+                    prop_assert_eq!(what, "already ended");
+                } else if id == me {
+                    prop_assert_eq!(what, "current");
+                    m.end(me, Err(TaskError::Killed));
+                    m.wake(now);
+                    m.pick();
+                } else {
+                    prop_assert_eq!(what, "ended");
+                    m.end(id, Err(TaskError::Killed));
+                }
+            }
+        }
+        // The state machine agrees with the model.
+        prop_assert_eq!(c.running(), m.running, "running after {:?}", op);
+        prop_assert_eq!(c.on, m.on, "CPU's task after {:?}", op);
+        prop_assert_eq!(c.idle, m.running.is_none());
+        prop_assert_eq!(
+            c.s.runnable().collect::<Vec<_>>(),
+            Vec::from(m.queue.clone())
+        );
+        prop_assert_eq!(c.s.sleeping().collect::<Vec<_>>(), m.sleepers.clone());
+        prop_assert_eq!(&c.joined, &m.joined);
+        let drops = c.drops();
+        let dropped: BTreeSet<u64> = drops.iter().copied().collect();
+        prop_assert_eq!(
+            drops.len(),
+            dropped.len(),
+            "a context dropped twice: {:?}",
+            drops
+        );
+        prop_assert_eq!(&dropped, &m.dropped(), "dropped after {:?}", op);
+        for (id, h) in &handles {
+            prop_assert_eq!(c.s.is_finished(h.kill_handle()), m.ended.contains(id));
+        }
+        for (id, h) in &joined_handles {
+            prop_assert_eq!(c.s.is_finished(h), m.ended.contains(id));
+        }
+        // Nothing lost or duplicated: every live task is in exactly one place.
+        let mut places: Vec<u64> = c.s.runnable().collect();
+        places.extend(c.s.sleeping().map(|(_, id)| id));
+        places.extend(c.running());
+        places.extend(m.blocked.keys());
+        places.sort_unstable();
+        let live: Vec<u64> = (0..m.next).filter(|id| !m.ended.contains(id)).collect();
+        prop_assert_eq!(places, live);
+    }
+    // The end: kill every task left, drop the scheduler: every context dropped exactly once.
+    let left: Vec<KillHandle<Ctx>> = handles
+        .values()
+        .map(|h| h.kill_handle().clone())
+        .chain(joined_handles.into_values())
+        .collect();
+    for h in &left {
+        if c.s.running().is_some_and(|t| t.id() == h.id()) {
+            let _ = c.s.kill(h, c.now);
+            drop(c.s.finish_switch());
+        } else if let Kill::Ended(t) = c.s.kill(h, c.now) {
+            drop(t);
+        }
+    }
+    let n = m.next;
+    drop(left);
+    drop(handles);
+    let drops = c.drops.clone();
+    drop(c);
+    let mut d = drops.borrow().clone();
+    d.sort_unstable();
+    prop_assert_eq!(d, (0..n).collect::<Vec<_>>());
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_task_programs_match_the_model(
+        ops in proptest::collection::vec(op(), 1..80),
+        quantum in 1u32..4,
+    ) {
+        run_program(&ops, quantum)?;
+    }
+}

@@ -1,0 +1,369 @@
+//! The guest glue: the one [`Sched`] static, the guest task context, and the code that carries
+//! out what the state machine decides (switch stacks, idle, drop dead tasks).
+//!
+//! The scheduler is reachable only through [`with_sched`], which asks for the interrupts-off
+//! token ([`IrqOff`]) and a closure: no `&'static mut` is handed out, and the borrow ends when
+//! the closure returns, before any switch (a [`Step::Switch`] carries only the switch's
+//! arguments). Entering it again from inside the closure (a destructor that calls back into the
+//! scheduler, say) is caught and reported instead of aliasing it.
+
+use alloc::boxed::Box;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use templates::AddressSpace;
+
+use crate::arch::irq::{self, IrqOff};
+use crate::arch::{context, cpu};
+use crate::sched::policy::{self, Failure, Reason, Verdict};
+use crate::sched::{
+    Context, Join, JoinHandle, Kill, KillHandle, Sched, Step, TaskError, TaskResult,
+};
+use crate::space::KernelMem;
+use crate::stack::KernelStack;
+
+/// A spawned task's code.
+pub(super) type Entry = Box<dyn FnOnce() -> i32 + Send + 'static>;
+
+/// The guest's per-task context.
+pub(super) struct Guest {
+    /// Saved stack pointer while the task is not running.
+    rsp: u64,
+    /// Physical address of the root table (CR3).
+    cr3: u64,
+    space: AddressSpace<KernelMem>,
+    /// `None` for the main task (it runs on the boot's main stack). Held so that dropping the
+    /// task frees its stack.
+    #[allow(dead_code, reason = "held for its Drop")]
+    stack: Option<KernelStack>,
+    entry: Option<Entry>,
+}
+
+/// The arguments of one [`context::switch`].
+#[derive(Debug)]
+pub(super) struct Switch {
+    /// The outgoing task's saved-stack-pointer field, inside its box where the scheduler keeps it.
+    save: *mut u64,
+    rsp: u64,
+    cr3: u64,
+}
+
+impl Context for Guest {
+    type Switch = Switch;
+    fn switch_to(&mut self, next: &mut Guest) -> Switch {
+        Switch {
+            save: &raw mut self.rsp,
+            rsp: next.rsp,
+            cr3: next.cr3,
+        }
+    }
+}
+
+/// Timer ticks per quantum: the APIC timer's period is the quantum.
+const QUANTUM_TICKS: u32 = 1;
+
+static SCHED: spin::Mutex<Sched<Guest>> = spin::Mutex::new(Sched::new(QUANTUM_TICKS));
+/// The running task's id (or, while idle, the id of the task the CPU idles on), for reports.
+static CURRENT: AtomicU64 = AtomicU64::new(0);
+static PREEMPTION: AtomicBool = AtomicBool::new(false);
+static SPAWNED: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `f` on the scheduler. Interrupts are off (the token says so), so on this one CPU the
+/// lock is free unless `f` (or something it calls) asked for it again: that is reported.
+fn with_sched<R>(_: &IrqOff, f: impl FnOnce(&mut Sched<Guest>) -> R) -> R {
+    debug_assert!(!irq::are_enabled(), "an IrqOff token with interrupts on");
+    let Some(mut s) = SCHED.try_lock() else {
+        panic!("the scheduler was entered again from inside itself");
+    };
+    f(&mut s)
+}
+
+fn now() -> u64 {
+    cpu::rdtsc()
+}
+
+/// Sets up the main task (the app's `main`) with an empty address space of its own and loads it;
+/// with `preemption` (boot started the APIC timer), turns interrupts on so the timer preempts.
+pub(crate) fn init(preemption: bool) {
+    let space = AddressSpace::new(
+        &KernelMem,
+        &[],
+        crate::space::mode(),
+        Some(crate::space::kernel_half()),
+    )
+    .expect("out of memory creating the main task's address space");
+    let cr3 = space.root();
+    let main = Guest {
+        rsp: 0,
+        cr3: cr3.start_address().as_u64(),
+        space,
+        stack: None,
+        entry: None,
+    };
+    irq::without(|tok| {
+        let started = with_sched(tok, |s| {
+            let id = s.start(main).ok()?;
+            enter_running(s);
+            Some(id)
+        });
+        let id = started.expect("task::init ran twice");
+        CURRENT.store(id, Ordering::Relaxed);
+        // SAFETY: the root was made with the kernel half attached, so code, stack and data stay
+        // mapped once it is loaded.
+        unsafe {
+            crate::arch::mmu::load_root(cr3, ::x86_64::registers::control::Cr3Flags::empty())
+        };
+    });
+    if preemption {
+        PREEMPTION.store(true, Ordering::Relaxed);
+        irq::enable();
+    } else {
+        log::warn!("no local APIC: tasks are scheduled cooperatively only");
+    }
+}
+
+/// Records the running task as the one whose space is loaded and whose id reports show.
+fn enter_running(s: &mut Sched<Guest>) {
+    if let Some(t) = s.running_mut() {
+        CURRENT.store(t.id(), Ordering::Relaxed);
+        crate::space::set_current(&mut t.ctx.space);
+    }
+}
+
+/// Id of the running task (0 = the app's `main`).
+pub(super) fn current() -> u64 {
+    CURRENT.load(Ordering::Relaxed)
+}
+
+/// True when the running task is a spawned one (not the app's `main`).
+pub(crate) fn in_spawned_task() -> bool {
+    current() != 0
+}
+
+pub(super) fn spawned_count() -> u64 {
+    SPAWNED.load(Ordering::Relaxed)
+}
+
+/// Queues a new task that runs `entry` on `stack` in `space`, if `keep` (asked once the task and
+/// every kernel-heap object it needs exist, before anything can run it: interrupts stay off) says
+/// so; else the task is taken back and its space and stack are returned for the caller to
+/// release.
+pub(super) fn spawn(
+    space: AddressSpace<KernelMem>,
+    stack: KernelStack,
+    entry: Entry,
+    keep: impl FnOnce() -> bool,
+) -> Result<JoinHandle<Guest>, (AddressSpace<KernelMem>, KernelStack)> {
+    // SAFETY: the stack was just allocated: mapped, writable, unused, page aligned, and much
+    // larger than the frame.
+    let rsp = unsafe { context::initial_frame(stack.top(), task_trampoline) };
+    let ctx = Guest {
+        rsp,
+        cr3: space.root().start_address().as_u64(),
+        space,
+        stack: Some(stack),
+        entry: Some(entry),
+    };
+    irq::without(|tok| {
+        let h = with_sched(tok, |s| s.spawn(ctx));
+        if keep() {
+            return Ok(h);
+        }
+        // Not run yet (no preemption with interrupts off), so still in the run queue.
+        match with_sched(tok, |s| s.unspawn(h)) {
+            Some(Guest {
+                space,
+                stack: Some(stack),
+                ..
+            }) => Err((space, stack)),
+            _ => unreachable!("a task spawned with interrupts off ran before they came on"),
+        }
+    })
+}
+
+/// Counts a spawn that is kept.
+pub(super) fn count_spawn() {
+    SPAWNED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// First code of every spawned task (reached by `ret` from the first switch to it, with
+/// interrupts off).
+extern "C" fn task_trampoline() -> ! {
+    let entry = irq::without(|tok| {
+        let (dead, entry) = with_sched(tok, |s| {
+            let dead = s.finish_switch();
+            enter_running(s);
+            (dead, s.running_mut().and_then(|t| t.ctx.entry.take()))
+        });
+        drop(dead);
+        entry
+    });
+    irq::enable();
+    let code = entry.map_or(0, |f| f());
+    end_current(Ok(code))
+}
+
+/// Carries out `step`. Interrupts are off (the token).
+fn carry(tok: &IrqOff, step: Step<Switch>) {
+    match step {
+        Step::Stay => {}
+        Step::Switch(sw) => switch(tok, sw),
+        Step::Idle => idle(tok),
+    }
+}
+
+fn switch(tok: &IrqOff, sw: Switch) {
+    // SAFETY: interrupts are off (the token); `save` points at the outgoing task's saved-RSP
+    // field inside the box the scheduler keeps it in (run queue, sleepers, a join state or the
+    // zombie slot), which nothing touches until that task is picked again, or, for a zombie,
+    // until the next task's `finish_switch` has dropped it — after this write; `rsp` and `cr3`
+    // are the next task's, saved by its own last switch (or made by `initial_frame`), and its
+    // root maps the kernel half.
+    unsafe { context::switch(sw.save, sw.rsp, sw.cr3) };
+    // Back in this task, possibly much later.
+    finish_switch(tok);
+}
+
+/// Work after every switch, in the task switched to: drop the task that ended before it (with
+/// interrupts off, so that no other space is created or dropped meanwhile).
+fn finish_switch(tok: &IrqOff) {
+    let dead = with_sched(tok, |s| {
+        let dead = s.finish_switch();
+        enter_running(s);
+        dead
+    });
+    drop(dead);
+}
+
+/// Nothing is runnable and the task the CPU is on cannot go on (blocked, asleep or ended): wait
+/// with interrupts on until the scheduler says how to go on. The timer tick finds no running
+/// task meanwhile and does nothing; without a timer, poll instead of halting.
+fn idle(tok: &IrqOff) {
+    loop {
+        // Interrupts go on only here, between two uses of the scheduler, never inside one.
+        if PREEMPTION.load(Ordering::Relaxed) {
+            irq::enable_and_wait();
+        } else {
+            irq::enable();
+            core::hint::spin_loop();
+        }
+        irq::disable();
+        match with_sched(tok, |s| {
+            let step = s.poll_idle(now());
+            if matches!(step, Step::Stay) {
+                enter_running(s);
+            }
+            step
+        }) {
+            Step::Idle => {}
+            step => return carry(tok, step),
+        }
+    }
+}
+
+/// Switching now would leave a kernel lock taken, with interrupts off, for whichever task asks
+/// for it next: a silent freeze. Report it instead (a panic: it ends the app, see the policy).
+fn check_no_kernel_lock() {
+    let held = irq::irq_locks_held();
+    if held > 0 {
+        panic!(
+            "yield while holding a kernel lock ({held} interrupt-disabling lock(s) held): \
+             a task must not yield, sleep or block inside a kernel critical section"
+        );
+    }
+}
+
+pub(super) fn yield_now() {
+    check_no_kernel_lock();
+    irq::without(|tok| {
+        let step = with_sched(tok, |s| s.yield_now(now()));
+        carry(tok, step);
+    });
+}
+
+pub(super) fn sleep_until(deadline: u64) {
+    check_no_kernel_lock();
+    irq::without(|tok| {
+        let step = with_sched(tok, |s| s.sleep(deadline, now()));
+        carry(tok, step);
+    });
+}
+
+pub(super) fn join(h: JoinHandle<Guest>) -> TaskResult {
+    check_no_kernel_lock();
+    irq::without(|tok| {
+        let mut j = with_sched(tok, |s| s.join(h, now()));
+        loop {
+            match j {
+                Join::Done(r) => return r,
+                Join::Wait(step) => {
+                    carry(tok, step);
+                    j = with_sched(tok, |s| s.rejoin(now()));
+                }
+            }
+        }
+    })
+}
+
+pub(super) fn is_finished(h: &KillHandle<Guest>) -> bool {
+    irq::without(|tok| with_sched(tok, |s| s.is_finished(h)))
+}
+
+pub(super) fn kill(h: &KillHandle<Guest>) {
+    irq::without(|tok| match with_sched(tok, |s| s.kill(h, now())) {
+        Kill::AlreadyEnded => {}
+        // Dropped with interrupts off: its space goes, and no other is made meanwhile.
+        Kill::Ended(task) => drop(task),
+        Kill::Current(step) => {
+            carry(tok, step);
+            unreachable!("a killed task was scheduled again");
+        }
+    });
+}
+
+/// Called from the timer interrupt (interrupts off): preempts the running task when its quantum
+/// is used up and another task is runnable.
+pub(crate) fn timer_tick() {
+    if !PREEMPTION.load(Ordering::Relaxed) {
+        return;
+    }
+    irq::without(|tok| {
+        let step = with_sched(tok, |s| s.tick(now()));
+        carry(tok, step);
+    });
+}
+
+/// Ends the running spawned task with `result`; never returns.
+pub(super) fn end_current(result: TaskResult) -> ! {
+    irq::without(|tok| {
+        let step = with_sched(tok, |s| s.exit(result, now()));
+        carry(tok, step);
+    });
+    unreachable!("a zombie task was scheduled again")
+}
+
+/// Called by the fault and panic handlers: decides with the fault policy ([`policy::decide`])
+/// and either ends only the running spawned task with the error `err` builds (never called
+/// otherwise: it may allocate), or ends the app with the reserved exit code.
+pub(crate) fn fail_current(failure: Failure, err: impl FnOnce() -> TaskError) -> ! {
+    // Failing inside the scheduler (e.g. a stack overflow in a yield) is failing inside a kernel
+    // critical section too: its lock cannot be given back.
+    let locks = irq::irq_locks_held() + usize::from(SCHED.is_locked());
+    match policy::decide(failure, in_spawned_task(), locks) {
+        Verdict::EndTask => end_current(Err(err())),
+        Verdict::EndApp { code, reason } => {
+            if reason == Reason::LockHeld {
+                let what = match failure {
+                    Failure::Fault => "a CPU exception",
+                    Failure::StackOverflow => "a stack overflow",
+                    Failure::Panic { .. } => "a panic",
+                };
+                crate::console::emergency_write(format_args!(
+                    "stencil: task {} failed ({what}) while holding a kernel lock; the system \
+                     cannot go on safely\n",
+                    current()
+                ));
+            }
+            crate::shutdown::fatal_exit(u32::from(code.code()))
+        }
+    }
+}

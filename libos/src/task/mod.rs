@@ -1,0 +1,331 @@
+//! Tasks: each with its own address space built from templates, its own kernel stack, and a
+//! saved context; a round-robin scheduler with cooperative [`yield_now`] and timer preemption.
+//!
+//! Everything runs in ring 0 (a library OS), so a task's stack is a kernel stack (in the shared
+//! kernel half, with a guard) and its address space's upper half is the kernel template. A
+//! context switch saves the callee-saved registers and RFLAGS on the old stack, loads the next
+//! task's CR3 (only if it differs) and stack pointer, and returns into the next task.
+//!
+//! Failures stay inside the task: a page fault the engine cannot resolve, any other CPU exception,
+//! a stack overflow or a panic ends only the running task, with a report (task id, address, RIP,
+//! cause), and its [`JoinHandle::join`] returns the [`TaskError`]. The main task (the app's
+//! `main`) is task 0; when it faults, the app ends as before.
+//!
+//! Inside: the scheduler is a host-tested state machine (`crate::sched`) that owns every task;
+//! `glue` holds the one instance, reachable only with interrupts off, and carries out what it
+//! decides (switch stacks with `arch::context`, idle, drop dead tasks); `memory` is the running
+//! task's memory API; `error` the error types.
+
+mod error;
+mod glue;
+mod memory;
+
+use alloc::boxed::Box;
+
+use templates::{AddressSpace, Mode};
+
+use crate::space::{KernelMem, Template};
+
+pub use error::{SpawnError, TaskError};
+pub(crate) use glue::{fail_current, in_spawned_task, init, timer_tick};
+pub use memory::{map_private, read, snapshot, space_stats, trim_caches, write};
+
+/// Default stack size of a spawned task.
+pub const DEFAULT_STACK: u64 = 32 << 10;
+/// Largest stack of a spawned task: a kernel-stack slot less its guard page (4 MiB - 4 KiB).
+pub const MAX_STACK: u64 = crate::stack::MAX_STACK;
+/// Frames kept free for the kernel heap: [`spawn`] fails with [`SpawnError::OutOfMemory`]
+/// rather than leave fewer free. The kernel heap maps single frames anywhere in RAM, so this many
+/// free frames let it grow by 4 MiB: 1,024 pages plus the page tables that map them.
+pub const SPAWN_RESERVE_FRAMES: usize = crate::mm::heap::frames_to_grow(1024);
+/// Scheduling quantum (the APIC timer period).
+pub const QUANTUM_US: u64 = 10_000;
+
+/// Id of the running task (0 = the app's `main`).
+///
+/// ```no_run
+/// libos::println!("running in task {}", libos::task::current());
+/// ```
+pub fn current() -> u64 {
+    glue::current()
+}
+
+/// Number of tasks spawned since boot.
+///
+/// ```no_run
+/// libos::println!("{} tasks so far", libos::task::spawned_count());
+/// ```
+pub fn spawned_count() -> u64 {
+    glue::spawned_count()
+}
+
+/// Options for [`Builder::spawn`].
+///
+/// ```no_run
+/// use libos::space::Mode;
+/// let h = libos::task::Builder::new()
+///     .stack_size(64 << 10)
+///     .mode(Mode::Copy) // deep-copy the tables, as fork() does
+///     .spawn(&[], || 0)
+///     .expect("spawn");
+/// assert_eq!(h.join(), Ok(0));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Builder {
+    stack_size: u64,
+    mode: Option<Mode>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Builder {
+    /// Default options: a 32 KiB stack, the boot's share mode.
+    pub fn new() -> Self {
+        Builder {
+            stack_size: DEFAULT_STACK,
+            mode: None,
+        }
+    }
+
+    /// Stack size in bytes, rounded up to whole pages; 0 gets one page. More than
+    /// [`MAX_STACK`] makes [`spawn`](Self::spawn) fail with [`SpawnError::StackTooLarge`].
+    pub fn stack_size(mut self, bytes: u64) -> Self {
+        self.stack_size = bytes;
+        self
+    }
+
+    /// Attach templates by reference (`Mode::Share`) or deep-copy them (`Mode::Copy`),
+    /// overriding the boot's `share=` option (benchmarks compare both in one boot).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = Some(mode);
+        self
+    }
+
+    /// Spawns a task whose address space attaches `templates`, running `f`. The task runs when
+    /// the caller yields, blocks (e.g. in [`JoinHandle::join`]) or is preempted.
+    pub fn spawn<F>(self, templates: &[&Template], f: F) -> Result<JoinHandle, SpawnError>
+    where
+        F: FnOnce() -> i32 + Send + 'static,
+    {
+        let mode = self.mode.unwrap_or_else(crate::space::mode);
+        // Keep a reserve for the kernel heap (a failed heap allocation is a panic): fail early
+        // when the reserve is already gone, and check again below once the stack and the
+        // address space have taken their frames.
+        let frames = crate::mm::kernel::frames();
+        if frames.free_frames() < SPAWN_RESERVE_FRAMES {
+            return Err(SpawnError::OutOfMemory);
+        }
+        // The stack first: if the address space then fails, dropping the stack touches no
+        // shared page table.
+        let stack = crate::stack::alloc(self.stack_size).map_err(|e| match e {
+            crate::stack::StackError::NoSlot => SpawnError::TooManyTasks,
+            crate::stack::StackError::OutOfMemory => SpawnError::OutOfMemory,
+            crate::stack::StackError::TooLarge(e) => SpawnError::StackTooLarge {
+                requested: e.requested,
+                max: e.max,
+            },
+        })?;
+        // Interrupts off: the engine's reference counting assumes no other space is created or
+        // dropped halfway through (dead tasks are dropped with interrupts off too).
+        let space = crate::arch::irq::without(|_| {
+            AddressSpace::new(
+                &KernelMem,
+                templates,
+                mode,
+                Some(crate::space::kernel_half()),
+            )
+        })
+        .map_err(|e| match e {
+            templates::Error::OutOfFrames => SpawnError::OutOfMemory,
+            e => SpawnError::Layout(e),
+        })?;
+        // This spawn (its stack, tables or kernel-heap objects) must not eat into the reserve:
+        // if it did, undo it, keeping none of its memory (not even in the stack cache).
+        let h = match glue::spawn(space, stack, Box::new(f), || {
+            frames.free_frames() >= SPAWN_RESERVE_FRAMES
+        }) {
+            Ok(h) => h,
+            Err((space, stack)) => {
+                crate::arch::irq::without(|_| drop(space));
+                crate::stack::release(stack);
+                return Err(SpawnError::OutOfMemory);
+            }
+        };
+        glue::count_spawn();
+        Ok(JoinHandle { inner: h })
+    }
+}
+
+/// Spawns a task with default options; see [`Builder::spawn`].
+///
+/// ```no_run
+/// use libos::space::{Kind, TemplateBuilder};
+/// let t = TemplateBuilder::new()
+///     .region("data", 0x4000_0000, 1 << 20, Kind::Private, |_, p| p.fill(1))
+///     .and_then(|b| b.seal())
+///     .expect("template");
+/// let h = libos::task::spawn(&[&t], || {
+///     let mut b = [0u8; 1];
+///     libos::task::read(0x4000_0000, &mut b).expect("mapped");
+///     i32::from(b[0])
+/// })
+/// .expect("spawn");
+/// assert_eq!(h.join(), Ok(1));
+/// ```
+///
+/// `f` is `'static`: a task cannot borrow the spawner's locals, it gets its own copy of what it
+/// uses (`move`).
+///
+/// ```compile_fail,E0373
+/// let n = 20;
+/// let h = libos::task::spawn(&[], || n + 1); // borrows `n`: refused
+/// ```
+pub fn spawn<F>(templates: &[&Template], f: F) -> Result<JoinHandle, SpawnError>
+where
+    F: FnOnce() -> i32 + Send + 'static,
+{
+    Builder::new().spawn(templates, f)
+}
+
+/// Gives the CPU to the next runnable task, if any.
+///
+/// ```no_run
+/// let h = libos::task::spawn(&[], || 0).expect("spawn");
+/// while !h.is_finished() {
+///     libos::task::yield_now(); // let the task run
+/// }
+/// ```
+pub fn yield_now() {
+    glue::yield_now();
+}
+
+/// Sleeps for at least `d` (other tasks run meanwhile). `Duration::ZERO` just yields. A `d`
+/// whose deadline would pass the TSC's range (e.g. `Duration::MAX`) sleeps forever, without
+/// overflow: the task wakes only if it is killed ([`JoinHandle::kill`]).
+///
+/// ```no_run
+/// libos::task::sleep(core::time::Duration::from_millis(10));
+/// ```
+pub fn sleep(d: core::time::Duration) {
+    let now = crate::arch::cpu::rdtsc();
+    let deadline =
+        crate::limits::deadline(now, d, crate::time::tsc_hz()).unwrap_or(crate::sched::FOREVER);
+    glue::sleep_until(deadline);
+}
+
+/// Ends the running spawned task with exit code `code` (as if its closure returned it). In the
+/// main task it ends the app, like [`crate::exit`].
+///
+/// ```no_run
+/// let h = libos::task::spawn(&[], || libos::task::exit(3)).expect("spawn");
+/// assert_eq!(h.join(), Ok(3));
+/// ```
+pub fn exit(code: i32) -> ! {
+    if !in_spawned_task() {
+        crate::shutdown::exit_app(code)
+    }
+    glue::end_current(Ok(code))
+}
+
+/// Owner's handle to a spawned task.
+#[derive(Debug)]
+#[must_use = "dropping a JoinHandle detaches the task"]
+pub struct JoinHandle {
+    inner: crate::sched::JoinHandle<glue::Guest>,
+}
+
+impl JoinHandle {
+    /// The task's id.
+    pub fn id(&self) -> u64 {
+        self.inner.id()
+    }
+
+    /// True once the task has ended.
+    pub fn is_finished(&self) -> bool {
+        glue::is_finished(self.inner.kill_handle())
+    }
+
+    /// A handle that can kill this task, also once this one is given to [`JoinHandle::join`]
+    /// (e.g. a watchdog task kills a worker that another task joins; the joiner is woken with
+    /// `Err(TaskError::Killed)`).
+    ///
+    /// ```no_run
+    /// use libos::task::TaskError;
+    /// let worker = libos::task::spawn(&[], || loop {
+    ///     libos::task::yield_now();
+    /// })
+    /// .expect("spawn");
+    /// let k = worker.kill_handle();
+    /// let _watchdog = libos::task::spawn(&[], move || {
+    ///     k.kill();
+    ///     0
+    /// })
+    /// .expect("spawn");
+    /// assert_eq!(worker.join(), Err(TaskError::Killed));
+    /// ```
+    pub fn kill_handle(&self) -> KillHandle {
+        KillHandle {
+            inner: self.inner.kill_handle().clone(),
+        }
+    }
+
+    /// Waits for the task to end; its exit code, or how it failed.
+    ///
+    /// ```no_run
+    /// use libos::task::TaskError;
+    /// let h = libos::task::spawn(&[], || panic!("boom")).expect("spawn");
+    /// assert!(matches!(h.join(), Err(TaskError::Panic(_))));
+    /// ```
+    pub fn join(self) -> Result<i32, TaskError> {
+        glue::join(self.inner)
+    }
+
+    /// Ends the task (if it has not ended yet); its `join` returns [`TaskError::Killed`].
+    ///
+    /// The task ends at once whatever it is doing: runnable, preempted, sleeping (even
+    /// forever), blocked in [`JoinHandle::join`] (it leaves the join it waits in; the task it
+    /// joined goes on), or running (a task that kills itself). A task blocked in a join of this
+    /// task is woken and gets `Err(TaskError::Killed)`. The task runs no destructors (objects it
+    /// owned in the kernel heap leak) and a [`crate::sync::Mutex`] it holds stays locked.
+    ///
+    /// ```no_run
+    /// use libos::task::TaskError;
+    /// let h = libos::task::spawn(&[], || loop {
+    ///     libos::task::yield_now();
+    /// })
+    /// .expect("spawn");
+    /// h.kill();
+    /// assert_eq!(h.join(), Err(TaskError::Killed));
+    /// ```
+    pub fn kill(&self) {
+        glue::kill(self.inner.kill_handle());
+    }
+}
+
+/// A handle that can only kill a task (see [`JoinHandle::kill`]) and ask whether it has ended;
+/// made by [`JoinHandle::kill_handle`], `Clone` and `Send`.
+#[derive(Debug, Clone)]
+pub struct KillHandle {
+    inner: crate::sched::KillHandle<glue::Guest>,
+}
+
+impl KillHandle {
+    /// The task's id.
+    pub fn id(&self) -> u64 {
+        self.inner.id()
+    }
+
+    /// True once the task has ended.
+    pub fn is_finished(&self) -> bool {
+        glue::is_finished(&self.inner)
+    }
+
+    /// Ends the task if it has not ended yet, as [`JoinHandle::kill`] does.
+    pub fn kill(&self) {
+        glue::kill(&self.inner);
+    }
+}
