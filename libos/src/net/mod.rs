@@ -12,7 +12,7 @@
 //! stream.close();
 //! ```
 //!
-//! **Polling, not interrupts.** One global stack (`NetState` behind an [`IrqMutex`]) owns the
+//! **Polling, not interrupts.** One global stack (`NetState` behind an `IrqMutex`) owns the
 //! NIC, the smoltcp interface and every socket. Each socket call polls the interface (moves frames
 //! between the NIC and the sockets) before and after it looks at its socket; a call that would
 //! block yields the CPU ([`crate::task::yield_now`]) and tries again, so the other tasks — which
