@@ -16,9 +16,10 @@
 //! `cargo xtask run <app>` builds it for `x86_64-unknown-none` and boots it in QEMU. See
 //! `docs/ARCHITECTURE.md` for the boot sequence, memory layout and exit codes.
 //!
-//! The pure parts (command line, memory map, frame allocator) also build on the host, where
-//! `cargo test -p libos` tests them; everything that touches hardware is compiled only for
-//! `target_os = "none"`.
+//! The parts without hardware — the scheduler and task lifecycle (`sched`, a state machine), the
+//! command line, the memory map, the frame allocator, the argument checks, TSC calibration — also
+//! build on the host, where `cargo test -p libos` tests them; everything that touches hardware is
+//! compiled only for `target_os = "none"`. The layers are drawn in `docs/ARCHITECTURE.md`.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
