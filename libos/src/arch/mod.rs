@@ -1,7 +1,9 @@
 //! Hardware access: the ground floor. Everything that touches CPU registers, ports, MMIO or
 //! descriptor tables lives here, and nothing here imports the layers above (traps hand over to
-//! a handler the kernel core registers). The rest of libos names only what this module
-//! re-exports, never `x86_64::` directly.
+//! a handler the kernel core registers). The rest of libos calls only what this module
+//! re-exports for hardware access; it still uses the `x86_64` crate's *types* (addresses, page
+//! table entries) as data. Device registers behind MMIO are the drivers' (virtio, through the
+//! `virtio-drivers` crate).
 
 mod x86_64;
 

@@ -376,7 +376,9 @@ pub(crate) fn unmap_kernel_page(virt: u64) {
     let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
     let mut pt = KERNEL_PT.get().expect("mm not initialised").lock();
     if let Ok((frame, flush)) = pt.unmap(page) {
-        flush.flush();
+        // The flush goes through arch (it is the same invlpg).
+        flush.ignore();
+        crate::arch::mmu::flush_page(VirtAddr::new(virt));
         frames().dec_ref((frame.start_address().as_u64() / PAGE_SIZE) as usize);
     }
 }

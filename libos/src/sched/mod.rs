@@ -34,8 +34,11 @@
 //! Concurrency: the guest reaches a `Sched` only through a cell that asks for the interrupts-off
 //! token (`task::glue`), so operations never interleave on one CPU. The join state is shared
 //! through an `Arc`, so its interior is a spin lock (never contended: every lock is taken under
-//! the `&mut Sched` borrow, and never two at once) rather than cells that would be sound only on
-//! one CPU.
+//! the `&mut Sched` borrow; `join` holds the joined task's while it takes the joiner's, always in
+//! that order, and a task cannot join itself) rather than cells that would be sound only on one
+//! CPU.
+
+#![forbid(unsafe_code)]
 
 pub mod policy;
 #[cfg(test)]

@@ -152,7 +152,7 @@ pub(super) fn spawn(
     stack: KernelStack,
     entry: Entry,
     keep: impl FnOnce() -> bool,
-) -> Result<JoinHandle<Guest>, (AddressSpace<KernelMem>, KernelStack)> {
+) -> Result<JoinHandle<Guest>, (AddressSpace<KernelMem>, KernelStack, Option<Entry>)> {
     // SAFETY: the stack was just allocated: mapped, writable, unused, page aligned, and much
     // larger than the frame.
     let rsp = unsafe { context::initial_frame(stack.top(), task_trampoline) };
@@ -170,11 +170,14 @@ pub(super) fn spawn(
         }
         // Not run yet (no preemption with interrupts off), so still in the run queue.
         match with_sched(tok, |s| s.unspawn(h)) {
+            // The closure goes back to the caller too, to be dropped with interrupts on (its
+            // captured values' destructors are app code).
             Some(Guest {
                 space,
                 stack: Some(stack),
+                entry,
                 ..
-            }) => Err((space, stack)),
+            }) => Err((space, stack, entry)),
             _ => unreachable!("a task spawned with interrupts off ran before they came on"),
         }
     })
@@ -206,8 +209,15 @@ extern "C" fn task_trampoline() -> ! {
 fn carry(tok: &IrqOff, step: Step<Switch>) {
     match step {
         Step::Stay => {}
-        Step::Switch(sw) => switch(tok, sw),
-        Step::Idle => idle(tok),
+        Step::Switch(sw) => {
+            // Every path that leaves the task checks this, preemption and exit included.
+            check_no_kernel_lock();
+            switch(tok, sw)
+        }
+        Step::Idle => {
+            check_no_kernel_lock();
+            idle(tok)
+        }
     }
 }
 
@@ -348,7 +358,12 @@ pub(crate) fn fail_current(failure: Failure, err: impl FnOnce() -> TaskError) ->
     // Failing inside the scheduler (e.g. a stack overflow in a yield) is failing inside a kernel
     // critical section too: its lock cannot be given back.
     let locks = irq::irq_locks_held() + usize::from(SCHED.is_locked());
-    match policy::decide(failure, in_spawned_task(), locks) {
+    // A spawned task is running — not merely the one the CPU idles on (a fault in interrupt
+    // context while idle, e.g. an NMI, has no task to end: the app ends). The scheduler is free
+    // to ask when no lock is held.
+    let spawned = in_spawned_task()
+        && (locks > 0 || irq::without(|tok| with_sched(tok, |s| s.running().is_some())));
+    match policy::decide(failure, spawned, locks) {
         Verdict::EndTask => end_current(Err(err())),
         Verdict::EndApp { code, reason } => {
             if reason == Reason::LockHeld {

@@ -149,9 +149,10 @@ impl Builder {
             frames.free_frames() >= SPAWN_RESERVE_FRAMES
         }) {
             Ok(h) => h,
-            Err((space, stack)) => {
+            Err((space, stack, entry)) => {
                 crate::arch::irq::without(|_| drop(space));
                 crate::stack::release(stack);
+                drop(entry);
                 return Err(SpawnError::OutOfMemory);
             }
         };

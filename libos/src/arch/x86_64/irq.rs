@@ -8,8 +8,10 @@
 //! instead of freezing with interrupts off) and must not run app code; that is why these locks
 //! are not part of the public API.
 //!
-//! [`IrqOff`] is the proof that interrupts are off: [`without`] hands one to its closure, and
-//! state that only code with interrupts off may touch (the scheduler's) asks for it.
+//! [`IrqOff`] says that the caller turned interrupts off: only [`without`] makes one, for its
+//! closure. State that only code with interrupts off may touch (the scheduler's) asks for it.
+//! It is not a proof against everything: code holding it can still call [`enable`] (the idle
+//! wait does, between two uses of the scheduler), so such state keeps its own overlap check.
 
 use ::x86_64::instructions::interrupts;
 use core::marker::PhantomData;
