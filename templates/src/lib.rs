@@ -58,7 +58,7 @@ mod space;
 mod template;
 mod walk;
 
-pub use entry::COW_BIT;
+pub use entry::{COW_BIT, LENT_BIT, PIECE_BIT};
 pub use error::{Error, Fault, Name};
 pub use flush::Flush;
 pub use mem::PhysMem;

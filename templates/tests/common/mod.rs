@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use templates::sim::{CpuFault, SimMem, SoftMmu};
-use templates::{Access, AddressSpace, Fault, PhysMem, Template};
+use templates::{Access, AddressSpace, Fault, Mode, PhysMem, Template};
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -12,6 +12,9 @@ pub const PRESENT: u64 = 1;
 pub const WRITABLE: u64 = 1 << 1;
 pub const HUGE: u64 = 1 << 7;
 pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
+pub const LENT: u64 = 1 << 10;
+pub const PIECE: u64 = 1 << 11;
+pub const MIB2: u64 = 2 << 20;
 
 pub fn frame(addr: u64) -> PhysFrame {
     PhysFrame::containing_address(PhysAddr::new(addr))
@@ -61,32 +64,55 @@ pub fn write_u64(
     Ok(())
 }
 
-/// Walk every tree from `roots` (each root held once by its owner) and compute the count every
-/// frame must have: one per entry pointing at it (each table's entries counted once however
-/// many parents share it) plus one per handle (`roots`, `external`).
+/// The frame a leaf entry's reference is counted on: its own, or the run's head for a 2 MiB leaf
+/// and for a piece of a split 2 MiB page (`PIECE_BIT`).
+fn counted_on(e: u64, level: u8) -> PhysFrame {
+    if level == 2 || e & PIECE != 0 {
+        frame(e & ADDR & !(MIB2 - 1))
+    } else {
+        frame(e & ADDR)
+    }
+}
+
+/// Walk every tree and compute the count every frame must have: one per counted entry pointing
+/// at it (each table's entries counted once however many parents share it) plus one per handle
+/// (the roots, `external`). Every entry of a template's tree, and of a `Mode::Copy` space's
+/// (`spaces[i].1`), is counted; in a `Mode::Share` space's tables an entry with `LENT_BIT` is
+/// borrowed and counts nothing (invariant 11). Returns the counts and, per space (in order), the
+/// frames its borrowed entries point at.
 pub fn expected_counts(
     mem: &SimMem,
-    roots: &[PhysFrame],
+    spaces: &[(PhysFrame, bool)],
+    templates: &[PhysFrame],
     external: &[PhysFrame],
-) -> HashMap<PhysFrame, u32> {
+) -> (HashMap<PhysFrame, u32>, Vec<HashSet<PhysFrame>>) {
     let mut counts: HashMap<PhysFrame, u32> = HashMap::new();
     let mut seen = HashSet::new();
-    for &r in roots {
+    let mut borrowed = Vec::new();
+    for &r in templates {
         *counts.entry(r).or_default() += 1;
-        visit(mem, r, 4, &mut counts, &mut seen);
+        visit(mem, r, 4, true, &mut counts, &mut seen, &mut HashSet::new());
+    }
+    for &(r, all_counted) in spaces {
+        *counts.entry(r).or_default() += 1;
+        let mut b = HashSet::new();
+        visit(mem, r, 4, all_counted, &mut counts, &mut seen, &mut b);
+        borrowed.push(b);
     }
     for &f in external {
         *counts.entry(f).or_default() += 1;
     }
-    counts
+    (counts, borrowed)
 }
 
 fn visit(
     mem: &SimMem,
     table: PhysFrame,
     level: u8,
+    all_counted: bool,
     counts: &mut HashMap<PhysFrame, u32>,
     seen: &mut HashSet<PhysFrame>,
+    borrowed: &mut HashSet<PhysFrame>,
 ) {
     if !seen.insert(table) {
         return;
@@ -97,18 +123,63 @@ fn visit(
         if e & PRESENT == 0 {
             continue;
         }
-        let target = frame(e & ADDR);
+        let leaf = level == 1 || e & HUGE != 0;
+        let target = if leaf {
+            counted_on(e, level)
+        } else {
+            frame(e & ADDR)
+        };
+        if !all_counted && e & LENT != 0 {
+            borrowed.insert(target);
+            continue;
+        }
         *counts.entry(target).or_default() += 1;
-        if level > 1 && e & HUGE == 0 {
-            visit(mem, target, level - 1, counts, seen);
+        if !leaf {
+            visit(mem, target, level - 1, all_counted, counts, seen, borrowed);
         }
     }
 }
 
-/// Invariant 2: every allocated frame's count equals its references, and nothing else is
-/// allocated (no leak).
-pub fn check_counts(mem: &SimMem, roots: &[PhysFrame], external: &[PhysFrame]) {
-    let expected = expected_counts(mem, roots, external);
+/// Every frame (tables, and leaves' counted frames) reachable from `root`.
+fn reachable(mem: &SimMem, root: PhysFrame, level: u8, out: &mut HashSet<PhysFrame>) {
+    if !out.insert(root) {
+        return;
+    }
+    let n = if level == 4 { 256 } else { 512 };
+    for &e in &mem.words(root)[..n] {
+        if e & PRESENT == 0 {
+            continue;
+        }
+        if level == 1 || e & HUGE != 0 {
+            out.insert(counted_on(e, level));
+        } else {
+            reachable(mem, frame(e & ADDR), level - 1, out);
+        }
+    }
+}
+
+/// Invariants 2 and 11: every allocated frame's count equals its counted references, nothing
+/// else is allocated (no leak), and every entry a space borrows points at a frame that one of
+/// the templates it holds reaches. The templates the spaces hold are included automatically.
+pub fn check_counts(
+    mem: &SimMem,
+    spaces: &[&AddressSpace<SimMem>],
+    templates: &[&Template<SimMem>],
+    external: &[PhysFrame],
+) {
+    let mut troots: Vec<PhysFrame> = templates.iter().map(|t| t.root()).collect();
+    troots.extend(
+        spaces
+            .iter()
+            .flat_map(|s| s.templates().iter().map(|t| t.root())),
+    );
+    troots.sort();
+    troots.dedup();
+    let sroots: Vec<(PhysFrame, bool)> = spaces
+        .iter()
+        .map(|s| (s.root(), s.mode() == Mode::Copy))
+        .collect();
+    let (expected, borrowed) = expected_counts(mem, &sroots, &troots, external);
     let actual: HashMap<PhysFrame, u32> = mem.allocated().into_iter().collect();
     for (f, n) in &actual {
         let e = expected.get(f).copied().unwrap_or(0);
@@ -125,6 +196,19 @@ pub fn check_counts(mem: &SimMem, roots: &[PhysFrame], external: &[PhysFrame]) {
             "frame {:#x} referenced {e} times but not allocated",
             f.start_address().as_u64()
         );
+    }
+    for (s, b) in spaces.iter().zip(&borrowed) {
+        let mut kept = HashSet::new();
+        for t in s.templates() {
+            reachable(mem, t.root(), 4, &mut kept);
+        }
+        for f in b {
+            assert!(
+                kept.contains(f),
+                "frame {:#x} borrowed by a space but not kept by its templates",
+                f.start_address().as_u64()
+            );
+        }
     }
 }
 
