@@ -89,8 +89,7 @@ fn release_leaf<M: PhysMem>(mem: &M, e: u64, level: u8) {
 ///
 /// Children are released *before* the table's own count drops to zero, because a table is
 /// freed (and unreadable) once `dec_ref` returns 0. A count of 1 means no one else can reach the
-/// table. (If two owners of a shared table drop it concurrently and both read a count of 2,
-/// the subtree leaks rather than being used after free; the engine itself is not concurrent.)
+/// table. (A table has one counted owner: spaces borrow templates' tables, invariant 11.)
 fn release_table<M: PhysMem>(mem: &M, table: PhysFrame, level: u8, all_counted: bool) {
     if mem.ref_count(table) == 1 {
         for (_, e) in raw::entries(mem, table, child_range(level)) {
