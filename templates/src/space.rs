@@ -233,8 +233,9 @@ impl<M: PhysMem> AddressSpace<M> {
                     region: name(),
                 });
             }
-            // Copy (or take over) the page for this space: `Flush::Page(l.va)`.
-            return c.break_cow(l.va, l.level).map_err(oom);
+            // Copy (or take over) the page for this space: `Flush::Page(l.va)`. The faulting
+            // 4 KiB page, not the leaf's start: a 2 MiB leaf is split and that page copied.
+            return c.break_cow(page, l.level).map_err(oom);
         }
         if access == Access::Execute && !entry::executable(l.entry) {
             return Err(Fault::ExecuteNoExec {

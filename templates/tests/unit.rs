@@ -612,7 +612,28 @@ fn huge_pages_translate_cow_and_refuse_splits() {
         let tr = a.translate(va(BASE + 0x1234)).unwrap();
         assert_eq!(tr.page_size, PageSize::Size2MiB);
         assert!(tr.copy_on_write && !tr.writable);
-        write_u64(&mut a, &m, BASE + MIB2 - 8, 11).unwrap();
+        // One fault splits the 2 MiB page and makes the written 4 KiB piece (the last) writable:
+        // the CPU's retry succeeds with no second fault, and only that piece was copied.
+        let mmu = SoftMmu::new(&m);
+        let x = BASE + MIB2 - 8;
+        assert!(mmu.write_u64(a.root(), x, 11).unwrap_err().present);
+        let flush = a.resolve_fault(va(x), Access::Write).unwrap();
+        assert_eq!(flush, Flush::Page(va(BASE)));
+        mmu.write_u64(a.root(), x, 11).unwrap();
+        let tr = a.translate(va(x)).unwrap();
+        assert_eq!(tr.page_size, PageSize::Size4KiB);
+        assert!(tr.writable && tr.phys != t.translate(va(x)).unwrap().phys);
+        for piece in [BASE, BASE + MIB2 - 2 * 4096] {
+            let (mine, theirs) = (
+                a.translate(va(piece)).unwrap(),
+                t.translate(va(piece)).unwrap(),
+            );
+            assert!(
+                mine.copy_on_write && mine.page_size == PageSize::Size4KiB,
+                "{piece:#x}"
+            );
+            assert_eq!(mine.phys, theirs.phys, "{piece:#x} not copied");
+        }
         assert_eq!(read_u64(&mut a, &m, BASE + MIB2 - 8), Ok(11));
         assert_eq!(read_u64(&mut c, &m, BASE + MIB2 - 8), Ok(0));
         assert_eq!(read_u64(&mut a, &m, BASE + MIB2), Ok(0));
