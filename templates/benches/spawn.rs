@@ -184,7 +184,7 @@ fn main() {
     }
     drop(t);
 
-    println!("\n== 2 MiB page: first write copies 2 MiB ==");
+    println!("\n== 2 MiB page: first write splits the leaf and copies 4 KiB ==");
     let t = template(&m, GIB, PageSize::Size2MiB, alias2m);
     let mut first = Vec::new();
     for _ in 0..if quick { 20 } else { 100 } {

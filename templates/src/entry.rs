@@ -8,9 +8,16 @@
 //! unless executable, `HUGE_PAGE` for a 2 MiB leaf, and [`COW_BIT`] (software bit 9) for a
 //! copy-on-write page (which is then never `WRITABLE`).
 //!
+//! Ownership bits (docs/engine.md, invariant 11): [`LENT_BIT`] (software bit 10) is set on every
+//! entry of a template's tree and says the reference behind the entry is a template's; a space
+//! that copies a template's table copies it verbatim, and in a space's table the same bit means
+//! *borrowed* (not counted, kept alive by a template the space holds). [`PIECE_BIT`] (software
+//! bit 11) marks a 4 KiB leaf that maps one piece of a 2 MiB run (a split 2 MiB page): its
+//! reference, when counted, is on the run's head frame.
+//!
 //! `ACCESSED` and `DIRTY` are set in advance on every entry the engine writes, so the CPU never
 //! has a reason to write a shared table (invariants 1 and 9): it only sets those bits when they are
-//! clear. Bits 10, 11 and 52–62 are unused and left zero.
+//! clear. Bits 52–62 are unused and left zero.
 
 use x86_64::structures::paging::PageTableFlags as F;
 
@@ -18,14 +25,27 @@ use x86_64::structures::paging::PageTableFlags as F;
 /// takes it over if no one else references the frame).
 pub const COW_BIT: F = F::BIT_9;
 
+/// Software bit 10: the reference behind this entry is a template's (invariant 11). Counted in
+/// the template's own tree (every entry of it carries the bit); in a space's table — a verbatim
+/// copy of a template's table, or an attachment — the entry is *borrowed*: the space never
+/// counts or releases it, the template it holds keeps the target alive.
+pub const LENT_BIT: F = F::BIT_10;
+
+/// Software bit 11: a 4 KiB leaf mapping one 4 KiB piece of a 2 MiB run (what splitting a 2 MiB
+/// page leaves). Its reference, when counted, is on the run's head frame (`PhysMem` counts a run
+/// there), taken with `inc_ref(head)` and dropped with `dec_ref_huge`.
+pub const PIECE_BIT: F = F::BIT_11;
+
 pub(crate) const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-const P: u64 = F::PRESENT.bits();
+pub(crate) const P: u64 = F::PRESENT.bits();
 const W: u64 = F::WRITABLE.bits();
 const A: u64 = F::ACCESSED.bits();
 const D: u64 = F::DIRTY.bits();
 const PS: u64 = F::HUGE_PAGE.bits();
 const NX: u64 = F::NO_EXECUTE.bits();
 const COW: u64 = COW_BIT.bits();
+pub(crate) const LENT: u64 = LENT_BIT.bits();
+pub(crate) const PIECE: u64 = PIECE_BIT.bits();
 
 /// One past the highest lower-half address (47-bit canonical user half).
 pub(crate) const LOWER_HALF_END: u64 = 1 << 47;
@@ -50,6 +70,10 @@ pub(crate) const fn present(e: u64) -> bool {
     e & P != 0
 }
 #[inline]
+pub(crate) const fn huge_bit() -> u64 {
+    PS
+}
+#[inline]
 pub(crate) const fn huge(e: u64) -> bool {
     e & PS != 0
 }
@@ -62,12 +86,31 @@ pub(crate) const fn cow(e: u64) -> bool {
     e & COW != 0
 }
 #[inline]
+pub(crate) const fn lent(e: u64) -> bool {
+    e & LENT != 0
+}
+#[inline]
+pub(crate) const fn piece(e: u64) -> bool {
+    e & PIECE != 0
+}
+#[inline]
 pub(crate) const fn executable(e: u64) -> bool {
     e & NX == 0
 }
 #[inline]
 pub(crate) const fn addr(e: u64) -> u64 {
     e & ADDR_MASK
+}
+
+/// The frame a leaf entry at `level` is counted on: its own frame, or for a 2 MiB leaf and for
+/// a piece of a 2 MiB run, the run's head.
+#[inline]
+pub(crate) const fn counted_frame(e: u64, level: u8) -> u64 {
+    if level == 2 || piece(e) {
+        addr(e) & !(SIZE_2M - 1)
+    } else {
+        addr(e)
+    }
 }
 
 /// An entry pointing at a table.

@@ -12,23 +12,27 @@
 //!  │ T.L4   │ (private root, never in CR3)      │ A.L4   │ owned, count 1
 //!  └──┬─────┘                                   └──┬──┬──┘
 //!     │ [0]                          attach: [0]   │  │ [256..511] kernel half, verbatim,
-//!     ▼                              one entry     │  │            never followed
+//!     ▼                  one borrowed entry        │  │            never followed
 //!  ┌────────┐ <────────────────────────────────────┘  ▼
-//!  │ T.L3   │ count 2 (T + A)                       (kernel tables)
+//!  │ T.L3   │ count 1 (T's; A borrows: LENT_BIT)    (kernel tables)
 //!  └──┬──┬──┘
 //!     ▼  ▼  one L2 per 1 GiB slot
 //!  ┌──────┐ ┌──────┐
 //!  │ L2   │ │ L2   │ ──► 512 × L1 ──► data frames (Private pages: read-only + COW bit)
 //!  └──────┘ └──────┘
 //!
-//!  A writes to a Private page under L2 #1, L1 #7:  unshare top-down (invariant 4)
+//!  A writes to a Private page under L2 #1, L1 #7:  unshare top-down (invariants 4 and 11)
 //!
-//!  A.L4 ─► A.L3' (copy; T.L3 back to count 1; every L2 +1)
-//!           ├─[0]─► T.L2 #0            still shared
-//!           └─[1]─► A.L2' (copy; its 512 L1s +1)
+//!  A.L4 ─► A.L3' (verbatim copy: its entries borrow T's L2s; no count moves)
+//!           ├─[0]─► T.L2 #0            still shared (borrowed)
+//!           └─[1]─► A.L2' (verbatim copy: borrows T's 512 L1s)
 //!                     ├─[k≠7]─► T.L1 #k        still shared (511 siblings)
-//!                     └─[7]──► A.L1' (copy; its data frames +1)
-//!                                └─► new frame (copy of the page), writable; old frame −1
+//!                     └─[7]──► A.L1' (verbatim copy: borrows T's data frames)
+//!                                └─► new frame (copy of the page), writable, owned
+//!
+//!  A space holds its templates until its tree is gone, so what it borrows stays alive; it
+//!  never counts or releases a borrowed entry. A write to a 2 MiB page splits it into an L1 of
+//!  512 borrowed pieces (PIECE_BIT) and copies only the 4 KiB written.
 //! ```
 //!
 //! * [`PhysMem`]: the only access to physical memory (frames, counts, pointers).
@@ -40,10 +44,12 @@
 //! * [`sim`]: simulated memory and a software MMU for host tests and benchmarks.
 //! * Inside, the cursor module (`walk`) is the only code that writes a table or moves a
 //!   reference count; a sealed template gives only its read-only walk (docs/engine.md,
-//!   invariants 1–10, invariant 8 for this split).
+//!   invariants 1–11, invariant 8 for this split).
 //!
-//! PTE bits: see [`entry`] — software bit 9 ([`COW_BIT`]) marks copy-on-write; `ACCESSED` and
-//! `DIRTY` are preset so the CPU never writes a shared table. Only the lower half (L4 entries
+//! PTE bits: see [`entry`] — software bit 9 ([`COW_BIT`]) marks copy-on-write, bit 10
+//! ([`LENT_BIT`]) a template's reference (borrowed in a space's table), bit 11 ([`PIECE_BIT`]) a
+//! 4 KiB piece of a 2 MiB run; `ACCESSED` and `DIRTY` are preset so the CPU never writes a
+//! shared table. Only the lower half (L4 entries
 //! 0..256) is ever followed or changed.
 #![no_std]
 
@@ -58,7 +64,7 @@ mod space;
 mod template;
 mod walk;
 
-pub use entry::COW_BIT;
+pub use entry::{COW_BIT, LENT_BIT, PIECE_BIT};
 pub use error::{Error, Fault, Name};
 pub use flush::Flush;
 pub use mem::PhysMem;

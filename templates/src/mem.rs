@@ -17,10 +17,11 @@ use x86_64::structures::paging::{PhysFrame, Size2MiB};
 /// - counts must work up to at least `u32::MAX` (an alias-backed 64 GiB template points at one
 ///   frame 16 M times); what happens beyond is the implementation's choice (it may panic).
 ///
-/// 2 MiB runs (only needed for 2 MiB leaves with fresh backing and for copy-on-write of a 2 MiB
-/// `Private` page): a run is counted **on its first 4 KiB frame** (its head). The engine calls
-/// `inc_ref(head)`, `ref_count(head)` and [`dec_ref_huge`](Self::dec_ref_huge); it never touches
-/// the counts of the other 511 frames. The default `alloc_huge_frame` returns `None` (fresh 2 MiB
+/// 2 MiB runs (only allocated for 2 MiB leaves with fresh backing): a run is counted **on its
+/// first 4 KiB frame** (its head). The engine calls `inc_ref(head)`, `ref_count(head)` and
+/// [`dec_ref_huge`](Self::dec_ref_huge); it never touches the counts of the other 511 frames.
+/// A reference to one 4 KiB piece of a run (a leaf of a split 2 MiB page) is a reference to the
+/// run: taken and dropped the same way, on the head. The default `alloc_huge_frame` returns `None` (fresh 2 MiB
 /// backing then fails with [`Error::OutOfFrames`](crate::Error::OutOfFrames)); the default
 /// `dec_ref_huge` forwards to `dec_ref(head)`, which is right only if the implementation never
 /// hands out runs (2 MiB frames then come from the caller, who keeps its own reference).

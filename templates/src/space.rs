@@ -67,9 +67,13 @@ impl KernelHalf {
 /// Dropping it releases everything it references.
 #[derive(Debug)]
 pub struct AddressSpace<M: PhysMem> {
+    /// Declared (so dropped) before `templates`: the tree's borrowed entries point into those
+    /// templates' tables and frames, which must outlive it (invariant 11).
     tree: Tree<M>,
     mode: Mode,
     regions: Vec<Region>,
+    /// Every template attached at spawn, held for the space's whole life: they keep alive
+    /// whatever the tree borrows (invariant 11).
     templates: Vec<Template<M>>,
 }
 
@@ -90,17 +94,18 @@ impl<M: PhysMem> AddressSpace<M> {
             [_] => Vec::new(),
             _ => merge_claims(templates)?,
         };
+        // A `Copy` space counts every entry and borrows nothing (invariant 11).
+        let copy = mode == Mode::Copy;
         let mut tree = match kernel {
-            Some(k) => Tree::with_kernel(mem, &k.entries)?,
-            None => Tree::new(mem)?,
+            Some(k) => Tree::with_kernel(mem, &k.entries, copy)?,
+            None => Tree::new(mem, copy)?,
         };
         let mut c = tree.cursor();
-        let copy = mode == Mode::Copy;
         if let [t] = templates {
             let tr = t.reader();
             for claim in t.claims() {
                 if let Some(sub) = tr.subtree(claim.l4, None) {
-                    c.attach(claim.l4, None, sub, copy)?;
+                    c.attach(claim.l4, None, sub)?;
                 }
             }
         }
@@ -108,7 +113,7 @@ impl<M: PhysMem> AddressSpace<M> {
             if users == 1 {
                 // The whole 512 GiB range is one template's: one L4 entry.
                 if let Some(sub) = templates[last].reader().subtree(l4, None) {
-                    c.attach(l4, None, sub, copy)?;
+                    c.attach(l4, None, sub)?;
                 }
                 continue;
             }
@@ -120,7 +125,7 @@ impl<M: PhysMem> AddressSpace<M> {
                 let tr = t.reader();
                 for j in claim.slots() {
                     if let Some(sub) = tr.subtree(l4, Some(j)) {
-                        c.attach(l4, Some(j), sub, copy)?;
+                        c.attach(l4, Some(j), sub)?;
                     }
                 }
             }
@@ -228,8 +233,9 @@ impl<M: PhysMem> AddressSpace<M> {
                     region: name(),
                 });
             }
-            // Copy (or take over) the page for this space: `Flush::Page(l.va)`.
-            return c.break_cow(l.va, l.level).map_err(oom);
+            // Copy (or take over) the page for this space: `Flush::Page(l.va)`. The faulting
+            // 4 KiB page, not the leaf's start: a 2 MiB leaf is split and that page copied.
+            return c.break_cow(page, l.level).map_err(oom);
         }
         if access == Access::Execute && !entry::executable(l.entry) {
             return Err(Fault::ExecuteNoExec {
@@ -402,8 +408,9 @@ impl<M: PhysMem> AddressSpace<M> {
                 e
             }
         };
-        // Build the template's tables; dropped (and released) on any error.
-        let mut tree = Tree::new(self.tree.mem())?;
+        // Build the template's tables; dropped (and released) on any error. Every entry of the
+        // new tree is counted, the space's borrowed leaves included (invariant 11).
+        let mut tree = Tree::template(self.tree.mem())?;
         {
             let src = self.tree.reader();
             let mut dst = tree.cursor();

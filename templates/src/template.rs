@@ -258,7 +258,7 @@ impl<M: PhysMem> TemplateBuilder<M> {
 
     /// Build every table and seal the result. On failure (out of frames) nothing is leaked.
     pub fn seal(self) -> Result<Template<M>, Error> {
-        let mut tree = Tree::new(&self.mem)?;
+        let mut tree = Tree::template(&self.mem)?;
         let mut cursor = tree.cursor();
         for (r, backing) in &self.regions {
             let size = r.page_size.bytes();

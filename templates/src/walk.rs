@@ -1,23 +1,28 @@
 //! The cursor: the only code that walks and changes page tables, and the only code that moves a
-//! reference count (docs/engine.md, invariants 2, 3 and 8).
+//! reference count (docs/engine.md, invariants 2, 3, 8 and 11).
 //!
 //! * [`Tree`] owns one root (an L4 of count 1) and releases everything below it on drop.
-//!   Templates and address spaces each own one.
+//!   Templates and address spaces each own one; a template's tree marks every entry it writes
+//!   with [`LENT_BIT`](crate::LENT_BIT).
 //! * [`Reader`] (from `&Tree`): walks, finds leaves, counts, and hands out [`Subtree`]s to attach.
 //!   It has no method that writes a table. A sealed `Template` keeps its tree behind an `Arc`,
 //!   so a `Reader` is all it can ever give (invariant 1).
 //! * [`CursorMut`] (from `&mut Tree` only): the one writer. On its way down it unshares,
-//!   allocates missing tables, and installs, rewrites or clears entries; every reference it
-//!   takes or drops goes with an entry it writes or removes.
-//! * [`OwnedPage`]: one counted reference to a data frame (or 2 MiB run), released on drop unless
-//!   a cursor installs it into an entry. [`Subtree`]: a table of a live tree, borrowed from its
-//!   `Reader`; attaching it takes the reference.
+//!   allocates missing tables, splits 2 MiB pages, and installs, rewrites or clears entries;
+//!   every reference it takes or drops goes with an entry it writes or removes.
+//! * [`OwnedPage`]: one counted reference to a data frame (or 2 MiB run, or a piece of one),
+//!   released on drop unless a cursor installs it into an entry. [`Subtree`]: a table of a live
+//!   template's tree, borrowed from its `Reader`; attaching it borrows it (invariant 11).
 //!
-//! Ownership rule (invariants 2 and 3): a table is *exclusively owned* by a tree when the tree's
-//! root is reached only through tables of count 1 and the table's own count is 1. The cursor
-//! writes only to such tables; on its way down it turns every table of count > 1 on its path into
-//! a private copy (*unshare*), top-down, so only the tables on the path are copied and their
-//! siblings stay shared (invariant 4).
+//! Ownership rule (invariants 2, 3 and 11): an entry of a space's table is *owned* (counted) or
+//! *borrowed* (`LENT_BIT` set: a verbatim copy of a template's entry, counted by that template
+//! and kept alive by it, since a space holds its templates until its tree is gone). Every entry
+//! of a template's tree is counted. A table is *exclusively owned* by a tree when it is reached
+//! through owned entries only; it then has count 1. The cursor writes only to such tables; on
+//! its way down it replaces every borrowed table on its path by a verbatim copy (*unshare*),
+//! top-down, so only the tables on the path are copied and their siblings stay shared
+//! (invariant 4). The copy's entries are the template's, so they are borrowed in turn, and no
+//! count moves: an unshare is one frame allocation and one 4 KiB copy.
 
 pub(crate) mod raw;
 
@@ -37,6 +42,7 @@ fn child_range(level: u8) -> core::ops::Range<usize> {
     if level == 4 { 0..LOWER_L4 } else { 0..ENTRIES }
 }
 
+#[inline]
 fn huge_run(addr: u64) -> PhysFrame<Size2MiB> {
     PhysFrame::containing_address(PhysAddr::new(addr))
 }
@@ -46,6 +52,14 @@ fn with_addr(e: u64, addr: u64) -> u64 {
     (e & !entry::ADDR_MASK) | addr
 }
 
+/// Does entry `e` of a table of a tree hold a counted reference (invariant 11)? In a tree that
+/// counts all its entries (`all_counted`: a template's, or a `Mode::Copy` space's) every entry
+/// does; in a `Mode::Share` space's, every entry but a borrowed one (`LENT_BIT`).
+#[inline]
+fn counted(e: u64, all_counted: bool) -> bool {
+    all_counted || !entry::lent(e)
+}
+
 /// A zeroed table of count 1.
 fn alloc_table<M: PhysMem>(mem: &M) -> Result<PhysFrame, Error> {
     let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
@@ -53,76 +67,83 @@ fn alloc_table<M: PhysMem>(mem: &M) -> Result<PhysFrame, Error> {
     Ok(f)
 }
 
-/// Drop the reference leaf entry `e` held (`level` 1: a 4 KiB frame; 2: a 2 MiB run).
+/// Take one more reference to what the counted leaf entry `e` at `level` maps (a 4 KiB frame;
+/// for a 2 MiB leaf or a piece of a run, the run's head).
+#[inline]
+fn retain_leaf<M: PhysMem>(mem: &M, e: u64, level: u8) {
+    mem.inc_ref(frame_at(entry::counted_frame(e, level)));
+}
+
+/// Drop the reference the counted leaf entry `e` at `level` held.
 fn release_leaf<M: PhysMem>(mem: &M, e: u64, level: u8) {
-    if level == 1 {
+    if level == 1 && !entry::piece(e) {
         mem.dec_ref(frame_at(entry::addr(e)));
     } else {
-        mem.dec_ref_huge(huge_run(entry::addr(e)));
+        mem.dec_ref_huge(huge_run(entry::counted_frame(e, level)));
     }
 }
 
-/// Take one reference to every child of `table` (a fresh copy of a shared table).
-fn retain_children<M: PhysMem>(mem: &M, table: PhysFrame, level: u8) {
-    for i in child_range(level) {
-        let e = raw::read(mem, table, i);
-        if entry::present(e) {
-            // Leaves and tables alike are counted on the frame the entry points at.
-            mem.inc_ref(frame_at(entry::addr(e)));
-        }
-    }
-}
-
-/// Drop one reference to `table` (at `level`); if it was the last, release its children.
+/// Drop one reference to `table` (at `level`, in a tree that counts all its entries if
+/// `all_counted`); if it was the last, release what its counted entries point at (borrowed ones
+/// are a template's: invariant 11).
 ///
 /// Children are released *before* the table's own count drops to zero, because a table is
 /// freed (and unreadable) once `dec_ref` returns 0. A count of 1 means no one else can reach the
-/// table. (If two owners of a shared table drop it concurrently and both read a count of 2,
-/// the subtree leaks rather than being used after free; the engine itself is not concurrent.)
-fn release_table<M: PhysMem>(mem: &M, table: PhysFrame, level: u8) {
+/// table. (A table has one counted owner: spaces borrow templates' tables, invariant 11.)
+fn release_table<M: PhysMem>(mem: &M, table: PhysFrame, level: u8, all_counted: bool) {
     if mem.ref_count(table) == 1 {
-        for i in child_range(level) {
-            let e = raw::read(mem, table, i);
-            if entry::present(e) {
-                release_entry(mem, e, level);
+        for (_, e) in raw::entries(mem, table, child_range(level)) {
+            if entry::present(e) && counted(e, all_counted) {
+                release_entry(mem, e, level, all_counted);
             }
         }
     }
     mem.dec_ref(table);
 }
 
-/// Release what entry `e` of a table at `level` points at.
-fn release_entry<M: PhysMem>(mem: &M, e: u64, level: u8) {
+/// Release what the counted entry `e` of a table at `level` points at.
+fn release_entry<M: PhysMem>(mem: &M, e: u64, level: u8, all_counted: bool) {
     if entry::is_leaf(e, level) {
         release_leaf(mem, e, level);
     } else {
-        release_table(mem, frame_at(entry::addr(e)), level - 1);
+        release_table(mem, frame_at(entry::addr(e)), level - 1, all_counted);
     }
 }
 
-/// A deep copy of `table` (every table below it copied, every data frame retained): what
-/// fork() does, and what `Mode::Copy` does at spawn. On failure nothing is left allocated.
+/// A deep copy of the template table `table` for a `Mode::Copy` space (every table below it
+/// copied, every data frame retained; the entries keep their `LENT_BIT`, which in a tree that
+/// counts all its entries means nothing more): what fork() does. On failure nothing is left
+/// allocated.
+// Kept out of `attach`, whose `Mode::Share` path is the spawn path.
+#[inline(never)]
 fn deep_copy<M: PhysMem>(mem: &M, table: PhysFrame, level: u8) -> Result<PhysFrame, Error> {
     let new = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
     if level == 1 {
         raw::copy(mem, table, new);
-        retain_children(mem, new, 1);
+        for (_, e) in raw::entries(mem, new, 0..ENTRIES) {
+            // One test for the common case, a present whole 4 KiB frame (this loop is
+            // `Mode::Copy`'s spawn cost).
+            if e & (entry::P | entry::PIECE) == entry::P {
+                mem.inc_ref(PhysFrame::containing_address(PhysAddr::new(entry::addr(e))));
+            } else if entry::present(e) {
+                retain_leaf(mem, e, 1);
+            }
+        }
         return Ok(new);
     }
     raw::zero(mem, new);
-    for i in child_range(level) {
-        let e = raw::read(mem, table, i);
+    for (i, e) in raw::entries(mem, table, child_range(level)) {
         if !entry::present(e) {
             continue;
         }
         if entry::is_leaf(e, level) {
-            mem.inc_ref(frame_at(entry::addr(e)));
+            retain_leaf(mem, e, level);
             raw::write(mem, new, i, e);
         } else {
             match deep_copy(mem, frame_at(entry::addr(e)), level - 1) {
                 Ok(child) => raw::write(mem, new, i, with_addr(e, child.start_address().as_u64())),
                 Err(err) => {
-                    release_table(mem, new, level);
+                    release_table(mem, new, level, true);
                     return Err(err);
                 }
             }
@@ -137,27 +158,44 @@ fn deep_copy<M: PhysMem>(mem: &M, table: PhysFrame, level: u8) -> Result<PhysFra
 pub(crate) struct Tree<M: PhysMem> {
     mem: M,
     root: PhysFrame,
+    /// Every entry is counted and carries `LENT_BIT` (invariant 11): a template's tree (so a
+    /// space that copies one of its tables borrows the entries) or a `Mode::Copy` space's
+    /// (which borrows nothing). Otherwise a `Mode::Share` space's: `LENT_BIT` means borrowed.
+    all_counted: bool,
 }
 
 impl<M: PhysMem> Tree<M> {
-    /// A tree with an empty root.
-    pub(crate) fn new(mem: &M) -> Result<Self, Error> {
+    /// A space's tree with an empty root; `all_counted` for a `Mode::Copy` space.
+    pub(crate) fn new(mem: &M, all_counted: bool) -> Result<Self, Error> {
         Ok(Tree {
             mem: mem.clone(),
             root: alloc_table(mem)?,
+            all_counted,
         })
     }
 
-    /// A tree whose root's upper half is `kernel`, installed verbatim in entries 256..512 — the
-    /// engine never follows, counts, changes or frees them (invariant 6) — and whose lower half
-    /// is empty. Each byte of the root is written once: this is on the spawn path.
-    pub(crate) fn with_kernel(mem: &M, kernel: &[u64; 256]) -> Result<Self, Error> {
+    /// A template's tree with an empty root: every entry written into it is counted and marked
+    /// `LENT_BIT`, so a space that copies one of its tables borrows the entries (invariant 11).
+    pub(crate) fn template(mem: &M) -> Result<Self, Error> {
+        Self::new(mem, true)
+    }
+
+    /// A space's tree whose root's upper half is `kernel`, installed verbatim in entries
+    /// 256..512 — the engine never follows, counts, changes or frees them (invariant 6) — and
+    /// whose lower half is empty; `all_counted` for a `Mode::Copy` space. Each byte of the root
+    /// is written once: this is on the spawn path.
+    pub(crate) fn with_kernel(
+        mem: &M,
+        kernel: &[u64; 256],
+        all_counted: bool,
+    ) -> Result<Self, Error> {
         let root = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
         raw::zero_entries(mem, root, 0, LOWER_L4);
         raw::write_entries(mem, root, LOWER_L4, kernel);
         Ok(Tree {
             mem: mem.clone(),
             root,
+            all_counted,
         })
     }
 
@@ -177,6 +215,7 @@ impl<M: PhysMem> Tree<M> {
         Reader {
             mem: &self.mem,
             root: self.root,
+            all_counted: self.all_counted,
         }
     }
 
@@ -186,6 +225,7 @@ impl<M: PhysMem> Tree<M> {
         CursorMut {
             mem: &self.mem,
             root: self.root,
+            all_counted: self.all_counted,
             last: None,
             _tree: PhantomData,
         }
@@ -194,8 +234,9 @@ impl<M: PhysMem> Tree<M> {
 
 impl<M: PhysMem> Drop for Tree<M> {
     fn drop(&mut self) {
-        // Releases entries 0..256 only: the kernel half is never followed.
-        release_table(&self.mem, self.root, 4);
+        // Releases entries 0..256 only: the kernel half is never followed. A space's borrowed
+        // entries are skipped: its templates, dropped after it, release them (invariant 11).
+        release_table(&self.mem, self.root, 4, self.all_counted);
     }
 }
 
@@ -219,21 +260,22 @@ impl Leaf {
     }
 }
 
-/// One counted reference to a data frame (level 1) or a 2 MiB run (level 2, counted on its
-/// head), not yet in any entry. A cursor's `map_page` moves it into a leaf entry; dropped
-/// instead, it releases the reference, so an error between allocating and installing a page
-/// leaks nothing.
+/// One counted reference to a data frame (level 1), a 2 MiB run (level 2, counted on its head)
+/// or a piece of a run (level 1 with `PIECE_BIT`, counted on the run's head), not yet in any
+/// entry. A cursor's `map_page` moves it into a leaf entry; dropped instead, it releases the
+/// reference, so an error between allocating and installing a page leaks nothing.
 #[must_use = "dropping an OwnedPage releases its frame; install it with CursorMut::map_page"]
 pub(crate) struct OwnedPage<'a, M: PhysMem> {
     mem: &'a M,
-    addr: u64,
+    /// The frame's address, with `PIECE_BIT` for a piece of a run.
+    leaf: u64,
     level: u8,
 }
 
 impl<'a, M: PhysMem> OwnedPage<'a, M> {
     /// A fresh zeroed 4 KiB frame (level 1) or 2 MiB run (level 2).
     fn zeroed(mem: &'a M, level: u8) -> Result<Self, Error> {
-        let addr = if level == 1 {
+        let leaf = if level == 1 {
             let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
             raw::zero(mem, f);
             f.start_address().as_u64()
@@ -245,50 +287,50 @@ impl<'a, M: PhysMem> OwnedPage<'a, M> {
             }
             base
         };
-        Ok(OwnedPage { mem, addr, level })
+        Ok(OwnedPage { mem, leaf, level })
     }
 
-    /// A fresh private copy of the page at `src` (which the caller references).
-    fn copy_of(mem: &'a M, src: u64, level: u8) -> Result<Self, Error> {
-        let addr = if level == 1 {
-            let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
-            raw::copy(mem, frame_at(src), f);
-            f.start_address().as_u64()
-        } else {
-            let run = mem.alloc_huge_frame().ok_or(Error::OutOfFrames)?;
-            let base = run.start_address().as_u64();
-            for k in 0..512 {
-                let off = k * entry::SIZE_4K;
-                raw::copy(mem, frame_at(src + off), frame_at(base + off));
-            }
-            base
-        };
-        Ok(OwnedPage { mem, addr, level })
+    /// A fresh private copy of the 4 KiB page at `src` (which the caller keeps alive).
+    fn copy_of(mem: &'a M, src: u64) -> Result<Self, Error> {
+        let f = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+        raw::copy(mem, frame_at(src), f);
+        Ok(OwnedPage {
+            mem,
+            leaf: f.start_address().as_u64(),
+            level: 1,
+        })
     }
 
-    /// One more reference to a frame someone already holds (count above zero).
-    fn retain(mem: &'a M, addr: u64, level: u8) -> Self {
-        mem.inc_ref(frame_at(addr));
-        OwnedPage { mem, addr, level }
+    /// One more reference to what the leaf entry `e` at `level` maps (someone holds it: count
+    /// above zero); a piece stays a piece.
+    fn retain(mem: &'a M, e: u64, level: u8) -> Self {
+        retain_leaf(mem, e, level);
+        OwnedPage {
+            mem,
+            leaf: entry::addr(e) | (e & entry::PIECE),
+            level,
+        }
     }
 
-    /// Give the reference to an entry: the caller writes `addr` into a leaf entry now.
+    /// Give the reference to an entry: the caller writes the returned address (and its
+    /// `PIECE_BIT`) into a leaf entry now.
     fn into_entry(self) -> u64 {
-        let addr = self.addr;
+        let leaf = self.leaf;
         core::mem::forget(self);
-        addr
+        leaf
     }
 }
 
 impl<M: PhysMem> Drop for OwnedPage<'_, M> {
     fn drop(&mut self) {
-        release_leaf(self.mem, self.addr, self.level);
+        release_leaf(self.mem, self.leaf, self.level);
     }
 }
 
-/// A table of a live tree that an entry of another tree may point at: the L3 under an L4 entry
-/// (level 3) or the L2 under an L3 entry (level 2). Borrowed from the tree's [`Reader`], so the
-/// table stays referenced while it exists; [`CursorMut::attach`] takes a reference of its own.
+/// A table of a live template's tree that an entry of a space may point at: the L3 under an L4
+/// entry (level 3) or the L2 under an L3 entry (level 2). Borrowed from the tree's [`Reader`],
+/// so the table stays alive while it exists; [`CursorMut::attach`] borrows it for good (the
+/// space holds the template: invariant 11) or deep-copies it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Subtree<'a> {
     entry: u64,
@@ -300,6 +342,8 @@ pub(crate) struct Subtree<'a> {
 pub(crate) struct Reader<'a, M: PhysMem> {
     mem: &'a M,
     root: PhysFrame,
+    /// Every entry is counted (see [`Tree`]).
+    all_counted: bool,
 }
 
 impl<M: PhysMem> Clone for Reader<'_, M> {
@@ -347,7 +391,7 @@ impl<'a, M: PhysMem> Reader<'a, M> {
     /// maps: to map the same frame in another tree (`snapshot`).
     pub(crate) fn share(&self, leaf: &Leaf) -> OwnedPage<'a, M> {
         debug_assert_eq!(self.leaf(leaf.va).map(|l| l.entry), Some(leaf.entry));
-        OwnedPage::retain(self.mem, entry::addr(leaf.entry), leaf.level)
+        OwnedPage::retain(self.mem, leaf.entry, leaf.level)
     }
 
     /// The table under root entry `l4` (`slot` `None`: an L3, 512 GiB), or under entry `slot`
@@ -410,11 +454,13 @@ impl<'a, M: PhysMem> Reader<'a, M> {
                 continue;
             }
             let target = frame_at(entry::addr(e));
+            let counted = counted(e, self.all_counted);
             if entry::is_leaf(e, level) {
                 let pages = (span(level) / entry::SIZE_4K) as usize;
                 if owned {
                     s.pages_in_owned_tables += pages;
-                    if mem.ref_count(target) == 1 {
+                    let head = frame_at(entry::counted_frame(e, level));
+                    if counted && mem.ref_count(head) == 1 {
                         s.private_pages += pages;
                     }
                 } else {
@@ -422,7 +468,7 @@ impl<'a, M: PhysMem> Reader<'a, M> {
                 }
                 continue;
             }
-            let child_owned = owned && mem.ref_count(target) == 1;
+            let child_owned = owned && counted && mem.ref_count(target) == 1;
             if child_owned {
                 s.tables_owned += 1;
             } else {
@@ -440,6 +486,8 @@ impl<'a, M: PhysMem> Reader<'a, M> {
 pub(crate) struct CursorMut<'a, M: PhysMem> {
     mem: &'a M,
     root: PhysFrame,
+    /// Every entry is counted; every entry written is marked `LENT_BIT` (see [`Tree`]).
+    all_counted: bool,
     /// The last exclusively owned leaf table found: (its level, the first address it covers,
     /// the table). An owned table stays owned while the cursor lives (nothing else can reach
     /// it); only `clear` can free it, and `clear` forgets it.
@@ -453,6 +501,7 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
         Reader {
             mem: self.mem,
             root: self.root,
+            all_counted: self.all_counted,
         }
     }
 
@@ -462,8 +511,22 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
         OwnedPage::retain(self.mem, addr.as_u64(), level)
     }
 
+    /// Is entry `e` of one of this tree's tables borrowed (invariant 11)? Only a `Mode::Share`
+    /// space's can be.
+    #[inline]
+    fn borrowed(&self, e: u64) -> bool {
+        !counted(e, self.all_counted)
+    }
+
+    /// The ownership bit every entry this cursor writes carries: `LENT_BIT` in a tree that
+    /// counts all its entries, none in a `Mode::Share` space's (its own entries are counted).
+    #[inline]
+    fn lend(&self) -> u64 {
+        if self.all_counted { entry::LENT } else { 0 }
+    }
+
     /// Make entry `i` of the owned `table` (at `level`) point at an exclusively owned child
-    /// table: unshare it if its count is above 1, allocate it if absent and `alloc`.
+    /// table: unshare it if the entry is borrowed, allocate it if absent and `alloc`.
     /// `Ok(None)`: absent and not `alloc`. A huge leaf in the way is `SplitsHugePage`.
     fn own_child(
         &mut self,
@@ -480,22 +543,30 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
                 return Ok(None);
             }
             let child = alloc_table(mem)?;
-            raw::write(mem, table, i, entry::table(child.start_address().as_u64()));
+            let t = entry::table(child.start_address().as_u64()) | self.lend();
+            raw::write(mem, table, i, t);
             return Ok(Some(child));
         }
         if entry::is_leaf(e, level) {
             return Err(Error::SplitsHugePage { addr: va });
         }
         let child = frame_at(entry::addr(e));
-        if mem.ref_count(child) == 1 {
+        if !self.borrowed(e) {
+            // Counted, in an exclusively owned table: only this tree reaches it (invariant 11).
+            debug_assert_eq!(
+                mem.ref_count(child),
+                1,
+                "an owned table is its tree's alone"
+            );
             return Ok(Some(child));
         }
-        // Unshare: a private copy whose children gain a reference, then drop ours on the original.
+        // Unshare a borrowed table (invariants 4 and 11): a verbatim copy. The original is a
+        // template's table, so every entry of the copy is a template's (`LENT_BIT`) and is
+        // borrowed in turn: no count moves. Only the entry pointing at the copy is owned.
         let copy = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
         raw::copy(mem, child, copy);
-        retain_children(mem, copy, level - 1);
-        raw::write(mem, table, i, with_addr(e, copy.start_address().as_u64()));
-        release_table(mem, child, level - 1);
+        let own = e & !entry::LENT;
+        raw::write(mem, table, i, with_addr(own, copy.start_address().as_u64()));
         Ok(Some(copy))
     }
 
@@ -542,7 +613,9 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
         if entry::present(raw::read(self.mem, t, i)) {
             return Err(Error::Overlap { addr: va });
         }
-        raw::write(self.mem, t, i, with_addr(flags, page.into_entry()));
+        // Ownership bits come from the page and the tree, never from `flags` (invariant 11).
+        let bits = flags & !(entry::LENT | entry::PIECE) | self.lend();
+        raw::write(self.mem, t, i, with_addr(bits, 0) | page.into_entry());
         Ok(())
     }
 
@@ -569,20 +642,71 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
     }
 
     /// Make the copy-on-write leaf at `va` (level `level`) writable for this tree: unshare its
-    /// path, then take its frame over if no one else references it, or else point the entry at a
-    /// private copy and drop the reference to the original. On error nothing visible changed.
+    /// path, then take its frame over if its entry is owned and no one else references the
+    /// frame, or else point the entry at a private copy (dropping the reference to the original
+    /// if the entry held one; a borrowed one held none: invariant 11). A 2 MiB leaf is split
+    /// first ([`split_huge`](Self::split_huge)): only the 4 KiB page containing `va` is copied.
+    /// On error nothing visible changed.
     pub(crate) fn break_cow(&mut self, va: u64, level: u8) -> Result<Flush, Error> {
         let (t, i, e) = self.owned_leaf(va, level)?;
+        if level == 2 {
+            return self.split_huge(va, t, i, e);
+        }
+        let mem = self.mem;
         let writable = entry::with_write(e, true, false);
-        if self.mem.ref_count(frame_at(entry::addr(e))) == 1 {
-            // No one else sees this frame: take it over.
-            raw::write(self.mem, t, i, writable);
+        let owned = !self.borrowed(e);
+        if owned && mem.ref_count(frame_at(entry::counted_frame(e, 1))) == 1 {
+            // No one else sees this frame (or run): take it over.
+            raw::write(mem, t, i, writable);
         } else {
-            let copy = OwnedPage::copy_of(self.mem, entry::addr(e), level)?;
-            raw::write(self.mem, t, i, with_addr(writable, copy.into_entry()));
-            release_leaf(self.mem, e, level);
+            let copy = OwnedPage::copy_of(mem, entry::addr(e))?;
+            let bits = writable & !(entry::LENT | entry::PIECE) | self.lend();
+            raw::write(mem, t, i, with_addr(bits, 0) | copy.into_entry());
+            if owned {
+                release_leaf(mem, e, 1);
+            }
         }
         Ok(Flush::Page(VirtAddr::new(va)))
+    }
+
+    /// A write to the copy-on-write 2 MiB leaf `e` (entry `i` of this tree's owned L2 `l2`) at
+    /// `va`: replace it by an owned L1 of 512 copy-on-write 4 KiB leaves, one per piece of the
+    /// run (`PIECE_BIT`), the piece containing `va` copied and writable. A borrowed leaf gives
+    /// borrowed pieces (no count moves: the template keeps the run, invariant 11); an owned one
+    /// (`Mode::Copy`) gives owned pieces, each counted on the run's head. Two frames are taken:
+    /// the L1 and the copy. On error nothing visible changed.
+    fn split_huge(&mut self, va: u64, l2: PhysFrame, i: usize, e: u64) -> Result<Flush, Error> {
+        let mem = self.mem;
+        let l1 = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+        let run = entry::addr(e);
+        let k = entry::index(va, 1);
+        let copy = match OwnedPage::copy_of(mem, run + k as u64 * entry::SIZE_4K) {
+            Ok(p) => p,
+            Err(err) => {
+                mem.dec_ref(l1);
+                return Err(err);
+            }
+        };
+        // A 4 KiB leaf has no `HUGE_PAGE` (bit 7 is PAT there); everything else is kept.
+        let piece = with_addr(e, 0) & !entry::huge_bit() | entry::PIECE;
+        raw::write_run(mem, l1, piece | run, entry::SIZE_4K);
+        let mine = entry::with_write(piece, true, false) & !(entry::LENT | entry::PIECE);
+        raw::write(mem, l1, k, mine | self.lend() | copy.into_entry());
+        if !self.borrowed(e) {
+            // 511 owned pieces: the leaf's own reference is one, take the other 510.
+            let head = frame_at(run);
+            for _ in 0..ENTRIES - 2 {
+                mem.inc_ref(head);
+            }
+        }
+        raw::write(
+            mem,
+            l2,
+            i,
+            entry::table(l1.start_address().as_u64()) | self.lend(),
+        );
+        // One `invlpg` in the 2 MiB page drops its TLB entry.
+        Ok(Flush::Page(VirtAddr::new(va & !(entry::SIZE_2M - 1))))
     }
 
     /// Phase 1 of a leaf rewrite: unshare the path to the leaf at `va` so that
@@ -596,20 +720,24 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
     pub(crate) fn rewrite_leaf(&mut self, va: u64, level: u8, flags: u64) -> Result<Flush, Error> {
         let (t, i, e) = self.owned_leaf(va, level)?;
         debug_assert!(entry::present(flags) && entry::huge(flags) == entry::huge(e));
-        raw::write(self.mem, t, i, with_addr(flags, entry::addr(e)));
+        // The frame and how the entry holds it (owned or borrowed, piece) stay (invariant 11).
+        let keep = entry::LENT | entry::PIECE;
+        let bits = flags & !keep | e & keep;
+        raw::write(self.mem, t, i, with_addr(bits, entry::addr(e)));
         Ok(Flush::Page(VirtAddr::new(va)))
     }
 
     /// Attach `sub` (a table of a template) at root entry `l4` if `slot` is `None` (an L3:
-    /// 512 GiB), or at entry `slot` of this tree's own L3 under root entry `l4` (an L2: 1 GiB),
-    /// taking a reference to it. `copy`: attach a deep copy instead (`Mode::Copy`). The target
-    /// entry must be absent (`SlotConflict` otherwise). Absent before: nothing to flush.
+    /// 512 GiB), or at entry `slot` of this tree's own L3 under root entry `l4` (an L2: 1 GiB).
+    /// A `Mode::Share` space borrows it: the entry is the template's own, `LENT_BIT` and all,
+    /// and no count moves (the space holds the template: invariant 11). A tree that counts all
+    /// its entries (`Mode::Copy`) attaches a deep copy instead. The target entry must be absent
+    /// (`SlotConflict` otherwise). Absent before: nothing to flush.
     pub(crate) fn attach(
         &mut self,
         l4: usize,
         slot: Option<usize>,
         sub: Subtree<'_>,
-        copy: bool,
     ) -> Result<(), Error> {
         let mem = self.mem;
         let slot_addr = ((l4 as u64) << 39) | ((slot.unwrap_or(0) as u64) << 30);
@@ -628,12 +756,11 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
         if entry::present(raw::read(mem, table, i)) {
             return Err(Error::SlotConflict { slot: slot_addr });
         }
-        let child = frame_at(entry::addr(sub.entry));
-        let e = if copy {
-            let c = deep_copy(mem, child, sub.level)?;
+        debug_assert!(entry::lent(sub.entry), "a subtree is a template's");
+        let e = if self.all_counted {
+            let c = deep_copy(mem, frame_at(entry::addr(sub.entry)), sub.level)?;
             with_addr(sub.entry, c.start_address().as_u64())
         } else {
-            mem.inc_ref(child);
             sub.entry
         };
         raw::write(mem, table, i, e);
@@ -694,10 +821,13 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
             if entry::present(e) {
                 if base >= start && next <= end {
                     raw::write(mem, table, i, 0);
-                    release_entry(mem, e, level);
+                    // A borrowed entry held no reference (invariant 11).
+                    if counted(e, self.all_counted) {
+                        release_entry(mem, e, level, self.all_counted);
+                    }
                 } else {
                     let child = frame_at(entry::addr(e));
-                    debug_assert_eq!(mem.ref_count(child), 1, "prepare_clear unshared the path");
+                    debug_assert!(!self.borrowed(e), "prepare_clear unshared the path");
                     self.clear_rec(child, level - 1, va, end.min(next));
                 }
             }
@@ -751,13 +881,13 @@ mod tests {
     #[test]
     fn a_page_is_released_unless_installed_and_an_occupied_entry_is_refused() {
         let mem = SimMem::new(64);
-        let mut tree = Tree::new(&mem).unwrap();
+        let mut tree = Tree::new(&mem, false).unwrap();
         let root_only = mem.frames_in_use();
         let mut c = tree.cursor();
         drop(OwnedPage::zeroed(&mem, 1).unwrap());
         assert_eq!(mem.frames_in_use(), root_only, "a dropped page is freed");
         let page = OwnedPage::zeroed(&mem, 1).unwrap();
-        let addr = page.addr;
+        let addr = page.leaf;
         c.map_page(GIB, page, rw()).unwrap();
         // Root + L3 + L2 + L1 + the page.
         assert_eq!(mem.frames_in_use(), root_only + 4);
@@ -781,7 +911,7 @@ mod tests {
     #[test]
     fn clear_forgets_the_cached_table_it_frees() {
         let mem = SimMem::new(64);
-        let mut tree = Tree::new(&mem).unwrap();
+        let mut tree = Tree::new(&mem, false).unwrap();
         let mut c = tree.cursor();
         let p = OwnedPage::zeroed(&mem, 1).unwrap();
         c.map_page(GIB, p, rw()).unwrap();
@@ -792,7 +922,7 @@ mod tests {
         // The same L1 range again: a stale cached table would take the write (and the freed
         // frame may already be reused as this very page).
         let p = OwnedPage::zeroed(&mem, 1).unwrap();
-        let addr = p.addr;
+        let addr = p.leaf;
         c.map_page(GIB + 4096, p, rw()).unwrap();
         let leaf = c
             .reader()
@@ -805,9 +935,9 @@ mod tests {
     }
 
     #[test]
-    fn attach_takes_one_reference_and_refuses_an_occupied_entry() {
+    fn attach_borrows_and_refuses_an_occupied_entry() {
         let mem = SimMem::new(64);
-        let mut template = Tree::new(&mem).unwrap();
+        let mut template = Tree::template(&mem).unwrap();
         {
             let mut c = template.cursor();
             for va in [GIB, 2 * GIB] {
@@ -815,29 +945,43 @@ mod tests {
                 c.map_page(va, p, rw()).unwrap();
             }
         }
-        let l3 = entry::addr(raw::read(&mem, template.root(), 0));
+        let l4e = raw::read(&mem, template.root(), 0);
+        assert!(entry::lent(l4e), "a template's entries are marked lent");
+        let l3 = entry::addr(l4e);
         let sealed = &template;
         let whole = sealed.reader().subtree(0, None).unwrap();
-        let mut space = Tree::new(&mem).unwrap();
+        let mut space = Tree::new(&mem, false).unwrap();
         let mut c = space.cursor();
-        c.attach(0, None, whole, false).unwrap();
-        assert_eq!(count(&mem, l3), 2);
+        c.attach(0, None, whole).unwrap();
+        assert_eq!(count(&mem, l3), 1, "borrowed: no count moves");
         assert_eq!(
-            c.attach(0, None, whole, false),
+            raw::read(&mem, c.root, 0),
+            l4e,
+            "the template's entry, verbatim"
+        );
+        assert_eq!(
+            c.attach(0, None, whole),
             Err(Error::SlotConflict { slot: 0 })
         );
-        assert_eq!(count(&mem, l3), 2, "a refused attach takes nothing");
+        assert_eq!(count(&mem, l3), 1, "a refused attach takes nothing");
         drop(space);
-        assert_eq!(count(&mem, l3), 1);
+        assert_eq!(
+            count(&mem, l3),
+            1,
+            "dropping the space releases nothing it borrowed"
+        );
 
-        // Per 1 GiB slot, and as a deep copy: the copy's tables are its own, the pages +1.
-        let mut space = Tree::new(&mem).unwrap();
+        // Per 1 GiB slot, into a tree that counts every entry (`Mode::Copy`): a deep copy whose
+        // tables are its own, the pages +1.
+        let mut space = Tree::new(&mem, true).unwrap();
         let mut c = space.cursor();
         let slot1 = sealed.reader().subtree(0, Some(1)).unwrap();
         let l2 = entry::addr(slot1.entry);
         let page = entry::addr(sealed.reader().leaf(GIB).unwrap().entry);
-        c.attach(0, Some(1), slot1, true).unwrap();
+        c.attach(0, Some(1), slot1).unwrap();
         assert_eq!((count(&mem, l2), count(&mem, page)), (1, 2));
+        let mine = c.reader().leaf(GIB).unwrap();
+        assert_eq!(entry::addr(mine.entry), page);
         assert!(sealed.reader().subtree(0, Some(3)).is_none());
         drop(space);
         assert_eq!(count(&mem, page), 1);
@@ -846,9 +990,106 @@ mod tests {
     }
 
     #[test]
+    fn unshare_copies_a_borrowed_table_verbatim_and_moves_no_count() {
+        let mem = SimMem::new(64);
+        let mut template = Tree::template(&mem).unwrap();
+        let cow = entry::leaf(0, 1, false, false, true);
+        {
+            let mut c = template.cursor();
+            for va in [GIB, GIB + 4096] {
+                let p = OwnedPage::zeroed(&mem, 1).unwrap();
+                c.map_page(va, p, cow).unwrap();
+            }
+        }
+        let counts = |mem: &SimMem| {
+            let mut v = mem.allocated();
+            v.sort();
+            v
+        };
+        let before = counts(&mem);
+        let mut space = Tree::new(&mem, false).unwrap();
+        let mut c = space.cursor();
+        c.attach(0, None, template.reader().subtree(0, None).unwrap())
+            .unwrap();
+        let theirs = template.reader().leaf(GIB + 4096).unwrap();
+        c.unshare_path(GIB + 4096, 1).unwrap();
+        let mine = c.reader().leaf(GIB + 4096).unwrap();
+        assert_eq!(
+            mine.entry, theirs.entry,
+            "the copy borrows the template's entry"
+        );
+        assert_eq!(
+            mem.frames_in_use(),
+            before.len() + 4,
+            "root + L3, L2, L1 copies"
+        );
+        // Every count the template had is unchanged; the new frames have count 1.
+        let after = counts(&mem);
+        for (f, n) in &before {
+            assert!(after.contains(&(*f, *n)), "{f:?} kept its count {n}");
+        }
+        // A write to a borrowed page copies it even though the frame's count is 1.
+        assert_eq!(count(&mem, entry::addr(theirs.entry)), 1);
+        c.break_cow(GIB + 4096, 1).unwrap().ignore();
+        let written = c.reader().leaf(GIB + 4096).unwrap();
+        assert_ne!(entry::addr(written.entry), entry::addr(theirs.entry));
+        assert!(!entry::lent(written.entry) && entry::writable(written.entry));
+        drop(space);
+        assert_eq!(
+            counts(&mem),
+            before,
+            "the space's drop released only its own frames"
+        );
+        drop(template);
+        assert_eq!(mem.frames_in_use(), 0);
+    }
+
+    #[test]
+    fn a_write_splits_a_borrowed_huge_page_and_copies_one_piece() {
+        let mem = SimMem::new(2048);
+        let mut template = Tree::template(&mem).unwrap();
+        let cow = entry::leaf(0, 2, false, true, true);
+        template.cursor().map_zeroed(GIB, 2, cow).unwrap();
+        let run = entry::addr(template.reader().leaf(GIB).unwrap().entry);
+        for copy in [false, true] {
+            let mut space = Tree::new(&mem, copy).unwrap();
+            let mut c = space.cursor();
+            let sub = template.reader().subtree(0, None).unwrap();
+            c.attach(0, None, sub).unwrap();
+            let used = mem.frames_in_use();
+            let va = GIB + 7 * 4096 + 8;
+            assert_eq!(
+                c.break_cow(va & !4095, 2),
+                Ok(Flush::Page(VirtAddr::new(GIB)))
+            );
+            // Share: the L3 and L2 copies, the new L1 and one 4 KiB copy. Copy: L1 and copy.
+            let new_frames = if copy { 2 } else { 4 };
+            assert_eq!(mem.frames_in_use(), used + new_frames);
+            let r = c.reader();
+            for k in [0u64, 6, 8, 511] {
+                let l = r.leaf(GIB + k * 4096).unwrap();
+                assert_eq!((l.level, entry::addr(l.entry)), (1, run + k * 4096));
+                assert!(entry::piece(l.entry) && entry::cow(l.entry));
+                assert!(entry::executable(l.entry) && !entry::huge(l.entry));
+                // Borrowed (Share) or counted on the run's head (Copy): see the counts below.
+                assert!(entry::lent(l.entry));
+            }
+            let mine = r.leaf(va).unwrap();
+            assert!(entry::writable(mine.entry) && !entry::piece(mine.entry));
+            assert!(entry::lent(mine.entry) == copy && !entry::cow(mine.entry));
+            // Share: the run is the template's alone; Copy: the 511 owned pieces + the template.
+            assert_eq!(count(&mem, run), if copy { 512 } else { 1 });
+            drop(space);
+            assert_eq!(count(&mem, run), 1);
+        }
+        drop(template);
+        assert_eq!(mem.frames_in_use(), 0);
+    }
+
+    #[test]
     fn break_cow_copies_a_shared_page_and_takes_over_a_private_one() {
         let mem = SimMem::new(64);
-        let mut a = Tree::new(&mem).unwrap();
+        let mut a = Tree::new(&mem, false).unwrap();
         let cow = entry::leaf(0, 1, false, false, true);
         {
             let mut c = a.cursor();
@@ -858,7 +1099,7 @@ mod tests {
             }
         }
         // A second tree shares the first page only.
-        let mut b = Tree::new(&mem).unwrap();
+        let mut b = Tree::new(&mem, false).unwrap();
         let shared = a.reader().leaf(GIB).unwrap();
         let alone = entry::addr(a.reader().leaf(GIB + 4096).unwrap().entry);
         b.cursor()

@@ -27,6 +27,25 @@ pub(crate) fn read<M: PhysMem>(mem: &M, table: PhysFrame, index: usize) -> u64 {
     unsafe { p.read() }
 }
 
+/// Entries `range` of `table` with their indices, read one at a time as the iterator advances
+/// (the range is checked once, not per entry: this runs over every root on every exit). The
+/// caller holds a reference to `table` until the iterator is dropped.
+#[inline]
+pub(crate) fn entries<M: PhysMem>(
+    mem: &M,
+    table: PhysFrame,
+    range: core::ops::Range<usize>,
+) -> impl Iterator<Item = (usize, u64)> {
+    assert!(range.end <= ENTRIES);
+    let p = mem.frame_ptr(table).cast::<u64>();
+    range.map(move |i| {
+        // SAFETY: the caller holds a reference to `table` while iterating, so `p` is valid,
+        // 8-aligned and 4096 bytes long (`PhysMem` contract); `i < range.end <= 512` (asserted
+        // above) keeps the read inside the frame.
+        (i, unsafe { p.add(i).read() })
+    })
+}
+
 /// Write entry `index` of `table`. The caller holds a reference to `table` and owns it
 /// exclusively (invariant 3); that is a logical rule the cursor enforces, not a memory-safety one.
 #[inline]
@@ -67,6 +86,19 @@ pub(super) fn zero_entries<M: PhysMem>(mem: &M, table: PhysFrame, start: usize, 
     // SAFETY: `start + count <= 512` (asserted above) keeps the fill inside the referenced,
     // 8-aligned 4096-byte frame.
     unsafe { p.write_bytes(0, count) }
+}
+
+/// Fill all 512 entries of `table` with `first + k * step` for entry `k` (the pieces of a split
+/// 2 MiB page: one loop, no per-entry call), with the same rules as [`write`].
+pub(super) fn write_run<M: PhysMem>(mem: &M, table: PhysFrame, first: u64, step: u64) {
+    let p = mem.frame_ptr(table).cast::<u64>();
+    let mut value = first;
+    for k in 0..ENTRIES {
+        // SAFETY: the caller holds a reference to `table`, so `p` is valid for writes of 4096
+        // bytes and 8-aligned (`PhysMem` contract); `k < 512` keeps every write inside it.
+        unsafe { p.add(k).write(value) };
+        value = value.wrapping_add(step);
+    }
 }
 
 /// Fill a frame with zeroes.

@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
-use templates::sim::{CpuFault, SimMem, SoftMmu};
-use templates::{Access, AddressSpace, Fault, PhysMem, Template};
+use templates::sim::{SimMem, SoftMmu};
+use templates::{Access, AddressSpace, Fault, Mode, PhysMem, Template};
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -12,6 +12,9 @@ pub const PRESENT: u64 = 1;
 pub const WRITABLE: u64 = 1 << 1;
 pub const HUGE: u64 = 1 << 7;
 pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
+pub const LENT: u64 = 1 << 10;
+pub const PIECE: u64 = 1 << 11;
+pub const MIB2: u64 = 2 << 20;
 
 pub fn frame(addr: u64) -> PhysFrame {
     PhysFrame::containing_address(PhysAddr::new(addr))
@@ -24,7 +27,8 @@ pub fn entry(mem: &SimMem, table: PhysFrame, i: usize) -> u64 {
 }
 
 /// Access `va` like a task: the MMU raises a fault, the kernel resolves it, the access retries.
-/// The first CPU fault is returned too, so tests can show "faults before, succeeds after".
+/// One `resolve_fault` must be enough: the retry may not fault again (a 2 MiB page's split must
+/// make the written piece itself writable, not another one).
 pub fn access(
     space: &mut AddressSpace<SimMem>,
     mem: &SimMem,
@@ -32,13 +36,14 @@ pub fn access(
     acc: Access,
 ) -> Result<PhysAddr, Fault> {
     let mmu = SoftMmu::new(mem);
-    for _ in 0..3 {
-        match mmu.translate(space.root(), va, acc) {
-            Ok(pa) => return Ok(pa),
-            Err(CpuFault { .. }) => space.resolve_fault(VirtAddr::new(va), acc)?.ignore(),
-        }
+    if let Ok(pa) = mmu.translate(space.root(), va, acc) {
+        return Ok(pa);
     }
-    panic!("fault at {va:#x} not resolved after 3 tries");
+    space.resolve_fault(VirtAddr::new(va), acc)?.ignore();
+    match mmu.translate(space.root(), va, acc) {
+        Ok(pa) => Ok(pa),
+        Err(f) => panic!("{f:?} again after resolve_fault({va:#x}, {acc:?}) succeeded"),
+    }
 }
 
 pub fn read_u64(space: &mut AddressSpace<SimMem>, mem: &SimMem, va: u64) -> Result<u64, Fault> {
@@ -61,32 +66,55 @@ pub fn write_u64(
     Ok(())
 }
 
-/// Walk every tree from `roots` (each root held once by its owner) and compute the count every
-/// frame must have: one per entry pointing at it (each table's entries counted once however
-/// many parents share it) plus one per handle (`roots`, `external`).
+/// The frame a leaf entry's reference is counted on: its own, or the run's head for a 2 MiB leaf
+/// and for a piece of a split 2 MiB page (`PIECE_BIT`).
+fn counted_on(e: u64, level: u8) -> PhysFrame {
+    if level == 2 || e & PIECE != 0 {
+        frame(e & ADDR & !(MIB2 - 1))
+    } else {
+        frame(e & ADDR)
+    }
+}
+
+/// Walk every tree and compute the count every frame must have: one per counted entry pointing
+/// at it (each table's entries counted once however many parents share it) plus one per handle
+/// (the roots, `external`). Every entry of a template's tree, and of a `Mode::Copy` space's
+/// (`spaces[i].1`), is counted; in a `Mode::Share` space's tables an entry with `LENT_BIT` is
+/// borrowed and counts nothing (invariant 11). Returns the counts and, per space (in order), the
+/// frames its borrowed entries point at.
 pub fn expected_counts(
     mem: &SimMem,
-    roots: &[PhysFrame],
+    spaces: &[(PhysFrame, bool)],
+    templates: &[PhysFrame],
     external: &[PhysFrame],
-) -> HashMap<PhysFrame, u32> {
+) -> (HashMap<PhysFrame, u32>, Vec<HashSet<PhysFrame>>) {
     let mut counts: HashMap<PhysFrame, u32> = HashMap::new();
     let mut seen = HashSet::new();
-    for &r in roots {
+    let mut borrowed = Vec::new();
+    for &r in templates {
         *counts.entry(r).or_default() += 1;
-        visit(mem, r, 4, &mut counts, &mut seen);
+        visit(mem, r, 4, true, &mut counts, &mut seen, &mut HashSet::new());
+    }
+    for &(r, all_counted) in spaces {
+        *counts.entry(r).or_default() += 1;
+        let mut b = HashSet::new();
+        visit(mem, r, 4, all_counted, &mut counts, &mut seen, &mut b);
+        borrowed.push(b);
     }
     for &f in external {
         *counts.entry(f).or_default() += 1;
     }
-    counts
+    (counts, borrowed)
 }
 
 fn visit(
     mem: &SimMem,
     table: PhysFrame,
     level: u8,
+    all_counted: bool,
     counts: &mut HashMap<PhysFrame, u32>,
     seen: &mut HashSet<PhysFrame>,
+    borrowed: &mut HashSet<PhysFrame>,
 ) {
     if !seen.insert(table) {
         return;
@@ -97,18 +125,63 @@ fn visit(
         if e & PRESENT == 0 {
             continue;
         }
-        let target = frame(e & ADDR);
+        let leaf = level == 1 || e & HUGE != 0;
+        let target = if leaf {
+            counted_on(e, level)
+        } else {
+            frame(e & ADDR)
+        };
+        if !all_counted && e & LENT != 0 {
+            borrowed.insert(target);
+            continue;
+        }
         *counts.entry(target).or_default() += 1;
-        if level > 1 && e & HUGE == 0 {
-            visit(mem, target, level - 1, counts, seen);
+        if !leaf {
+            visit(mem, target, level - 1, all_counted, counts, seen, borrowed);
         }
     }
 }
 
-/// Invariant 2: every allocated frame's count equals its references, and nothing else is
-/// allocated (no leak).
-pub fn check_counts(mem: &SimMem, roots: &[PhysFrame], external: &[PhysFrame]) {
-    let expected = expected_counts(mem, roots, external);
+/// Every frame (tables, and leaves' counted frames) reachable from `root`.
+fn reachable(mem: &SimMem, root: PhysFrame, level: u8, out: &mut HashSet<PhysFrame>) {
+    if !out.insert(root) {
+        return;
+    }
+    let n = if level == 4 { 256 } else { 512 };
+    for &e in &mem.words(root)[..n] {
+        if e & PRESENT == 0 {
+            continue;
+        }
+        if level == 1 || e & HUGE != 0 {
+            out.insert(counted_on(e, level));
+        } else {
+            reachable(mem, frame(e & ADDR), level - 1, out);
+        }
+    }
+}
+
+/// Invariants 2 and 11: every allocated frame's count equals its counted references, nothing
+/// else is allocated (no leak), and every entry a space borrows points at a frame that one of
+/// the templates it holds reaches. The templates the spaces hold are included automatically.
+pub fn check_counts(
+    mem: &SimMem,
+    spaces: &[&AddressSpace<SimMem>],
+    templates: &[&Template<SimMem>],
+    external: &[PhysFrame],
+) {
+    let mut troots: Vec<PhysFrame> = templates.iter().map(|t| t.root()).collect();
+    troots.extend(
+        spaces
+            .iter()
+            .flat_map(|s| s.templates().iter().map(|t| t.root())),
+    );
+    troots.sort();
+    troots.dedup();
+    let sroots: Vec<(PhysFrame, bool)> = spaces
+        .iter()
+        .map(|s| (s.root(), s.mode() == Mode::Copy))
+        .collect();
+    let (expected, borrowed) = expected_counts(mem, &sroots, &troots, external);
     let actual: HashMap<PhysFrame, u32> = mem.allocated().into_iter().collect();
     for (f, n) in &actual {
         let e = expected.get(f).copied().unwrap_or(0);
@@ -125,6 +198,24 @@ pub fn check_counts(mem: &SimMem, roots: &[PhysFrame], external: &[PhysFrame]) {
             "frame {:#x} referenced {e} times but not allocated",
             f.start_address().as_u64()
         );
+    }
+    // What each template keeps alive, walked once per template however many spaces hold it.
+    let mut kept: HashMap<PhysFrame, HashSet<PhysFrame>> = HashMap::new();
+    for (s, b) in spaces.iter().zip(&borrowed) {
+        for t in s.templates() {
+            kept.entry(t.root()).or_insert_with(|| {
+                let mut k = HashSet::new();
+                reachable(mem, t.root(), 4, &mut k);
+                k
+            });
+        }
+        for f in b {
+            assert!(
+                s.templates().iter().any(|t| kept[&t.root()].contains(f)),
+                "frame {:#x} borrowed by a space but not kept by its templates",
+                f.start_address().as_u64()
+            );
+        }
     }
 }
 
