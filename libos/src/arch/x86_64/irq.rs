@@ -22,16 +22,28 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// non-zero dies holding a kernel lock, and the system cannot go on safely.
 static IRQ_LOCKS_HELD: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether interrupts were on when the outermost of the held locks was taken: they come back on
+/// only when the last held lock is released, whatever order the guards are dropped in (a
+/// per-lock flag would turn them on while an inner lock is still held if an outer guard is
+/// dropped first). One CPU; with several this becomes per-CPU state.
+static IRQS_WERE_ON: AtomicBool = AtomicBool::new(false);
+
 /// Number of interrupt-disabling kernel locks currently held.
 pub fn irq_locks_held() -> usize {
     IRQ_LOCKS_HELD.load(Ordering::Relaxed)
+}
+
+/// Counts a lock just taken (interrupts are off); `were_on` is the state before it.
+fn held_one_more(were_on: bool) {
+    if IRQ_LOCKS_HELD.fetch_add(1, Ordering::Relaxed) == 0 {
+        IRQS_WERE_ON.store(were_on, Ordering::Relaxed);
+    }
 }
 
 /// A spin lock that keeps interrupts off while held (a `lock_api::RawMutex`).
 #[derive(Debug)]
 pub struct RawIrqSpinlock {
     locked: AtomicBool,
-    irqs_were_on: AtomicBool,
 }
 
 // SAFETY: `lock` only returns once this thread has set `locked` from false to true with Acquire
@@ -40,7 +52,6 @@ unsafe impl lock_api::RawMutex for RawIrqSpinlock {
     #[allow(clippy::declare_interior_mutable_const)]
     const INIT: Self = RawIrqSpinlock {
         locked: AtomicBool::new(false),
-        irqs_were_on: AtomicBool::new(false),
     };
     type GuardMarker = lock_api::GuardNoSend;
 
@@ -54,8 +65,7 @@ unsafe impl lock_api::RawMutex for RawIrqSpinlock {
         {
             core::hint::spin_loop();
         }
-        self.irqs_were_on.store(were_on, Ordering::Relaxed);
-        IRQ_LOCKS_HELD.fetch_add(1, Ordering::Relaxed);
+        held_one_more(were_on);
     }
 
     fn try_lock(&self) -> bool {
@@ -66,8 +76,7 @@ unsafe impl lock_api::RawMutex for RawIrqSpinlock {
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
-            self.irqs_were_on.store(were_on, Ordering::Relaxed);
-            IRQ_LOCKS_HELD.fetch_add(1, Ordering::Relaxed);
+            held_one_more(were_on);
             true
         } else {
             if were_on {
@@ -78,10 +87,10 @@ unsafe impl lock_api::RawMutex for RawIrqSpinlock {
     }
 
     unsafe fn unlock(&self) {
-        let were_on = self.irqs_were_on.load(Ordering::Relaxed);
-        IRQ_LOCKS_HELD.fetch_sub(1, Ordering::Relaxed);
         self.locked.store(false, Ordering::Release);
-        if were_on {
+        if IRQ_LOCKS_HELD.fetch_sub(1, Ordering::Relaxed) == 1
+            && IRQS_WERE_ON.load(Ordering::Relaxed)
+        {
             interrupts::enable();
         }
     }
