@@ -15,6 +15,21 @@ pub struct Found {
     pub ex: Example,
 }
 
+#[cfg(test)]
+impl Found {
+    /// Every example of `src`, as if found in `file` (unit tests).
+    pub fn all_in(file: &str, src: &str) -> Vec<Found> {
+        super::extract::extract(src)
+            .unwrap()
+            .into_iter()
+            .map(|ex| Found {
+                file: file.to_owned(),
+                ex,
+            })
+            .collect()
+    }
+}
+
 impl Found {
     /// `libos/src/task.rs:312`.
     pub fn place(&self) -> String {
@@ -330,18 +345,8 @@ pub fn other() {}
 ";
 
     fn found() -> Vec<Found> {
-        let mut v: Vec<Found> = extract(TASK)
-            .unwrap()
-            .into_iter()
-            .map(|ex| Found {
-                file: "libos/src/task.rs".to_owned(),
-                ex,
-            })
-            .collect();
-        v.extend(extract(LIB).unwrap().into_iter().map(|ex| Found {
-            file: "libos/src/lib.rs".to_owned(),
-            ex,
-        }));
+        let mut v = Found::all_in("libos/src/task.rs", TASK);
+        v.extend(Found::all_in("libos/src/lib.rs", LIB));
         v
     }
 

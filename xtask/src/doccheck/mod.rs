@@ -757,14 +757,7 @@ pub fn read() {}
 ";
 
     fn setup() -> (Vec<Found>, Vec<Crate>) {
-        let found: Vec<Found> = extract::extract(SRC)
-            .unwrap()
-            .into_iter()
-            .map(|ex| Found {
-                file: "libos/src/task.rs".to_owned(),
-                ex,
-            })
-            .collect();
+        let found = Found::all_in("libos/src/task.rs", SRC);
         let (crates, _) = generate::plan(&found);
         (found, crates)
     }

@@ -503,16 +503,13 @@ mod tests {
     use super::*;
 
     fn m(system: &str, mode: &str, kind: &str, size: u64, p50: f64) -> Measurement {
-        Measurement {
-            system: system.to_owned(),
-            mode: mode.to_owned(),
-            kind: kind.to_owned(),
+        Measurement::for_test(
+            (system, mode, kind),
             size,
-            p50,
-            p99: p50,
-            n: 10,
-            unit: Unit::Instructions,
-        }
+            (p50, p50),
+            10,
+            Unit::Instructions,
+        )
     }
 
     #[test]

@@ -38,6 +38,29 @@ pub struct Measurement {
     pub unit: Unit,
 }
 
+#[cfg(test)]
+impl Measurement {
+    /// A measurement for unit tests.
+    pub fn for_test(
+        (system, mode, kind): (&str, &str, &str),
+        size: u64,
+        (p50, p99): (f64, f64),
+        n: u32,
+        unit: Unit,
+    ) -> Measurement {
+        Measurement {
+            system: system.to_owned(),
+            mode: mode.to_owned(),
+            kind: kind.to_owned(),
+            size,
+            p50,
+            p99,
+            n,
+            unit,
+        }
+    }
+}
+
 /// What each kind measures, in the order tables show them. The Stencil part adds its own kinds
 /// (e.g. `spawn_first`); unknown kinds are shown after these, by name.
 pub const KINDS: &[(&str, &str)] = &[

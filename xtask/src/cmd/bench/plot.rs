@@ -249,16 +249,7 @@ mod tests {
     use super::*;
 
     fn m(system: &str, mode: &str, kind: &str, size: u64, p50: f64, unit: Unit) -> Measurement {
-        Measurement {
-            system: system.to_owned(),
-            mode: mode.to_owned(),
-            kind: kind.to_owned(),
-            size,
-            p50,
-            p99: p50,
-            n: 1,
-            unit,
-        }
+        Measurement::for_test((system, mode, kind), size, (p50, p50), 1, unit)
     }
 
     #[test]

@@ -257,16 +257,7 @@ mod tests {
     use crate::cmd::bench::model::Unit;
 
     fn m(system: &str, mode: &str, kind: &str, size: u64, p50: f64) -> Measurement {
-        Measurement {
-            system: system.to_owned(),
-            mode: mode.to_owned(),
-            kind: kind.to_owned(),
-            size,
-            p50,
-            p99: p50 * 2.0,
-            n: 10,
-            unit: Unit::Ns,
-        }
+        Measurement::for_test((system, mode, kind), size, (p50, p50 * 2.0), 10, Unit::Ns)
     }
 
     #[test]
