@@ -1,29 +1,74 @@
 //! Host tests of the scheduler state machine: a harness plays the arch glue (it tracks whose
 //! stack the CPU is on, checks every switch starts there, calls `finish_switch` after each and
 //! retries a join when the joiner runs again), contexts record when they are dropped.
+//!
+//! The switch contract is checked as the guest relies on it: a test context holds a saved
+//! "stack pointer" in a slot of its own, the switch carries a handle to the outgoing context's
+//! slot (the guest's raw `save` pointer: here a `Weak`, so a slot whose task was dropped is
+//! caught instead of written) and the incoming context's saved value; the harness checks the
+//! handle is the outgoing task's own slot, inside the box the scheduler now keeps it in, writes
+//! a fresh token through it as the assembly writes RSP, and checks that the task, when it runs
+//! again, loads exactly that token.
 
 use super::*;
+
+/// The first token: the main task's saved value before its first switch.
+const TOKEN0: u64 = 0x5700_0000;
 use alloc::collections::{BTreeMap, BTreeSet};
-use alloc::rc::Rc;
+use alloc::rc::{Rc, Weak};
 use alloc::vec;
 use alloc::vec::Vec;
-use core::cell::RefCell;
+use core::cell::{Cell, RefCell};
 use proptest::prelude::*;
 use templates::sim::SimMem;
 use templates::{AddressSpace, Mode, Perm};
 use x86_64::VirtAddr;
 
-/// A test context: its task's id, a shared log of drops, and optionally an address space.
+/// A test context: its task's id, its saved "stack pointer" (written only through a switch's
+/// `save`, as the assembly does), a shared log of drops, and optionally an address space.
 struct Ctx {
     id: u64,
+    saved: Rc<Cell<u64>>,
     drops: Rc<RefCell<Vec<u64>>>,
     _space: Option<AddressSpace<SimMem>>,
 }
 
+/// The test switch: the guest's `Switch { save, rsp, cr3 }` with ids for the checks.
+#[derive(Debug)]
+struct Sw {
+    from: u64,
+    /// Where the outgoing context was when the switch was built: the box the scheduler keeps
+    /// it in (compared by address only, never dereferenced).
+    at: *const Ctx,
+    /// The outgoing context's saved-value slot (the guest's `save: *mut u64`).
+    save: Weak<Cell<u64>>,
+    to: u64,
+    /// The incoming context's saved value (the guest's `rsp`).
+    load: u64,
+}
+
+impl PartialEq for Sw {
+    fn eq(&self, o: &Sw) -> bool {
+        self.from == o.from
+            && core::ptr::eq(self.at, o.at)
+            && Weak::ptr_eq(&self.save, &o.save)
+            && self.to == o.to
+            && self.load == o.load
+    }
+}
+
+impl Eq for Sw {}
+
 impl Context for Ctx {
-    type Switch = (u64, u64);
-    fn switch_to(&mut self, next: &mut Self) -> (u64, u64) {
-        (self.id, next.id)
+    type Switch = Sw;
+    fn switch_to(&mut self, next: &mut Self) -> Sw {
+        Sw {
+            from: self.id,
+            at: self,
+            save: Rc::downgrade(&self.saved),
+            to: next.id,
+            load: next.saved.get(),
+        }
     }
 }
 
@@ -46,19 +91,39 @@ struct Cpu {
     /// Completed joins: (joiner, joined, result).
     joined: Vec<(u64, u64, TaskResult)>,
     space_mem: Option<SimMem>,
+    /// Every task's slot, as made at spawn (identity checks).
+    slots: BTreeMap<u64, Weak<Cell<u64>>>,
+    /// The last token written into each task's slot (or its initial value).
+    tokens: BTreeMap<u64, u64>,
+    next_token: u64,
+    /// Kill handles of every task (their join states hold tasks that joined themselves).
+    all: Vec<KillHandle<Ctx>>,
+    /// Every save: (task, token, where the scheduler kept the task when it was written).
+    saves: Vec<(u64, u64, Place)>,
+    /// Every switch into a task: (task, the token it loaded).
+    loads: Vec<(u64, u64)>,
 }
 
 impl Cpu {
     fn new(quantum: u32) -> Cpu {
         let drops = Rc::new(RefCell::new(Vec::new()));
         let mut s = Sched::new(quantum);
+        let saved = Rc::new(Cell::new(TOKEN0));
+        let slot = Rc::downgrade(&saved);
         let main = Ctx {
             id: 0,
+            saved,
             drops: drops.clone(),
             _space: None,
         };
         assert_eq!(s.start(main).ok(), Some(0));
         Cpu {
+            slots: BTreeMap::from([(0, slot)]),
+            tokens: BTreeMap::from([(0, TOKEN0)]),
+            next_token: TOKEN0 + 1,
+            all: Vec::new(),
+            saves: Vec::new(),
+            loads: Vec::new(),
             s,
             on: 0,
             idle: false,
@@ -92,17 +157,83 @@ impl Cpu {
             .ignore();
             a
         });
+        // The initial value, as `initial_frame` makes the first stack pointer.
+        let token = self.token();
+        let saved = Rc::new(Cell::new(token));
+        self.slots.insert(id, Rc::downgrade(&saved));
+        self.tokens.insert(id, token);
         let h = self.s.spawn(Ctx {
             id,
+            saved,
             drops: self.drops.clone(),
             _space: space,
         });
         assert_eq!(h.id(), id);
+        self.all.push(h.kill_handle().clone());
         h
     }
 
+    fn token(&mut self) -> u64 {
+        let t = self.next_token;
+        self.next_token += 1;
+        t
+    }
+
+    /// Where the scheduler keeps the context `at` of task `id` now, if it is the context of
+    /// that task in one of its places.
+    fn place_of(&self, id: u64, at: *const Ctx) -> Option<Place> {
+        let also: Vec<&KillHandle<Ctx>> = self.all.iter().collect();
+        let mut found = None;
+        self.s.visit_tasks(&also, &mut |t, p| {
+            if t.id() == id && core::ptr::eq(&t.ctx, at) {
+                found = Some(p);
+            }
+        });
+        found
+    }
+
+    /// What the assembly does with a switch: write the outgoing task's stack pointer through
+    /// `save` (a fresh token), load the incoming one's. Checked: `save` is the outgoing task's
+    /// own slot, still alive, in the box the scheduler keeps it in; what is loaded is what the
+    /// incoming task's last switch saved.
+    fn switch(&mut self, sw: Sw) {
+        assert_eq!(sw.from, self.on, "a switch starts from the CPU's task");
+        assert_eq!(
+            self.running(),
+            Some(sw.to),
+            "a switch ends in the running task"
+        );
+        let place = self.place_of(sw.from, sw.at);
+        let place = place.expect("the outgoing context is where the scheduler keeps its task");
+        assert_ne!(
+            place,
+            Place::Running,
+            "the outgoing task is parked, not running"
+        );
+        assert!(
+            Weak::ptr_eq(&sw.save, &self.slots[&sw.from]),
+            "save is the outgoing task's own slot"
+        );
+        let slot = sw
+            .save
+            .upgrade()
+            .expect("the outgoing context is alive until the switch has saved into it");
+        let token = self.token();
+        slot.set(token);
+        drop(slot);
+        self.tokens.insert(sw.from, token);
+        self.saves.push((sw.from, token, place));
+        assert_eq!(
+            sw.load, self.tokens[&sw.to],
+            "task {} loads what its last switch saved",
+            sw.to
+        );
+        self.loads.push((sw.to, sw.load));
+        self.on = sw.to;
+    }
+
     /// Carries out a step as the glue does.
-    fn carry(&mut self, step: Step<(u64, u64)>) {
+    fn carry(&mut self, step: Step<Sw>) {
         match step {
             // Go on: with the task the CPU is on, or idling (a tick while idle).
             Step::Stay => match self.running() {
@@ -116,14 +247,8 @@ impl Cpu {
                 assert!(self.running().is_none(), "idle: nothing runs");
                 self.idle = true;
             }
-            Step::Switch((from, to)) => {
-                assert_eq!(from, self.on, "a switch starts from the CPU's task");
-                assert_eq!(
-                    self.running(),
-                    Some(to),
-                    "a switch ends in the running task"
-                );
-                self.on = to;
+            Step::Switch(sw) => {
+                self.switch(sw);
                 self.idle = false;
                 drop(self.s.finish_switch());
             }
@@ -135,13 +260,19 @@ impl Cpu {
 
     /// The task that runs again goes on with what it blocked in (a join: finish it).
     fn resume(&mut self) {
+        let saved = self.s.running().map(|t| t.ctx.saved.get());
+        assert_eq!(
+            saved,
+            Some(self.tokens[&self.on]),
+            "the running task's context holds its last saved value"
+        );
         if let Some(target) = self.pending.remove(&self.on) {
             let j = self.s.rejoin(self.now);
             self.joined_or_wait(target, j);
         }
     }
 
-    fn joined_or_wait(&mut self, target: u64, j: Join<(u64, u64)>) {
+    fn joined_or_wait(&mut self, target: u64, j: Join<Sw>) {
         match j {
             Join::Done(r) => self.joined.push((self.on, target, r)),
             Join::Wait(step) => {
@@ -484,7 +615,7 @@ fn a_killed_joiner_leaves_the_join_state_and_the_target_goes_on() {
     c.yield_now(); // main
     assert_eq!(c.kill(joiner.kill_handle()), "ended");
     assert_eq!(c.drops(), vec![1]);
-    assert!(target.target.state.inner.lock().waiter.is_none());
+    assert!(target.target.state.lock().waiter.is_none());
     c.yield_now(); // 2
     c.exit(5); // nobody to wake
     assert_eq!(c.on, 0);
@@ -533,6 +664,7 @@ enum Op {
     Join(usize),
     Exit(i32),
     Kill(usize),
+    Unspawn(usize),
     Advance(u64),
 }
 
@@ -546,6 +678,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0usize..8).prop_map(Op::Join),
         2 => (0i32..100).prop_map(Op::Exit),
         2 => (0usize..8).prop_map(Op::Kill),
+        1 => (0usize..8).prop_map(Op::Unspawn),
         3 => (0u64..30).prop_map(Op::Advance),
     ]
 }
@@ -556,8 +689,10 @@ struct Model {
     running: Option<u64>,
     on: u64,
     queue: VecDeque<u64>,
-    /// (deadline, id), kept in wake order.
+    /// (deadline, id), in the order they went to sleep.
     sleepers: Vec<(u64, u64)>,
+    /// Tasks that have been switched to (or started running) at least once.
+    ran: BTreeSet<u64>,
     /// joiner -> joined task
     blocked: BTreeMap<u64, u64>,
     /// Joiners woken by the end of the task they joined, which take its result when they run.
@@ -572,14 +707,42 @@ struct Model {
 }
 
 impl Model {
+    /// The sleepers in wake order: by deadline, then in the order they went to sleep.
+    fn wake_order(&self) -> Vec<(u64, u64)> {
+        let mut v = self.sleepers.clone();
+        v.sort_by_key(|&(d, _)| d); // stable: arrival order among equal deadlines
+        v
+    }
+
+    /// Sleepers whose deadline passed (`FOREVER` never does) go to the back of the run queue,
+    /// in wake order.
     fn wake(&mut self, now: u64) {
-        while let Some(&(d, id)) = self.sleepers.first() {
-            if d > now || d == FOREVER {
-                break;
+        let due = |d: u64| d <= now && d != FOREVER;
+        for (d, id) in self.wake_order() {
+            if due(d) {
+                self.queue.push_back(id);
             }
-            self.sleepers.remove(0);
-            self.queue.push_back(id);
         }
+        self.sleepers.retain(|&(d, _)| !due(d));
+    }
+
+    /// Every live task's place, as the scheduler's [`Sched::owned_tasks`] names it.
+    fn places(&self) -> Vec<(u64, Place)> {
+        let mut v = Vec::new();
+        v.extend(self.running.map(|r| (r, Place::Running)));
+        v.extend(
+            self.queue
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| (t, Place::Runnable(i))),
+        );
+        v.extend(self.sleepers.iter().map(|&(d, t)| (t, Place::Sleeping(d))));
+        v.extend(self.blocked.iter().map(|(&j, &t)| (j, Place::Joining(t))));
+        if self.running.is_none() && self.ended.contains(&self.on) {
+            v.push((self.on, Place::Zombie));
+        }
+        v.sort_unstable();
+        v
     }
 
     /// The CPU leaves the task it runs: the next runnable one runs, or it idles.
@@ -591,6 +754,7 @@ impl Model {
     }
 
     fn switch_in(&mut self, n: u64) {
+        self.ran.insert(n);
         self.on = n;
         self.left = self.quantum;
         self.running = Some(n);
@@ -641,6 +805,7 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
     let mut c = Cpu::new(quantum);
     let mut m = Model {
         running: Some(0),
+        ran: BTreeSet::from([0]),
         next: 1,
         quantum: c.s.quantum,
         left: c.s.quantum,
@@ -692,8 +857,7 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
                     m.rotate();
                 } else {
                     m.wake(now);
-                    let i = m.sleepers.partition_point(|&(x, _)| x <= deadline);
-                    m.sleepers.insert(i, (deadline, me));
+                    m.sleepers.push((deadline, me));
                     m.pick();
                 }
             }
@@ -728,6 +892,35 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
                 m.wake(now);
                 m.pick();
             }
+            (Op::Unspawn(k), Some(_)) => {
+                let id = *k as u64;
+                let Some(h) = handles.remove(&id) else {
+                    continue;
+                };
+                let kh = h.kill_handle().clone();
+                match c.s.unspawn(h) {
+                    Ok(ctx) => {
+                        prop_assert!(
+                            !m.ran.contains(&id) && m.queue.contains(&id),
+                            "task {} unspawned after it ran or outside the run queue",
+                            id
+                        );
+                        prop_assert_eq!(ctx.id, id);
+                        drop(ctx);
+                        m.queue.retain(|&t| t != id);
+                        m.ended.insert(id);
+                        joined_handles.insert(id, kh);
+                    }
+                    Err(h) => {
+                        prop_assert!(
+                            m.ran.contains(&id) || !m.queue.contains(&id),
+                            "unspawn of task {} that never ran was refused",
+                            id
+                        );
+                        handles.insert(id, h);
+                    }
+                }
+            }
             (Op::Kill(k), Some(me)) => {
                 let id = *k as u64;
                 let Some(h) = handles
@@ -760,7 +953,7 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
             c.s.runnable().collect::<Vec<_>>(),
             Vec::from(m.queue.clone())
         );
-        prop_assert_eq!(c.s.sleeping().collect::<Vec<_>>(), m.sleepers.clone());
+        prop_assert_eq!(c.s.sleeping().collect::<Vec<_>>(), m.wake_order());
         prop_assert_eq!(&c.joined, &m.joined);
         let drops = c.drops();
         let dropped: BTreeSet<u64> = drops.iter().copied().collect();
@@ -777,14 +970,32 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
         for (id, h) in &joined_handles {
             prop_assert_eq!(c.s.is_finished(h), m.ended.contains(id));
         }
-        // Nothing lost or duplicated: every live task is in exactly one place.
-        let mut places: Vec<u64> = c.s.runnable().collect();
-        places.extend(c.s.sleeping().map(|(_, id)| id));
-        places.extend(c.running());
-        places.extend(m.blocked.keys());
+        // Nothing lost or duplicated: every task the scheduler owns (read from the scheduler)
+        // is in exactly the place the model says, and these are the live tasks (and a zombie
+        // the CPU idles on).
+        let also: Vec<&KillHandle<Ctx>> = c.all.iter().collect();
+        let mut places = c.s.owned_tasks(&also);
         places.sort_unstable();
-        let live: Vec<u64> = (0..m.next).filter(|id| !m.ended.contains(id)).collect();
-        prop_assert_eq!(places, live);
+        prop_assert_eq!(&places, &m.places(), "places after {:?}", op);
+        let mut ids: Vec<u64> = places.iter().map(|&(id, _)| id).collect();
+        ids.dedup();
+        prop_assert_eq!(
+            ids.len(),
+            places.len(),
+            "a task in two places: {:?}",
+            places
+        );
+        let live = (0..m.next).filter(|id| !m.ended.contains(id));
+        let mut want: Vec<u64> = live
+            .chain(
+                m.places()
+                    .iter()
+                    .filter(|p| p.1 == Place::Zombie)
+                    .map(|p| p.0),
+            )
+            .collect();
+        want.sort_unstable();
+        prop_assert_eq!(ids, want);
     }
     // The end: kill every task left, drop the scheduler: every context dropped exactly once.
     let left: Vec<KillHandle<Ctx>> = handles
