@@ -652,6 +652,182 @@ fn reaping_drops_each_dead_context_once_and_frees_every_frame() {
     assert_eq!(mem.frames_in_use(), base, "every frame is back");
 }
 
+/// The token task `id` saved when the scheduler kept it at `place` (its last such save).
+fn saved_at(c: &Cpu, id: u64, place: Place) -> u64 {
+    let s = c.saves.iter().rev().find(|s| s.0 == id && s.2 == place);
+    match s {
+        Some(&(_, token, _)) => token,
+        None => panic!("task {id} was never saved at {place:?}: {:?}", c.saves),
+    }
+}
+
+#[test]
+fn each_switch_saves_into_the_parked_box_and_the_task_loads_exactly_that() {
+    let mut c = Cpu::new(1);
+    let h1 = c.spawn();
+    let h2 = c.spawn();
+    let h3 = c.spawn();
+    let h4 = c.spawn();
+    let initial = |c: &Cpu, id: u64| c.loads.iter().any(|&(t, v)| t == id && v == TOKEN0 + id);
+    // yield: main is saved at the back of the run queue [2, 3, 4, 0]; 1 loads its first value.
+    c.yield_now();
+    let t_yield = saved_at(&c, 0, Place::Runnable(3));
+    assert!(initial(&c, 1), "a new task loads its initial value");
+    // tick: 1 is preempted, saved at the back [3, 4, 0, 1]; 2 runs.
+    c.tick();
+    let t_tick = saved_at(&c, 1, Place::Runnable(3));
+    // sleep: 2 is saved among the sleepers; 3 runs.
+    c.sleep_for(10);
+    let t_sleep = saved_at(&c, 2, Place::Sleeping(10));
+    // join: 3 blocks in 1's join state, saved there; 4 runs.
+    c.join(h1);
+    let t_join = saved_at(&c, 3, Place::Joining(1));
+    // 4 blocks in 2's join state; main runs and loads what the yield saved.
+    let k4 = h4.kill_handle().clone();
+    c.join(h2);
+    let t_killed = saved_at(&c, 4, Place::Joining(2));
+    assert_eq!(c.on, 0);
+    assert_eq!(c.loads.last(), Some(&(0, t_yield)), "yield -> load");
+    // Kill of a blocked joiner: its box (and slot) goes, it is never loaded again.
+    assert_eq!(c.kill(&k4), "ended");
+    assert!(
+        c.slots[&4].upgrade().is_none(),
+        "the killed joiner's context is gone"
+    );
+    // 1 runs again and loads what the tick saved; it exits: saved in the zombie slot, then
+    // dropped by the next switch; its joiner 3 loads what its join saved.
+    c.yield_now();
+    assert_eq!(c.on, 1);
+    assert_eq!(c.loads.last(), Some(&(1, t_tick)), "tick -> load");
+    c.exit(6);
+    let _ = saved_at(&c, 1, Place::Zombie);
+    assert!(
+        c.slots[&1].upgrade().is_none(),
+        "the zombie went with the switch"
+    );
+    assert_eq!(c.on, 0);
+    c.yield_now();
+    assert_eq!(c.on, 3);
+    assert_eq!(c.loads.last(), Some(&(3, t_join)), "join -> load");
+    assert_eq!(c.joined, vec![(3, 1, Ok(6))]);
+    // The sleeper wakes and loads what its sleep saved.
+    c.now = 10;
+    c.yield_now(); // 2 wakes behind main, 3 goes behind it: [2, 3]; main runs
+    c.yield_now(); // 2 runs
+    assert_eq!(c.on, 2);
+    assert_eq!(c.loads.last(), Some(&(2, t_sleep)), "sleep -> load");
+    assert!(
+        !c.loads.iter().any(|&(t, v)| t == 4 && v == t_killed),
+        "a killed joiner is never loaded"
+    );
+    drop(h3);
+}
+
+#[test]
+fn an_idle_zombie_and_an_idle_joiner_are_saved_where_they_rest() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    c.yield_now(); // 1
+    c.sleep_for(5); // main runs
+    c.join(h); // main blocks in 1's join state: nothing runnable, idle on main
+    assert!(c.idle);
+    c.advance(5); // 1 wakes: the switch saves main in 1's join state
+    let t = saved_at(&c, 0, Place::Joining(1));
+    assert_eq!(c.on, 1);
+    c.exit(2); // main is woken: 1 is saved in the zombie slot
+    let _ = saved_at(&c, 1, Place::Zombie);
+    assert_eq!(c.on, 0);
+    assert_eq!(c.loads.last(), Some(&(0, t)));
+    assert_eq!(c.joined, vec![(0, 1, Ok(2))]);
+    // Exit while nothing is runnable: the CPU idles on the zombie, saved there when a sleeper
+    // wakes.
+    let h2 = c.spawn();
+    c.yield_now(); // 2
+    c.sleep_for(1); // 2 sleeps until 6; main runs
+    c.sleep_for(10); // main sleeps until 15: idle on main
+    c.advance(1); // 2 wakes: switch from main (a sleeper) to 2
+    assert_eq!(c.on, 2);
+    c.exit(0);
+    assert!(c.idle, "the zombie idles");
+    c.advance(20);
+    let _ = saved_at(&c, 2, Place::Zombie);
+    assert_eq!(c.on, 0);
+    assert_eq!(c.s.join(h2, c.now), Join::Done(Ok(0)));
+}
+
+#[test]
+fn unspawn_takes_back_a_task_that_never_ran_and_leaves_no_trace() {
+    let mut c = Cpu::new(1);
+    let a = c.spawn();
+    let b = c.spawn();
+    let before = c.s.owned_tasks(&[]);
+    let h = c.spawn();
+    let k = h.kill_handle().clone();
+    let ctx = c.s.unspawn(h).expect("a task that never ran is taken back");
+    assert_eq!(ctx.id, 3);
+    assert!(c.drops().is_empty(), "the caller releases the context");
+    drop(ctx);
+    assert_eq!(c.drops(), vec![3]);
+    assert_eq!(c.s.owned_tasks(&[&k]), before, "queue and places as before");
+    assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![1, 2]);
+    assert!(
+        c.s.is_finished(&k),
+        "the unspawned task's handle says it has ended"
+    );
+    assert_eq!(c.kill(&k), "already ended");
+    let j = JoinHandle { target: k.clone() };
+    assert_eq!(c.s.join(j, 0), Join::Done(Err(TaskError::Killed)));
+    assert_eq!(c.spawn().id(), 4, "its id is not reused");
+    // The others go on as if it had never been spawned.
+    c.yield_now();
+    c.exit(1);
+    c.exit(2);
+    assert_eq!(c.on, 4);
+    assert_eq!(c.s.join(a, 0), Join::Done(Ok(1)));
+    assert_eq!(c.s.join(b, 0), Join::Done(Ok(2)));
+}
+
+#[test]
+fn unspawn_is_refused_for_a_task_that_ran_and_gives_the_handle_back() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    c.yield_now(); // 1 runs
+    // Running: refused.
+    let h = match c.s.unspawn(h) {
+        Err(h) => h,
+        Ok(_) => panic!("the running task was unspawned"),
+    };
+    c.yield_now(); // back in the run queue, but it ran
+    assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![1]);
+    let before = c.s.owned_tasks(&[]);
+    let h = match c.s.unspawn(h) {
+        Err(h) => h,
+        Ok(_) => panic!("a task that ran was unspawned"),
+    };
+    assert_eq!(c.s.owned_tasks(&[]), before, "nothing changed");
+    assert!(c.drops().is_empty());
+    assert!(!c.s.is_finished(h.kill_handle()));
+    c.yield_now();
+    c.exit(8);
+    // Ended: refused too; the handle still joins.
+    let h = match c.s.unspawn(h) {
+        Err(h) => h,
+        Ok(_) => panic!("an ended task was unspawned"),
+    };
+    assert_eq!(c.s.join(h, 0), Join::Done(Ok(8)));
+}
+
+#[test]
+#[should_panic(expected = "a join state's lock is already held")]
+fn a_join_state_locked_twice_panics_instead_of_spinning() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    let st = h.kill_handle().state.lock();
+    // Taking it again under the same borrow (a bug in sched) would spin forever.
+    let _ = c.s.is_finished(h.kill_handle());
+    drop(st);
+}
+
 // ---- A proptest of random task programs against a simple model ----
 
 #[derive(Debug, Clone)]
