@@ -27,6 +27,17 @@
 //! waits in, so that [`Sched::kill`] can find it. There are no task pointers or integer handles;
 //! a task is found by its id only inside the queues that own it.
 //!
+//! Ordering rules (what the host tests' model is written from):
+//!
+//! - the run queue is FIFO: a spawned task, a preempted or yielding task, a woken sleeper and a
+//!   woken joiner each go to its back;
+//! - every operation that picks a task first moves the sleepers whose deadline is `<= now` to
+//!   the run queue, earliest deadline first and, among equal deadlines, in the order they went
+//!   to sleep; a yielding or preempted task goes behind them;
+//! - when a task ends (exit, kill), its joiner (if any) goes to the back of the run queue first,
+//!   then (if the ended task was the running one) the sleepers are woken and the next task runs;
+//! - a task that has ended or been unspawned never runs again.
+//!
 //! Kill semantics: [`Sched::kill`] ends a task at once in every state — running (itself),
 //! runnable, sleeping (also forever, `u64::MAX`), or blocked in a join (it is taken out of the
 //! join state it waits in) — and wakes its joiner; a task that has ended already is left alone.
@@ -35,8 +46,10 @@
 //! token (`task::glue`), so operations never interleave on one CPU. The join state is shared
 //! through an `Arc`, so its interior is a spin lock (never contended: every lock is taken under
 //! the `&mut Sched` borrow; `join` holds the joined task's while it takes the joiner's, always in
-//! that order, and a task cannot join itself) rather than cells that would be sound only on one
-//! CPU.
+//! that order, and a self-join locks only once) rather than cells that would be sound only on one
+//! CPU. Since nothing else can hold it, a join state found locked is a bug in this module: it is
+//! taken with `try_lock`, and a lock already held panics with a message (spinning would hang the
+//! CPU with interrupts off, silently).
 
 #![forbid(unsafe_code)]
 
@@ -120,6 +133,8 @@ pub enum Step<S> {
 pub struct Task<C> {
     id: u64,
     join: Arc<JoinState<C>>,
+    /// The task has been the running one (at least once): [`Sched::unspawn`] refuses it.
+    ran: bool,
     /// The arch context (saved registers, address space, stack, ...).
     pub ctx: C,
 }
@@ -154,6 +169,19 @@ struct JoinInner<C> {
 }
 
 impl<C> JoinState<C> {
+    /// Locks the join state. It is never contended (see the module docs): a lock already held
+    /// means this module took it twice, and spinning would hang the CPU with interrupts off.
+    #[track_caller]
+    fn lock(&self) -> spin::MutexGuard<'_, JoinInner<C>> {
+        match self.inner.try_lock() {
+            Some(g) => g,
+            None => panic!(
+                "sched: a join state's lock is already held (taken twice under one scheduler \
+                 borrow: a bug in libos::sched)"
+            ),
+        }
+    }
+
     fn new() -> Arc<Self> {
         Arc::new(JoinState {
             inner: spin::Mutex::new(JoinInner {
@@ -315,6 +343,7 @@ impl<C: Context> Sched<C> {
         self.running = Some(Box::new(Task {
             id,
             join: JoinState::new(),
+            ran: true,
             ctx,
         }));
         self.ticks_left = self.quantum;
@@ -335,6 +364,7 @@ impl<C: Context> Sched<C> {
         self.run_queue.push_back(Box::new(Task {
             id,
             join: state.clone(),
+            ran: false,
             ctx,
         }));
         JoinHandle {
@@ -364,7 +394,7 @@ impl<C: Context> Sched<C> {
 
     /// True once the task of `h` has ended.
     pub fn is_finished(&self, h: &KillHandle<C>) -> bool {
-        h.state.inner.lock().ended
+        h.state.lock().ended
     }
 
     /// Moves every sleeper whose deadline is `<= now` to the run queue (earliest deadline first,
@@ -404,7 +434,8 @@ impl<C: Context> Sched<C> {
         Step::Switch(sw)
     }
 
-    fn run(&mut self, next: Box<Task<C>>) {
+    fn run(&mut self, mut next: Box<Task<C>>) {
+        next.ran = true;
         self.running = Some(next);
         self.ticks_left = self.quantum;
     }
@@ -453,7 +484,7 @@ impl<C: Context> Sched<C> {
     /// killed, and calls [`Sched::rejoin`] when it runs again.
     pub fn join(&mut self, h: JoinHandle<C>, now: u64) -> Join<C::Switch> {
         let target = h.target.state;
-        let mut st = target.inner.lock();
+        let mut st = target.lock();
         if let Some(r) = st.result.take() {
             return Join::Done(r);
         }
@@ -461,13 +492,13 @@ impl<C: Context> Sched<C> {
             // Nobody to block (not reachable from the glue, which always has a running task).
             return Join::Done(Err(TaskError::Killed));
         };
-        if cur.id == h.target.id {
+        if Arc::ptr_eq(&cur.join, &target) {
             // A task joining itself waits (until killed) in its own join state: lock it once.
             drop(st);
             return self.park_in_join(cur, target, now);
         }
         // Two different join states: the joined task's, then the joiner's (never the other way).
-        cur.join.inner.lock().blocked_on = Some(target.clone());
+        cur.join.lock().blocked_on = Some(target.clone());
         self.park_locked(cur, st, &target, now)
     }
 
@@ -477,12 +508,12 @@ impl<C: Context> Sched<C> {
         let Some(cur) = self.running.take() else {
             return Join::Done(Err(TaskError::Killed));
         };
-        let Some(target) = cur.join.inner.lock().blocked_on.take() else {
+        let Some(target) = cur.join.lock().blocked_on.take() else {
             // Not joining anything: a misuse of the glue; say so rather than block forever.
             self.running = Some(cur);
             return Join::Done(Err(TaskError::Killed));
         };
-        let done = target.inner.lock().result.take();
+        let done = target.lock().result.take();
         match done {
             Some(r) => {
                 self.running = Some(cur);
@@ -498,8 +529,8 @@ impl<C: Context> Sched<C> {
         target: Arc<JoinState<C>>,
         now: u64,
     ) -> Join<C::Switch> {
-        cur.join.inner.lock().blocked_on = Some(target.clone());
-        let st = target.inner.lock();
+        cur.join.lock().blocked_on = Some(target.clone());
+        let st = target.lock();
         self.park_locked(cur, st, &target, now)
     }
 
@@ -525,11 +556,39 @@ impl<C: Context> Sched<C> {
         Join::Wait(Step::Switch(sw))
     }
 
-    /// Takes back the task of `h` if it has not run yet (a spawn that must be undone): its
-    /// context, for the caller to release.
-    pub fn unspawn(&mut self, h: JoinHandle<C>) -> Option<C> {
-        let i = self.run_queue.iter().rposition(|t| t.id == h.id())?;
-        self.run_queue.remove(i).map(|t| t.ctx)
+    /// Undoes [`Sched::spawn`]: takes the task of `h` out of the run queue and gives back its
+    /// context, for the caller to release — only if the task has never run. It leaves no
+    /// trace: the run queue is as before the spawn, and the task's join state is marked ended
+    /// as if it had been killed before it ran (result [`TaskError::Killed`], no joiner to
+    /// wake), so a [`KillHandle`] made from `h` says it has finished and killing it does nothing
+    /// ([`Kill::AlreadyEnded`]). Its id is not reused.
+    ///
+    /// Refused, with `h` given back and nothing changed, when the task has run (it may hold
+    /// state its context alone does not free; end it with [`Sched::kill`] instead) or is not
+    /// in the run queue (it has ended, or it is running).
+    pub fn unspawn(&mut self, h: JoinHandle<C>) -> Result<C, JoinHandle<C>> {
+        let Some(i) = self
+            .run_queue
+            .iter()
+            .rposition(|t| Arc::ptr_eq(&t.join, &h.target.state))
+        else {
+            return Err(h);
+        };
+        if self.run_queue.get(i).is_some_and(|t| t.ran) {
+            return Err(h);
+        }
+        match self.run_queue.remove(i) {
+            Some(t) => {
+                let mut st = t.join.lock();
+                // Never run: it is in no join (`blocked_on` is empty) and, since `h` is the
+                // one handle that joins it, nobody waits in its join state.
+                st.ended = true;
+                st.result = Some(Err(TaskError::Killed));
+                drop(st);
+                Ok(t.ctx)
+            }
+            None => unreachable!("index {i} was just found in the run queue"),
+        }
     }
 
     /// The running task ends with `result`: its joiner (if any) becomes runnable, the task
@@ -554,7 +613,7 @@ impl<C: Context> Sched<C> {
     /// Stores `result` for `task`'s joiner and makes the joiner runnable.
     fn end(&mut self, task: &Task<C>, result: TaskResult) {
         let waiter = {
-            let mut st = task.join.inner.lock();
+            let mut st = task.join.lock();
             st.ended = true;
             st.result = Some(result);
             st.blocked_on = None;
@@ -570,7 +629,7 @@ impl<C: Context> Sched<C> {
     /// [`Kill`] for what the caller must do. Its joiner (if any) becomes runnable.
     pub fn kill(&mut self, h: &KillHandle<C>, now: u64) -> Kill<C> {
         let blocked_on = {
-            let mut st = h.state.inner.lock();
+            let mut st = h.state.lock();
             if st.ended {
                 return Kill::AlreadyEnded;
             }
@@ -580,7 +639,7 @@ impl<C: Context> Sched<C> {
             return Kill::Current(self.exit(Err(TaskError::Killed), now));
         }
         let victim = if let Some(js) = blocked_on {
-            let mut st = js.inner.lock();
+            let mut st = js.lock();
             if st.waiter.as_ref().is_some_and(|w| w.id == h.id) {
                 st.waiter.take()
             } else {
@@ -620,6 +679,7 @@ impl<C: Context> Sched<C> {
         };
         let sw = match self.idle_on.take() {
             Some(Parked::Sleeping(id)) if id == next.id => {
+                // It ran before it slept: `run` only restarts its quantum.
                 self.run(next);
                 return Step::Stay;
             }
@@ -636,7 +696,7 @@ impl<C: Context> Sched<C> {
                 }
             }
             Some(Parked::Joining(js)) => {
-                let mut st = js.inner.lock();
+                let mut st = js.lock();
                 match st.waiter.as_mut() {
                     Some(t) => t.ctx.switch_to(&mut next.ctx),
                     None => unreachable!("the idle task left the join state it waits in"),
@@ -656,5 +716,100 @@ impl<C: Context> Sched<C> {
     /// the caller to drop (its context — stack, address space — goes with it).
     pub fn finish_switch(&mut self) -> Option<Box<Task<C>>> {
         self.zombie.take()
+    }
+}
+
+/// Where [`Sched::owned_tasks`] found a task.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Place {
+    /// The running slot.
+    Running,
+    /// The run queue, at this position (0: runs next).
+    Runnable(usize),
+    /// The sleepers, with this deadline (their order is [`Sched::sleeping`]'s).
+    Sleeping(u64),
+    /// The waiter slot of this task's join state (its own, for a task that joined itself).
+    Joining(u64),
+    /// The waiter slot of a join state whose task the scheduler does not own: a lost task.
+    JoiningUnowned,
+    /// The zombie slot.
+    Zombie,
+}
+
+#[cfg(test)]
+impl<C: Context> Sched<C> {
+    /// Calls `f` with every task the scheduler owns and where it is, read from the scheduler's
+    /// own containers: the running slot, the run queue, the sleepers, the zombie slot and, from
+    /// each of those tasks' join states (and the one the CPU idles in), the chain of blocked
+    /// joiners. A task blocked in its own join, or in a cycle of joins, is owned only by those
+    /// join states: the join states of `also` (and their chains) are searched too. A task in two
+    /// places is visited twice.
+    pub(crate) fn visit_tasks(&self, also: &[&KillHandle<C>], f: &mut dyn FnMut(&Task<C>, Place)) {
+        use alloc::vec::Vec;
+
+        fn walk<C>(
+            js: &JoinState<C>,
+            owner: u64,
+            f: &mut dyn FnMut(&Task<C>, Place),
+            seen: &mut Vec<*const JoinState<C>>,
+        ) {
+            seen.push(js);
+            let st = js.lock();
+            if let Some(w) = st.waiter.as_deref() {
+                f(w, Place::Joining(owner));
+                // Not into a state walked (and locked) already: a self-join, a join cycle.
+                if !seen.iter().any(|&p| core::ptr::eq(p, &*w.join)) {
+                    walk(&w.join, w.id, f, seen);
+                }
+            }
+        }
+
+        let mut seen = Vec::new();
+        let mut roots: Vec<(&Task<C>, Place)> = Vec::new();
+        roots.extend(self.running.as_deref().map(|t| (t, Place::Running)));
+        roots.extend(
+            self.run_queue
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (&**t, Place::Runnable(i))),
+        );
+        roots.extend(
+            self.sleepers
+                .iter()
+                .map(|(d, t)| (&**t, Place::Sleeping(*d))),
+        );
+        roots.extend(self.zombie.as_deref().map(|t| (t, Place::Zombie)));
+        for (t, place) in roots {
+            f(t, place);
+            walk(&t.join, t.id, f, &mut seen);
+        }
+        for h in also {
+            if !seen.iter().any(|&p| core::ptr::eq(p, &*h.state)) {
+                walk(&h.state, h.id, f, &mut seen);
+            }
+        }
+        if let Some(Parked::Joining(js)) = &self.idle_on {
+            let js: &JoinState<C> = js;
+            if seen.iter().any(|&p| core::ptr::eq(p, js)) {
+                return;
+            }
+            let st = js.lock();
+            if let Some(w) = st.waiter.as_deref() {
+                let place = if core::ptr::eq(&*w.join, js) {
+                    Place::Joining(w.id)
+                } else {
+                    Place::JoiningUnowned
+                };
+                f(w, place);
+            }
+        }
+    }
+
+    /// `(id, place)` of every task [`Sched::visit_tasks`] finds, in its order.
+    pub(crate) fn owned_tasks(&self, also: &[&KillHandle<C>]) -> alloc::vec::Vec<(u64, Place)> {
+        let mut out = alloc::vec::Vec::new();
+        self.visit_tasks(also, &mut |t, p| out.push((t.id, p)));
+        out
     }
 }

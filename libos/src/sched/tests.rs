@@ -1,29 +1,74 @@
 //! Host tests of the scheduler state machine: a harness plays the arch glue (it tracks whose
 //! stack the CPU is on, checks every switch starts there, calls `finish_switch` after each and
 //! retries a join when the joiner runs again), contexts record when they are dropped.
+//!
+//! The switch contract is checked as the guest relies on it: a test context holds a saved
+//! "stack pointer" in a slot of its own, the switch carries a handle to the outgoing context's
+//! slot (the guest's raw `save` pointer: here a `Weak`, so a slot whose task was dropped is
+//! caught instead of written) and the incoming context's saved value; the harness checks the
+//! handle is the outgoing task's own slot, inside the box the scheduler now keeps it in, writes
+//! a fresh token through it as the assembly writes RSP, and checks that the task, when it runs
+//! again, loads exactly that token.
 
 use super::*;
+
+/// The first token: the main task's saved value before its first switch.
+const TOKEN0: u64 = 0x5700_0000;
 use alloc::collections::{BTreeMap, BTreeSet};
-use alloc::rc::Rc;
+use alloc::rc::{Rc, Weak};
 use alloc::vec;
 use alloc::vec::Vec;
-use core::cell::RefCell;
+use core::cell::{Cell, RefCell};
 use proptest::prelude::*;
 use templates::sim::SimMem;
 use templates::{AddressSpace, Mode, Perm};
 use x86_64::VirtAddr;
 
-/// A test context: its task's id, a shared log of drops, and optionally an address space.
+/// A test context: its task's id, its saved "stack pointer" (written only through a switch's
+/// `save`, as the assembly does), a shared log of drops, and optionally an address space.
 struct Ctx {
     id: u64,
+    saved: Rc<Cell<u64>>,
     drops: Rc<RefCell<Vec<u64>>>,
     _space: Option<AddressSpace<SimMem>>,
 }
 
+/// The test switch: the guest's `Switch { save, rsp, cr3 }` with ids for the checks.
+#[derive(Debug)]
+struct Sw {
+    from: u64,
+    /// Where the outgoing context was when the switch was built: the box the scheduler keeps
+    /// it in (compared by address only, never dereferenced).
+    at: *const Ctx,
+    /// The outgoing context's saved-value slot (the guest's `save: *mut u64`).
+    save: Weak<Cell<u64>>,
+    to: u64,
+    /// The incoming context's saved value (the guest's `rsp`).
+    load: u64,
+}
+
+impl PartialEq for Sw {
+    fn eq(&self, o: &Sw) -> bool {
+        self.from == o.from
+            && core::ptr::eq(self.at, o.at)
+            && Weak::ptr_eq(&self.save, &o.save)
+            && self.to == o.to
+            && self.load == o.load
+    }
+}
+
+impl Eq for Sw {}
+
 impl Context for Ctx {
-    type Switch = (u64, u64);
-    fn switch_to(&mut self, next: &mut Self) -> (u64, u64) {
-        (self.id, next.id)
+    type Switch = Sw;
+    fn switch_to(&mut self, next: &mut Self) -> Sw {
+        Sw {
+            from: self.id,
+            at: self,
+            save: Rc::downgrade(&self.saved),
+            to: next.id,
+            load: next.saved.get(),
+        }
     }
 }
 
@@ -46,19 +91,39 @@ struct Cpu {
     /// Completed joins: (joiner, joined, result).
     joined: Vec<(u64, u64, TaskResult)>,
     space_mem: Option<SimMem>,
+    /// Every task's slot, as made at spawn (identity checks).
+    slots: BTreeMap<u64, Weak<Cell<u64>>>,
+    /// The last token written into each task's slot (or its initial value).
+    tokens: BTreeMap<u64, u64>,
+    next_token: u64,
+    /// Kill handles of every task (their join states hold tasks that joined themselves).
+    all: Vec<KillHandle<Ctx>>,
+    /// Every save: (task, token, where the scheduler kept the task when it was written).
+    saves: Vec<(u64, u64, Place)>,
+    /// Every switch into a task: (task, the token it loaded).
+    loads: Vec<(u64, u64)>,
 }
 
 impl Cpu {
     fn new(quantum: u32) -> Cpu {
         let drops = Rc::new(RefCell::new(Vec::new()));
         let mut s = Sched::new(quantum);
+        let saved = Rc::new(Cell::new(TOKEN0));
+        let slot = Rc::downgrade(&saved);
         let main = Ctx {
             id: 0,
+            saved,
             drops: drops.clone(),
             _space: None,
         };
         assert_eq!(s.start(main).ok(), Some(0));
         Cpu {
+            slots: BTreeMap::from([(0, slot)]),
+            tokens: BTreeMap::from([(0, TOKEN0)]),
+            next_token: TOKEN0 + 1,
+            all: Vec::new(),
+            saves: Vec::new(),
+            loads: Vec::new(),
             s,
             on: 0,
             idle: false,
@@ -92,17 +157,83 @@ impl Cpu {
             .ignore();
             a
         });
+        // The initial value, as `initial_frame` makes the first stack pointer.
+        let token = self.token();
+        let saved = Rc::new(Cell::new(token));
+        self.slots.insert(id, Rc::downgrade(&saved));
+        self.tokens.insert(id, token);
         let h = self.s.spawn(Ctx {
             id,
+            saved,
             drops: self.drops.clone(),
             _space: space,
         });
         assert_eq!(h.id(), id);
+        self.all.push(h.kill_handle().clone());
         h
     }
 
+    fn token(&mut self) -> u64 {
+        let t = self.next_token;
+        self.next_token += 1;
+        t
+    }
+
+    /// Where the scheduler keeps the context `at` of task `id` now, if it is the context of
+    /// that task in one of its places.
+    fn place_of(&self, id: u64, at: *const Ctx) -> Option<Place> {
+        let also: Vec<&KillHandle<Ctx>> = self.all.iter().collect();
+        let mut found = None;
+        self.s.visit_tasks(&also, &mut |t, p| {
+            if t.id() == id && core::ptr::eq(&t.ctx, at) {
+                found = Some(p);
+            }
+        });
+        found
+    }
+
+    /// What the assembly does with a switch: write the outgoing task's stack pointer through
+    /// `save` (a fresh token), load the incoming one's. Checked: `save` is the outgoing task's
+    /// own slot, still alive, in the box the scheduler keeps it in; what is loaded is what the
+    /// incoming task's last switch saved.
+    fn switch(&mut self, sw: Sw) {
+        assert_eq!(sw.from, self.on, "a switch starts from the CPU's task");
+        assert_eq!(
+            self.running(),
+            Some(sw.to),
+            "a switch ends in the running task"
+        );
+        let place = self.place_of(sw.from, sw.at);
+        let place = place.expect("the outgoing context is where the scheduler keeps its task");
+        assert_ne!(
+            place,
+            Place::Running,
+            "the outgoing task is parked, not running"
+        );
+        assert!(
+            Weak::ptr_eq(&sw.save, &self.slots[&sw.from]),
+            "save is the outgoing task's own slot"
+        );
+        let slot = sw
+            .save
+            .upgrade()
+            .expect("the outgoing context is alive until the switch has saved into it");
+        let token = self.token();
+        slot.set(token);
+        drop(slot);
+        self.tokens.insert(sw.from, token);
+        self.saves.push((sw.from, token, place));
+        assert_eq!(
+            sw.load, self.tokens[&sw.to],
+            "task {} loads what its last switch saved",
+            sw.to
+        );
+        self.loads.push((sw.to, sw.load));
+        self.on = sw.to;
+    }
+
     /// Carries out a step as the glue does.
-    fn carry(&mut self, step: Step<(u64, u64)>) {
+    fn carry(&mut self, step: Step<Sw>) {
         match step {
             // Go on: with the task the CPU is on, or idling (a tick while idle).
             Step::Stay => match self.running() {
@@ -116,14 +247,8 @@ impl Cpu {
                 assert!(self.running().is_none(), "idle: nothing runs");
                 self.idle = true;
             }
-            Step::Switch((from, to)) => {
-                assert_eq!(from, self.on, "a switch starts from the CPU's task");
-                assert_eq!(
-                    self.running(),
-                    Some(to),
-                    "a switch ends in the running task"
-                );
-                self.on = to;
+            Step::Switch(sw) => {
+                self.switch(sw);
                 self.idle = false;
                 drop(self.s.finish_switch());
             }
@@ -135,13 +260,19 @@ impl Cpu {
 
     /// The task that runs again goes on with what it blocked in (a join: finish it).
     fn resume(&mut self) {
+        let saved = self.s.running().map(|t| t.ctx.saved.get());
+        assert_eq!(
+            saved,
+            Some(self.tokens[&self.on]),
+            "the running task's context holds its last saved value"
+        );
         if let Some(target) = self.pending.remove(&self.on) {
             let j = self.s.rejoin(self.now);
             self.joined_or_wait(target, j);
         }
     }
 
-    fn joined_or_wait(&mut self, target: u64, j: Join<(u64, u64)>) {
+    fn joined_or_wait(&mut self, target: u64, j: Join<Sw>) {
         match j {
             Join::Done(r) => self.joined.push((self.on, target, r)),
             Join::Wait(step) => {
@@ -484,7 +615,7 @@ fn a_killed_joiner_leaves_the_join_state_and_the_target_goes_on() {
     c.yield_now(); // main
     assert_eq!(c.kill(joiner.kill_handle()), "ended");
     assert_eq!(c.drops(), vec![1]);
-    assert!(target.target.state.inner.lock().waiter.is_none());
+    assert!(target.target.state.lock().waiter.is_none());
     c.yield_now(); // 2
     c.exit(5); // nobody to wake
     assert_eq!(c.on, 0);
@@ -521,6 +652,182 @@ fn reaping_drops_each_dead_context_once_and_frees_every_frame() {
     assert_eq!(mem.frames_in_use(), base, "every frame is back");
 }
 
+/// The token task `id` saved when the scheduler kept it at `place` (its last such save).
+fn saved_at(c: &Cpu, id: u64, place: Place) -> u64 {
+    let s = c.saves.iter().rev().find(|s| s.0 == id && s.2 == place);
+    match s {
+        Some(&(_, token, _)) => token,
+        None => panic!("task {id} was never saved at {place:?}: {:?}", c.saves),
+    }
+}
+
+#[test]
+fn each_switch_saves_into_the_parked_box_and_the_task_loads_exactly_that() {
+    let mut c = Cpu::new(1);
+    let h1 = c.spawn();
+    let h2 = c.spawn();
+    let h3 = c.spawn();
+    let h4 = c.spawn();
+    let initial = |c: &Cpu, id: u64| c.loads.iter().any(|&(t, v)| t == id && v == TOKEN0 + id);
+    // yield: main is saved at the back of the run queue [2, 3, 4, 0]; 1 loads its first value.
+    c.yield_now();
+    let t_yield = saved_at(&c, 0, Place::Runnable(3));
+    assert!(initial(&c, 1), "a new task loads its initial value");
+    // tick: 1 is preempted, saved at the back [3, 4, 0, 1]; 2 runs.
+    c.tick();
+    let t_tick = saved_at(&c, 1, Place::Runnable(3));
+    // sleep: 2 is saved among the sleepers; 3 runs.
+    c.sleep_for(10);
+    let t_sleep = saved_at(&c, 2, Place::Sleeping(10));
+    // join: 3 blocks in 1's join state, saved there; 4 runs.
+    c.join(h1);
+    let t_join = saved_at(&c, 3, Place::Joining(1));
+    // 4 blocks in 2's join state; main runs and loads what the yield saved.
+    let k4 = h4.kill_handle().clone();
+    c.join(h2);
+    let t_killed = saved_at(&c, 4, Place::Joining(2));
+    assert_eq!(c.on, 0);
+    assert_eq!(c.loads.last(), Some(&(0, t_yield)), "yield -> load");
+    // Kill of a blocked joiner: its box (and slot) goes, it is never loaded again.
+    assert_eq!(c.kill(&k4), "ended");
+    assert!(
+        c.slots[&4].upgrade().is_none(),
+        "the killed joiner's context is gone"
+    );
+    // 1 runs again and loads what the tick saved; it exits: saved in the zombie slot, then
+    // dropped by the next switch; its joiner 3 loads what its join saved.
+    c.yield_now();
+    assert_eq!(c.on, 1);
+    assert_eq!(c.loads.last(), Some(&(1, t_tick)), "tick -> load");
+    c.exit(6);
+    let _ = saved_at(&c, 1, Place::Zombie);
+    assert!(
+        c.slots[&1].upgrade().is_none(),
+        "the zombie went with the switch"
+    );
+    assert_eq!(c.on, 0);
+    c.yield_now();
+    assert_eq!(c.on, 3);
+    assert_eq!(c.loads.last(), Some(&(3, t_join)), "join -> load");
+    assert_eq!(c.joined, vec![(3, 1, Ok(6))]);
+    // The sleeper wakes and loads what its sleep saved.
+    c.now = 10;
+    c.yield_now(); // 2 wakes behind main, 3 goes behind it: [2, 3]; main runs
+    c.yield_now(); // 2 runs
+    assert_eq!(c.on, 2);
+    assert_eq!(c.loads.last(), Some(&(2, t_sleep)), "sleep -> load");
+    assert!(
+        !c.loads.iter().any(|&(t, v)| t == 4 && v == t_killed),
+        "a killed joiner is never loaded"
+    );
+    drop(h3);
+}
+
+#[test]
+fn an_idle_zombie_and_an_idle_joiner_are_saved_where_they_rest() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    c.yield_now(); // 1
+    c.sleep_for(5); // main runs
+    c.join(h); // main blocks in 1's join state: nothing runnable, idle on main
+    assert!(c.idle);
+    c.advance(5); // 1 wakes: the switch saves main in 1's join state
+    let t = saved_at(&c, 0, Place::Joining(1));
+    assert_eq!(c.on, 1);
+    c.exit(2); // main is woken: 1 is saved in the zombie slot
+    let _ = saved_at(&c, 1, Place::Zombie);
+    assert_eq!(c.on, 0);
+    assert_eq!(c.loads.last(), Some(&(0, t)));
+    assert_eq!(c.joined, vec![(0, 1, Ok(2))]);
+    // Exit while nothing is runnable: the CPU idles on the zombie, saved there when a sleeper
+    // wakes.
+    let h2 = c.spawn();
+    c.yield_now(); // 2
+    c.sleep_for(1); // 2 sleeps until 6; main runs
+    c.sleep_for(10); // main sleeps until 15: idle on main
+    c.advance(1); // 2 wakes: switch from main (a sleeper) to 2
+    assert_eq!(c.on, 2);
+    c.exit(0);
+    assert!(c.idle, "the zombie idles");
+    c.advance(20);
+    let _ = saved_at(&c, 2, Place::Zombie);
+    assert_eq!(c.on, 0);
+    assert_eq!(c.s.join(h2, c.now), Join::Done(Ok(0)));
+}
+
+#[test]
+fn unspawn_takes_back_a_task_that_never_ran_and_leaves_no_trace() {
+    let mut c = Cpu::new(1);
+    let a = c.spawn();
+    let b = c.spawn();
+    let before = c.s.owned_tasks(&[]);
+    let h = c.spawn();
+    let k = h.kill_handle().clone();
+    let ctx = c.s.unspawn(h).expect("a task that never ran is taken back");
+    assert_eq!(ctx.id, 3);
+    assert!(c.drops().is_empty(), "the caller releases the context");
+    drop(ctx);
+    assert_eq!(c.drops(), vec![3]);
+    assert_eq!(c.s.owned_tasks(&[&k]), before, "queue and places as before");
+    assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![1, 2]);
+    assert!(
+        c.s.is_finished(&k),
+        "the unspawned task's handle says it has ended"
+    );
+    assert_eq!(c.kill(&k), "already ended");
+    let j = JoinHandle { target: k.clone() };
+    assert_eq!(c.s.join(j, 0), Join::Done(Err(TaskError::Killed)));
+    assert_eq!(c.spawn().id(), 4, "its id is not reused");
+    // The others go on as if it had never been spawned.
+    c.yield_now();
+    c.exit(1);
+    c.exit(2);
+    assert_eq!(c.on, 4);
+    assert_eq!(c.s.join(a, 0), Join::Done(Ok(1)));
+    assert_eq!(c.s.join(b, 0), Join::Done(Ok(2)));
+}
+
+#[test]
+fn unspawn_is_refused_for_a_task_that_ran_and_gives_the_handle_back() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    c.yield_now(); // 1 runs
+    // Running: refused.
+    let h = match c.s.unspawn(h) {
+        Err(h) => h,
+        Ok(_) => panic!("the running task was unspawned"),
+    };
+    c.yield_now(); // back in the run queue, but it ran
+    assert_eq!(c.s.runnable().collect::<Vec<_>>(), vec![1]);
+    let before = c.s.owned_tasks(&[]);
+    let h = match c.s.unspawn(h) {
+        Err(h) => h,
+        Ok(_) => panic!("a task that ran was unspawned"),
+    };
+    assert_eq!(c.s.owned_tasks(&[]), before, "nothing changed");
+    assert!(c.drops().is_empty());
+    assert!(!c.s.is_finished(h.kill_handle()));
+    c.yield_now();
+    c.exit(8);
+    // Ended: refused too; the handle still joins.
+    let h = match c.s.unspawn(h) {
+        Err(h) => h,
+        Ok(_) => panic!("an ended task was unspawned"),
+    };
+    assert_eq!(c.s.join(h, 0), Join::Done(Ok(8)));
+}
+
+#[test]
+#[should_panic(expected = "a join state's lock is already held")]
+fn a_join_state_locked_twice_panics_instead_of_spinning() {
+    let mut c = Cpu::new(1);
+    let h = c.spawn();
+    let st = h.kill_handle().state.lock();
+    // Taking it again under the same borrow (a bug in sched) would spin forever.
+    let _ = c.s.is_finished(h.kill_handle());
+    drop(st);
+}
+
 // ---- A proptest of random task programs against a simple model ----
 
 #[derive(Debug, Clone)]
@@ -533,6 +840,7 @@ enum Op {
     Join(usize),
     Exit(i32),
     Kill(usize),
+    Unspawn(usize),
     Advance(u64),
 }
 
@@ -546,6 +854,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0usize..8).prop_map(Op::Join),
         2 => (0i32..100).prop_map(Op::Exit),
         2 => (0usize..8).prop_map(Op::Kill),
+        1 => (0usize..8).prop_map(Op::Unspawn),
         3 => (0u64..30).prop_map(Op::Advance),
     ]
 }
@@ -556,8 +865,10 @@ struct Model {
     running: Option<u64>,
     on: u64,
     queue: VecDeque<u64>,
-    /// (deadline, id), kept in wake order.
+    /// (deadline, id), in the order they went to sleep.
     sleepers: Vec<(u64, u64)>,
+    /// Tasks that have been switched to (or started running) at least once.
+    ran: BTreeSet<u64>,
     /// joiner -> joined task
     blocked: BTreeMap<u64, u64>,
     /// Joiners woken by the end of the task they joined, which take its result when they run.
@@ -572,14 +883,42 @@ struct Model {
 }
 
 impl Model {
+    /// The sleepers in wake order: by deadline, then in the order they went to sleep.
+    fn wake_order(&self) -> Vec<(u64, u64)> {
+        let mut v = self.sleepers.clone();
+        v.sort_by_key(|&(d, _)| d); // stable: arrival order among equal deadlines
+        v
+    }
+
+    /// Sleepers whose deadline passed (`FOREVER` never does) go to the back of the run queue,
+    /// in wake order.
     fn wake(&mut self, now: u64) {
-        while let Some(&(d, id)) = self.sleepers.first() {
-            if d > now || d == FOREVER {
-                break;
+        let due = |d: u64| d <= now && d != FOREVER;
+        for (d, id) in self.wake_order() {
+            if due(d) {
+                self.queue.push_back(id);
             }
-            self.sleepers.remove(0);
-            self.queue.push_back(id);
         }
+        self.sleepers.retain(|&(d, _)| !due(d));
+    }
+
+    /// Every live task's place, as the scheduler's [`Sched::owned_tasks`] names it.
+    fn places(&self) -> Vec<(u64, Place)> {
+        let mut v = Vec::new();
+        v.extend(self.running.map(|r| (r, Place::Running)));
+        v.extend(
+            self.queue
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| (t, Place::Runnable(i))),
+        );
+        v.extend(self.sleepers.iter().map(|&(d, t)| (t, Place::Sleeping(d))));
+        v.extend(self.blocked.iter().map(|(&j, &t)| (j, Place::Joining(t))));
+        if self.running.is_none() && self.ended.contains(&self.on) {
+            v.push((self.on, Place::Zombie));
+        }
+        v.sort_unstable();
+        v
     }
 
     /// The CPU leaves the task it runs: the next runnable one runs, or it idles.
@@ -591,6 +930,7 @@ impl Model {
     }
 
     fn switch_in(&mut self, n: u64) {
+        self.ran.insert(n);
         self.on = n;
         self.left = self.quantum;
         self.running = Some(n);
@@ -641,6 +981,7 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
     let mut c = Cpu::new(quantum);
     let mut m = Model {
         running: Some(0),
+        ran: BTreeSet::from([0]),
         next: 1,
         quantum: c.s.quantum,
         left: c.s.quantum,
@@ -692,8 +1033,7 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
                     m.rotate();
                 } else {
                     m.wake(now);
-                    let i = m.sleepers.partition_point(|&(x, _)| x <= deadline);
-                    m.sleepers.insert(i, (deadline, me));
+                    m.sleepers.push((deadline, me));
                     m.pick();
                 }
             }
@@ -728,6 +1068,35 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
                 m.wake(now);
                 m.pick();
             }
+            (Op::Unspawn(k), Some(_)) => {
+                let id = *k as u64;
+                let Some(h) = handles.remove(&id) else {
+                    continue;
+                };
+                let kh = h.kill_handle().clone();
+                match c.s.unspawn(h) {
+                    Ok(ctx) => {
+                        prop_assert!(
+                            !m.ran.contains(&id) && m.queue.contains(&id),
+                            "task {} unspawned after it ran or outside the run queue",
+                            id
+                        );
+                        prop_assert_eq!(ctx.id, id);
+                        drop(ctx);
+                        m.queue.retain(|&t| t != id);
+                        m.ended.insert(id);
+                        joined_handles.insert(id, kh);
+                    }
+                    Err(h) => {
+                        prop_assert!(
+                            m.ran.contains(&id) || !m.queue.contains(&id),
+                            "unspawn of task {} that never ran was refused",
+                            id
+                        );
+                        handles.insert(id, h);
+                    }
+                }
+            }
             (Op::Kill(k), Some(me)) => {
                 let id = *k as u64;
                 let Some(h) = handles
@@ -760,7 +1129,7 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
             c.s.runnable().collect::<Vec<_>>(),
             Vec::from(m.queue.clone())
         );
-        prop_assert_eq!(c.s.sleeping().collect::<Vec<_>>(), m.sleepers.clone());
+        prop_assert_eq!(c.s.sleeping().collect::<Vec<_>>(), m.wake_order());
         prop_assert_eq!(&c.joined, &m.joined);
         let drops = c.drops();
         let dropped: BTreeSet<u64> = drops.iter().copied().collect();
@@ -777,14 +1146,32 @@ fn run_program(ops: &[Op], quantum: u32) -> Result<(), TestCaseError> {
         for (id, h) in &joined_handles {
             prop_assert_eq!(c.s.is_finished(h), m.ended.contains(id));
         }
-        // Nothing lost or duplicated: every live task is in exactly one place.
-        let mut places: Vec<u64> = c.s.runnable().collect();
-        places.extend(c.s.sleeping().map(|(_, id)| id));
-        places.extend(c.running());
-        places.extend(m.blocked.keys());
+        // Nothing lost or duplicated: every task the scheduler owns (read from the scheduler)
+        // is in exactly the place the model says, and these are the live tasks (and a zombie
+        // the CPU idles on).
+        let also: Vec<&KillHandle<Ctx>> = c.all.iter().collect();
+        let mut places = c.s.owned_tasks(&also);
         places.sort_unstable();
-        let live: Vec<u64> = (0..m.next).filter(|id| !m.ended.contains(id)).collect();
-        prop_assert_eq!(places, live);
+        prop_assert_eq!(&places, &m.places(), "places after {:?}", op);
+        let mut ids: Vec<u64> = places.iter().map(|&(id, _)| id).collect();
+        ids.dedup();
+        prop_assert_eq!(
+            ids.len(),
+            places.len(),
+            "a task in two places: {:?}",
+            places
+        );
+        let live = (0..m.next).filter(|id| !m.ended.contains(id));
+        let mut want: Vec<u64> = live
+            .chain(
+                m.places()
+                    .iter()
+                    .filter(|p| p.1 == Place::Zombie)
+                    .map(|p| p.0),
+            )
+            .collect();
+        want.sort_unstable();
+        prop_assert_eq!(ids, want);
     }
     // The end: kill every task left, drop the scheduler: every context dropped exactly once.
     let left: Vec<KillHandle<Ctx>> = handles

@@ -172,7 +172,7 @@ pub(super) fn spawn(
         match with_sched(tok, |s| s.unspawn(h)) {
             // The closure goes back to the caller too, to be dropped with interrupts on (its
             // captured values' destructors are app code).
-            Some(Guest {
+            Ok(Guest {
                 space,
                 stack: Some(stack),
                 entry,

@@ -7,7 +7,7 @@
 extern crate alloc;
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use libos::println;
 use libos::shared::SharedHeap;
 use libos::space::{ImageSection, Kind, Template, TemplateBuilder};
@@ -214,11 +214,14 @@ fn preemption() -> Result<(), &'static str> {
 static RELEASE: AtomicBool = AtomicBool::new(false);
 static BLOCKER_DONE: AtomicBool = AtomicBool::new(false);
 static JOINING: AtomicBool = AtomicBool::new(false);
+/// Rounds of the blocker's loop: each ends with a yield.
+static BLOCKER_ROUNDS: AtomicU64 = AtomicU64::new(0);
 
 fn kill_and_join() -> Result<(), &'static str> {
     // A task blocked in a join ends at once when killed; the task it joined goes on.
     let blocker = task::spawn(&[], || {
         while !RELEASE.load(Ordering::SeqCst) {
+            BLOCKER_ROUNDS.fetch_add(1, Ordering::SeqCst);
             task::yield_now();
         }
         BLOCKER_DONE.store(true, Ordering::SeqCst);
@@ -226,6 +229,7 @@ fn kill_and_join() -> Result<(), &'static str> {
     })
     .expect("spawn blocker");
     let joiner = task::spawn(&[], move || {
+        // The last thing before the join: nothing but the call into it comes after.
         JOINING.store(true, Ordering::SeqCst);
         match blocker.join() {
             Ok(11) => 1,
@@ -236,8 +240,14 @@ fn kill_and_join() -> Result<(), &'static str> {
     while !JOINING.load(Ordering::SeqCst) {
         task::yield_now();
     }
-    for _ in 0..3 {
-        task::yield_now(); // the joiner runs on into its join and blocks there
+    // The flag is set and main runs: the joiner has left the CPU after setting it, blocked in
+    // the join or (a timer tick in the few instructions between the flag and the join, which
+    // runs with interrupts off) preempted into the run queue. Wait until the blocker has begun
+    // two more rounds: the run queue is FIFO and the blocker yields after each round, so between
+    // those two every runnable task has run, and a preempted joiner has gone on into its join.
+    let rounds = BLOCKER_ROUNDS.load(Ordering::SeqCst);
+    while BLOCKER_ROUNDS.load(Ordering::SeqCst) < rounds + 2 {
+        task::yield_now();
     }
     check(!joiner.is_finished(), "the joiner waits for the blocker")?;
     joiner.kill();
