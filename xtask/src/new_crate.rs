@@ -70,6 +70,10 @@ opt-level = 1
 
 [profile.release]
 debug = "line-tables-only"
+# As Stencil's own workspace: one codegen unit and fat LTO, so libos's hot paths inline into the
+# app whatever module they sit in.
+codegen-units = 1
+lto = "fat"
 
 # Boots run by `cargo xtask test --manifest-path Cargo.toml` (Stencil's docs/xtask.md, "Declaring
 # a test case").
