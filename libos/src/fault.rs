@@ -28,6 +28,8 @@ const LOWER_HALF_END: u64 = 1 << 47;
 
 /// The one entry point for every trap (registered with `arch::traps::init`).
 pub(crate) fn on_trap(frame: &mut TrapFrame) {
+    // Whatever a handler allocates is libos's, never the interrupted task's (`mm::ctx`).
+    let _k = crate::mm::ctx::kernel();
     match frame.vector {
         v if v < 32 => exception(frame),
         apic::TIMER_VECTOR => {
@@ -49,7 +51,19 @@ fn exception(frame: &mut TrapFrame) {
     let cr2 = frame.fault_address();
     let mut unresolved = None;
     if frame.vector == 14 && cr2 < LOWER_HALF_END {
-        match crate::space::handle_page_fault(cr2, frame.error_code) {
+        let r = crate::space::handle_page_fault(cr2, frame.error_code);
+        if crate::process::in_shadow_slot(cr2) {
+            // The engine may have replaced the statics' L2 table: mirror it.
+            crate::process::after_shadow_fault(crate::process::statics_of(cr2));
+        }
+        match r {
+            Some(Ok(())) => return,
+            Some(Err(fault)) => unresolved = Some(fault),
+            None => {}
+        }
+    } else if frame.vector == 14 && crate::process::is_statics(cr2) {
+        // The task's statics: resolved where the engine maps them (`process`).
+        match crate::process::statics_fault(cr2, frame.error_code) {
             Some(Ok(())) => return,
             Some(Err(fault)) => unresolved = Some(fault),
             None => {}
@@ -127,6 +141,9 @@ static PANICKING: AtomicBool = AtomicBool::new(false);
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    // The report (and the task's `TaskError`) is libos's: kernel heap, not the task's, whose
+    // memory goes with it (`mm::ctx`). Never dropped: the task ends here.
+    let _k = crate::mm::ctx::kernel();
     // No preemption while reporting: another task panicking meanwhile would see PANICKING set.
     irq::disable();
     if PANICKING.swap(true, Ordering::Relaxed) {

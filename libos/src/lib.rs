@@ -50,6 +50,8 @@ mod fault;
 #[cfg(target_os = "none")]
 pub mod net;
 #[cfg(target_os = "none")]
+pub mod process;
+#[cfg(target_os = "none")]
 mod rt;
 #[cfg(target_os = "none")]
 pub mod shared;

@@ -99,6 +99,7 @@ pub struct TemplateBuilder {
 impl Drop for TemplateBuilder {
     /// A builder dropped without `seal` (or after a failed step) gives its frames back.
     fn drop(&mut self) {
+        let _k = crate::mm::ctx::kernel();
         self.release_held();
     }
 }
@@ -116,6 +117,7 @@ impl TemplateBuilder {
     /// let b = libos::space::TemplateBuilder::new();
     /// ```
     pub fn new() -> Self {
+        let _k = crate::mm::ctx::kernel();
         TemplateBuilder {
             inner: templates::TemplateBuilder::new(&KernelMem),
             held: Vec::new(),
@@ -160,34 +162,37 @@ impl TemplateBuilder {
         kind: Kind,
         mut fill: impl FnMut(u64, &mut [u8; 4096]),
     ) -> Result<Self, Error> {
-        let pages = crate::limits::mapping(start, len, true)?;
-        if pages > frames().free_frames() as u64 {
-            return Err(Error::OutOfFrames);
-        }
-        let mut backing = Vec::new();
-        backing
-            .try_reserve_exact(pages as usize)
-            .map_err(|_| Error::OutOfFrames)?;
-        for i in 0..pages {
-            let Some(f) = KernelMem.alloc_frame() else {
-                self.release_held();
+        kcall(move || {
+            let pages = crate::limits::mapping(start, len, true)?;
+            if pages > frames().free_frames() as u64 {
                 return Err(Error::OutOfFrames);
-            };
-            self.held.push((f, PageSize::Size4KiB));
-            // SAFETY: a frame we just allocated, reached through the direct map; nobody else
-            // references it yet.
-            let page = unsafe { &mut *(KernelMem.frame_ptr(f) as *mut [u8; 4096]) };
-            page.fill(0);
-            fill(i * PAGE_SIZE, page);
-            backing.push(f.start_address());
-        }
-        let spec =
-            RegionSpec::new(name, start, pages * PAGE_SIZE, kind).backing(Backing::Frames(backing));
-        if let Err(e) = self.inner.add(spec) {
-            self.release_held();
-            return Err(e);
-        }
-        Ok(self)
+            }
+            let mut backing = Vec::new();
+            backing
+                .try_reserve_exact(pages as usize)
+                .map_err(|_| Error::OutOfFrames)?;
+            for i in 0..pages {
+                let Some(f) = KernelMem.alloc_frame() else {
+                    self.release_held();
+                    return Err(Error::OutOfFrames);
+                };
+                self.held.push((f, PageSize::Size4KiB));
+                // SAFETY: a frame we just allocated, reached through the direct map; nobody else
+                // references it yet.
+                let page = unsafe { &mut *(KernelMem.frame_ptr(f) as *mut [u8; 4096]) };
+                page.fill(0);
+                // App code: what it allocates and keeps is the task's.
+                crate::mm::ctx::app(|| fill(i * PAGE_SIZE, page));
+                backing.push(f.start_address());
+            }
+            let spec = RegionSpec::new(name, start, pages * PAGE_SIZE, kind)
+                .backing(Backing::Frames(backing));
+            if let Err(e) = self.inner.add(spec) {
+                self.release_held();
+                return Err(e);
+            }
+            Ok(self)
+        })
     }
 
     /// Adds a region holding `bytes` (e.g. an embedded blob: `include_bytes!`), zero-padded to
@@ -202,13 +207,15 @@ impl TemplateBuilder {
     ///     .expect("template");
     /// ```
     pub fn blob(self, name: &str, start: u64, kind: Kind, bytes: &[u8]) -> Result<Self, Error> {
-        let len = (bytes.len() as u64).max(1);
-        self.region(name, start, len, kind, |off, page| {
-            let off = off as usize;
-            let end = (off + page.len()).min(bytes.len());
-            if off < end {
-                page[..end - off].copy_from_slice(&bytes[off..end]);
-            }
+        kcall(move || {
+            let len = (bytes.len() as u64).max(1);
+            self.region(name, start, len, kind, |off, page| {
+                let off = off as usize;
+                let end = (off + page.len()).min(bytes.len());
+                if off < end {
+                    page[..end - off].copy_from_slice(&bytes[off..end]);
+                }
+            })
         })
     }
 
@@ -229,22 +236,24 @@ impl TemplateBuilder {
         start: u64,
         section: ImageSection,
     ) -> Result<Self, Error> {
-        let (first, last) = section.bounds();
-        let frames: Vec<PhysAddr> = (first..last)
-            .step_by(PAGE_SIZE as usize)
-            .map(|v| PhysAddr::new(v - crate::mm::layout::KERNEL_BASE))
-            .collect();
-        if frames.is_empty() {
-            return Err(Error::Empty);
-        }
-        let len = frames.len() as u64 * PAGE_SIZE;
-        let mut spec =
-            RegionSpec::new(name, start, len, Kind::ReadOnly).backing(Backing::Frames(frames));
-        if matches!(section, ImageSection::Text) {
-            spec = spec.exec();
-        }
-        self.inner.add(spec)?;
-        Ok(self)
+        kcall(move || {
+            let (first, last) = section.bounds();
+            let frames: Vec<PhysAddr> = (first..last)
+                .step_by(PAGE_SIZE as usize)
+                .map(|v| PhysAddr::new(v - crate::mm::layout::KERNEL_BASE))
+                .collect();
+            if frames.is_empty() {
+                return Err(Error::Empty);
+            }
+            let len = frames.len() as u64 * PAGE_SIZE;
+            let mut spec =
+                RegionSpec::new(name, start, len, Kind::ReadOnly).backing(Backing::Frames(frames));
+            if matches!(section, ImageSection::Text) {
+                spec = spec.exec();
+            }
+            self.inner.add(spec)?;
+            Ok(self)
+        })
     }
 
     /// Adds a region backed by the given frames (one per page, in order); the template takes its
@@ -285,36 +294,38 @@ impl TemplateBuilder {
         kind: Kind,
         page_size: PageSize,
     ) -> Result<Self, Error> {
-        crate::limits::mapping(start, len, false)?;
-        // The leaf tables alone (one per 512 pages) must fit in free memory: a region of many
-        // TiB would otherwise spend every frame (and a long time) before failing at `seal`.
-        let leaf_tables = (len / page_size.bytes()).div_ceil(512);
-        if leaf_tables > frames().free_frames() as u64 {
-            return Err(Error::OutOfFrames);
-        }
-        let (frame, bytes) = match page_size {
-            PageSize::Size4KiB => (
-                KernelMem.alloc_frame().ok_or(Error::OutOfFrames)?,
-                PAGE_SIZE,
-            ),
-            PageSize::Size2MiB => {
-                let run = KernelMem.alloc_huge_frame().ok_or(Error::OutOfFrames)?;
-                (PhysFrame::containing_address(run.start_address()), 2 << 20)
+        kcall(move || {
+            crate::limits::mapping(start, len, false)?;
+            // The leaf tables alone (one per 512 pages) must fit in free memory: a region of many
+            // TiB would otherwise spend every frame (and a long time) before failing at `seal`.
+            let leaf_tables = (len / page_size.bytes()).div_ceil(512);
+            if leaf_tables > frames().free_frames() as u64 {
+                return Err(Error::OutOfFrames);
             }
-        };
-        // SAFETY: freshly allocated frames, reached through the direct map (contiguous for a run).
-        unsafe { core::ptr::write_bytes(KernelMem.frame_ptr(frame), 0, bytes as usize) };
-        self.held.push((frame, page_size));
-        let mut spec =
-            RegionSpec::new(name, start, len, kind).backing(Backing::Alias(frame.start_address()));
-        if page_size == PageSize::Size2MiB {
-            spec = spec.huge();
-        }
-        if let Err(e) = self.inner.add(spec) {
-            self.release_held();
-            return Err(e);
-        }
-        Ok(self)
+            let (frame, bytes) = match page_size {
+                PageSize::Size4KiB => (
+                    KernelMem.alloc_frame().ok_or(Error::OutOfFrames)?,
+                    PAGE_SIZE,
+                ),
+                PageSize::Size2MiB => {
+                    let run = KernelMem.alloc_huge_frame().ok_or(Error::OutOfFrames)?;
+                    (PhysFrame::containing_address(run.start_address()), 2 << 20)
+                }
+            };
+            // SAFETY: freshly allocated frames, reached through the direct map (contiguous for a run).
+            unsafe { core::ptr::write_bytes(KernelMem.frame_ptr(frame), 0, bytes as usize) };
+            self.held.push((frame, page_size));
+            let mut spec = RegionSpec::new(name, start, len, kind)
+                .backing(Backing::Alias(frame.start_address()));
+            if page_size == PageSize::Size2MiB {
+                spec = spec.huge();
+            }
+            if let Err(e) = self.inner.add(spec) {
+                self.release_held();
+                return Err(e);
+            }
+            Ok(self)
+        })
     }
 
     /// Seals the template: its tables are built and never written again. Fails if regions
@@ -330,12 +341,14 @@ impl TemplateBuilder {
     /// let h = libos::task::spawn(&[&t], || 0).expect("spawn");
     /// ```
     pub fn seal(mut self) -> Result<Template, Error> {
-        let inner =
-            core::mem::replace(&mut self.inner, templates::TemplateBuilder::new(&KernelMem));
-        let r = inner.seal();
-        // The template holds its own references to the frames now (or the build failed).
-        self.release_held();
-        r
+        kcall(move || {
+            let inner =
+                core::mem::replace(&mut self.inner, templates::TemplateBuilder::new(&KernelMem));
+            let r = inner.seal();
+            // The template holds its own references to the frames now (or the build failed).
+            self.release_held();
+            r
+        })
     }
 }
 
@@ -434,11 +447,13 @@ impl Space {
 
     /// Spawns a space in an explicit mode (benchmarks compare both in one boot).
     pub fn with_mode(templates: &[&Template], mode: Mode) -> Result<Space, Error> {
-        let inner = crate::arch::irq::without(|_| {
-            AddressSpace::new(&KernelMem, templates, mode, Some(kernel_half()))
-        })?;
-        Ok(Space {
-            inner: core::mem::ManuallyDrop::new(alloc::boxed::Box::new(inner)),
+        kcall(move || {
+            let inner = crate::arch::irq::without(|_| {
+                AddressSpace::new(&KernelMem, templates, mode, Some(kernel_half()))
+            })?;
+            Ok(Space {
+                inner: core::mem::ManuallyDrop::new(alloc::boxed::Box::new(inner)),
+            })
         })
     }
 
@@ -473,61 +488,73 @@ impl Space {
     /// [`Fault::Unmapped`]; reading nothing succeeds at any lower-half `va`. The copy goes
     /// through a kernel-heap buffer of at most 64 KiB ([`Fault::OutOfFrames`] if there is none).
     pub fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
-        self.check(va, buf.len(), false)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        // Bounce through the kernel heap: `buf` may live in the caller's own lower half, which
-        // is not mapped (or means something else) while this space is loaded. In chunks, so a
-        // huge `buf` needs no second buffer of its size.
-        let mut bounce = bounce_buffer(va, buf.len())?;
-        for (i, chunk) in buf.chunks_mut(BOUNCE).enumerate() {
-            let src = va + (i * BOUNCE) as u64;
-            let tmp = &mut bounce[..chunk.len()];
-            self.enter(|| {
-                // SAFETY: `check` found every byte inside a region of this space, which is
-                // loaded; faults (demand-zero) are resolved by the page-fault handler; `tmp` is
-                // in the kernel heap, mapped in every space.
-                unsafe {
-                    core::ptr::copy_nonoverlapping(src as *const u8, tmp.as_mut_ptr(), tmp.len())
-                }
-            });
-            chunk.copy_from_slice(tmp);
-        }
-        Ok(())
+        kcall_fault(move || {
+            self.check(va, buf.len(), false)?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            // Bounce through the kernel heap: `buf` may live in the caller's own lower half, which
+            // is not mapped (or means something else) while this space is loaded. In chunks, so a
+            // huge `buf` needs no second buffer of its size.
+            let mut bounce = bounce_buffer(va, buf.len())?;
+            for (i, chunk) in buf.chunks_mut(BOUNCE).enumerate() {
+                let src = va + (i * BOUNCE) as u64;
+                let tmp = &mut bounce[..chunk.len()];
+                self.enter(|| {
+                    // SAFETY: `check` found every byte inside a region of this space, which is
+                    // loaded; faults (demand-zero) are resolved by the page-fault handler; `tmp` is
+                    // in the kernel heap, mapped in every space.
+                    unsafe {
+                        core::ptr::copy_nonoverlapping(
+                            src as *const u8,
+                            tmp.as_mut_ptr(),
+                            tmp.len(),
+                        )
+                    }
+                });
+                chunk.copy_from_slice(tmp);
+            }
+            Ok(())
+        })
     }
 
     /// Writes `data` at `va` inside the space (through the MMU: a `Private` template page is
     /// unshared and copied on the first write). Errors as for [`read`](Self::read), and
     /// [`Fault::WriteToReadOnly`] for a read-only byte.
     pub fn write(&mut self, va: u64, data: &[u8]) -> Result<(), Fault> {
-        self.check(va, data.len(), true)?;
-        if data.is_empty() {
-            return Ok(());
-        }
-        let mut bounce = bounce_buffer(va, data.len())?; // see `read`
-        for (i, chunk) in data.chunks(BOUNCE).enumerate() {
-            let dst = va + (i * BOUNCE) as u64;
-            let tmp = &mut bounce[..chunk.len()];
-            tmp.copy_from_slice(chunk);
-            self.enter(|| {
-                // SAFETY: every byte of `dst..dst + len` is in a writable region of this space
-                // (`check`), which is loaded; copy-on-write faults are resolved by the page-fault
-                // handler; `tmp` is in the kernel heap, mapped in every space.
-                unsafe { core::ptr::copy_nonoverlapping(tmp.as_ptr(), dst as *mut u8, tmp.len()) }
-            });
-        }
-        Ok(())
+        kcall_fault(move || {
+            self.check(va, data.len(), true)?;
+            if data.is_empty() {
+                return Ok(());
+            }
+            let mut bounce = bounce_buffer(va, data.len())?; // see `read`
+            for (i, chunk) in data.chunks(BOUNCE).enumerate() {
+                let dst = va + (i * BOUNCE) as u64;
+                let tmp = &mut bounce[..chunk.len()];
+                tmp.copy_from_slice(chunk);
+                self.enter(|| {
+                    // SAFETY: every byte of `dst..dst + len` is in a writable region of this space
+                    // (`check`), which is loaded; copy-on-write faults are resolved by the page-fault
+                    // handler; `tmp` is in the kernel heap, mapped in every space.
+                    unsafe {
+                        core::ptr::copy_nonoverlapping(tmp.as_ptr(), dst as *mut u8, tmp.len())
+                    }
+                });
+            }
+            Ok(())
+        })
     }
 
     /// Turns this space's memory into a new template (the fork-server primitive). Each range
     /// `(start, len)` must be page aligned and mapped; a non-canonical start is
     /// [`Error::NonCanonical`], one outside the lower half [`Error::NotLowerHalf`].
     pub fn snapshot(&mut self, ranges: &[(u64, u64)]) -> Result<Template, Error> {
-        let r = lower_ranges(ranges)?;
-        let (t, flush) = self.inner.snapshot(&r)?;
-        flush.ignore(); // the space is not loaded (only `enter` loads it, and it restores CR3)
-        Ok(t)
+        kcall(move || {
+            let r = lower_ranges(ranges)?;
+            let (t, flush) = self.inner.snapshot(&r)?;
+            flush.ignore(); // the space is not loaded (only `enter` loads it, and it restores CR3)
+            Ok(t)
+        })
     }
 }
 
@@ -638,4 +665,57 @@ pub(crate) fn handle_page_fault(addr: u64, error_code: u64) -> Option<Result<(),
     // `Space::enter`); the fault handler runs with interrupts off, so nothing else touches it.
     let space = unsafe { &mut *ptr };
     Some(space.resolve_fault(VirtAddr::new(addr), access).map(apply))
+}
+
+/// Runs libos's side of an app-facing call in kernel context (`mm::ctx`): what it allocates is
+/// libos's. The error, if any, is rehomed into the task's heap after.
+fn kcall<R>(f: impl FnOnce() -> Result<R, Error>) -> Result<R, Error> {
+    let r = {
+        let _k = crate::mm::ctx::kernel();
+        f()
+    };
+    r.map_err(rehome_error)
+}
+
+/// [`kcall`] for calls that fail with a [`Fault`].
+fn kcall_fault<R>(f: impl FnOnce() -> Result<R, Fault>) -> Result<R, Fault> {
+    let r = {
+        let _k = crate::mm::ctx::kernel();
+        f()
+    };
+    r.map_err(rehome_fault)
+}
+
+/// A region name in app context: a fresh copy in the running task's heap.
+fn rehome_name(n: templates::Name) -> templates::Name {
+    alloc::sync::Arc::from(&*n)
+}
+
+/// `e` with the region name it may hold copied into the running task's heap (call in app
+/// context). The engine's names live in the kernel heap, shared by reference count; an
+/// app-owned value holding one would be duplicated, not copied, when the app forks
+/// (`docs/ARCHITECTURE.md`, "Tasks as processes").
+pub(crate) fn rehome_error(e: Error) -> Error {
+    match e {
+        Error::NotPrivate { addr, region } => Error::NotPrivate {
+            addr,
+            region: rehome_name(region),
+        },
+        e => e,
+    }
+}
+
+/// [`rehome_error`] for a [`Fault`].
+pub(crate) fn rehome_fault(f: Fault) -> Fault {
+    match f {
+        Fault::WriteToReadOnly { addr, region } => Fault::WriteToReadOnly {
+            addr,
+            region: rehome_name(region),
+        },
+        Fault::ExecuteNoExec { addr, region } => Fault::ExecuteNoExec {
+            addr,
+            region: rehome_name(region),
+        },
+        f => f,
+    }
 }

@@ -9,7 +9,7 @@
 //! and frees the page tables it created, so a failed allocation leaves the heap and the free-frame
 //! count exactly as they were.
 
-use core::alloc::Layout;
+use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -140,11 +140,53 @@ unsafe impl Source for FrameSource {
     }
 }
 
-#[global_allocator]
 static HEAP: TalcLock<RawIrqSpinlock, FrameSource> = TalcLock::new(FrameSource {
     mapped_end: KHEAP as usize,
     heap_end: 0,
 });
+
+/// The global allocator: app code allocates from its task's own heap ([`super::pheap`]), libos
+/// (kernel context, [`super::ctx`]) from this kernel heap; a block is freed or resized in the
+/// heap that holds it, whoever frees it.
+struct Dispatch;
+
+// SAFETY: every block comes from one of two sound allocators and goes back to the one that
+// holds it (decided by address: task heaps live in the process-memory range, the kernel heap in
+// its own region), with the same layout.
+unsafe impl GlobalAlloc for Dispatch {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if super::ctx::in_app() {
+            // SAFETY: app context (checked); `alloc`'s contract forwarded.
+            unsafe { super::pheap::alloc(layout) }
+        } else {
+            // SAFETY: `alloc`'s contract forwarded.
+            unsafe { HEAP.alloc(layout) }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if super::pheap::owns(ptr) {
+            // SAFETY: a block of the task heap region is the running task's (its own copy).
+            unsafe { super::pheap::dealloc(ptr, layout) }
+        } else {
+            // SAFETY: every other block came from the kernel heap.
+            unsafe { HEAP.dealloc(ptr, layout) }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if super::pheap::owns(ptr) {
+            // SAFETY: as for `dealloc`; `realloc`'s contract forwarded.
+            unsafe { super::pheap::realloc(ptr, layout, new_size) }
+        } else {
+            // SAFETY: as for `dealloc`; `realloc`'s contract forwarded.
+            unsafe { HEAP.realloc(ptr, layout, new_size) }
+        }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Dispatch = Dispatch;
 
 /// If the kernel heap's last growth failed (and none succeeded since): the size in bytes of the
 /// allocation it was for.
@@ -160,8 +202,8 @@ pub(crate) fn reserved_bytes() -> usize {
     HEAP_FRAMES.load(Ordering::Relaxed) * PAGE_SIZE as usize
 }
 
-/// Kernel-heap statistics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Heap statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HeapStats {
     /// Bytes currently allocated.
     pub allocated_bytes: usize,

@@ -32,10 +32,13 @@
 pub mod frame;
 pub mod layout;
 
+pub(crate) mod ctx;
 #[cfg(target_os = "none")]
 pub(crate) mod heap;
 #[cfg(target_os = "none")]
 pub(crate) mod kernel;
+#[cfg(target_os = "none")]
+pub(crate) mod pheap;
 
 /// Length in 4 KiB frames of the longest physically contiguous run of free RAM (fragmentation;
 /// the kernel heap does not need such runs, it maps single frames).

@@ -37,3 +37,30 @@ impl fmt::Display for SpawnError {
         }
     }
 }
+
+impl SpawnError {
+    /// The same error with everything it holds allocated anew in app context (see
+    /// [`crate::space::rehome_error`]).
+    pub(super) fn rehome(self) -> Self {
+        match self {
+            SpawnError::Layout(e) => SpawnError::Layout(crate::space::rehome_error(e)),
+            e => e,
+        }
+    }
+}
+
+/// `e` with its text copied into the running task's heap (app context): a libos-made `String`
+/// lives in the kernel heap, and an app-owned value pointing there would be duplicated, not
+/// copied, when the app forks (`docs/ARCHITECTURE.md`, "Tasks as processes").
+pub(super) fn rehome_task_error(e: TaskError) -> TaskError {
+    use alloc::string::String;
+    match e {
+        TaskError::Panic(m) => TaskError::Panic(String::from(m.as_str())),
+        TaskError::Fault { addr, rip, cause } => TaskError::Fault {
+            addr,
+            rip,
+            cause: String::from(cause.as_str()),
+        },
+        e => e,
+    }
+}

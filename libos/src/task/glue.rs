@@ -21,8 +21,74 @@ use crate::sched::{
 use crate::space::KernelMem;
 use crate::stack::KernelStack;
 
-/// A spawned task's code.
-pub(super) type Entry = Box<dyn FnOnce() -> i32 + Send + 'static>;
+/// A spawned task's code: its closure, in a kernel-heap block of its own.
+///
+/// Not a `Box<dyn FnOnce>`: calling one of those frees the box only after the closure returns,
+/// so a task that panics, faults or is killed would leave its block behind. [`Entry::call`]
+/// moves the closure onto the task's stack and frees the block first. Dropped uncalled (a task
+/// killed before it ran), the block is freed without dropping the closure: its captures belong
+/// to the child's memory, which goes with it (`task::Builder::spawn`).
+pub(super) struct Entry {
+    block: core::ptr::NonNull<u8>,
+    /// Reads the closure out of `block`, frees `block`, and runs the closure.
+    run: unsafe fn(core::ptr::NonNull<u8>) -> i32,
+    /// Frees `block` without dropping the closure.
+    free: unsafe fn(core::ptr::NonNull<u8>),
+}
+
+// SAFETY: the closure is `Send` (`Entry::new`'s bound), and the block is owned by the entry alone.
+unsafe impl Send for Entry {}
+
+impl core::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Entry").field("block", &self.block).finish()
+    }
+}
+
+impl Entry {
+    /// Moves `f` into a block of the heap that the current context allocates from (kernel context
+    /// for a spawn).
+    pub(super) fn new<F: FnOnce() -> i32 + Send + 'static>(f: F) -> Entry {
+        /// # Safety
+        /// `block` came from `Entry::new::<F>` and is used no more.
+        unsafe fn run<F: FnOnce() -> i32>(block: core::ptr::NonNull<u8>) -> i32 {
+            // SAFETY: `block` is the `Box<MaybeUninit<F>>` leaked by `new`, holding an `F`.
+            let b = unsafe { Box::from_raw(block.as_ptr().cast::<core::mem::MaybeUninit<F>>()) };
+            // SAFETY: the block holds an initialised `F`, read out once (the box then frees the
+            // memory without dropping anything: it is a `MaybeUninit`).
+            let f = unsafe { b.assume_init_read() };
+            drop(b);
+            f()
+        }
+        /// # Safety
+        /// As for `run`.
+        unsafe fn free<F>(block: core::ptr::NonNull<u8>) {
+            // SAFETY: as for `run`; nothing is read, so the closure is not dropped.
+            drop(unsafe { Box::from_raw(block.as_ptr().cast::<core::mem::MaybeUninit<F>>()) });
+        }
+        let b = Box::new(core::mem::MaybeUninit::new(f));
+        Entry {
+            block: core::ptr::NonNull::from(Box::leak(b)).cast(),
+            run: run::<F>,
+            free: free::<F>,
+        }
+    }
+
+    /// Runs the closure (its block is freed before it starts).
+    fn call(self) -> i32 {
+        let me = core::mem::ManuallyDrop::new(self);
+        // SAFETY: `block` and `run` were made together by `new`; the entry is forgotten, so the
+        // block is used once.
+        unsafe { (me.run)(me.block) }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        // SAFETY: `block` and `free` were made together by `new`, and the entry was not called.
+        unsafe { (self.free)(self.block) }
+    }
+}
 
 /// The guest's per-task context.
 pub(super) struct Guest {
@@ -31,6 +97,10 @@ pub(super) struct Guest {
     /// Physical address of the root table (CR3).
     cr3: u64,
     space: AddressSpace<KernelMem>,
+    /// The task's own top table (its statics, `crate::process`); dropped with the task, whose
+    /// space is then never loaded again.
+    #[allow(dead_code, reason = "held for its Drop")]
+    top: crate::process::Top,
     /// `None` for the main task (it runs on the boot's main stack). Held so that dropping the
     /// task frees its stack.
     #[allow(dead_code, reason = "held for its Drop")]
@@ -84,18 +154,22 @@ fn now() -> u64 {
 /// Sets up the main task (the app's `main`) with an empty address space of its own and loads it;
 /// with `preemption` (boot started the APIC timer), turns interrupts on so the timer preempts.
 pub(crate) fn init(preemption: bool) {
-    let space = AddressSpace::new(
+    let mut space = AddressSpace::new(
         &KernelMem,
         &[],
         crate::space::mode(),
         Some(crate::space::kernel_half()),
     )
     .expect("out of memory creating the main task's address space");
+    crate::process::map_first(&mut space).expect("out of memory mapping the main task's heap");
+    let top = crate::process::Top::install(&space)
+        .expect("out of memory creating the main task's top table");
     let cr3 = space.root();
     let main = Guest {
         rsp: 0,
         cr3: cr3.start_address().as_u64(),
         space,
+        top,
         stack: None,
         entry: None,
     };
@@ -113,6 +187,8 @@ pub(crate) fn init(preemption: bool) {
             crate::arch::mmu::load_root(cr3, ::x86_64::registers::control::Cr3Flags::empty())
         };
     });
+    // App code allocates from its task's heap from now on.
+    crate::mm::ctx::set_ready();
     if preemption {
         PREEMPTION.store(true, Ordering::Relaxed);
         irq::enable();
@@ -149,10 +225,19 @@ pub(super) fn spawned_count() -> u64 {
 /// release.
 pub(super) fn spawn(
     space: AddressSpace<KernelMem>,
+    top: crate::process::Top,
     stack: KernelStack,
     entry: Entry,
     keep: impl FnOnce() -> bool,
-) -> Result<JoinHandle<Guest>, (AddressSpace<KernelMem>, KernelStack, Option<Entry>)> {
+) -> Result<
+    JoinHandle<Guest>,
+    (
+        AddressSpace<KernelMem>,
+        crate::process::Top,
+        KernelStack,
+        Option<Entry>,
+    ),
+> {
     // SAFETY: the stack was just allocated: mapped, writable, unused, page aligned, and much
     // larger than the frame.
     let rsp = unsafe { context::initial_frame(stack.top(), task_trampoline) };
@@ -160,6 +245,7 @@ pub(super) fn spawn(
         rsp,
         cr3: space.root().start_address().as_u64(),
         space,
+        top,
         stack: Some(stack),
         entry: Some(entry),
     };
@@ -174,10 +260,11 @@ pub(super) fn spawn(
             // captured values' destructors are app code).
             Ok(Guest {
                 space,
+                top,
                 stack: Some(stack),
                 entry,
                 ..
-            }) => Err((space, stack, entry)),
+            }) => Err((space, top, stack, entry)),
             _ => unreachable!("a task spawned with interrupts off ran before they came on"),
         }
     })
@@ -201,7 +288,10 @@ extern "C" fn task_trampoline() -> ! {
         entry
     });
     irq::enable();
-    let code = entry.map_or(0, |f| f());
+    // The task's own code: app context (the switch here came from inside libos).
+    crate::mm::ctx::set_depth(0);
+    let code = entry.map_or(0, Entry::call);
+    let _k = crate::mm::ctx::kernel();
     end_current(Ok(code))
 }
 
@@ -222,6 +312,8 @@ fn carry(tok: &IrqOff, step: Step<Switch>) {
 }
 
 fn switch(tok: &IrqOff, sw: Switch) {
+    // The kernel-context depth is this task's: kept on its stack across the switch.
+    let depth = crate::mm::ctx::depth();
     // SAFETY: interrupts are off (the token); `save` points at the outgoing task's saved-RSP
     // field inside the box the scheduler keeps it in (run queue, sleepers, a join state or the
     // zombie slot), which nothing touches until that task is picked again, or, for a zombie,
@@ -230,6 +322,7 @@ fn switch(tok: &IrqOff, sw: Switch) {
     // root maps the kernel half.
     unsafe { context::switch(sw.save, sw.rsp, sw.cr3) };
     // Back in this task, possibly much later.
+    crate::mm::ctx::set_depth(depth);
     finish_switch(tok);
 }
 
@@ -283,6 +376,7 @@ fn check_no_kernel_lock() {
 }
 
 pub(super) fn yield_now() {
+    let _k = crate::mm::ctx::kernel();
     check_no_kernel_lock();
     irq::without(|tok| {
         let step = with_sched(tok, |s| s.yield_now(now()));
@@ -291,6 +385,7 @@ pub(super) fn yield_now() {
 }
 
 pub(super) fn sleep_until(deadline: u64) {
+    let _k = crate::mm::ctx::kernel();
     check_no_kernel_lock();
     irq::without(|tok| {
         let step = with_sched(tok, |s| s.sleep(deadline, now()));
@@ -299,6 +394,7 @@ pub(super) fn sleep_until(deadline: u64) {
 }
 
 pub(super) fn join(h: JoinHandle<Guest>) -> TaskResult {
+    let _k = crate::mm::ctx::kernel();
     check_no_kernel_lock();
     irq::without(|tok| {
         let mut j = with_sched(tok, |s| s.join(h, now()));
@@ -315,10 +411,12 @@ pub(super) fn join(h: JoinHandle<Guest>) -> TaskResult {
 }
 
 pub(super) fn is_finished(h: &KillHandle<Guest>) -> bool {
+    let _k = crate::mm::ctx::kernel();
     irq::without(|tok| with_sched(tok, |s| s.is_finished(h)))
 }
 
 pub(super) fn kill(h: &KillHandle<Guest>) {
+    let _k = crate::mm::ctx::kernel();
     irq::without(|tok| match with_sched(tok, |s| s.kill(h, now())) {
         Kill::AlreadyEnded => {}
         // Dropped with interrupts off: its space goes, and no other is made meanwhile.
@@ -344,6 +442,7 @@ pub(crate) fn timer_tick() {
 
 /// Ends the running spawned task with `result`; never returns.
 pub(super) fn end_current(result: TaskResult) -> ! {
+    let _k = crate::mm::ctx::kernel();
     irq::without(|tok| {
         let step = with_sched(tok, |s| s.exit(result, now()));
         carry(tok, step);

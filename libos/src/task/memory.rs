@@ -5,6 +5,23 @@ use alloc::string::String;
 
 use crate::space::Template;
 
+/// Checks an access of `len` bytes at `va` for [`read`]/[`write`]. Process memory (the task's
+/// heap and statics) holds Rust objects, which raw bytes must never overwrite (nor read, as
+/// padding is uninitialised): it is refused as unmapped.
+fn check(va: u64, len: usize, write: bool) -> Result<(), templates::Fault> {
+    let r = {
+        let _k = crate::mm::ctx::kernel();
+        crate::space::with_current(|space| crate::space::check_access(space, va, len, write))
+    };
+    r.map_err(crate::space::rehome_fault)?;
+    if len > 0 && crate::process::overlaps(va, len as u64) {
+        return Err(templates::Fault::Unmapped {
+            addr: va.max(crate::mm::layout::PROC_BASE),
+        });
+    }
+    Ok(())
+}
+
 /// Reads `buf.len()` bytes at `va` in the running task's address space. The range is checked
 /// first: an address no region maps is `Err(Fault::Unmapped)`, one outside the lower half (a
 /// non-canonical or kernel-half `va`, or `va + len` past it or wrapping) `Err(Fault::NotLowerHalf)`,
@@ -18,7 +35,7 @@ use crate::space::Template;
 /// }
 /// ```
 pub fn read(va: u64, buf: &mut [u8]) -> Result<(), templates::Fault> {
-    crate::space::with_current(|space| crate::space::check_access(space, va, buf.len(), false))?;
+    check(va, buf.len(), false)?;
     if buf.is_empty() {
         return Ok(());
     }
@@ -37,7 +54,7 @@ pub fn read(va: u64, buf: &mut [u8]) -> Result<(), templates::Fault> {
 /// libos::task::write(0x4000_0000, b"hello").expect("writable");
 /// ```
 pub fn write(va: u64, data: &[u8]) -> Result<(), templates::Fault> {
-    crate::space::with_current(|space| crate::space::check_access(space, va, data.len(), true))?;
+    check(va, data.len(), true)?;
     if data.is_empty() {
         return Ok(());
     }
@@ -61,6 +78,14 @@ pub fn write(va: u64, data: &[u8]) -> Result<(), templates::Fault> {
 /// assert_eq!(b, [0; 4]); // demand-zero
 /// ```
 pub fn map_private(name: &str, va: u64, len: u64) -> Result<(), templates::Error> {
+    let r = {
+        let _k = crate::mm::ctx::kernel();
+        map_private_k(name, va, len)
+    };
+    r.map_err(crate::space::rehome_error)
+}
+
+fn map_private_k(name: &str, va: u64, len: u64) -> Result<(), templates::Error> {
     // Copy the name first: it may live in this task's own memory, which must not fault while the
     // space is being changed.
     let name = String::from(name);
@@ -102,6 +127,14 @@ pub fn map_private(name: &str, va: u64, len: u64) -> Result<(), templates::Error
 /// assert_eq!(h.join(), Ok(1));
 /// ```
 pub fn snapshot(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
+    let r = {
+        let _k = crate::mm::ctx::kernel();
+        snapshot_k(ranges)
+    };
+    r.map_err(crate::space::rehome_error)
+}
+
+fn snapshot_k(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
     // Copy the ranges first: they may live in this task's own memory, which must not fault while
     // the space is being changed.
     let r = crate::space::lower_ranges(ranges)?;

@@ -20,7 +20,8 @@ mod error;
 mod glue;
 mod memory;
 
-use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::mem::ManuallyDrop;
 
 use templates::{AddressSpace, Mode};
 
@@ -107,7 +108,35 @@ impl Builder {
 
     /// Spawns a task whose address space attaches `templates`, running `f`. The task runs when
     /// the caller yields, blocks (e.g. in [`JoinHandle::join`]) or is preempted.
+    ///
+    /// The child is a fork of the caller's process memory (`docs/ARCHITECTURE.md`, "Tasks as
+    /// processes"): it starts with a copy-on-write copy of the caller's heap and statics as of
+    /// this call, so whatever `f` captured — `String`s, `Vec`s, a `HashMap` — is live in the
+    /// child at the same address, and neither task ever sees the other's later writes. The
+    /// caller's own copy of `f` is dropped here (its captures freed in the caller's heap); the
+    /// child runs its copy.
     pub fn spawn<F>(self, templates: &[&Template], f: F) -> Result<JoinHandle, SpawnError>
+    where
+        F: FnOnce() -> i32 + Send + 'static,
+    {
+        // The caller's copy of `f`, dropped below once the child has its own (or the spawn failed).
+        let f = ManuallyDrop::new(f);
+        let r = {
+            let _k = crate::mm::ctx::kernel();
+            self.spawn_fork(templates, &f)
+        };
+        // Back in app context: the captures live in this task's heap.
+        drop(ManuallyDrop::into_inner(f));
+        r.map_err(SpawnError::rehome)
+    }
+
+    /// The kernel side of [`spawn`](Self::spawn): fork the caller's process memory, make the
+    /// child's space, top table and stack, and queue the child with its own bitwise copy of `f`.
+    fn spawn_fork<F>(
+        self,
+        templates: &[&Template],
+        f: &ManuallyDrop<F>,
+    ) -> Result<JoinHandle, SpawnError>
     where
         F: FnOnce() -> i32 + Send + 'static,
     {
@@ -129,28 +158,61 @@ impl Builder {
                 max: e.max,
             },
         })?;
-        // Interrupts off: the engine's reference counting assumes no other space is created or
-        // dropped halfway through (dead tasks are dropped with interrupts off too).
-        let space = crate::arch::irq::without(|_| {
-            AddressSpace::new(
-                &KernelMem,
-                templates,
-                mode,
-                Some(crate::space::kernel_half()),
-            )
-        })
-        .map_err(|e| match e {
+        let layout = |e| match e {
             templates::Error::OutOfFrames => SpawnError::OutOfMemory,
             e => SpawnError::Layout(e),
-        })?;
+        };
+        // Interrupts off: the engine's reference counting assumes no other space is created or
+        // dropped halfway through (dead tasks are dropped with interrupts off too).
+        let made = crate::arch::irq::without(|_| {
+            // The fork point: the caller's process memory as a template (its own pages become
+            // copy-on-write, so flush its TLB).
+            let (proc, flush) = crate::space::with_current(crate::process::fork_template)?;
+            crate::space::apply(flush);
+            let mut all: [&Template; 8] = [&proc; 8];
+            let n = templates.len() + 1;
+            let space = if n <= all.len() {
+                all[1..n].copy_from_slice(templates);
+                AddressSpace::new(
+                    &KernelMem,
+                    &all[..n],
+                    mode,
+                    Some(crate::space::kernel_half()),
+                )
+            } else {
+                let mut v: Vec<&Template> = Vec::with_capacity(n);
+                v.push(&proc);
+                v.extend_from_slice(templates);
+                AddressSpace::new(&KernelMem, &v, mode, Some(crate::space::kernel_half()))
+            }?;
+            let top = crate::process::Top::install(&space).ok_or(templates::Error::OutOfFrames)?;
+            Ok((space, top))
+        });
+        let (space, top) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                crate::stack::release(stack);
+                return Err(layout(e));
+            }
+        };
+        // SAFETY: a bitwise copy of `f` for the child, which runs it in its own memory: a fork
+        // of this task's as of the snapshot above, where every object `f` captured is live at
+        // the same address and owned by nobody else. The caller's copy stays in its own memory
+        // (dropped by `spawn`). Captures that point outside process memory cannot be duplicated
+        // like this; libos's own objects are `!Send`, so `f` (`Send`) holds none.
+        let child: ManuallyDrop<F> = unsafe { core::ptr::read(f) };
+        // Dropped unrun (a task killed before it starts), the box frees only itself: the
+        // captures are the child's, and its memory goes with it.
+        let entry = glue::Entry::new(move || ManuallyDrop::into_inner(child)());
         // This spawn (its stack, tables or kernel-heap objects) must not eat into the reserve:
         // if it did, undo it, keeping none of its memory (not even in the stack cache).
-        let h = match glue::spawn(space, stack, Box::new(f), || {
+        let h = match glue::spawn(space, top, stack, entry, || {
             frames.free_frames() >= SPAWN_RESERVE_FRAMES
         }) {
             Ok(h) => h,
-            Err((space, stack, entry)) => {
+            Err((space, top, stack, entry)) => {
                 crate::arch::irq::without(|_| drop(space));
+                drop(top);
                 crate::stack::release(stack);
                 drop(entry);
                 return Err(SpawnError::OutOfMemory);
@@ -282,7 +344,7 @@ impl JoinHandle {
     /// assert!(matches!(h.join(), Err(TaskError::Panic(_))));
     /// ```
     pub fn join(self) -> Result<i32, TaskError> {
-        glue::join(self.inner)
+        glue::join(self.inner).map_err(error::rehome_task_error)
     }
 
     /// Ends the task (if it has not ended yet); its `join` returns [`TaskError::Killed`].

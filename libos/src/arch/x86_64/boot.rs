@@ -125,7 +125,7 @@ boot_pdpt_lo: .skip 4096
 boot_pdpt_hi: .skip 4096
 boot_pd:      .skip 4096
 
-    .section .bss.boot_stack, "aw", @nobits
+    .section .bss.stencil.boot_stack, "aw", @nobits
     .p2align 12
     .global boot_stack_bottom
 boot_stack_bottom:

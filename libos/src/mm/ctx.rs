@@ -1,0 +1,96 @@
+//! Which heap an allocation goes to: the running task's own heap (app code) or the kernel heap
+//! (libos's own state).
+//!
+//! App code allocates from its task's heap (`mm::pheap`, process memory: copied with the task
+//! at spawn, thrown away with it). Everything libos keeps — the scheduler's tasks, page-table
+//! bookkeeping, sockets, channel queues — must outlive any one task and be reachable from all,
+//! so libos code that allocates runs *in kernel context*: inside a [`Kernel`] guard, in a trap
+//! or interrupt handler, in the scheduler, or before the first task's process memory exists.
+//! A free goes to whichever heap holds the block (by address), so a block may be freed in any
+//! context.
+//!
+//! The depth is per task: a switch saves it on the outgoing task's stack and restores it when
+//! that task runs again (`task::glue`), so a task preempted inside libos does not make the next
+//! task's app code allocate from the kernel heap.
+
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Nesting depth of kernel context on this CPU (for the running task).
+static DEPTH: AtomicUsize = AtomicUsize::new(0);
+/// Set once the first task's process memory (and so its heap) exists.
+static READY: AtomicBool = AtomicBool::new(false);
+
+/// Kernel context while it lives: allocations go to the kernel heap.
+#[must_use = "kernel context ends when the guard is dropped"]
+#[derive(Debug)]
+pub(crate) struct Kernel(());
+
+/// Enters kernel context until the guard is dropped (nests).
+pub(crate) fn kernel() -> Kernel {
+    DEPTH.fetch_add(1, Ordering::Relaxed);
+    Kernel(())
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        DEPTH.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// True when an allocation now goes to the running task's heap.
+pub(crate) fn in_app() -> bool {
+    DEPTH.load(Ordering::Relaxed) == 0 && READY.load(Ordering::Relaxed)
+}
+
+/// The running task's depth (saved across a switch).
+pub(crate) fn depth() -> usize {
+    DEPTH.load(Ordering::Relaxed)
+}
+
+/// Restores a depth saved by [`depth`] (after a switch back into the task that saved it).
+pub(crate) fn set_depth(d: usize) {
+    DEPTH.store(d, Ordering::Relaxed);
+}
+
+/// Runs app code `f` (a callback an app gave libos) in app context, whatever the depth now: what
+/// it allocates and keeps belongs to the task.
+pub(crate) fn app<R>(f: impl FnOnce() -> R) -> R {
+    let d = DEPTH.swap(0, Ordering::Relaxed);
+    let r = f();
+    DEPTH.store(d, Ordering::Relaxed);
+    r
+}
+
+/// True once the first task's process memory exists.
+pub(crate) fn ready() -> bool {
+    READY.load(Ordering::Relaxed)
+}
+
+/// From now on app code allocates from its task's heap (boot calls this once the first task's
+/// process memory is mapped).
+pub(crate) fn set_ready() {
+    READY.store(true, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_nest_and_app_callbacks_leave_kernel_context() {
+        set_ready();
+        assert!(in_app());
+        {
+            let _k = kernel();
+            assert!(!in_app());
+            let inner = app(|| {
+                assert!(in_app());
+                let _k2 = kernel();
+                in_app()
+            });
+            assert!(!inner);
+            assert!(!in_app(), "app() restores the depth it found");
+        }
+        assert!(in_app());
+    }
+}

@@ -1,0 +1,401 @@
+//! Tasks as processes: every task's own memory — its heap and its copy of the app's statics.
+//!
+//! ```text
+//!  per task (lower half, L4 entry 255: "process memory", copied at every spawn)
+//!  0x7f80_0000_0000  heap   PHEAP, 256 GiB of demand-zero address space; page 0 holds the
+//!                           allocator's own state (mm::pheap), so it is copied with the heap
+//!  0x7fff_c000_0000  statics, as the engine sees them (PSTATICS_SHADOW, the range's last GiB)
+//!
+//!  per task, upper half
+//!  0xffff_ffff_c000_0000  statics, where the image links them (PSTATICS): this task's own L3
+//!                         for L4 entry 511 ("top table") maps the image at entry 510 as every
+//!                         task does and, at entry 511, the very L2 table the engine keeps for
+//!                         the shadow — so both addresses reach the same pages
+//!
+//!  shared by every task (kernel half): libos's image and its own statics (`.data`/`.bss` of
+//!  libos and the crates it is built from), the kernel heap, kernel stacks, the direct map
+//! ```
+//!
+//! The engine manages the lower half only, so the statics live there for it (copy-on-write,
+//! snapshot, demand paging) and the top table mirrors the one entry that leads to them. A
+//! fault at [`PSTATICS`] is resolved at the shadow address, and the mirror is brought up to date
+//! whenever the engine may have replaced the L2 table (an unshare): [`sync_top`].
+//!
+//! Spawn is a fork: the child's process memory is a copy-on-write copy of the parent's as of the
+//! spawn ([`fork_template`], an engine snapshot of the range), so a closure's captured heap values
+//! and everything the parent built are live in the child at the same addresses, and what either
+//! writes afterwards the other never sees.
+
+use ::x86_64::structures::paging::PhysFrame;
+use ::x86_64::{PhysAddr, VirtAddr};
+use templates::{AddressSpace, Error, Fault, Perm};
+
+use crate::mm::kernel::{frames, kernel_root};
+use crate::mm::layout::{
+    PAGE_SIZE, PHEAP, PHEAP_SIZE, PROC_BASE, PROC_END, PSTATICS, PSTATICS_SHADOW, PSTATICS_SIZE,
+    phys_to_virt,
+};
+use crate::space::{KernelMem, Template};
+
+/// Statistics of the running task's own heap (what its app code allocated; `reserved_bytes` is
+/// how far the heap's end has moved, pages are mapped as they are touched).
+///
+/// ```no_run
+/// let v = alloc::vec![0u8; 1000];
+/// let s = libos::process::heap_stats();
+/// assert!(s.allocated_bytes >= 1000);
+/// # drop(v);
+/// ```
+pub fn heap_stats() -> crate::HeapStats {
+    crate::mm::pheap::stats()
+}
+
+unsafe extern "C" {
+    static __pdata_start: u8;
+    static __pdata_end: u8;
+    static __pbss_end: u8;
+    static __pdata_load_phys: u8;
+}
+
+fn sym(s: *const u8) -> u64 {
+    s as u64
+}
+
+/// Bytes of per-task statics (initialised part and zeroed part), a whole number of pages.
+pub(crate) fn statics_len() -> u64 {
+    sym(&raw const __pbss_end) - sym(&raw const __pdata_start)
+}
+
+const RW: Perm = Perm {
+    write: true,
+    exec: false,
+};
+/// Address bits of a page-table entry.
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+const PRESENT: u64 = 1;
+
+/// Maps the first task's process memory into `space`: the heap (demand-zero) and the statics,
+/// filled with their initial values from the image.
+pub(crate) fn map_first(space: &mut AddressSpace<KernelMem>) -> Result<(), Error> {
+    let len = statics_len();
+    if len > PSTATICS_SIZE {
+        // The linker script puts them in one GiB; more cannot be mapped there.
+        return Err(Error::TooSmall {
+            len: PSTATICS_SIZE,
+            min: len,
+        });
+    }
+    space
+        .map(VirtAddr::new(PHEAP), PHEAP_SIZE, RW, "heap", false)?
+        .ignore();
+    if len == 0 {
+        return Ok(());
+    }
+    space
+        .map(VirtAddr::new(PSTATICS_SHADOW), len, RW, "statics", true)?
+        .ignore();
+    // Copy the initial values (`.pdata`) page by page through the direct map; `.pbss` stays 0.
+    let init = sym(&raw const __pdata_end) - sym(&raw const __pdata_start);
+    let load = sym(&raw const __pdata_load_phys);
+    let mut off = 0;
+    while off < init {
+        let n = (init - off).min(PAGE_SIZE);
+        let t = space
+            .translate(VirtAddr::new(PSTATICS_SHADOW + off))
+            .ok_or(Error::NotMapped { addr: off })?;
+        // SAFETY: the source is the image's load copy of `.pdata` (in RAM the frame allocator
+        // never hands out: it is below `__image_end_phys`); the destination a frame just mapped
+        // for this space alone; both reached through the direct map, and they do not overlap.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                phys_to_virt(load + off) as *const u8,
+                phys_to_virt(t.phys.as_u64()) as *mut u8,
+                n as usize,
+            );
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+/// The parent's process memory as a template for a child (a snapshot of the range; see the
+/// module docs). Changes the parent's tables (its writable pages become copy-on-write): the
+/// caller applies the returned flush in the parent, which must be loaded.
+pub(crate) fn fork_template(
+    space: &mut AddressSpace<KernelMem>,
+) -> Result<(Template, templates::Flush), Error> {
+    space.snapshot(&[(VirtAddr::new(PROC_BASE), PROC_END - PROC_BASE)])
+}
+
+/// A task's own L3 table for L4 entry 511 (see the module docs). Freed on drop, after the task's
+/// space can no longer be loaded.
+#[derive(Debug)]
+pub(crate) struct Top {
+    frame: PhysFrame,
+}
+
+fn table(phys: u64) -> *mut u64 {
+    phys_to_virt(phys) as *mut u64
+}
+
+impl Top {
+    /// Makes `space`'s top table and installs it in its root (entry 511): the image as in the
+    /// kernel's, and the statics as the space's shadow maps them now. `None`: out of frames.
+    pub(crate) fn install(space: &AddressSpace<KernelMem>) -> Option<Top> {
+        let pfn = frames().alloc()?;
+        let frame = PhysFrame::containing_address(PhysAddr::new(pfn as u64 * PAGE_SIZE));
+        let top = table(frame.start_address().as_u64());
+        let kroot = table(kernel_root().start_address().as_u64());
+        let root = table(space.root_phys().as_u64());
+        // SAFETY: `frame` is a fresh frame of ours; the kernel's root and its L3 for entry 511
+        // are live tables only read here; `space`'s root is its own, and entry 511 is in the
+        // kernel half, which the engine never reads, counts or frees (invariant 6). All are
+        // reached through the direct map.
+        unsafe {
+            let k511 = *kroot.add(511);
+            let kl3 = table(k511 & ADDR);
+            core::ptr::copy_nonoverlapping(kl3, top, 511);
+            *top.add(511) = shadow_entry(root);
+            *root.add(511) = (k511 & !ADDR) | frame.start_address().as_u64();
+        }
+        Some(Top { frame })
+    }
+}
+
+impl Drop for Top {
+    fn drop(&mut self) {
+        let pfn = (self.frame.start_address().as_u64() / PAGE_SIZE) as usize;
+        frames().dec_ref(pfn);
+    }
+}
+
+/// The engine's entry for the shadow slot under `root` (L4 255, L3 511), or 0 if absent.
+///
+/// # Safety
+/// `root` is a live root table (direct map), with the engine's tables below entry 255.
+unsafe fn shadow_entry(root: *mut u64) -> u64 {
+    // SAFETY: the caller's contract; each table read is a live table of that tree.
+    unsafe {
+        let e255 = *root.add(255);
+        if e255 & PRESENT == 0 {
+            return 0;
+        }
+        *table(e255 & ADDR).add(511)
+    }
+}
+
+/// Brings the loaded space's top table up to date with its shadow slot; true if it changed (the
+/// caller then flushes the whole TLB: the old L2 may be cached).
+pub(crate) fn sync_top() -> bool {
+    let root = table(crate::arch::mmu::root_phys() & ADDR);
+    // SAFETY: the loaded root is a task's (its own top table at 511) or the kernel's; both are
+    // live, reached through the direct map; interrupts are off in the fault handler and in
+    // spawn, so nothing changes them meanwhile.
+    unsafe {
+        let top = table(*root.add(511) & ADDR);
+        let want = shadow_entry(root);
+        let kl3 = table(*table(kernel_root().start_address().as_u64()).add(511) & ADDR);
+        if top == kl3 {
+            // No top table of its own (a `Space` being entered, or boot): nothing to mirror.
+            return false;
+        }
+        if *top.add(511) == want {
+            return false;
+        }
+        *top.add(511) = want;
+    }
+    true
+}
+
+/// Is `addr` where the CPU sees this task's statics?
+pub(crate) fn is_statics(addr: u64) -> bool {
+    // The window is the address space's last GiB: it ends at 2^64.
+    const _: () = assert!(PSTATICS.wrapping_add(PSTATICS_SIZE) == 0);
+    addr >= PSTATICS
+}
+
+/// The shadow address of a statics address.
+pub(crate) fn shadow_of(addr: u64) -> u64 {
+    addr - PSTATICS + PSTATICS_SHADOW
+}
+
+/// The statics address of a shadow address.
+pub(crate) fn statics_of(shadow: u64) -> u64 {
+    shadow - PSTATICS_SHADOW + PSTATICS
+}
+
+/// Is `addr` in the shadow slot (faults there may replace the statics' L2 table)?
+pub(crate) fn in_shadow_slot(addr: u64) -> bool {
+    (PSTATICS_SHADOW..PROC_END).contains(&addr)
+}
+
+/// Is any of `va..va + len` process memory (never reachable through `task::read`/`write`: it
+/// holds Rust objects)?
+pub(crate) fn overlaps(va: u64, len: u64) -> bool {
+    let end = va.saturating_add(len);
+    va < PROC_END && PROC_BASE < end
+}
+
+/// Resolves a page fault at a statics address through the shadow; `None` when no space is loaded.
+pub(crate) fn statics_fault(addr: u64, error_code: u64) -> Option<Result<(), Fault>> {
+    let r = crate::space::handle_page_fault(shadow_of(addr), error_code)?;
+    after_shadow_fault(addr);
+    Some(r)
+}
+
+/// After the engine changed the shadow slot: mirror it and flush the statics page `hi`.
+pub(crate) fn after_shadow_fault(hi: u64) {
+    if sync_top() {
+        crate::arch::mmu::flush_all();
+    } else {
+        crate::arch::mmu::flush_page(VirtAddr::new(hi & !(PAGE_SIZE - 1)));
+    }
+}
+
+/// Warm state for a fork server: built once by ordinary Rust code in this task's heap, used in
+/// place by every task spawned from it.
+///
+/// A child spawned with [`Zygote::spawn`] is a fork of this task (see [`crate::task::spawn`]):
+/// its closure gets `&mut S` — the child's own copy-on-write copy of the state, at the same
+/// address, with everything it points to. What the child writes (heap objects, statics) only
+/// it sees; the zygote's state and every sibling's stay as they were, and the child's copy goes
+/// with it when it ends. [`Zygote::new`] is the snapshot call: it seals the task's process memory,
+/// so later spawns share it by reference until the zygote changes it.
+///
+/// ```no_run
+/// use hashbrown::HashMap;
+/// use libos::process::Zygote;
+///
+/// let mut index = HashMap::new();
+/// index.insert(String::from("answer"), 42);
+/// let mut zygote = Zygote::new(index);
+/// let h = zygote
+///     .spawn(&[], |index| {
+///         index.insert(String::from("mine"), 1); // this child's copy only
+///         index["answer"]
+///     })
+///     .expect("spawn");
+/// assert_eq!(h.join(), Ok(42));
+/// assert!(!zygote.state().contains_key("mine"));
+/// ```
+///
+/// The zygote is neither `Send` nor `Sync`, so it cannot be captured by a task's closure or put
+/// in a static, and [`spawn`](Zygote::spawn) takes `&mut self`, so no `&S` borrowed from it can
+/// be alive (and so captured) meanwhile: the closure's `&mut S` is the only way to the child's
+/// copy.
+///
+/// ```compile_fail
+/// # use libos::process::Zygote;
+/// let mut z = Zygote::new(alloc::vec![1u8]);
+/// let shared: &'static Zygote<alloc::vec::Vec<u8>> = alloc::boxed::Box::leak(alloc::boxed::Box::new(z));
+/// let v: &'static alloc::vec::Vec<u8> = shared.state();
+/// // A `&'static` borrow of the state cannot meet the child's `&mut`: `spawn` needs `&mut self`.
+/// let _ = shared.spawn(&[], move |s| i32::from(s[0] == v[0]));
+/// ```
+pub struct Zygote<S: 'static> {
+    state: core::ptr::NonNull<S>,
+    _own: core::marker::PhantomData<(alloc::boxed::Box<S>, *const ())>,
+}
+
+impl<S: 'static> core::fmt::Debug for Zygote<S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Zygote")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: 'static> Zygote<S> {
+    /// Moves `state` into this task's heap and seals the task's process memory (the snapshot:
+    /// its cost grows with the memory the task has written since it last spawned or sealed).
+    pub fn new(state: S) -> Zygote<S> {
+        let state = alloc::boxed::Box::new(state);
+        let z = Zygote {
+            state: core::ptr::NonNull::from(alloc::boxed::Box::leak(state)),
+            _own: core::marker::PhantomData,
+        };
+        // A seal that fails (out of frames) only means the first spawn takes the snapshot.
+        let _ = seal();
+        z
+    }
+
+    /// The warm state (the zygote's own copy).
+    pub fn state(&self) -> &S {
+        // SAFETY: `state` came from `Box::leak` in `new` and is owned by this zygote; `&self`
+        // allows shared access only.
+        unsafe { self.state.as_ref() }
+    }
+
+    /// The warm state, to change it (children spawned afterwards see the change).
+    pub fn state_mut(&mut self) -> &mut S {
+        // SAFETY: as for `state`; `&mut self` makes the access exclusive.
+        unsafe { self.state.as_mut() }
+    }
+
+    /// Spawns a child that runs `f` on its own copy of the state (see the type's docs), with
+    /// `templates` attached, as [`crate::task::spawn`] does.
+    pub fn spawn<F>(
+        &mut self,
+        templates: &[&Template],
+        f: F,
+    ) -> Result<crate::task::JoinHandle, crate::task::SpawnError>
+    where
+        F: FnOnce(&mut S) -> i32 + Send + 'static,
+    {
+        self.spawn_with_builder(crate::task::Builder::new(), templates, f)
+    }
+
+    /// [`spawn`](Self::spawn) with the options of `builder` (stack size, share mode).
+    pub fn spawn_with_builder<F>(
+        &mut self,
+        builder: crate::task::Builder,
+        templates: &[&Template],
+        f: F,
+    ) -> Result<crate::task::JoinHandle, crate::task::SpawnError>
+    where
+        F: FnOnce(&mut S) -> i32 + Send + 'static,
+    {
+        let at = self.state.as_ptr() as usize;
+        builder.spawn(templates, move || {
+            // SAFETY: this runs in the child, a fork of the zygote's memory: the boxed state is
+            // live at `at` in the child's own copy of the heap. Nothing else in the child can
+            // reach it: the zygote is neither `Send` nor `Sync` (so not captured, not in a
+            // static), and `spawn` held `&mut self`, so no borrow of the state was captured.
+            let state = unsafe { &mut *(at as *mut S) };
+            f(state)
+        })
+    }
+
+    /// Takes the state back out of the zygote.
+    pub fn into_inner(self) -> S {
+        let me = core::mem::ManuallyDrop::new(self);
+        // SAFETY: the box leaked in `new`, owned by this zygote, which is forgotten (not dropped).
+        *unsafe { alloc::boxed::Box::from_raw(me.state.as_ptr()) }
+    }
+}
+
+impl<S: 'static> Drop for Zygote<S> {
+    fn drop(&mut self) {
+        // SAFETY: the box leaked in `new`, owned by this zygote and dropped once, here.
+        drop(unsafe { alloc::boxed::Box::from_raw(self.state.as_ptr()) });
+    }
+}
+
+/// Seals the running task's process memory now (the snapshot a spawn would take), so that the
+/// next spawns share it by reference until the task changes it.
+///
+/// ```no_run
+/// libos::process::seal().expect("memory for the snapshot");
+/// ```
+pub fn seal() -> Result<(), Error> {
+    let r = {
+        let _k = crate::mm::ctx::kernel();
+        crate::arch::irq::without(|_| {
+            let (t, flush) = crate::space::with_current(fork_template)?;
+            crate::space::apply(flush);
+            drop(t);
+            Ok(())
+        })
+    };
+    r.map_err(crate::space::rehome_error)
+}
