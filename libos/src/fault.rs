@@ -172,9 +172,10 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     let oom = kernel_heap_oom(info);
     if let Some(bytes) = oom {
         crate::console::emergency_write(format_args!(
-            "stencil: {}out of memory: the kernel heap cannot grow for an allocation of {} bytes \
-             ({} frames free; the heap holds {} KiB)\n",
+            "stencil: {}out of memory: {} cannot grow for an allocation of {} bytes \
+             ({} frames free; the kernel heap holds {} KiB)\n",
             TaskPrefix,
+            crate::mm::heap::failed_heap(),
             bytes,
             if crate::mm::kernel::ready() {
                 crate::mm::kernel::frames().free_frames()

@@ -28,7 +28,6 @@
 extern crate alloc;
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 use libos::println;
 use libos::space::{Kind, Mode, PageSize, Template, TemplateBuilder};
@@ -49,9 +48,10 @@ const SIZES: [u64; 7] = [
 ];
 const STACK: u64 = 16 << 10;
 
-static CHILD_FIRST: AtomicU64 = AtomicU64::new(0);
-static CHILD_WRITE: AtomicU64 = AtomicU64::new(0);
-static CHILD_PT: AtomicU64 = AtomicU64::new(0);
+/// A child's measurement as its exit code (cycles or bytes; saturated to `i32::MAX`).
+fn reply(v: u64) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
 
 fn cycles_to_ns(c: u64) -> u64 {
     libos::time::cycles_to_duration(c).as_nanos() as u64
@@ -146,17 +146,15 @@ fn measure(
     for i in 0..n {
         // spawn → first instruction, and the round trip
         let t0 = libos::time::Instant::now().cycles();
-        let h = builder.spawn(&[t], || {
-            CHILD_FIRST.store(Instant::now().cycles(), Ordering::Relaxed);
-            0
+        // The child reports through its exit code (its statics and heap are its own).
+        let h = builder.spawn(&[t], move || {
+            reply(Instant::now().cycles().saturating_sub(t0))
         })?;
         let tp = Instant::now().cycles();
-        let _ = h.join();
+        let child_first = h.join().map_or(0, |c| c as u64);
         let t1 = Instant::now().cycles();
         parent.push(cycles_to_ns(tp - t0));
-        first.push(cycles_to_ns(
-            CHILD_FIRST.load(Ordering::Relaxed).saturating_sub(t0),
-        ));
+        first.push(cycles_to_ns(child_first));
         round.push(cycles_to_ns(t1 - t0));
         // first write to a Private page (unshare + copy) and page-table bytes, in a fresh task
         if i < n.min(200) {
@@ -165,33 +163,23 @@ fn measure(
                 let a = Instant::now().cycles();
                 task::write(va, &[1]).expect("private template page");
                 let b = Instant::now().cycles();
-                CHILD_WRITE.store(b - a, Ordering::Relaxed);
-                CHILD_PT.store(
-                    task::space_stats().page_table_bytes() as u64,
-                    Ordering::Relaxed,
-                );
-                0
+                reply(b - a)
             })?;
-            let _ = h.join();
-            write.push(cycles_to_ns(CHILD_WRITE.load(Ordering::Relaxed)));
+            let w = h.join().map_or(0, |c| c as u64);
+            write.push(cycles_to_ns(w));
         }
     }
     // Page-table bytes of a task that only spawned (no write).
     let h = builder.spawn(&[t], || {
-        CHILD_PT.store(
-            task::space_stats().page_table_bytes() as u64,
-            Ordering::Relaxed,
-        );
-        0
+        reply(task::space_stats().page_table_bytes() as u64)
     })?;
-    let _ = h.join();
+    let pt_bytes = h.join().map_or(0, |c| c as u64);
     report("spawn_parent", size, name, parent);
     report("spawn_first", size, name, first);
     report("spawn_roundtrip", size, name, round);
     report("first_write", size, name, write);
     println!(
-        "PTBYTES size={size} pages={name} bytes={}",
-        CHILD_PT.load(Ordering::Relaxed)
+        "PTBYTES size={size} pages={name} bytes={pt_bytes}"
     );
     task::trim_caches();
     Ok(())

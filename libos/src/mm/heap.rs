@@ -51,7 +51,7 @@ pub(crate) struct FrameSource {
 
 impl FrameSource {
     fn fail(layout: Layout) -> Result<(), ()> {
-        FAILED_REQUEST.store(layout.size(), Ordering::Relaxed);
+        note_failed(layout.size(), false);
         Err(())
     }
 }
@@ -187,6 +187,30 @@ unsafe impl GlobalAlloc for Dispatch {
 
 #[global_allocator]
 static ALLOC: Dispatch = Dispatch;
+
+/// Records that a heap (the kernel's or a task's) could not grow for an allocation of `size`
+/// bytes, for the panic handler's out-of-memory report.
+pub(crate) fn note_failed(size: usize, task_heap: bool) {
+    FAILED_REQUEST.store(size, Ordering::Relaxed);
+    FAILED_IN_TASK_HEAP.store(task_heap, Ordering::Relaxed);
+}
+
+/// Whether the last failed growth was a task's heap (else the kernel heap).
+static FAILED_IN_TASK_HEAP: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Which heap the last failed growth was: "the task's heap" or "the kernel heap".
+pub(crate) fn failed_heap() -> &'static str {
+    if FAILED_IN_TASK_HEAP.load(Ordering::Relaxed) {
+        "the task's heap"
+    } else {
+        "the kernel heap"
+    }
+}
+
+/// Records that a heap grew (any earlier failure is over).
+pub(crate) fn note_grown() {
+    FAILED_REQUEST.store(usize::MAX, Ordering::Relaxed);
+}
 
 /// If the kernel heap's last growth failed (and none succeeded since): the size in bytes of the
 /// allocation it was for.

@@ -5,8 +5,10 @@
 //! from another (a fork) starts with a copy-on-write copy of both, so every object the parent
 //! had is live in the child at the same address, and the child's allocations and frees change
 //! only its own copy. When a task ends its heap goes with its address space: nothing to free
-//! object by object, nothing left behind. The region is demand-zero, so the heap "grows" by
-//! moving talc's end (pages are mapped by the page-fault handler as they are first touched).
+//! object by object, nothing left behind. The region is demand-zero; the heap grows by moving
+//! talc's end, committing the new pages as it does (each is touched once, so the page-fault
+//! handler maps it): a growth that free memory cannot back fails as an allocation error, like
+//! the kernel heap's, instead of faulting later. `reserved_bytes` is what the heap committed.
 //!
 //! Only the running task ever touches its heap (other tasks see their own at the same address),
 //! and interrupt handlers allocate from the kernel heap (`mm::ctx`), so the lock is never
@@ -49,23 +51,43 @@ unsafe impl Source for RegionSource {
             .checked_add(layout.align())
             .and_then(|n| n.checked_add(PAGE_SIZE as usize))
             .ok_or(())?;
-        let grow = want
-            .max(GROW_MIN)
-            .checked_next_multiple_of(PAGE_SIZE as usize)
-            .ok_or(())?;
+        let fail = || {
+            super::heap::note_failed(layout.size(), true);
+            Err(())
+        };
+        let Some(grow) = want.max(GROW_MIN).checked_next_multiple_of(PAGE_SIZE as usize) else {
+            return fail();
+        };
+        let start = match talc.source.heap_end {
+            0 => START,
+            end => end,
+        };
+        let Some(end) = start.checked_add(grow).filter(|&e| e <= END) else {
+            return fail();
+        };
+        // Commit the growth now: fail cleanly (an allocation error) rather than fault later on
+        // a page that no frame can back. Keep the spawn reserve for the kernel heap.
+        let pages = grow / PAGE_SIZE as usize;
+        let need = super::heap::frames_to_grow(pages) + crate::task::SPAWN_RESERVE_FRAMES;
+        if need > super::kernel::frames().free_frames() {
+            return fail();
+        }
+        for p in (start..end).step_by(PAGE_SIZE as usize) {
+            // SAFETY: `p` is a page of the task's heap region past talc's end (mapped,
+            // demand-zero, unused): writing 0 over the 0 it reads as maps its frame.
+            unsafe { core::ptr::write_volatile(p as *mut u8, 0) };
+        }
+        super::heap::note_grown();
         match NonNull::new(talc.source.heap_end as *mut u8) {
             None => {
-                let end = START.checked_add(grow).filter(|&e| e <= END).ok_or(())?;
                 // SAFETY: `START..end` lies in the task's heap region, mapped writable and used
                 // by nothing else (see the impl's comment).
-                let heap_end = unsafe { talc.claim(START as *mut u8, end - START) }.ok_or(())?;
+                let Some(heap_end) = (unsafe { talc.claim(START as *mut u8, end - START) }) else {
+                    return fail();
+                };
                 talc.source.heap_end = heap_end.as_ptr() as usize;
             }
             Some(heap_end) => {
-                let end = (heap_end.as_ptr() as usize)
-                    .checked_add(grow)
-                    .filter(|&e| e <= END)
-                    .ok_or(())?;
                 // SAFETY: `heap_end` is the end talc returned last time, and `heap_end..end` is
                 // the next part of the heap region (mapped, unused).
                 let new_end = unsafe { talc.extend(heap_end, end as *mut u8) };
@@ -149,6 +171,6 @@ pub(crate) fn stats() -> super::heap::HeapStats {
     super::heap::HeapStats {
         allocated_bytes: c.allocated_bytes,
         allocation_count: c.allocation_count,
-        reserved_bytes: t.source.heap_end.saturating_sub(START),
+        reserved_bytes: t.source.heap_end.saturating_sub(START) + PAGE_SIZE as usize,
     }
 }
