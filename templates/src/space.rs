@@ -63,6 +63,9 @@ impl KernelHalf {
     }
 }
 
+/// Address ranges `(start, end)`, sorted and disjoint.
+type Ranges = Vec<(u64, u64)>;
+
 /// A task's address space: an owned L4, attached template subtrees, private tables.
 /// Dropping it releases everything it references.
 #[derive(Debug)]
@@ -75,6 +78,12 @@ pub struct AddressSpace<M: PhysMem> {
     /// Every template attached at spawn, held for the space's whole life: they keep alive
     /// whatever the tree borrows (invariant 11).
     templates: Vec<Template<M>>,
+    /// Snapshots of this space that took its own tables over (invariant 12), with the ranges
+    /// each was taken of (sorted, disjoint, not touching): the tree borrows those tables now.
+    /// A later snapshot whose ranges contain all of an earlier one's drops the earlier one (the
+    /// later template counts everything the tree borrows there), so snapshotting the same
+    /// ranges again and again holds one.
+    snapshots: Vec<(Template<M>, Ranges)>,
 }
 
 impl<M: PhysMem> AddressSpace<M> {
@@ -141,6 +150,7 @@ impl<M: PhysMem> AddressSpace<M> {
             mode,
             regions,
             templates,
+            snapshots: Vec::new(),
         })
     }
 
@@ -167,6 +177,14 @@ impl<M: PhysMem> AddressSpace<M> {
     /// The templates this space was spawned from.
     pub fn templates(&self) -> &[Template<M>] {
         &self.templates
+    }
+
+    /// Every template this space holds until it is dropped: the ones it was spawned from, then
+    /// the snapshots of it that took its own tables over (`snapshot`, docs/engine.md invariant
+    /// 12), oldest first. Whatever the space borrows (invariant 11), one of these keeps alive.
+    pub fn held_templates(&self) -> impl Iterator<Item = &Template<M>> {
+        let snaps = self.snapshots.iter().map(|(t, _)| t);
+        self.templates.iter().chain(snaps)
     }
 
     /// The region containing `va`.
@@ -388,6 +406,18 @@ impl<M: PhysMem> AddressSpace<M> {
     /// — the fork-server primitive. The template maps the same frames; writable `Private` pages
     /// become copy-on-write both in the template and in this space. `Shared` pages stay shared,
     /// demand-zero pages not yet touched stay demand-zero. On error nothing changes.
+    ///
+    /// Incremental (docs/engine.md, invariant 12): in a `Mode::Share` space, a table the ranges
+    /// cover whole is not walked if the space reaches it through a template's (borrowed) entry
+    /// — the new template references it — and the space's own tables are handed over to the
+    /// new template in place (the space then borrows them, and holds the template). So the
+    /// cost is O(entries of the tables the space owns in the ranges): what it changed since it
+    /// was spawned or last snapshotted. If nothing changed — the same regions in the ranges,
+    /// reached through one held template's tables — the result is that template (a clone of
+    /// its handle, no table built) with `Flush::None`, at a cost of O(regions in the ranges +
+    /// entries of the ranges at the levels above the template's tables): for ranges of whole
+    /// 512 GiB entries, one entry per entry. A `Mode::Copy` space (fork()'s cost model) copies
+    /// every leaf entry, as before: O(pages).
     pub fn snapshot(&mut self, ranges: &[(VirtAddr, u64)]) -> Result<(Template<M>, Flush), Error> {
         let mut rs = Vec::with_capacity(ranges.len());
         for &(s, len) in ranges {
@@ -401,50 +431,63 @@ impl<M: PhysMem> AddressSpace<M> {
         for &(s, e) in &rs {
             check_huge_split(&self.regions, s, e)?;
         }
-        let make_cow = |r: &Region, e: u64| {
-            if r.kind == Kind::Private && entry::writable(e) {
-                entry::with_write(e, false, true)
-            } else {
-                e
+        // The tree is walked over the ranges with touching ones joined (the same leaves; a
+        // 2 MiB leaf cannot straddle a boundary that `check_huge_split` let through), so that
+        // a table they cover together is covered whole.
+        let mut walk: Vec<(u64, u64)> = Vec::with_capacity(rs.len());
+        for &(s, e) in &rs {
+            match walk.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => walk.push((s, e)),
             }
+        }
+        if self.mode == Mode::Share
+            && let Some(t) = self.unchanged_since(&rs, &walk)
+        {
+            return Ok((t, Flush::None));
+        }
+        // Every leaf lies in a region (the engine maps none outside one).
+        let regions = &self.regions;
+        let bits = |va: u64, e: u64| match find(regions, va) {
+            Some(r) if r.kind == Kind::Private && entry::writable(e) => {
+                entry::with_write(e, false, true)
+            }
+            _ => e,
         };
         // Build the template's tables; dropped (and released) on any error. Every entry of the
-        // new tree is counted, the space's borrowed leaves included (invariant 11).
+        // new tree is counted (invariant 11).
         let mut tree = Tree::template(self.tree.mem())?;
-        {
-            let src = self.tree.reader();
-            let mut dst = tree.cursor();
-            for &(start, end) in &rs {
-                let mut va = start;
-                while let Some(l) = src.next_leaf(va, end) {
-                    if l.va < start || l.end() > end {
-                        return Err(Error::SplitsHugePage { addr: l.va });
-                    }
-                    if let Some(r) = find(&self.regions, l.va) {
-                        dst.map_page(l.va, src.share(&l), make_cow(r, l.entry))?;
-                    }
-                    va = l.end();
-                }
-            }
+        let (flush, lent) = self
+            .tree
+            .cursor()
+            .snapshot_into(&mut tree.cursor(), &walk, &bits)?;
+        let regions: Vec<Region> = clipped(&self.regions, &rs).collect();
+        let t = Template::from_parts(tree, regions);
+        if lent {
+            // The tree borrows the tables it lent: hold the template (invariant 11). An earlier
+            // snapshot of ranges these contain is no longer needed: everything the tree borrows
+            // there, the new template counts (it referenced or took over every table there).
+            let covers = |old: &[(u64, u64)]| {
+                old.iter()
+                    .all(|&(s, e)| walk.iter().any(|&(ns, ne)| ns <= s && e <= ne))
+            };
+            self.snapshots.retain(|(_, old)| !covers(old));
+            self.snapshots.push((t.clone(), walk));
         }
-        let changed = self.update_leaves(&rs, make_cow)?;
-        let mut regions = Vec::new();
-        for &(s, e) in &rs {
-            for r in self.regions.iter().filter(|r| r.start < e && s < r.end) {
-                let mut piece = r.clone();
-                piece.start = piece.start.max(s);
-                piece.end = piece.end.min(e);
-                regions.push(piece);
-            }
-        }
-        regions.sort_by_key(|r| r.start);
-        // Leaves of this space became copy-on-write: flush all of it.
-        let flush = if changed == Flush::None {
-            Flush::None
-        } else {
-            Flush::All
-        };
-        Ok((Template::from_parts(tree, regions), flush))
+        Ok((t, flush))
+    }
+
+    /// A held template that a snapshot of `ranges` (sorted; `walk`: the same, touching ones
+    /// joined) would reproduce: the same regions in the ranges, and the same translations
+    /// through the same frames (`Reader::same_as`). The newest snapshot is tried first.
+    fn unchanged_since(&self, ranges: &[(u64, u64)], walk: &[(u64, u64)]) -> Option<Template<M>> {
+        let snaps = self.snapshots.iter().rev().map(|(t, _)| t);
+        let mine = self.tree.reader();
+        snaps.chain(self.templates.iter()).find_map(|t| {
+            let same = clipped(&self.regions, ranges).eq(t.regions().iter().cloned())
+                && walk.iter().all(|&(s, e)| mine.same_as(&t.reader(), s, e));
+            same.then(|| t.clone())
+        })
     }
 
     /// Page-table accounting (walks the owned tables and the shared ones below them).
@@ -486,6 +529,26 @@ fn merge_claims<M: PhysMem>(templates: &[&Template<M>]) -> Result<Vec<ClaimedRan
         }
     }
     Ok(ranges)
+}
+
+/// The parts of `regions` (sorted) inside `ranges` (sorted, disjoint), in address order: a
+/// snapshot's region list.
+fn clipped<'a>(
+    regions: &'a [Region],
+    ranges: &'a [(u64, u64)],
+) -> impl Iterator<Item = Region> + 'a {
+    ranges.iter().flat_map(move |&(s, e)| {
+        let from = regions.partition_point(|r| r.end <= s);
+        regions[from..]
+            .iter()
+            .take_while(move |r| r.start < e)
+            .map(move |r| {
+                let mut piece = r.clone();
+                piece.start = piece.start.max(s);
+                piece.end = piece.end.min(e);
+                piece
+            })
+    })
 }
 
 fn find(regions: &[Region], va: u64) -> Option<&Region> {
