@@ -1132,9 +1132,9 @@ fn repeated_snapshots(gens: &[Generation]) -> Vec<Op> {
         },
     ];
     let slot = |k: usize| (k * PAGE_OFFS.len(), GIB / 4096);
-    let mut spaces = 1;
-    for g in gens {
-        let sp = if g.from_zygote { 0 } else { spaces - 1 };
+    // Generation n forks with n + 1 spaces alive (each fork adds one), the newest at n.
+    for (n, g) in gens.iter().enumerate() {
+        let sp = if g.from_zygote { 0 } else { n };
         let write = |sp, &(page, word, value): &(usize, usize, u64)| Op::Write {
             sp,
             page,
@@ -1172,8 +1172,7 @@ fn repeated_snapshots(gens: &[Generation]) -> Vec<Op> {
             twice: g.twice,
             mode: g.mode,
         });
-        spaces += 1;
-        ops.extend(g.after.iter().map(|w| write(spaces - 1, w)));
+        ops.extend(g.after.iter().map(|w| write(n + 1, w)));
     }
     ops
 }
