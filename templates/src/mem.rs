@@ -53,6 +53,22 @@ pub unsafe trait PhysMem: Clone {
     }
     /// Current count of a frame (of a run: of its head).
     fn ref_count(&self, frame: PhysFrame) -> u32;
+    /// Drop one reference to a table frame unless it is the last one: `true` if the count was
+    /// above 1 and was decremented, `false` (nothing changed) if it is 1. The engine releases a
+    /// table's children only when this returns `false` (the caller then holds the only
+    /// reference, reads the table, and drops it with [`dec_ref`](Self::dec_ref)). A template's
+    /// table may have several counted owners (incremental snapshots), so an implementation
+    /// shared by several CPUs must make this one atomic step (a compare-and-swap loop: "decrement
+    /// unless one"); the default, a [`ref_count`](Self::ref_count) check then `dec_ref`, is right
+    /// only where frames are released on one CPU at a time.
+    fn dec_ref_unless_one(&self, frame: PhysFrame) -> bool {
+        if self.ref_count(frame) > 1 {
+            self.dec_ref(frame);
+            true
+        } else {
+            false
+        }
+    }
     /// Where the frame's 4096 bytes can be read and written.
     fn frame_ptr(&self, frame: PhysFrame) -> *mut u8;
 }

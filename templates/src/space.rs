@@ -7,6 +7,7 @@ use crate::flush::Flush;
 use crate::mem::PhysMem;
 use crate::template::{Kind, PageSize, Perm, Region, Template, Translation, check_range};
 use crate::walk::{SpaceStats, Tree};
+use alloc::borrow::Cow;
 use alloc::vec::Vec;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::page_table::{PageTable, PageTableEntry};
@@ -69,12 +70,18 @@ impl KernelHalf {
 pub struct AddressSpace<M: PhysMem> {
     /// Declared (so dropped) before `templates`: the tree's borrowed entries point into those
     /// templates' tables and frames, which must outlive it (invariant 11).
+    /// (The mode is the tree's: a `Mode::Copy` space's counts all its entries.)
     tree: Tree<M>,
-    mode: Mode,
     regions: Vec<Region>,
-    /// Every template attached at spawn, held for the space's whole life: they keep alive
-    /// whatever the tree borrows (invariant 11).
+    /// The templates the space holds until its tree is gone: they keep alive whatever the tree
+    /// borrows (invariant 11). First the `spawned` ones attached at spawn, held for the space's
+    /// whole life; then the snapshots of this space that took its own tables over (invariant
+    /// 12: the tree borrows those tables now), oldest first. A later snapshot whose ranges
+    /// contain all of an earlier held one's drops the earlier one (the later template counts
+    /// everything the tree borrows there), so snapshotting the same ranges again and again
+    /// holds one.
     templates: Vec<Template<M>>,
+    spawned: usize,
 }
 
 impl<M: PhysMem> AddressSpace<M> {
@@ -135,11 +142,11 @@ impl<M: PhysMem> AddressSpace<M> {
             .flat_map(|t| t.regions().iter().cloned())
             .collect();
         regions.sort_by_key(|r| r.start);
-        let templates = templates.iter().map(|t| (*t).clone()).collect();
+        let templates: Vec<Template<M>> = templates.iter().map(|t| (*t).clone()).collect();
         Ok(AddressSpace {
             tree,
-            mode,
             regions,
+            spawned: templates.len(),
             templates,
         })
     }
@@ -156,7 +163,11 @@ impl<M: PhysMem> AddressSpace<M> {
 
     /// The mode the space was created in.
     pub fn mode(&self) -> Mode {
-        self.mode
+        if self.tree.all_counted() {
+            Mode::Copy
+        } else {
+            Mode::Share
+        }
     }
 
     /// The regions, sorted by address.
@@ -166,7 +177,14 @@ impl<M: PhysMem> AddressSpace<M> {
 
     /// The templates this space was spawned from.
     pub fn templates(&self) -> &[Template<M>] {
-        &self.templates
+        &self.templates[..self.spawned]
+    }
+
+    /// Every template this space holds until it is dropped: the ones it was spawned from, then
+    /// the snapshots of it that took its own tables over (`snapshot`, docs/engine.md invariant
+    /// 12), oldest first. Whatever the space borrows (invariant 11), one of these keeps alive.
+    pub fn held_templates(&self) -> impl Iterator<Item = &Template<M>> {
+        self.templates.iter()
     }
 
     /// The region containing `va`.
@@ -388,63 +406,108 @@ impl<M: PhysMem> AddressSpace<M> {
     /// — the fork-server primitive. The template maps the same frames; writable `Private` pages
     /// become copy-on-write both in the template and in this space. `Shared` pages stay shared,
     /// demand-zero pages not yet touched stay demand-zero. On error nothing changes.
+    ///
+    /// Incremental (docs/engine.md, invariant 12): in a `Mode::Share` space, a table the ranges
+    /// cover whole is not walked if the space reaches it through a template's (borrowed) entry
+    /// — the new template references it — and the space's own tables are handed over to the
+    /// new template in place (the space then borrows them, and holds the template). So the
+    /// cost is O(entries of the tables the space owns in the ranges): what it changed since it
+    /// was spawned or last snapshotted. If nothing changed — the same regions in the ranges,
+    /// reached through one held template's tables — the result is that template (a clone of
+    /// its handle, no table built) with `Flush::None`, at a cost of O(regions in the ranges +
+    /// entries of the ranges at the levels above the template's tables): for ranges of whole
+    /// 512 GiB entries, one entry per entry. A `Mode::Copy` space (fork()'s cost model) copies
+    /// every leaf entry, as before: O(pages).
     pub fn snapshot(&mut self, ranges: &[(VirtAddr, u64)]) -> Result<(Template<M>, Flush), Error> {
-        let mut rs = Vec::with_capacity(ranges.len());
-        for &(s, len) in ranges {
+        // A few ranges (libos passes one) are sorted on the stack: the clean path allocates
+        // nothing.
+        let mut small = [(0u64, 0u64); 4];
+        let mut big = Vec::new();
+        let rs: &mut [(u64, u64)] = if ranges.len() <= small.len() {
+            &mut small[..ranges.len()]
+        } else {
+            big.resize(ranges.len(), (0, 0));
+            &mut big
+        };
+        for (r, &(s, len)) in rs.iter_mut().zip(ranges) {
             let s = s.as_u64();
-            rs.push((s, check_range(s, len, SIZE_4K)?));
+            *r = (s, check_range(s, len, SIZE_4K)?);
         }
         rs.sort_unstable();
+        let rs: &[(u64, u64)] = rs;
         if let Some(w) = rs.windows(2).find(|w| w[1].0 < w[0].1) {
             return Err(Error::Overlap { addr: w[1].0 });
         }
-        for &(s, e) in &rs {
+        for &(s, e) in rs {
             check_huge_split(&self.regions, s, e)?;
         }
-        let make_cow = |r: &Region, e: u64| {
-            if r.kind == Kind::Private && entry::writable(e) {
-                entry::with_write(e, false, true)
-            } else {
-                e
-            }
-        };
-        // Build the template's tables; dropped (and released) on any error. Every entry of the
-        // new tree is counted, the space's borrowed leaves included (invariant 11).
-        let mut tree = Tree::template(self.tree.mem())?;
-        {
-            let src = self.tree.reader();
-            let mut dst = tree.cursor();
-            for &(start, end) in &rs {
-                let mut va = start;
-                while let Some(l) = src.next_leaf(va, end) {
-                    if l.va < start || l.end() > end {
-                        return Err(Error::SplitsHugePage { addr: l.va });
-                    }
-                    if let Some(r) = find(&self.regions, l.va) {
-                        dst.map_page(l.va, src.share(&l), make_cow(r, l.entry))?;
-                    }
-                    va = l.end();
+        // The tree is walked over the ranges with touching ones joined (the same leaves; a
+        // 2 MiB leaf cannot straddle a boundary that `check_huge_split` let through), so that
+        // a table they cover together is covered whole.
+        let walk: Cow<'_, [(u64, u64)]> = if rs.windows(2).any(|w| w[0].1 == w[1].0) {
+            let mut joined: Vec<(u64, u64)> = Vec::with_capacity(rs.len());
+            for &(s, e) in rs {
+                match joined.last_mut() {
+                    Some(last) if last.1 == s => last.1 = e,
+                    _ => joined.push((s, e)),
                 }
             }
-        }
-        let changed = self.update_leaves(&rs, make_cow)?;
-        let mut regions = Vec::new();
-        for &(s, e) in &rs {
-            for r in self.regions.iter().filter(|r| r.start < e && s < r.end) {
-                let mut piece = r.clone();
-                piece.start = piece.start.max(s);
-                piece.end = piece.end.min(e);
-                regions.push(piece);
-            }
-        }
-        regions.sort_by_key(|r| r.start);
-        // Leaves of this space became copy-on-write: flush all of it.
-        let flush = if changed == Flush::None {
-            Flush::None
+            Cow::Owned(joined)
         } else {
-            Flush::All
+            Cow::Borrowed(rs)
         };
-        Ok((Template::from_parts(tree, regions), flush))
+        if self.mode() == Mode::Share
+            && let Some(t) = self.unchanged_since(rs, &walk)
+        {
+            return Ok((t, Flush::None));
+        }
+        // Every leaf lies in a region (the engine maps none outside one).
+        let regions = &self.regions;
+        let bits = |va: u64, e: u64| match find(regions, va) {
+            Some(r) if r.kind == Kind::Private && entry::writable(e) => {
+                entry::with_write(e, false, true)
+            }
+            _ => e,
+        };
+        // Build the template's tables; dropped (and released) on any error. Every entry of the
+        // new tree is counted (invariant 11).
+        let mut tree = Tree::template(self.tree.mem())?;
+        let (flush, lent) = self
+            .tree
+            .cursor()
+            .snapshot_into(&mut tree.cursor(), &walk, &bits)?;
+        let regions: Vec<Region> = clipped(&self.regions, rs).collect();
+        let t = Template::from_snapshot(tree, regions, walk.into_owned());
+        if lent {
+            // The tree borrows the tables it lent: hold the template (invariant 11). An earlier
+            // snapshot of ranges these contain is no longer needed: everything the tree borrows
+            // there, the new template counts (it referenced or took over every table there).
+            let walk = t.snapshot_ranges();
+            let covers = |old: &[(u64, u64)]| {
+                old.iter()
+                    .all(|&(s, e)| walk.iter().any(|&(ns, ne)| ns <= s && e <= ne))
+            };
+            let mut n = 0;
+            self.templates.retain(|held| {
+                n += 1;
+                n <= self.spawned || !covers(held.snapshot_ranges())
+            });
+            self.templates.push(t.clone());
+        }
+        Ok((t, flush))
+    }
+
+    /// A held template that a snapshot of `ranges` (sorted; `walk`: the same, touching ones
+    /// joined) would reproduce: the same regions in the ranges, and the same translations
+    /// through the same frames (`Reader::same_as`). The newest snapshot is tried first.
+    fn unchanged_since(&self, ranges: &[(u64, u64)], walk: &[(u64, u64)]) -> Option<Template<M>> {
+        let (spawned, snaps) = self.templates.split_at(self.spawned);
+        let mine = self.tree.reader();
+        snaps.iter().rev().chain(spawned).find_map(|t| {
+            let same = same_regions(&self.regions, ranges, t.regions())
+                && walk.iter().all(|&(s, e)| mine.same_as(&t.reader(), s, e));
+            same.then(|| t.clone())
+        })
     }
 
     /// Page-table accounting (walks the owned tables and the shared ones below them).
@@ -486,6 +549,61 @@ fn merge_claims<M: PhysMem>(templates: &[&Template<M>]) -> Result<Vec<ClaimedRan
         }
     }
     Ok(ranges)
+}
+
+/// The parts of `regions` (sorted) inside `ranges` (sorted, disjoint), in address order: a
+/// snapshot's region list.
+fn clipped<'a>(
+    regions: &'a [Region],
+    ranges: &'a [(u64, u64)],
+) -> impl Iterator<Item = Region> + 'a {
+    ranges.iter().flat_map(move |&(s, e)| {
+        let from = regions.partition_point(|r| r.end <= s);
+        regions[from..]
+            .iter()
+            .take_while(move |r| r.start < e)
+            .map(move |r| {
+                let mut piece = r.clone();
+                piece.start = piece.start.max(s);
+                piece.end = piece.end.min(e);
+                piece
+            })
+    })
+}
+
+/// Is `theirs` what [`clipped`] gives for `regions` and `ranges`? Compared in place: this is on
+/// the clean snapshot's path, which allocates nothing.
+fn same_regions(regions: &[Region], ranges: &[(u64, u64)], theirs: &[Region]) -> bool {
+    let mut theirs = theirs.iter();
+    for &(s, e) in ranges {
+        let from = regions.partition_point(|r| r.end <= s);
+        for r in regions[from..].iter().take_while(|r| r.start < e) {
+            let Some(t) = theirs.next() else {
+                return false;
+            };
+            // Every field, so that a new one cannot be forgotten here.
+            let Region {
+                name,
+                start,
+                end,
+                kind,
+                perm,
+                demand_zero,
+                page_size,
+            } = t;
+            let same = *start == r.start.max(s)
+                && *end == r.end.min(e)
+                && *name == r.name
+                && *kind == r.kind
+                && *perm == r.perm
+                && *demand_zero == r.demand_zero
+                && *page_size == r.page_size;
+            if !same {
+                return false;
+            }
+        }
+    }
+    theirs.next().is_none()
 }
 
 fn find(regions: &[Region], va: u64) -> Option<&Region> {

@@ -23,6 +23,12 @@
 //! top-down, so only the tables on the path are copied and their siblings stay shared
 //! (invariant 4). The copy's entries are the template's, so they are borrowed in turn, and no
 //! count moves: an unshare is one frame allocation and one 4 KiB copy.
+//!
+//! Snapshot (invariant 12): [`CursorMut::snapshot_into`] builds a template from a space's
+//! ranges without walking what the space borrows — a template's table covered whole gets one
+//! more counted reference, the space's own table covered whole is *lent* (rewritten in place
+//! into a template's table, the space's entry becoming borrowed) — so a template's table may
+//! have several counted owners, and the last one to release it releases its children.
 
 pub(crate) mod raw;
 
@@ -30,6 +36,7 @@ use crate::entry::{self, span};
 use crate::error::Error;
 use crate::flush::Flush;
 use crate::mem::{PhysMem, frame_at};
+use alloc::vec::Vec;
 use core::marker::PhantomData;
 use raw::ENTRIES;
 use x86_64::structures::paging::{PhysFrame, Size2MiB};
@@ -87,15 +94,21 @@ fn release_leaf<M: PhysMem>(mem: &M, e: u64, level: u8) {
 /// `all_counted`); if it was the last, release what its counted entries point at (borrowed ones
 /// are a template's: invariant 11).
 ///
-/// Children are released *before* the table's own count drops to zero, because a table is
-/// freed (and unreadable) once `dec_ref` returns 0. A count of 1 means no one else can reach the
-/// table. (A table has one counted owner: spaces borrow templates' tables, invariant 11.)
+/// A space's own table has one counted owner (the space); a template's table may have several:
+/// its template, and every later template whose incremental snapshot referenced it whole
+/// (docs/engine.md, invariant 12). Each owner drops its reference here; only the last one
+/// releases the children, and it does so *before* the table's count drops to zero, because a
+/// table is freed (and unreadable) once `dec_ref` returns 0. Whether this owner is the last is
+/// decided by [`PhysMem::dec_ref_unless_one`], so two owners dropping their references at once
+/// (on an SMP kernel whose implementation makes that call atomic) cannot both skip the children.
 fn release_table<M: PhysMem>(mem: &M, table: PhysFrame, level: u8, all_counted: bool) {
-    if mem.ref_count(table) == 1 {
-        for (_, e) in raw::entries(mem, table, child_range(level)) {
-            if entry::present(e) && counted(e, all_counted) {
-                release_entry(mem, e, level, all_counted);
-            }
+    if mem.dec_ref_unless_one(table) {
+        return;
+    }
+    // Count 1, and it is ours: no one else can reach the table.
+    for (_, e) in raw::entries(mem, table, child_range(level)) {
+        if entry::present(e) && counted(e, all_counted) {
+            release_entry(mem, e, level, all_counted);
         }
     }
     mem.dec_ref(table);
@@ -202,6 +215,11 @@ impl<M: PhysMem> Tree<M> {
     /// The root table.
     pub(crate) fn root(&self) -> PhysFrame {
         self.root
+    }
+
+    /// Does every entry count (a template's tree, or a `Mode::Copy` space's)?
+    pub(crate) fn all_counted(&self) -> bool {
+        self.all_counted
     }
 
     /// The memory the tree lives in.
@@ -388,7 +406,8 @@ impl<'a, M: PhysMem> Reader<'a, M> {
     }
 
     /// A new reference to the page that `leaf` (found by this reader, the tree unchanged since)
-    /// maps: to map the same frame in another tree (`snapshot`).
+    /// maps: to map the same frame in another tree (the unit tests below).
+    #[cfg(test)]
     pub(crate) fn share(&self, leaf: &Leaf) -> OwnedPage<'a, M> {
         debug_assert_eq!(self.leaf(leaf.va).map(|l| l.entry), Some(leaf.entry));
         OwnedPage::retain(self.mem, leaf.entry, leaf.level)
@@ -416,6 +435,89 @@ impl<'a, M: PhysMem> Reader<'a, M> {
             level,
             _tree: PhantomData,
         })
+    }
+
+    /// Does this tree (a `Mode::Share` space's) translate `start..end` exactly as `other` (a
+    /// template's tree) does, through the same frames, so that a snapshot of that range would
+    /// be `other` again? The two trees are walked side by side; an entry equal in both (the
+    /// space borrows the template's table or leaf) ends the walk there, so where the space
+    /// still reaches the range through the template's own tables this is O(entries of the
+    /// range in the tables above them): for a range of whole L4 entries, one read per entry
+    /// and tree. An owned leaf matches the template's if only `LENT_BIT` differs (the template
+    /// counts the same frame). A table entry the range covers whole must be the template's
+    /// own; anything else is "no" (the caller then takes a full snapshot).
+    pub(crate) fn same_as(&self, other: &Reader<'_, M>, start: u64, end: u64) -> bool {
+        self.same_rec(self.root, other.root, 4, start, end)
+    }
+
+    fn same_rec(&self, a: PhysFrame, b: PhysFrame, level: u8, start: u64, end: u64) -> bool {
+        let mut va = start;
+        while va < end {
+            let base = va & !(span(level) - 1);
+            let next = base + span(level);
+            let i = entry::index(va, level);
+            let (x, y) = (raw::read(self.mem, a, i), raw::read(self.mem, b, i));
+            va = next;
+            if x == y {
+                // Both absent, or the space's entry is the template's own, verbatim (borrowed:
+                // it carries `LENT_BIT`, as every entry of a template does).
+                continue;
+            }
+            let covered = base >= start && next <= end;
+            if !entry::present(y) && !covered && entry::present(x) && !entry::is_leaf(x, level) {
+                // A table the template did not need (nothing of the ranges under it) is fine
+                // if it has nothing in the range.
+                let (from, to) = (base.max(start), end.min(next));
+                if self.next_leaf_in(frame_at(entry::addr(x)), level - 1, from, to) {
+                    return false;
+                }
+                continue;
+            }
+            if !entry::present(x) || !entry::present(y) {
+                return false;
+            }
+            let leaf = entry::is_leaf(x, level);
+            if leaf != entry::is_leaf(y, level) {
+                return false;
+            }
+            if leaf {
+                if !covered || x | entry::LENT != y {
+                    return false;
+                }
+            } else if covered
+                || !self.same_rec(
+                    frame_at(entry::addr(x)),
+                    frame_at(entry::addr(y)),
+                    level - 1,
+                    base.max(start),
+                    end.min(next),
+                )
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Is a leaf present in `start..end` under `table` (at `level`)?
+    fn next_leaf_in(&self, table: PhysFrame, level: u8, start: u64, end: u64) -> bool {
+        let mut va = start;
+        while va < end {
+            let base = va & !(span(level) - 1);
+            let next = base + span(level);
+            let e = raw::read(self.mem, table, entry::index(va, level));
+            if entry::present(e) {
+                if entry::is_leaf(e, level) {
+                    return true;
+                }
+                let (from, to) = (base.max(start), end.min(next));
+                if self.next_leaf_in(frame_at(entry::addr(e)), level - 1, from, to) {
+                    return true;
+                }
+            }
+            va = next;
+        }
+        false
     }
 
     /// Tables below the root and leaf entries in the lower half (a diagnostic walk).
@@ -480,6 +582,15 @@ impl<'a, M: PhysMem> Reader<'a, M> {
             self.account_rec(target, level - 1, child_owned, s);
         }
     }
+}
+
+/// What the first phase of a snapshot leaves for later (see [`CursorMut::snapshot_into`]).
+struct SnapshotPlan {
+    /// Owned subtrees the ranges cover whole, to lend: (the space's table holding the entry,
+    /// its index, the template's table to hold it, their level, the first address).
+    lend: Vec<(PhysFrame, usize, PhysFrame, u8, u64)>,
+    /// Leaves at partly covered positions whose bits change: (address, level, new entry).
+    rewrite: Vec<(u64, u8, u64)>,
 }
 
 /// The writing cursor over one tree, borrowed exclusively (`Tree::cursor(&mut self)`).
@@ -765,6 +876,196 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
         };
         raw::write(mem, table, i, e);
         Ok(())
+    }
+
+    /// Copy `ranges` (sorted, disjoint, not touching, 4 KiB aligned, lower half) of this tree
+    /// into `dst`, the cursor of a fresh, empty template tree: the work of
+    /// `AddressSpace::snapshot` (docs/engine.md, invariant 12). `bits(va, e)` gives the leaf
+    /// entry `e` at `va` as the template must have it (a writable `Private` page becomes
+    /// copy-on-write); this tree's leaf takes the same bits.
+    ///
+    /// In a `Mode::Share` space only the space's own tables are walked. A table the range
+    /// covers whole and that the space reaches through a borrowed entry (a template's table,
+    /// sealed) is referenced by `dst` as it is: one `inc_ref`. One the range covers whole and
+    /// that the space owns is *lent*: its entries are rewritten in place into a template's
+    /// (every one counted and marked `LENT_BIT`: an owned entry's reference moves to the
+    /// template, a borrowed one is taken anew, writable `Private` leaves become copy-on-write),
+    /// `dst` takes the space's reference to it, and the space's entry becomes borrowed — so the
+    /// space must hold the new template for as long as its tree lives (invariant 11). Tables
+    /// the range covers in part are walked: `dst` gets its own tables there, with a counted
+    /// reference to every leaf in the range. A tree that counts all its entries
+    /// (`Mode::Copy`) is walked down to every leaf (what fork() costs) and lends nothing.
+    ///
+    /// Three phases, so that on error nothing visible changed and nothing leaked (invariant
+    /// 10): build `dst`'s tables and take its references (a failure drops `dst`, which gives
+    /// them back); unshare the paths of leaves at partly covered positions whose bits change
+    /// (invisible); then, allocating nothing, rewrite those leaves and lend the owned tables.
+    /// Returns the flush for this tree (`Flush::All` if a leaf lost `WRITABLE`, else
+    /// `Flush::None`) and whether a table was lent.
+    pub(crate) fn snapshot_into(
+        &mut self,
+        dst: &mut CursorMut<'_, M>,
+        ranges: &[(u64, u64)],
+        bits: &dyn Fn(u64, u64) -> u64,
+    ) -> Result<(Flush, bool), Error> {
+        debug_assert!(dst.all_counted, "a snapshot builds a template's tree");
+        let mut plan = SnapshotPlan {
+            lend: Vec::new(),
+            rewrite: Vec::new(),
+        };
+        for &(start, end) in ranges {
+            self.plan_rec(self.root, dst.root, 4, start, end, bits, &mut plan)?;
+        }
+        // Phase 2: the leaves to rewrite in place, in exclusively owned tables (unshared now).
+        let mut fixes = Vec::with_capacity(plan.rewrite.len());
+        for &(va, level, new) in &plan.rewrite {
+            let (t, i, e) = self.owned_leaf(va, level)?;
+            // The frame and how the entry holds it (owned or borrowed, piece) stay.
+            let keep = entry::LENT | entry::PIECE;
+            fixes.push((t, i, with_addr(new & !keep | e & keep, entry::addr(e))));
+        }
+        // Phase 3: nothing below can fail.
+        let mem = self.mem;
+        let mut changed = !fixes.is_empty();
+        for (t, i, e) in fixes {
+            raw::write(mem, t, i, e);
+        }
+        let lent = !plan.lend.is_empty();
+        for &(s, i, d, level, va) in &plan.lend {
+            let e = raw::read(mem, s, i);
+            changed |= self.lend_subtree(frame_at(entry::addr(e)), level - 1, va, bits);
+            // The template's entry takes the space's reference; the space's is borrowed now.
+            raw::write(mem, d, i, e | entry::LENT);
+            raw::write(mem, s, i, e | entry::LENT);
+        }
+        // A cached leaf table may have been lent: it is the template's now.
+        self.last = None;
+        let flush = if changed { Flush::All } else { Flush::None };
+        Ok((flush, lent))
+    }
+
+    /// Phase 1 of [`snapshot_into`](Self::snapshot_into) for `start..end` inside the table `s`
+    /// of this tree at `level`, whose counterpart in the template tree is `d` (its own, fresh).
+    /// Returns whether `d` got (or will get, in phase 3) an entry.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_rec(
+        &mut self,
+        s: PhysFrame,
+        d: PhysFrame,
+        level: u8,
+        start: u64,
+        end: u64,
+        bits: &dyn Fn(u64, u64) -> u64,
+        plan: &mut SnapshotPlan,
+    ) -> Result<bool, Error> {
+        let mem = self.mem;
+        let mut any = false;
+        let mut va = start;
+        while va < end {
+            let base = va & !(span(level) - 1);
+            let next = base + span(level);
+            let i = entry::index(va, level);
+            let e = raw::read(mem, s, i);
+            va = next;
+            if !entry::present(e) {
+                continue;
+            }
+            let covered = base >= start && next <= end;
+            if entry::is_leaf(e, level) {
+                if !covered {
+                    return Err(Error::SplitsHugePage { addr: base });
+                }
+                let new = bits(base, e);
+                // The template's own counted reference (a piece: on its run's head).
+                let page = OwnedPage::retain(mem, e, level);
+                let keep = entry::LENT | entry::PIECE;
+                raw::write(
+                    mem,
+                    d,
+                    i,
+                    with_addr(new & !keep, 0) | entry::LENT | page.into_entry(),
+                );
+                if new != e {
+                    plan.rewrite.push((base, level, new));
+                }
+                any = true;
+                continue;
+            }
+            let child = frame_at(entry::addr(e));
+            if covered && self.borrowed(e) {
+                // A template's table, sealed: the new template references it as it is.
+                mem.inc_ref(child);
+                raw::write(mem, d, i, e);
+                any = true;
+            } else if covered && !self.all_counted {
+                // The space's own subtree: lent in phase 3 (it may not change before then).
+                plan.lend.push((s, i, d, level, base));
+                any = true;
+            } else {
+                // In part (or a tree that borrows nothing): the template's own table, made by
+                // an earlier range through the same table or else now. Linked first, so that
+                // an error below leaves it to `dst`'s drop.
+                let de = raw::read(mem, d, i);
+                let (dc, fresh) = if entry::present(de) {
+                    (frame_at(entry::addr(de)), false)
+                } else {
+                    let dc = alloc_table(mem)?;
+                    let t = entry::table(dc.start_address().as_u64()) | entry::LENT;
+                    raw::write(mem, d, i, t);
+                    (dc, true)
+                };
+                let (from, to) = (base.max(start), end.min(next));
+                if self.plan_rec(child, dc, level - 1, from, to, bits, plan)? || !fresh {
+                    any = true;
+                } else {
+                    // Nothing of the ranges there: no empty table in the template.
+                    raw::write(mem, d, i, 0);
+                    mem.dec_ref(dc);
+                }
+            }
+        }
+        Ok(any)
+    }
+
+    /// Phase 3 of a snapshot: turn the exclusively owned `table` (at `level`, mapping from `va`)
+    /// and everything it owns below into a template's tables, in place (see
+    /// [`snapshot_into`](Self::snapshot_into)). Allocates nothing. Returns whether a leaf's
+    /// bits changed (lost `WRITABLE`).
+    fn lend_subtree(
+        &self,
+        table: PhysFrame,
+        level: u8,
+        va: u64,
+        bits: &dyn Fn(u64, u64) -> u64,
+    ) -> bool {
+        let mem = self.mem;
+        let mut changed = false;
+        for (i, e) in raw::entries(mem, table, 0..ENTRIES) {
+            if !entry::present(e) {
+                continue;
+            }
+            let at = va + i as u64 * span(level);
+            let new = if entry::is_leaf(e, level) {
+                let b = bits(at, e);
+                changed |= b != e;
+                if self.borrowed(e) {
+                    // The template counts every entry: take the reference it did not hold.
+                    retain_leaf(mem, e, level);
+                }
+                b
+            } else {
+                let child = frame_at(entry::addr(e));
+                if self.borrowed(e) {
+                    mem.inc_ref(child);
+                } else {
+                    debug_assert_eq!(mem.ref_count(child), 1, "an owned table");
+                    changed |= self.lend_subtree(child, level - 1, at, bits);
+                }
+                e
+            };
+            raw::write(mem, table, i, new | entry::LENT);
+        }
+        changed
     }
 
     /// Phase 1 of removing `start..end` (4 KiB aligned): unshare every table that the range

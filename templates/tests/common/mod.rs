@@ -173,7 +173,7 @@ pub fn check_counts(
     troots.extend(
         spaces
             .iter()
-            .flat_map(|s| s.templates().iter().map(|t| t.root())),
+            .flat_map(|s| s.held_templates().map(|t| t.root())),
     );
     troots.sort();
     troots.dedup();
@@ -202,7 +202,7 @@ pub fn check_counts(
     // What each template keeps alive, walked once per template however many spaces hold it.
     let mut kept: HashMap<PhysFrame, HashSet<PhysFrame>> = HashMap::new();
     for (s, b) in spaces.iter().zip(&borrowed) {
-        for t in s.templates() {
+        for t in s.held_templates() {
             kept.entry(t.root()).or_insert_with(|| {
                 let mut k = HashSet::new();
                 reachable(mem, t.root(), 4, &mut k);
@@ -211,7 +211,7 @@ pub fn check_counts(
         }
         for f in b {
             assert!(
-                s.templates().iter().any(|t| kept[&t.root()].contains(f)),
+                s.held_templates().any(|t| kept[&t.root()].contains(f)),
                 "frame {:#x} borrowed by a space but not kept by its templates",
                 f.start_address().as_u64()
             );
