@@ -124,7 +124,33 @@ pub(crate) fn map_first(space: &mut AddressSpace<KernelMem>) -> Result<(), Error
 pub(crate) fn fork_template(
     space: &mut AddressSpace<KernelMem>,
 ) -> Result<(Template, templates::Flush), Error> {
-    space.snapshot(&[(VirtAddr::new(PROC_BASE), PROC_END - PROC_BASE)])
+    let r = space.snapshot(&[(VirtAddr::new(PROC_BASE), PROC_END - PROC_BASE)]);
+    FORKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    if let Ok((t, _)) = &r {
+        let root = t.root().start_address().as_u64();
+        if LAST_ROOT.swap(root, core::sync::atomic::Ordering::Relaxed) == root {
+            CLEAN_FORKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    r
+}
+
+static FORKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static LAST_ROOT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static CLEAN_FORKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Snapshots of process memory taken so far (spawns and seals), and how many of them found the
+/// memory unchanged since the one before (no table walked: the cheap case).
+///
+/// ```no_run
+/// let (all, clean) = libos::process::fork_counts();
+/// libos::println!("{clean} of {all} spawns found the parent unchanged");
+/// ```
+pub fn fork_counts() -> (u64, u64) {
+    (
+        FORKS.load(core::sync::atomic::Ordering::Relaxed),
+        CLEAN_FORKS.load(core::sync::atomic::Ordering::Relaxed),
+    )
 }
 
 /// A task's own L3 table for L4 entry 511 (see the module docs). Freed on drop, after the task's
@@ -138,24 +164,45 @@ fn table(phys: u64) -> *mut u64 {
     phys_to_virt(phys) as *mut u64
 }
 
+/// Top tables of ended tasks, kept for reuse: entries 0..511 of every top table are the
+/// kernel's (they never change after boot), so a reused one needs only entry 511 written.
+static TOP_CACHE: crate::arch::irq::IrqMutex<alloc::vec::Vec<PhysFrame>> =
+    crate::arch::irq::IrqMutex::new(alloc::vec::Vec::new());
+/// Top tables kept at most.
+const TOP_CACHE_MAX: usize = 64;
+
 impl Top {
     /// Makes `space`'s top table and installs it in its root (entry 511): the image as in the
     /// kernel's, and the statics as the space's shadow maps them now. `None`: out of frames.
     pub(crate) fn install(space: &AddressSpace<KernelMem>) -> Option<Top> {
-        let pfn = frames().alloc()?;
-        let frame = PhysFrame::containing_address(PhysAddr::new(pfn as u64 * PAGE_SIZE));
-        let top = table(frame.start_address().as_u64());
         let kroot = table(kernel_root().start_address().as_u64());
         let root = table(space.root_phys().as_u64());
-        // SAFETY: `frame` is a fresh frame of ours; the kernel's root and its L3 for entry 511
-        // are live tables only read here; `space`'s root is its own, and entry 511 is in the
-        // kernel half, which the engine never reads, counts or frees (invariant 6). All are
+        // SAFETY: the kernel's root is a live table, only read.
+        let k511 = unsafe { *kroot.add(511) };
+        let cached = TOP_CACHE.lock().pop();
+        let frame = match cached {
+            Some(f) => f,
+            None => {
+                let pfn = frames().alloc()?;
+                let f = PhysFrame::containing_address(PhysAddr::new(pfn as u64 * PAGE_SIZE));
+                // SAFETY: `f` is a fresh frame of ours; the kernel's L3 for entry 511 is a
+                // live table, only read; both through the direct map.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        table(k511 & ADDR),
+                        table(f.start_address().as_u64()),
+                        511,
+                    );
+                }
+                f
+            }
+        };
+        // SAFETY: `frame` is ours (fresh, or a cached one no root points at any more), its
+        // entries 0..511 already the kernel's; `space`'s root is its own, and entry 511 is in
+        // the kernel half, which the engine never reads, counts or frees (invariant 6). All
         // reached through the direct map.
         unsafe {
-            let k511 = *kroot.add(511);
-            let kl3 = table(k511 & ADDR);
-            core::ptr::copy_nonoverlapping(kl3, top, 511);
-            *top.add(511) = shadow_entry(root);
+            *table(frame.start_address().as_u64()).add(511) = shadow_entry(root);
             *root.add(511) = (k511 & !ADDR) | frame.start_address().as_u64();
         }
         Some(Top { frame })
@@ -164,8 +211,22 @@ impl Top {
 
 impl Drop for Top {
     fn drop(&mut self) {
+        let mut cache = TOP_CACHE.lock();
+        if cache.len() < TOP_CACHE_MAX && cache.try_reserve(1).is_ok() {
+            cache.push(self.frame);
+            return;
+        }
+        drop(cache);
         let pfn = (self.frame.start_address().as_u64() / PAGE_SIZE) as usize;
         frames().dec_ref(pfn);
+    }
+}
+
+/// Gives the cached top tables back to the frame allocator (`task::trim_caches`).
+pub(crate) fn trim_top_cache() {
+    let frames_back: alloc::vec::Vec<PhysFrame> = core::mem::take(&mut *TOP_CACHE.lock());
+    for f in frames_back {
+        frames().dec_ref((f.start_address().as_u64() / PAGE_SIZE) as usize);
     }
 }
 

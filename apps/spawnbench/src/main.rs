@@ -57,7 +57,34 @@ fn cycles_to_ns(c: u64) -> u64 {
     libos::time::cycles_to_duration(c).as_nanos() as u64
 }
 
-fn p50_p99(mut v: Vec<u64>) -> (u64, u64) {
+/// Most samples of one series.
+const MAX_SAMPLES: usize = 1000;
+
+/// Samples kept on the stack: the loop that measures spawn must not write to the parent's own
+/// process memory, or every spawn would first re-seal the pages it wrote (a spawn is a fork of
+/// it). The stack is libos's (kernel half), not process memory.
+struct Samples {
+    v: [u64; MAX_SAMPLES],
+    n: usize,
+}
+
+impl Samples {
+    fn new() -> Self {
+        Samples {
+            v: [0; MAX_SAMPLES],
+            n: 0,
+        }
+    }
+
+    fn push(&mut self, x: u64) {
+        if self.n < MAX_SAMPLES {
+            self.v[self.n] = x;
+            self.n += 1;
+        }
+    }
+}
+
+fn p50_p99(v: &mut [u64]) -> (u64, u64) {
     v.sort_unstable();
     (
         v[v.len() / 2],
@@ -77,12 +104,12 @@ fn mode_name(mode: Mode, page: PageSize) -> &'static str {
     }
 }
 
-fn report(kind: &str, size: u64, mode: &str, samples: Vec<u64>) {
-    let n = samples.len();
+fn report(kind: &str, size: u64, mode: &str, samples: &mut Samples) {
+    let n = samples.n;
     if n == 0 {
         return;
     }
-    let (p50, p99) = p50_p99(samples);
+    let (p50, p99) = p50_p99(&mut samples.v[..n]);
     println!("RESULT kind={kind} size={size} pages={mode} n={n} p50_ns={p50} p99_ns={p99}");
 }
 
@@ -137,12 +164,14 @@ fn measure(
     let name = mode_name(mode, page);
     let n = samples(size, mode, level);
     let builder = Builder::new().mode(mode).stack_size(STACK);
-    let (mut first, mut round, mut write) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
+    let n = n.min(MAX_SAMPLES);
+    let forks0 = libos::process::fork_counts();
+    let (mut first, mut round, mut write, mut parent) = (
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
     );
-    let mut parent = Vec::with_capacity(n);
     for i in 0..n {
         // spawn → first instruction, and the round trip
         let t0 = libos::time::Instant::now().cycles();
@@ -170,17 +199,22 @@ fn measure(
         }
     }
     // Page-table bytes of a task that only spawned (no write).
-    let h = builder.spawn(&[t], || {
-        reply(task::space_stats().page_table_bytes() as u64)
-    })?;
+    let h = builder.spawn(
+        &[t],
+        || reply(task::space_stats().page_table_bytes() as u64),
+    )?;
     let pt_bytes = h.join().map_or(0, |c| c as u64);
-    report("spawn_parent", size, name, parent);
-    report("spawn_first", size, name, first);
-    report("spawn_roundtrip", size, name, round);
-    report("first_write", size, name, write);
+    let forks1 = libos::process::fork_counts();
     println!(
-        "PTBYTES size={size} pages={name} bytes={pt_bytes}"
+        "INFO forks size={size} pages={name} spawns={} clean={}",
+        forks1.0 - forks0.0,
+        forks1.1 - forks0.1
     );
+    report("spawn_parent", size, name, &mut parent);
+    report("spawn_first", size, name, &mut first);
+    report("spawn_roundtrip", size, name, &mut round);
+    report("first_write", size, name, &mut write);
+    println!("PTBYTES size={size} pages={name} bytes={pt_bytes}");
     task::trim_caches();
     Ok(())
 }

@@ -196,7 +196,8 @@ pub(crate) fn note_failed(size: usize, task_heap: bool) {
 }
 
 /// Whether the last failed growth was a task's heap (else the kernel heap).
-static FAILED_IN_TASK_HEAP: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static FAILED_IN_TASK_HEAP: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
 
 /// Which heap the last failed growth was: "the task's heap" or "the kernel heap".
 pub(crate) fn failed_heap() -> &'static str {

@@ -55,7 +55,10 @@ unsafe impl Source for RegionSource {
             super::heap::note_failed(layout.size(), true);
             Err(())
         };
-        let Some(grow) = want.max(GROW_MIN).checked_next_multiple_of(PAGE_SIZE as usize) else {
+        let Some(grow) = want
+            .max(GROW_MIN)
+            .checked_next_multiple_of(PAGE_SIZE as usize)
+        else {
             return fail();
         };
         let start = match talc.source.heap_end {

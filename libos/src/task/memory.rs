@@ -145,7 +145,8 @@ fn snapshot_k(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
     })
 }
 
-/// Returns the frames of cached (freed but still mapped) task stacks to the frame allocator, so
+/// Returns the frames of cached task stacks (freed but still mapped) and top tables to the frame
+/// allocator, so
 /// that a leak check compares like with like.
 ///
 /// ```no_run
@@ -156,7 +157,9 @@ fn snapshot_k(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
 /// libos::println!("frames not returned: {}", before as i64 - libos::free_frames() as i64);
 /// ```
 pub fn trim_caches() {
+    let _k = crate::mm::ctx::kernel();
     crate::stack::trim_cache();
+    crate::process::trim_top_cache();
 }
 
 /// Page-table accounting of the running task's space.
