@@ -605,9 +605,13 @@ where
     let at: *const A = &*given.0;
     crate::arch::irq::without(|_| {
         let h = builder.spawn(templates, move || {
-            // The whole `Given` is captured (not just its field), so the closure is `Send`.
-            let g = given;
-            f(*g.0)
+            // The whole `Given` is captured (not just its field), so the closure is `Send`; its
+            // box is freed before `f` runs (a task that never returns must not leak it).
+            let a = {
+                let g = given;
+                *g.0
+            };
+            f(a)
         })?;
         // SAFETY: `at` points into the box the child's closure owns; the child has not run (no
         // preemption with interrupts off, and `spawn` does not yield), so the box is alive,

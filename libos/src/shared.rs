@@ -46,7 +46,7 @@
 //! use libos::shared::{SharedHeap, SharedVec};
 //! let heap = SharedHeap::new("results", 0x2_0000_0000, 1 << 20).expect("memory");
 //! let alloc = heap.allocator();
-//! let t = heap.template().clone();
+//! let t = heap.template();
 //! let h = libos::task::spawn(&[&t], move || {
 //!     let mut v = SharedVec::new_in(alloc);
 //!     v.push(7u32);
@@ -115,9 +115,12 @@ fn heap(id: u64) -> Option<Arc<Inner>> {
     weak.upgrade()
 }
 
-/// The kernel side of a [`SharedHeap`] handle: keeps the heap alive.
+/// The kernel side of a [`SharedHeap`] handle: keeps the heap and its template alive.
 #[derive(Debug)]
-struct HeapRef(Arc<Inner>);
+struct HeapRef {
+    inner: Arc<Inner>,
+    template: Template,
+}
 
 /// A heap shared by every task that attaches its template. See the module docs.
 ///
@@ -126,7 +129,6 @@ struct HeapRef(Arc<Inner>);
 /// nothing, and when the owner ends the kernel releases it.
 #[derive(Debug)]
 pub struct SharedHeap {
-    template: Template,
     alloc: SharedAlloc,
     capacity: u64,
     obj: Owned<HeapRef>,
@@ -136,12 +138,11 @@ impl Clone for SharedHeap {
     /// Another handle to the same heap, owned by the running task. Panics in a task that does not
     /// own `self` (naming the heap and its owner).
     fn clone(&self) -> SharedHeap {
-        let inner = self.obj.with(|h| h.0.clone());
+        let (inner, template) = self.obj.with(|h| (h.inner.clone(), h.template.clone()));
         SharedHeap {
-            template: self.template.clone(),
             alloc: self.alloc,
             capacity: self.capacity,
-            obj: Owned::new(HeapRef(inner)),
+            obj: Owned::new(HeapRef { inner, template }),
         }
     }
 }
@@ -224,21 +225,22 @@ impl SharedHeap {
             .frames_region(name, start, Kind::Shared, backing)?
             .seal()?;
         Ok(SharedHeap {
-            template,
             alloc: SharedAlloc { id },
             capacity: len,
-            obj: Owned::new(HeapRef(inner)),
+            obj: Owned::new(HeapRef { inner, template }),
         })
     }
 
-    /// The template to attach (with [`crate::task::spawn`]) in every task that uses the heap.
+    /// The template to attach (with [`crate::task::spawn`]) in every task that uses the heap (a
+    /// new reference to it; the heap's handle keeps its own). Panics in a task that does not own
+    /// the heap, naming it and its owner.
     ///
     /// ```no_run
     /// let heap = libos::shared::SharedHeap::new("results", 0x2_0000_0000, 1 << 20).expect("memory");
-    /// let h = libos::task::spawn(&[heap.template()], || 0).expect("spawn");
+    /// let h = libos::task::spawn(&[&heap.template()], || 0).expect("spawn");
     /// ```
-    pub fn template(&self) -> &Template {
-        &self.template
+    pub fn template(&self) -> Template {
+        self.obj.with(|h| h.template.clone())
     }
 
     /// Which heap to allocate in, for the shared collections. Only tasks that attach
@@ -349,7 +351,7 @@ unsafe impl<K: ShareSafe, V: ShareSafe> ShareSafe for SharedMap<K, V> {}
 /// ```no_run
 /// use libos::shared::{SharedHeap, SharedVec};
 /// let heap = SharedHeap::new("v", 0x2_0000_0000, 1 << 20).expect("memory");
-/// let t = heap.template().clone();
+/// let t = heap.template();
 /// let alloc = heap.allocator();
 /// let h = libos::task::spawn(&[&t], move || {
 ///     let mut v = SharedVec::new_in(alloc);
@@ -466,7 +468,7 @@ impl<T: ShareSafe + Hash> Hash for SharedVec<T> {
 /// use core::sync::atomic::{AtomicU64, Ordering};
 /// use libos::shared::{SharedBox, SharedHeap};
 /// let heap = SharedHeap::new("b", 0x2_0000_0000, 1 << 20).expect("memory");
-/// let t = heap.template().clone();
+/// let t = heap.template();
 /// let alloc = heap.allocator();
 /// let h = libos::task::spawn(&[&t], move || {
 ///     let hits = SharedBox::new_in(AtomicU64::new(0), alloc);
@@ -517,7 +519,7 @@ const HASH_SEED: u64 = 0x5374_656e_6369_6c00;
 /// ```no_run
 /// use libos::shared::{SharedHeap, SharedMap};
 /// let heap = SharedHeap::new("kv", 0x2_0000_0000, 1 << 20).expect("memory");
-/// let t = heap.template().clone();
+/// let t = heap.template();
 /// let alloc = heap.allocator();
 /// let h = libos::task::spawn(&[&t], move || {
 ///     let mut m = SharedMap::new_in(alloc);

@@ -571,7 +571,7 @@ fn main() -> i32 {
     let keys = Arc::new(keys);
 
     let board: BoardCell = Arc::new(Mutex::new(None));
-    let templates = [&snapshot, &library, heap.template()];
+    let templates = [&snapshot, &library, &heap.template()];
     let mut failed = false;
     for &mode in &args.modes {
         match serve(mode, &templates, &heap, &board, &keys, &cfg, args.quiet) {
@@ -587,7 +587,7 @@ fn main() -> i32 {
     // The board's memory is in the shared heap: drop it in a task that attaches it.
     let b = board.clone();
     drop(board);
-    let h = Builder::new().spawn(&[heap.template()], move || {
+    let h = Builder::new().spawn(&[&heap.template()], move || {
         drop(b);
         0
     });
@@ -626,7 +626,7 @@ fn serve(
     let builder = Builder::new().mode(mode);
     // Set up the board in the shared heap.
     let (b, alloc, n) = (board.clone(), heap.allocator(), keys.len());
-    let setup = builder.spawn(&[heap.template()], move || {
+    let setup = builder.spawn(&[&heap.template()], move || {
         let replies = SharedVec::with_capacity_in(n, alloc);
         let counters = SharedBox::new_in(Counters::default(), alloc);
         *b.lock() = Some(Board { replies, counters });

@@ -302,7 +302,7 @@ fn main() -> i32 {
     let mut handles = Vec::new();
     for (w, (start, len)) in slices(&text, args.workers).into_iter().enumerate() {
         let (counts, alloc) = (counts.clone(), heap.allocator());
-        match task::spawn(&[&corpus, heap.template()], move || {
+        match task::spawn(&[&corpus, &heap.template()], move || {
             worker(w, start, len, &counts, &alloc)
         }) {
             Ok(h) => handles.push((w, h)),
@@ -337,7 +337,7 @@ fn main() -> i32 {
     let (exp, report) = (expected.clone(), Arc::new(Mutex::new(String::new())));
     let rep = report.clone();
     let (c, workers) = (counts, args.workers);
-    let checker = task::spawn(&[heap.template()], move || {
+    let checker = task::spawn(&[&heap.template()], move || {
         let Ok(lock) = Arc::try_unwrap(c) else {
             return 20;
         };

@@ -214,7 +214,7 @@ fn shared_heap() -> Check {
     let heap = SharedHeap::new("h", 0x2_0000_0000, 1).map_err(|_| "shared heap")?;
     eq(heap.stats().capacity, PAGE as usize, "1 byte is one page")?;
     let alloc = heap.allocator();
-    let t = heap.template().clone();
+    let t = heap.template();
     let h = task::spawn(&[&t], move || {
         let mut v = libos::shared::SharedVec::new_in(alloc);
         v.push(0x5eed_u64);

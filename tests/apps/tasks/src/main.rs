@@ -416,7 +416,7 @@ fn shared_heap() -> Result<(), &'static str> {
     let heap = SharedHeap::new("kv-heap", 0x2_0000_0000, 1 << 20).map_err(|_| "shared heap")?;
     let alloc = heap.allocator();
     let map = alloc::sync::Arc::new(Mutex::new(SharedMap::new_in(alloc)));
-    let t = heap.template().clone();
+    let t = heap.template();
     let workers: Vec<_> = (0..8u64)
         .map(|w| {
             let map = map.clone();
