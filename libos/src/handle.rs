@@ -33,7 +33,7 @@
 //! `struct TcpStream(Owned<StreamState>)`.
 //!
 //! ```no_run
-//! use libos::handle::{HandleError, Owned};
+//! use libos::handle::Owned;
 //! let counter = Owned::new(0u64);
 //! counter.with(|n| *n += 1);
 //! assert_eq!(counter.try_with(|n| *n), Ok(1));
