@@ -272,8 +272,53 @@ fn respond(s: &mut TcpStream, body: &str) -> Result<(), libos::net::NetError> {
     s.flush()
 }
 
+/// A task that binds a TCP listener and a UDP socket and panics holding them: afterwards both
+/// ports are free again and the stack holds no more sockets than before.
+fn ports_of_a_dead_task() -> Result<(), String> {
+    const TCP_PORT: u16 = 81;
+    const UDP_PORT: u16 = 5353;
+    let sockets0 = net::stats().sockets;
+    let (tx, rx) = channel::bounded::<u8>(1);
+    let (go_tx, go_rx) = channel::bounded::<u8>(1);
+    let h = handle::spawn_with(&[], (tx, go_rx), |(tx, go)| {
+        let l = TcpListener::bind_with_backlog(TCP_PORT, 4).expect("bind TCP");
+        let u = net::UdpSocket::bind(UDP_PORT).expect("bind UDP");
+        tx.send(1).expect("main listens");
+        let _ = go.recv(); // until main has seen the ports taken
+        panic!("deliberate panic holding {l:?} and {u:?}");
+    })
+    .map_err(|e| format!("spawn: {e}"))?;
+    rx.recv().ok_or("the binding task never reported")?;
+    // While it lives, the ports are taken.
+    let taken = |r: Result<(), net::NetError>| matches!(r, Err(net::NetError::AddrInUse { .. }));
+    if !taken(TcpListener::bind(TCP_PORT).map(drop))
+        || !taken(net::UdpSocket::bind(UDP_PORT).map(drop))
+    {
+        return Err(String::from("a second socket got a port in use"));
+    }
+    go_tx
+        .send(1)
+        .map_err(|_| "the binding task is gone early")?;
+    let r = h.join();
+    if !matches!(r, Err(TaskError::Panic(_))) {
+        return Err(format!("the binding task ended with {r:?}"));
+    }
+    net::poll(); // retire the aborted listening sockets
+    let l = TcpListener::bind(TCP_PORT).map_err(|e| format!("TCP port of a dead task: {e}"))?;
+    let u = net::UdpSocket::bind(UDP_PORT).map_err(|e| format!("UDP port of a dead task: {e}"))?;
+    drop((l, u));
+    net::poll();
+    let sockets = net::stats().sockets;
+    if sockets != sockets0 {
+        return Err(format!("{sockets0} sockets before, {sockets} after"));
+    }
+    println!("owned: a dead task's listener and UDP socket freed their ports ({sockets} sockets)");
+    Ok(())
+}
+
 fn serve() -> Result<(), String> {
     net::init().map_err(|e| format!("network: {e}"))?;
+    ports_of_a_dead_task()?;
     let mut listener = TcpListener::bind(80).map_err(|e| format!("bind: {e}"))?;
     println!("owned: listening");
     let mut dead: Vec<u64> = Vec::new();
