@@ -959,4 +959,182 @@ mod tests {
         release_all(1);
         assert_eq!(live_objects(), 0);
     }
+
+    // ---- A proptest: random programs of several tasks against a plain model ----
+
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Create { task: u64 },
+        Use { h: usize, task: u64 },
+        Fork { h: usize },
+        Give { h: usize, task: u64, to: u64 },
+        Drop { h: usize, task: u64 },
+        Take { h: usize, task: u64 },
+        Release { task: u64 },
+    }
+
+    const TASKS: u64 = 4;
+
+    fn op() -> impl Strategy<Value = Op> {
+        let t = 0..TASKS;
+        let h = 0..16usize;
+        prop_oneof![
+            t.clone().prop_map(|task| Op::Create { task }),
+            (h.clone(), t.clone()).prop_map(|(h, task)| Op::Use { h, task }),
+            h.clone().prop_map(|h| Op::Fork { h }),
+            (h.clone(), t.clone(), t.clone()).prop_map(|(h, task, to)| Op::Give { h, task, to }),
+            (h.clone(), t.clone()).prop_map(|(h, task)| Op::Drop { h, task }),
+            (h, t.clone()).prop_map(|(h, task)| Op::Take { h, task }),
+            t.prop_map(|task| Op::Release { task }),
+        ]
+    }
+
+    /// What the registry should hold: per object id, its owner while alive, and its drop counter.
+    struct Model {
+        owner: alloc::collections::BTreeMap<u64, Option<u64>>,
+        drops: alloc::collections::BTreeMap<u64, Rc<Cell<u32>>>,
+    }
+
+    impl Model {
+        fn alive_owner(&self, id: u64) -> Option<u64> {
+            self.owner.get(&id).copied().flatten()
+        }
+
+        fn check(&self) -> Result<(), TestCaseError> {
+            for (id, owner) in &self.owner {
+                let want = u32::from(owner.is_none());
+                prop_assert_eq!(
+                    self.drops[id].get(),
+                    want,
+                    "object {} dropped {} times",
+                    id,
+                    self.drops[id].get()
+                );
+            }
+            for t in 0..TASKS {
+                let n = self.owner.values().filter(|o| **o == Some(t)).count();
+                prop_assert_eq!(owned_by(t), n, "objects of task {}", t);
+            }
+            let alive = self.owner.values().filter(|o| o.is_some()).count();
+            prop_assert_eq!(live_objects(), alive);
+            Ok(())
+        }
+    }
+
+    fn run(ops: &[Op]) -> Result<(), TestCaseError> {
+        for t in 0..TASKS {
+            release_all(t);
+        }
+        prop_assert_eq!(live_objects(), 0);
+        let mut m = Model {
+            owner: alloc::collections::BTreeMap::new(),
+            drops: alloc::collections::BTreeMap::new(),
+        };
+        // Handle values (several may name one object: forked copies), with the object's id.
+        let mut hs: Vec<(Owned<Probe>, u64)> = Vec::new();
+        let mut last_id = 0;
+        for op in ops {
+            match *op {
+                Op::Create { task } => {
+                    set_test_current(task);
+                    let (p, drops) = probe();
+                    let h = Owned::new(p);
+                    prop_assert!(
+                        h.id() > last_id,
+                        "ids only grow: {} after {}",
+                        h.id(),
+                        last_id
+                    );
+                    last_id = h.id();
+                    m.owner.insert(h.id(), Some(task));
+                    m.drops.insert(h.id(), drops);
+                    hs.push((h, last_id));
+                }
+                Op::Use { h, task } if h < hs.len() => {
+                    set_test_current(task);
+                    let (handle, id) = (&hs[h].0, hs[h].1);
+                    let r = handle.try_with(|p| p.0.get());
+                    match m.alive_owner(id) {
+                        Some(o) if o == task => prop_assert_eq!(r, Ok(0)),
+                        Some(o) => prop_assert!(
+                            matches!(r, Err(HandleError::NotOwner { owner, caller, .. }) if owner == o && caller == task),
+                            "{:?}",
+                            r
+                        ),
+                        None => prop_assert!(matches!(r, Err(HandleError::Gone { .. })), "{:?}", r),
+                    }
+                }
+                Op::Fork { h } if h < hs.len() => {
+                    let copy = forked_copy(&hs[h].0);
+                    hs.push((copy, hs[h].1));
+                }
+                Op::Give { h, task, to } if h < hs.len() => {
+                    set_test_current(task);
+                    let id = hs[h].1;
+                    let r = hs[h].0.try_give_to(to);
+                    if m.alive_owner(id) == Some(task) {
+                        prop_assert_eq!(r, Ok(()));
+                        m.owner.insert(id, Some(to));
+                    } else {
+                        prop_assert!(r.is_err());
+                    }
+                }
+                Op::Drop { h, task } if h < hs.len() => {
+                    set_test_current(task);
+                    let (handle, id) = hs.swap_remove(h);
+                    drop(handle);
+                    if m.alive_owner(id) == Some(task) {
+                        m.owner.insert(id, None);
+                    }
+                }
+                Op::Take { h, task } if h < hs.len() => {
+                    set_test_current(task);
+                    let (handle, id) = hs.swap_remove(h);
+                    let r = handle.try_take();
+                    if m.alive_owner(id) == Some(task) {
+                        prop_assert!(r.is_ok());
+                        drop(r);
+                        m.owner.insert(id, None);
+                    } else {
+                        prop_assert!(r.is_err());
+                    }
+                }
+                Op::Release { task } => {
+                    release_all(task);
+                    for o in m.owner.values_mut() {
+                        if *o == Some(task) {
+                            *o = None;
+                        }
+                    }
+                }
+                _ => {} // a handle index past the end: nothing to do
+            }
+            m.check()?;
+        }
+        for t in 0..TASKS {
+            release_all(t);
+        }
+        prop_assert_eq!(live_objects(), 0);
+        // Every handle left is stale now: dropping them all (in any task) drops nothing more.
+        set_test_current(0);
+        drop(hs);
+        for (id, d) in &m.drops {
+            prop_assert_eq!(d.get(), 1, "object {} dropped {} times in all", id, d.get());
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Owner-only use, inert forked copies, give, take, drop and release_all, in any order
+        /// and across tasks, match the model; every object is dropped exactly once, when its
+        /// owner drops or takes it or ends.
+        #[test]
+        fn registry_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+            run(&ops)?;
+        }
+    }
 }
