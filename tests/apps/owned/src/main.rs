@@ -243,6 +243,17 @@ fn tasks(n: usize, only: Option<End>) -> Result<(), String> {
     Ok(())
 }
 
+/// A bitwise copy of a stream, as a fork leaves one in the child's copy of memory.
+fn forked_copy(s: &TcpStream) -> TcpStream {
+    // SAFETY: a `TcpStream` is plain data (a registry handle and the peer's address), made to be
+    // copied bitwise by a fork: a copy in a task that does not own the socket is refused and
+    // its drop does nothing, so two values may exist and both be dropped.
+    #[allow(unsafe_code, reason = "the test plays a fork")]
+    unsafe {
+        core::ptr::read(s)
+    }
+}
+
 /// The request's path, from the first line.
 fn read_path(s: &mut TcpStream) -> Result<String, String> {
     let mut buf = [0u8; 1024];
@@ -347,7 +358,14 @@ fn serve() -> Result<(), String> {
             _ => End::Return,
         };
         let (tx, rx) = channel::bounded::<u8>(1);
-        let h = handle::spawn_with(&[], (s, tx), move |(mut s, tx)| {
+        // For `/`, main keeps what a fork of its memory would leave in a child: a bitwise copy
+        // of the stream it gives away.
+        let copy = (how == End::Return).then(|| forked_copy(&s));
+        let (go_tx, go_rx) = channel::bounded::<u8>(1);
+        let h = handle::spawn_with(&[], (s, tx, go_rx), move |(mut s, tx, go)| {
+            if how == End::Return {
+                let _ = go.recv(); // until main has tried its copy
+            }
             let body = match how {
                 End::Panic => "sent by a task that then panicked\n",
                 End::Kill => "sent by a task that was then killed\n",
@@ -372,6 +390,23 @@ fn serve() -> Result<(), String> {
             }
         })
         .map_err(|e| format!("spawn: {e}"))?;
+        if let Some(mut copy) = copy {
+            let r = copy.write_all(b"not mine");
+            let refused = matches!(
+                r,
+                Err(net::NetError::Handle(handle::HandleError::NotOwner { owner, caller, .. }))
+                    if owner == h.id() && caller == task::current()
+            );
+            if !refused {
+                return Err(format!("a copy of a stream given away wrote: {r:?}"));
+            }
+            drop(copy); // inert: the worker's stream must still work
+            println!(
+                "owned: a copy of a given stream is refused ({}) and its drop is inert",
+                r.unwrap_err()
+            );
+            go_tx.send(1).map_err(|_| "the worker is gone early")?;
+        }
         // The worker has written its response (or failed) when it sends.
         let _ = rx.recv();
         if how == End::Kill {
