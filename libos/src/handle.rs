@@ -521,7 +521,8 @@ impl<T: Send + 'static> Drop for Owned<T> {
 /// handle cannot be passed on.
 ///
 /// Sealed: libos implements it for its handle types and for `()`, tuples (up to 4), arrays,
-/// `Option` and `Vec` of them. So a value that is `Give` is made only of handles (which are not
+/// `Option` and `Vec` of them. (A libos type that wraps an [`Owned`] implements it by forwarding
+/// to the handle, plus `sealed::Sealed`, as `net::TcpStream` does.) So a value that is `Give` is made only of handles (which are not
 /// `Send` only so that nothing but a give moves them) and containers, which is what lets a spawn
 /// move it into the child.
 pub trait Give: sealed::Sealed {
