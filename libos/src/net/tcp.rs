@@ -55,7 +55,7 @@ fn new_listening(net: &mut NetState, port: u16) -> SocketHandle {
 
 /// A TCP port accepting connections.
 ///
-/// A handle: owned by the task that bound it (see the [module docs](self) and
+/// A handle: owned by the task that bound it (see the [`net`](crate::net) docs and
 /// [`crate::handle`]); only the owner may accept, other tasks get [`NetError::Handle`]. Dropping
 /// it in the owner (or the owner's end) frees the port and resets connections not yet accepted.
 ///
@@ -193,7 +193,7 @@ impl Drop for Listener {
 
 /// One TCP connection.
 ///
-/// A handle: owned by the task that accepted it (see the [module docs](self) and
+/// A handle: owned by the task that accepted it (see the [`net`](crate::net) docs and
 /// [`crate::handle`]). Only the owner may read, write or close it; any other task (a child
 /// holding a forked copy) gets [`NetError::Handle`] (`close` panics there, naming the stream).
 /// Dropping it in the owner closes the connection (a forked copy's drop does nothing); when the
