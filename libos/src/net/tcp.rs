@@ -103,12 +103,13 @@ impl TcpListener {
             }
             net.tcp_ports.push(port);
             let backlog = (0..backlog).map(|_| new_listening(net, port)).collect();
-            Ok(Listener { port, backlog })
+            // Registered while the stack is locked (interrupts off): a task killed right after
+            // still owns it, so its end frees the port.
+            Ok(TcpListener {
+                port,
+                inner: Owned::new(Listener { port, backlog }),
+            })
         })?
-        .map(|l| TcpListener {
-            port,
-            inner: Owned::new(l),
-        })
     }
 
     /// The port.
@@ -118,18 +119,13 @@ impl TcpListener {
 
     /// Waits for a connection. [`NetError::Handle`] in a task that does not own the listener.
     pub fn accept(&mut self) -> Result<TcpStream, NetError> {
-        let (h, peer) = self
-            .inner
-            .try_with(|l| block_on(None, |net| l.take_ready(net).map(Ok)))??;
-        Ok(TcpStream::new(h, peer))
+        self.inner
+            .try_with(|l| block_on(None, |net| l.take_ready(net).map(Ok)))?
     }
 
     /// A connection if one is waiting, else `None` at once.
     pub fn try_accept(&mut self) -> Result<Option<TcpStream>, NetError> {
-        let ready = self
-            .inner
-            .try_with(|l| with_net(|net| l.take_ready(net)))??;
-        Ok(ready.map(|(h, peer)| TcpStream::new(h, peer)))
+        self.inner.try_with(|l| with_net(|net| l.take_ready(net)))?
     }
 }
 
@@ -142,11 +138,10 @@ impl Give for TcpListener {
 }
 
 impl Listener {
-    /// A connected socket of the backlog (replaced by a fresh listening one) and its peer.
-    fn take_ready(
-        &mut self,
-        net: &mut NetState,
-    ) -> Option<(SocketHandle, Option<(Ipv4Addr, u16)>)> {
+    /// A connected socket of the backlog (replaced by a fresh listening one), registered as a
+    /// stream of the running task while the stack is locked (so a kill right after cannot lose
+    /// the socket: the task's end closes it).
+    fn take_ready(&mut self, net: &mut NetState) -> Option<TcpStream> {
         // A connection reset before it was accepted leaves its socket Closed: put a fresh
         // listening socket in its place, or the backlog would shrink for good.
         for slot in self.backlog.iter_mut() {
@@ -174,7 +169,7 @@ impl Listener {
                 let IpAddress::Ipv4(a) = e.addr;
                 (a, e.port)
             });
-        Some((h, peer))
+        Some(TcpStream::new(h, peer))
     }
 }
 

@@ -54,15 +54,15 @@ impl UdpSocket {
             s.bind(port)
                 .map_err(|_| NetError::InvalidInput("UDP port"))?;
             net.udp_ports.push(port);
-            Ok(Udp {
-                handle: net.sockets.add(s),
+            // Registered while the stack is locked: a task killed right after still owns it.
+            Ok(UdpSocket {
                 port,
+                inner: Owned::new(Udp {
+                    handle: net.sockets.add(s),
+                    port,
+                }),
             })
         })?
-        .map(|u| UdpSocket {
-            port,
-            inner: Owned::new(u),
-        })
     }
 
     /// The socket, if the running task owns it.
