@@ -6,9 +6,37 @@
 //! timer, so a producer always gets to run). When every sender is gone, `recv` drains what is
 //! left and then returns `None`; when every receiver is gone, `send` gives the value back.
 //!
+//! **What may be sent**: plain data, valid in any address space — types with `zerocopy`'s
+//! [`IntoBytes`] (integers, arrays, `#[derive(IntoBytes)]` structs: no pointers, no padding that
+//! could carry one task's bytes to another). A pointer into the sender's memory would mean
+//! nothing (or something else) in the receiver's, so `Box`, `Vec`, `String` and references do
+//! not compile:
+//!
+//! ```compile_fail,E0277
+//! extern crate alloc;
+//! let (tx, rx) = libos::channel::bounded::<alloc::boxed::Box<u8>>(1); // refused
+//! ```
+//!
+//! ```compile_fail,E0277
+//! let (tx, rx) = libos::channel::bounded::<&'static str>(1); // refused
+//! ```
+//!
+//! **Ownership**: each end is a handle ([`crate::handle::Owned`]) owned by the task that made it
+//! (`bounded` or `clone`). Only the owner may use it: in any other task (a child holding a forked
+//! copy) `send`, `recv` and the other calls panic, naming the end and its owner, which ends only
+//! that task. The owner's drop releases the end (a forked copy's drop does nothing), and when the
+//! owner ends, however it ends, the kernel releases every end it still owns, so the other side
+//! sees the channel close. Ends are not `Send`: a child gets one by a give ([`Give`], e.g.
+//! `libos::handle::spawn_with`), not by capturing it.
+//!
+//! ```compile_fail,E0277
+//! let (tx, rx) = libos::channel::bounded::<u64>(16);
+//! libos::task::spawn(&[], move || tx.send(1).is_ok() as i32); // refused: not `Send`
+//! ```
+//!
 //! ```no_run
 //! let (tx, rx) = libos::channel::bounded::<u64>(16);
-//! let worker = libos::task::spawn(&[], move || {
+//! let worker = libos::handle::spawn_with(&[], tx, |tx| {
 //!     tx.send(42).expect("receiver alive");
 //!     0
 //! })
@@ -20,7 +48,10 @@
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 
+pub use zerocopy::IntoBytes;
+
 use crate::arch::irq::IrqMutex;
+use crate::handle::{Give, Owned};
 
 #[derive(Debug)]
 struct State<T> {
@@ -30,16 +61,50 @@ struct State<T> {
     receivers: usize,
 }
 
-/// The sending half. Clone it for more producers.
+/// One end, in the kernel: the queue, and which side it counts on. Dropping it uncounts it.
 #[derive(Debug)]
-pub struct Sender<T> {
-    inner: Arc<IrqMutex<State<T>>>,
+struct End<T> {
+    state: Arc<IrqMutex<State<T>>>,
+    sender: bool,
 }
 
-/// The receiving half. Clone it for more consumers.
+impl<T> End<T> {
+    fn new(state: Arc<IrqMutex<State<T>>>, sender: bool) -> End<T> {
+        {
+            let mut s = state.lock();
+            if sender {
+                s.senders += 1;
+            } else {
+                s.receivers += 1;
+            }
+        }
+        End { state, sender }
+    }
+}
+
+impl<T> Drop for End<T> {
+    fn drop(&mut self) {
+        let mut s = self.state.lock();
+        if self.sender {
+            s.senders -= 1;
+        } else {
+            s.receivers -= 1;
+        }
+    }
+}
+
+/// The sending half. Clone it for more producers. A handle owned by one task (see the
+/// [module docs](self)).
 #[derive(Debug)]
-pub struct Receiver<T> {
-    inner: Arc<IrqMutex<State<T>>>,
+pub struct Sender<T: IntoBytes + Send + 'static> {
+    end: Owned<End<T>>,
+}
+
+/// The receiving half. Clone it for more consumers. A handle owned by one task (see the
+/// [module docs](self)).
+#[derive(Debug)]
+pub struct Receiver<T: IntoBytes + Send + 'static> {
+    end: Owned<End<T>>,
 }
 
 /// `send` failed because every receiver is gone; the value comes back.
@@ -72,32 +137,40 @@ pub enum TrySendError<T> {
 /// (`try_send` gives [`TrySendError::Full`], `send` waits for a receiver to make room).
 ///
 /// ```no_run
-/// let (tx, rx) = libos::channel::bounded::<&'static str>(4);
-/// tx.send("job").expect("receiver alive");
+/// let (tx, rx) = libos::channel::bounded::<[u8; 3]>(4);
+/// tx.send(*b"job").expect("receiver alive");
 /// drop(tx);
-/// assert_eq!(rx.recv(), Some("job"));
+/// assert_eq!(rx.recv(), Some(*b"job"));
 /// assert_eq!(rx.recv(), None); // every sender is gone
 /// ```
-pub fn bounded<T: Send>(cap: usize) -> (Sender<T>, Receiver<T>) {
+pub fn bounded<T: IntoBytes + Send + 'static>(cap: usize) -> (Sender<T>, Receiver<T>) {
     let cap = cap.max(1);
-    let inner = Arc::new(IrqMutex::new(State {
+    let state = Arc::new(IrqMutex::new(State {
         queue: VecDeque::with_capacity(crate::limits::channel_prealloc(cap)),
         cap,
-        senders: 1,
-        receivers: 1,
+        senders: 0,
+        receivers: 0,
     }));
     (
         Sender {
-            inner: inner.clone(),
+            end: Owned::new(End::new(state.clone(), true)),
         },
-        Receiver { inner },
+        Receiver {
+            end: Owned::new(End::new(state, false)),
+        },
     )
 }
 
-impl<T: Send> Sender<T> {
+impl<T: IntoBytes + Send + 'static> Sender<T> {
+    /// The queue, if the running task owns this end; else a panic naming the end and its owner.
+    fn state(&self) -> Arc<IrqMutex<State<T>>> {
+        self.end.with(|e| e.state.clone())
+    }
+
     /// Sends without waiting.
     pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
-        let mut s = self.inner.lock();
+        let state = self.state();
+        let mut s = state.lock();
         if s.receivers == 0 {
             return Err(TrySendError::Disconnected(value));
         }
@@ -123,11 +196,17 @@ impl<T: Send> Sender<T> {
     }
 }
 
-impl<T: Send> Receiver<T> {
+impl<T: IntoBytes + Send + 'static> Receiver<T> {
+    /// The queue, if the running task owns this end; else a panic naming the end and its owner.
+    fn state(&self) -> Arc<IrqMutex<State<T>>> {
+        self.end.with(|e| e.state.clone())
+    }
+
     /// Receives without waiting: `Ok(None)` when empty, `Err(Closed)` when empty and every
     /// sender is gone.
     pub fn try_recv(&self) -> Result<Option<T>, Closed> {
-        let mut s = self.inner.lock();
+        let state = self.state();
+        let mut s = state.lock();
         match s.queue.pop_front() {
             Some(v) => Ok(Some(v)),
             None if s.senders == 0 => Err(Closed),
@@ -149,7 +228,7 @@ impl<T: Send> Receiver<T> {
 
     /// Values currently queued.
     pub fn len(&self) -> usize {
-        self.inner.lock().queue.len()
+        self.state().lock().queue.len()
     }
 
     /// True when nothing is queued.
@@ -158,32 +237,36 @@ impl<T: Send> Receiver<T> {
     }
 }
 
-impl<T> Clone for Sender<T> {
+impl<T: IntoBytes + Send + 'static> Clone for Sender<T> {
+    /// Another sender, owned by the running task (which must own `self`).
     fn clone(&self) -> Self {
-        self.inner.lock().senders += 1;
         Sender {
-            inner: self.inner.clone(),
+            end: Owned::new(End::new(self.state(), true)),
         }
     }
 }
 
-impl<T> Clone for Receiver<T> {
+impl<T: IntoBytes + Send + 'static> Clone for Receiver<T> {
+    /// Another receiver, owned by the running task (which must own `self`).
     fn clone(&self) -> Self {
-        self.inner.lock().receivers += 1;
         Receiver {
-            inner: self.inner.clone(),
+            end: Owned::new(End::new(self.state(), false)),
         }
     }
 }
 
-impl<T> Drop for Sender<T> {
-    fn drop(&mut self) {
-        self.inner.lock().senders -= 1;
+impl<T: IntoBytes + Send + 'static> crate::handle::sealed::Sealed for Sender<T> {}
+
+impl<T: IntoBytes + Send + 'static> Give for Sender<T> {
+    fn give_to(&self, task: u64) {
+        self.end.give_to(task);
     }
 }
 
-impl<T> Drop for Receiver<T> {
-    fn drop(&mut self) {
-        self.inner.lock().receivers -= 1;
+impl<T: IntoBytes + Send + 'static> crate::handle::sealed::Sealed for Receiver<T> {}
+
+impl<T: IntoBytes + Send + 'static> Give for Receiver<T> {
+    fn give_to(&self, task: u64) {
+        self.end.give_to(task);
     }
 }

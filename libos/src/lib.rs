@@ -26,6 +26,8 @@ extern crate alloc;
 
 pub mod calibrate;
 pub mod cmdline;
+#[cfg(any(test, target_os = "none"))]
+pub mod handle;
 pub mod limits;
 pub mod memmap;
 pub mod mm;

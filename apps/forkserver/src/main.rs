@@ -45,10 +45,8 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use allocator_api2::boxed::Box as SharedBox;
-use allocator_api2::vec::Vec as SharedVec;
 use libos::println;
-use libos::shared::{SharedAlloc, SharedHeap};
+use libos::shared::{SharedBox, SharedHeap, SharedVec};
 use libos::space::{ImageSection, Kind, Mode, Template, TemplateBuilder};
 use libos::sync::Mutex;
 use libos::task::{self, Builder, TaskError};
@@ -178,19 +176,31 @@ fn read_u64(va: u64) -> Result<u64, libos::space::Fault> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// One reply on the shared board.
-#[derive(Debug, Clone, Copy)]
+/// One reply on the shared board (and, to main, through a channel): plain data, as everything
+/// in a shared heap or a channel must be.
+#[derive(Debug, Clone, Copy, zerocopy::IntoBytes, zerocopy::Immutable)]
+#[repr(C)]
 struct Reply {
-    req: u32,
     key: u64,
-    value: Option<u64>,
-    /// TSC at the task's first instruction.
+    /// The value found, if `found`.
+    value: u64,
+    /// TSC at the task's first instruction (to main: cycles from its spawn).
     first_tsc: u64,
+    req: u32,
+    found: bool,
     /// The task's private write to its snapshot copy read back correctly.
     private_ok: bool,
+    _reserved: [u8; 2],
 }
 
-#[derive(Debug, Default)]
+impl Reply {
+    fn value(&self) -> Option<u64> {
+        self.found.then_some(self.value)
+    }
+}
+
+#[derive(Debug, Default, zerocopy::IntoBytes, zerocopy::Immutable)]
+#[repr(C)]
 struct Counters {
     hits: u64,
     misses: u64,
@@ -200,8 +210,8 @@ struct Counters {
 /// The board lives in the shared heap: only tasks that attach the heap's template can touch it,
 /// so a setup task creates it.
 struct Board {
-    replies: SharedVec<Reply, SharedAlloc>,
-    counters: SharedBox<Counters, SharedAlloc>,
+    replies: SharedVec<Reply>,
+    counters: SharedBox<Counters>,
 }
 
 type BoardCell = Arc<Mutex<Option<Board>>>;
@@ -256,11 +266,13 @@ fn handle(req: u32, key: u64, board: &BoardCell, first_tsc: u64) -> i32 {
     let mut guard = board.lock();
     let Some(b) = guard.as_mut() else { return 14 };
     b.replies.push(Reply {
-        req,
         key,
-        value,
+        value: value.unwrap_or(0),
         first_tsc,
+        req,
+        found: value.is_some(),
         private_ok,
+        _reserved: [0; 2],
     });
     if value.is_some() {
         b.counters.hits += 1;
@@ -559,7 +571,7 @@ fn main() -> i32 {
     let keys = Arc::new(keys);
 
     let board: BoardCell = Arc::new(Mutex::new(None));
-    let templates = [&snapshot, &library, heap.template()];
+    let templates = [&snapshot, &library, &heap.template()];
     let mut failed = false;
     for &mode in &args.modes {
         match serve(mode, &templates, &heap, &board, &keys, &cfg, args.quiet) {
@@ -575,7 +587,7 @@ fn main() -> i32 {
     // The board's memory is in the shared heap: drop it in a task that attaches it.
     let b = board.clone();
     drop(board);
-    let h = Builder::new().spawn(&[heap.template()], move || {
+    let h = Builder::new().spawn(&[&heap.template()], move || {
         drop(b);
         0
     });
@@ -614,8 +626,8 @@ fn serve(
     let builder = Builder::new().mode(mode);
     // Set up the board in the shared heap.
     let (b, alloc, n) = (board.clone(), heap.allocator(), keys.len());
-    let setup = builder.spawn(&[heap.template()], move || {
-        let replies = SharedVec::with_capacity_in(n, alloc.clone());
+    let setup = builder.spawn(&[&heap.template()], move || {
+        let replies = SharedVec::with_capacity_in(n, alloc);
         let counters = SharedBox::new_in(Counters::default(), alloc);
         *b.lock() = Some(Board { replies, counters });
         0
@@ -667,9 +679,9 @@ fn serve(
     // Check the replies in a task that attaches the heap, the library and the snapshot.
     let expected: Vec<Option<u64>> = keys.iter().map(|&k| cfg.expected(k)).collect();
     let (b, starts2) = (board.clone(), Arc::new(starts));
-    let (tx, rx) = libos::channel::bounded::<(u32, u64, Option<u64>, u64)>(keys.len().max(1));
+    let (tx, rx) = libos::channel::bounded::<Reply>(keys.len().max(1));
     let checker_starts = starts2.clone();
-    let checker = builder.spawn(templates, move || {
+    let checker = libos::handle::spawn_with_in(builder, templates, tx, move |tx| {
         // No private write reached the snapshot: the scratch page is still zero here.
         if read_u64(STATE_VA + SCRATCH_OFF) != Ok(0) {
             return 20;
@@ -696,13 +708,19 @@ fn serve(
         let mut hits = 0;
         for r in board.replies.iter() {
             let i = r.req as usize;
-            if i >= expected.len() || seen_req[i] || r.value != expected[i] || !r.private_ok {
+            if i >= expected.len() || seen_req[i] || r.value() != expected[i] || !r.private_ok {
                 return 24;
             }
             seen_req[i] = true;
-            hits += u64::from(r.value.is_some());
+            hits += u64::from(r.found);
             let first = r.first_tsc.saturating_sub(checker_starts[i]);
-            if tx.send((r.req, r.key, r.value, first)).is_err() {
+            if tx
+                .send(Reply {
+                    first_tsc: first,
+                    ..*r
+                })
+                .is_err()
+            {
                 return 25;
             }
         }
@@ -728,9 +746,10 @@ fn serve(
     while let Ok(Some(r)) = rx.try_recv() {
         replies.push(r);
     }
-    replies.sort_unstable_by_key(|r| r.0);
+    replies.sort_unstable_by_key(|r| r.req);
     let mut hits = 0;
-    for &(req, key, value, first) in &replies {
+    for r in &replies {
+        let (req, key, value, first) = (r.req, r.key, r.value(), r.first_tsc);
         let first = libos::time::cycles_to_duration(first).as_nanos() as u64;
         first_ns.push(first);
         hits += u64::from(value.is_some());

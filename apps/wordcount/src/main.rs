@@ -25,9 +25,8 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use allocator_api2::vec::Vec as SharedVec;
 use libos::println;
-use libos::shared::{SharedAlloc, SharedHeap};
+use libos::shared::{SharedAlloc, SharedHeap, SharedMap as Map, SharedVec};
 use libos::space::{Kind, TemplateBuilder};
 use libos::sync::Mutex;
 use libos::task;
@@ -48,28 +47,9 @@ const MAX_VOCAB: u64 = 50_000;
 /// keys, the corpus template): the shared heap, stacks, tables and a margin.
 const OVERHEAD_MIB: u64 = 24;
 
-/// A word stored in the shared heap.
-#[derive(Debug, PartialEq, Eq)]
-struct Key(SharedVec<u8, SharedAlloc>);
-
-impl core::hash::Hash for Key {
-    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
-        self.0[..].hash(state);
-    }
-}
-
-/// A word to look up without copying it into the shared heap first (hashes like [`Key`]).
-#[derive(Debug, Hash)]
-struct Word<'a>(&'a [u8]);
-
-impl hashbrown::Equivalent<Key> for Word<'_> {
-    fn equivalent(&self, key: &Key) -> bool {
-        self.0 == &key.0[..]
-    }
-}
-
-/// The shared map: table and keys in the shared heap.
-type SharedMap = hashbrown::HashMap<Key, u64, hashbrown::DefaultHashBuilder, SharedAlloc>;
+/// The shared map: table and keys (words, in `SharedVec`s) in the shared heap. A key hashes like
+/// its bytes, so a word is looked up as a `&[u8]` without copying it into the heap first.
+type SharedMap = Map<SharedVec<u8>, u64>;
 
 /// Everything the workers share, behind one lock.
 struct Counts {
@@ -185,14 +165,14 @@ fn add_line(w: usize, line: &[u8], counts: &Mutex<Counts>, alloc: &SharedAlloc) 
             continue;
         }
         c.total += 1;
-        if let Some(n) = c.map.get_mut(&Word(word)) {
+        if let Some(n) = c.map.get_mut(word) {
             *n += 1;
         } else {
-            let mut key = SharedVec::new_in(alloc.clone());
+            let mut key = SharedVec::new_in(*alloc);
             key.try_reserve_exact(word.len()).map_err(|_| ())?;
             key.extend_from_slice(word);
             c.map.try_reserve(1).map_err(|_| ())?;
-            c.map.insert(Key(key), 1);
+            c.map.insert(key, 1);
         }
     }
     Ok(())
@@ -311,7 +291,7 @@ fn main() -> i32 {
     // An empty map allocates nothing, so the main task may create it; only tasks that attach the
     // heap may insert into it, read it or drop it.
     let counts = Arc::new(Mutex::new(Counts {
-        map: SharedMap::with_hasher_in(Default::default(), heap.allocator()),
+        map: SharedMap::new_in(heap.allocator()),
         total: 0,
         batches: 0,
         last_worker: usize::MAX,
@@ -322,7 +302,7 @@ fn main() -> i32 {
     let mut handles = Vec::new();
     for (w, (start, len)) in slices(&text, args.workers).into_iter().enumerate() {
         let (counts, alloc) = (counts.clone(), heap.allocator());
-        match task::spawn(&[&corpus, heap.template()], move || {
+        match task::spawn(&[&corpus, &heap.template()], move || {
             worker(w, start, len, &counts, &alloc)
         }) {
             Ok(h) => handles.push((w, h)),
@@ -357,7 +337,7 @@ fn main() -> i32 {
     let (exp, report) = (expected.clone(), Arc::new(Mutex::new(String::new())));
     let rep = report.clone();
     let (c, workers) = (counts, args.workers);
-    let checker = task::spawn(&[heap.template()], move || {
+    let checker = task::spawn(&[&heap.template()], move || {
         let Ok(lock) = Arc::try_unwrap(c) else {
             return 20;
         };
@@ -365,7 +345,7 @@ fn main() -> i32 {
         let mut out = String::new();
         let mut bad = 0;
         for (k, &n) in counts.map.iter() {
-            let word = core::str::from_utf8(&k.0).unwrap_or("<not utf-8>");
+            let word = core::str::from_utf8(k).unwrap_or("<not utf-8>");
             if exp.get(word) != Some(&n) {
                 bad += 1;
                 if bad <= 5 {
@@ -376,7 +356,7 @@ fn main() -> i32 {
                 }
             }
         }
-        let mut top: Vec<(&[u8], u64)> = counts.map.iter().map(|(k, &n)| (&k.0[..], n)).collect();
+        let mut top: Vec<(&[u8], u64)> = counts.map.iter().map(|(k, &n)| (&k[..], n)).collect();
         top.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
         let top: Vec<String> = top
             .iter()

@@ -21,8 +21,11 @@
 //! (IO-APIC on microvm, INTx/MSI-X on q35), no wake-up lists. See `docs/net.md`.
 //!
 //! **Tasks.** The stack lives in the kernel heap and statics, which every task's address space
-//! shares (the kernel half), so a [`TcpStream`] accepted by one task can be moved into a task
-//! spawned from a snapshot and used there. Sockets are plain handles into the shared stack.
+//! shares (the kernel half). An app holds only handles ([`crate::handle::Owned`]): a socket
+//! belongs to the task that made it, which alone may use it; a task spawned from a fork of its
+//! memory holds an inert copy (using it is [`NetError::Handle`], dropping it does nothing) until
+//! the socket is given to it ([`crate::handle::Give`], e.g. with `libos::handle::spawn_with`).
+//! When a task ends, however it ends, the kernel closes every socket it still owns.
 
 mod device;
 mod tcp;
@@ -93,6 +96,15 @@ pub enum NetError {
         /// Its size.
         len: usize,
     },
+    /// The running task may not use this socket: it does not own it (a forked copy of the
+    /// handle, or a socket given to another task), or it is gone.
+    Handle(crate::handle::HandleError),
+}
+
+impl From<crate::handle::HandleError> for NetError {
+    fn from(e: crate::handle::HandleError) -> NetError {
+        NetError::Handle(e)
+    }
 }
 
 impl fmt::Display for NetError {
@@ -122,6 +134,7 @@ impl fmt::Display for NetError {
             NetError::MessageTooLarge { len } => {
                 write!(f, "datagram of {len} bytes does not fit the buffer")
             }
+            NetError::Handle(e) => write!(f, "cannot use this socket: {e}"),
         }
     }
 }

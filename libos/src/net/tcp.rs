@@ -9,6 +9,13 @@
 //! stays in the stack until the peer has acknowledged everything (or [`CLOSE_TIMEOUT`] passes),
 //! then it is removed and its buffers freed.
 //!
+//! **Ownership.** A [`TcpListener`] and a [`TcpStream`] are handles ([`crate::handle::Owned`])
+//! to sockets kept in the kernel: only their owner task may use them (any other task, e.g. a
+//! child holding a forked copy, gets [`NetError::Handle`]), the owner's drop closes the socket (a
+//! forked copy's drop does nothing), [`crate::handle::Give`] hands one to a child, and when the
+//! owner ends — returns, panics, faults or is killed — the kernel closes what it still owns (the
+//! peer sees a FIN; a listener's pending connections are reset).
+//!
 //! [`accept`]: TcpListener::accept
 
 use alloc::vec;
@@ -20,6 +27,7 @@ use smoltcp::socket::tcp::{self, State};
 use smoltcp::wire::IpAddress;
 
 use super::{Ipv4Addr, NetError, NetState, block_on, with_net};
+use crate::handle::{Give, Owned};
 
 /// Listening sockets a [`TcpListener`] keeps by default.
 pub const DEFAULT_BACKLOG: usize = 16;
@@ -46,8 +54,26 @@ fn new_listening(net: &mut NetState, port: u16) -> SocketHandle {
 }
 
 /// A TCP port accepting connections.
+///
+/// A handle: owned by the task that bound it (see the [`net`](crate::net) docs and
+/// [`crate::handle`]); only the owner may accept, other tasks get [`NetError::Handle`]. Dropping
+/// it in the owner (or the owner's end) frees the port and resets connections not yet accepted.
+///
+/// Not `Send`: a `task::spawn` closure cannot capture it; hand it over with [`Give`].
+///
+/// ```compile_fail,E0277
+/// let mut l = libos::net::TcpListener::bind(80).expect("bind");
+/// libos::task::spawn(&[], move || l.accept().is_ok() as i32); // refused: not `Send`
+/// ```
 #[derive(Debug)]
 pub struct TcpListener {
+    port: u16,
+    inner: Owned<Listener>,
+}
+
+/// A listener's sockets, in the kernel.
+#[derive(Debug)]
+struct Listener {
     port: u16,
     backlog: Vec<SocketHandle>,
 }
@@ -77,7 +103,12 @@ impl TcpListener {
             }
             net.tcp_ports.push(port);
             let backlog = (0..backlog).map(|_| new_listening(net, port)).collect();
-            Ok(TcpListener { port, backlog })
+            // Registered while the stack is locked (interrupts off): a task killed right after
+            // still owns it, so its end frees the port.
+            Ok(TcpListener {
+                port,
+                inner: Owned::new(Listener { port, backlog }),
+            })
         })?
     }
 
@@ -86,6 +117,30 @@ impl TcpListener {
         self.port
     }
 
+    /// Waits for a connection. [`NetError::Handle`] in a task that does not own the listener.
+    pub fn accept(&mut self) -> Result<TcpStream, NetError> {
+        self.inner
+            .try_with(|l| block_on(None, |net| l.take_ready(net).map(Ok)))?
+    }
+
+    /// A connection if one is waiting, else `None` at once.
+    pub fn try_accept(&mut self) -> Result<Option<TcpStream>, NetError> {
+        self.inner.try_with(|l| with_net(|net| l.take_ready(net)))?
+    }
+}
+
+impl crate::handle::sealed::Sealed for TcpListener {}
+
+impl Give for TcpListener {
+    fn give_to(&self, task: u64) {
+        self.inner.give_to(task);
+    }
+}
+
+impl Listener {
+    /// A connected socket of the backlog (replaced by a fresh listening one), registered as a
+    /// stream of the running task while the stack is locked (so a kill right after cannot lose
+    /// the socket: the task's end closes it).
     fn take_ready(&mut self, net: &mut NetState) -> Option<TcpStream> {
         // A connection reset before it was accepted leaves its socket Closed: put a fresh
         // listening socket in its place, or the backlog would shrink for good.
@@ -114,24 +169,11 @@ impl TcpListener {
                 let IpAddress::Ipv4(a) = e.addr;
                 (a, e.port)
             });
-        Some(TcpStream {
-            handle: Some(h),
-            peer,
-        })
-    }
-
-    /// Waits for a connection.
-    pub fn accept(&mut self) -> Result<TcpStream, NetError> {
-        block_on(None, |net| self.take_ready(net).map(Ok))
-    }
-
-    /// A connection if one is waiting, else `None` at once.
-    pub fn try_accept(&mut self) -> Result<Option<TcpStream>, NetError> {
-        with_net(|net| self.take_ready(net))
+        Some(TcpStream::new(h, peer))
     }
 }
 
-impl Drop for TcpListener {
+impl Drop for Listener {
     fn drop(&mut self) {
         let _ = with_net(|net| {
             for h in self.backlog.drain(..) {
@@ -144,16 +186,49 @@ impl Drop for TcpListener {
     }
 }
 
-/// One TCP connection. `Send`: it may be moved into another task.
+/// One TCP connection.
+///
+/// A handle: owned by the task that accepted it (see the [`net`](crate::net) docs and
+/// [`crate::handle`]). Only the owner may read, write or close it; any other task (a child
+/// holding a forked copy) gets [`NetError::Handle`] (`close` panics there, naming the stream).
+/// Dropping it in the owner closes the connection (a forked copy's drop does nothing); when the
+/// owner ends, however it ends, the kernel closes it and the peer sees a FIN.
+///
+/// Not `Send`: a `task::spawn` closure cannot capture it. A child gets one by a give
+/// ([`Give`], e.g. `libos::handle::spawn_with`).
+///
+/// ```compile_fail,E0277
+/// let mut l = libos::net::TcpListener::bind(80).expect("bind");
+/// let mut s = l.accept().expect("accept");
+/// libos::task::spawn(&[], move || {
+///     s.write_all(b"hi").is_ok() as i32 // refused: `TcpStream` is not `Send`
+/// });
+/// ```
 #[derive(Debug)]
 pub struct TcpStream {
-    handle: Option<SocketHandle>,
     peer: Option<(Ipv4Addr, u16)>,
+    inner: Owned<Stream>,
+}
+
+/// A connection's socket, in the kernel. Dropping it closes the connection.
+#[derive(Debug)]
+struct Stream {
+    handle: Option<SocketHandle>,
 }
 
 impl TcpStream {
-    fn handle(&self) -> SocketHandle {
-        self.handle.expect("a live stream has a socket")
+    fn new(h: SocketHandle, peer: Option<(Ipv4Addr, u16)>) -> TcpStream {
+        TcpStream {
+            peer,
+            inner: Owned::new(Stream { handle: Some(h) }),
+        }
+    }
+
+    /// The socket, if the running task owns the stream.
+    fn handle(&self) -> Result<SocketHandle, NetError> {
+        Ok(self
+            .inner
+            .try_with(|s| s.handle.expect("a live stream has a socket"))?)
     }
 
     /// The peer's address and port.
@@ -173,10 +248,10 @@ impl TcpStream {
         buf: &mut [u8],
         timeout: Option<Duration>,
     ) -> Result<usize, NetError> {
+        let h = self.handle()?;
         if buf.is_empty() {
             return Ok(0);
         }
-        let h = self.handle();
         block_on(timeout, |net| {
             let s = net.sockets.get_mut::<tcp::Socket>(h);
             if s.can_recv() {
@@ -192,10 +267,10 @@ impl TcpStream {
 
     /// Queues as much of `data` as fits in the send buffer, waiting until something fits.
     pub fn write(&mut self, data: &[u8]) -> Result<usize, NetError> {
+        let h = self.handle()?;
         if data.is_empty() {
             return Ok(0);
         }
-        let h = self.handle();
         block_on(None, |net| {
             let s = net.sockets.get_mut::<tcp::Socket>(h);
             if !s.may_send() {
@@ -223,7 +298,7 @@ impl TcpStream {
 
     /// Waits until everything written has been acknowledged by the peer.
     pub fn flush(&mut self) -> Result<(), NetError> {
-        let h = self.handle();
+        let h = self.handle()?;
         block_on(None, |net| {
             let s = net.sockets.get::<tcp::Socket>(h);
             if s.send_queue() == 0 {
@@ -237,12 +312,23 @@ impl TcpStream {
     }
 
     /// Closes the connection: what was written is still delivered, then a FIN. Returns at once;
-    /// the stack finishes the close in the background.
-    pub fn close(mut self) {
-        self.close_inner();
+    /// the stack finishes the close in the background. Panics (ending only the running task) in
+    /// a task that does not own the stream.
+    pub fn close(self) {
+        self.inner.with(Stream::close);
     }
+}
 
-    fn close_inner(&mut self) {
+impl crate::handle::sealed::Sealed for TcpStream {}
+
+impl Give for TcpStream {
+    fn give_to(&self, task: u64) {
+        self.inner.give_to(task);
+    }
+}
+
+impl Stream {
+    fn close(&mut self) {
         let Some(h) = self.handle.take() else { return };
         let _ = with_net(|net| {
             net.sockets.get_mut::<tcp::Socket>(h).close();
@@ -252,9 +338,9 @@ impl TcpStream {
     }
 }
 
-impl Drop for TcpStream {
+impl Drop for Stream {
     fn drop(&mut self) {
-        self.close_inner();
+        self.close();
     }
 }
 

@@ -1,4 +1,8 @@
 //! UDP: [`UdpSocket`] bound to a local port, sending and receiving datagrams.
+//!
+//! A [`UdpSocket`] is a handle ([`crate::handle::Owned`]) to a socket kept in the kernel: only
+//! its owner task may use it, the owner's drop (or end) closes it, a forked copy is inert, and
+//! [`crate::handle::Give`] hands it to a child.
 
 use alloc::vec;
 use core::time::Duration;
@@ -8,6 +12,7 @@ use smoltcp::socket::udp::{self, PacketBuffer, PacketMetadata, SendError};
 use smoltcp::wire::{IpAddress, IpEndpoint};
 
 use super::{Ipv4Addr, NetError, block_on, with_net};
+use crate::handle::{Give, Owned};
 
 /// Datagrams each direction of a socket can hold.
 const PACKETS: usize = 32;
@@ -15,8 +20,19 @@ const PACKETS: usize = 32;
 const BYTES: usize = 16 << 10;
 
 /// A UDP socket bound to a local port.
+///
+/// A handle, owned by the task that bound it: any other task (one holding a forked copy) gets
+/// [`NetError::Handle`]; dropping it in the owner, or the owner's end, closes the socket and frees
+/// the port. Not `Send`: a child gets it by a give ([`Give`]).
 #[derive(Debug)]
 pub struct UdpSocket {
+    port: u16,
+    inner: Owned<Udp>,
+}
+
+/// The socket, in the kernel.
+#[derive(Debug)]
+struct Udp {
     handle: SocketHandle,
     port: u16,
 }
@@ -38,11 +54,20 @@ impl UdpSocket {
             s.bind(port)
                 .map_err(|_| NetError::InvalidInput("UDP port"))?;
             net.udp_ports.push(port);
+            // Registered while the stack is locked: a task killed right after still owns it.
             Ok(UdpSocket {
-                handle: net.sockets.add(s),
                 port,
+                inner: Owned::new(Udp {
+                    handle: net.sockets.add(s),
+                    port,
+                }),
             })
         })?
+    }
+
+    /// The socket, if the running task owns it.
+    fn handle(&self) -> Result<SocketHandle, NetError> {
+        Ok(self.inner.try_with(|u| u.handle)?)
     }
 
     /// The local port.
@@ -52,6 +77,7 @@ impl UdpSocket {
 
     /// Sends one datagram to `addr:port`, waiting while the send buffer is full.
     pub fn send_to(&self, data: &[u8], addr: Ipv4Addr, port: u16) -> Result<(), NetError> {
+        let handle = self.handle()?;
         if port == 0 {
             return Err(NetError::InvalidInput("destination port 0"));
         }
@@ -60,7 +86,7 @@ impl UdpSocket {
         }
         let to = IpEndpoint::new(IpAddress::Ipv4(addr), port);
         block_on(None, |net| {
-            let s = net.sockets.get_mut::<udp::Socket>(self.handle);
+            let s = net.sockets.get_mut::<udp::Socket>(handle);
             match s.send_slice(data, to) {
                 Ok(()) => Some(Ok(())),
                 Err(SendError::BufferFull) => None,
@@ -85,8 +111,9 @@ impl UdpSocket {
         buf: &mut [u8],
         timeout: Option<Duration>,
     ) -> Result<(usize, Ipv4Addr, u16), NetError> {
+        let handle = self.handle()?;
         block_on(timeout, |net| {
-            let s = net.sockets.get_mut::<udp::Socket>(self.handle);
+            let s = net.sockets.get_mut::<udp::Socket>(handle);
             if !s.can_recv() {
                 return None;
             }
@@ -112,8 +139,9 @@ impl UdpSocket {
     /// the head of the queue). Returns its length and sender, or `None` if nothing is queued;
     /// never waits.
     pub fn discard(&self) -> Result<Option<(usize, Ipv4Addr, u16)>, NetError> {
+        let handle = self.handle()?;
         with_net(|net| {
-            let s = net.sockets.get_mut::<udp::Socket>(self.handle);
+            let s = net.sockets.get_mut::<udp::Socket>(handle);
             s.recv().ok().map(|(payload, meta)| {
                 let IpAddress::Ipv4(a) = meta.endpoint.addr;
                 (payload.len(), a, meta.endpoint.port)
@@ -122,7 +150,15 @@ impl UdpSocket {
     }
 }
 
-impl Drop for UdpSocket {
+impl crate::handle::sealed::Sealed for UdpSocket {}
+
+impl Give for UdpSocket {
+    fn give_to(&self, task: u64) {
+        self.inner.give_to(task);
+    }
+}
+
+impl Drop for Udp {
     fn drop(&mut self) {
         let _ = with_net(|net| {
             net.sockets.remove(self.handle);

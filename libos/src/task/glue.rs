@@ -284,7 +284,7 @@ extern "C" fn task_trampoline() -> ! {
             enter_running(s);
             (dead, s.running_mut().and_then(|t| t.ctx.entry.take()))
         });
-        drop(dead);
+        drop_dead(dead);
         entry
     });
     irq::enable();
@@ -334,6 +334,15 @@ fn finish_switch(tok: &IrqOff) {
         enter_running(s);
         dead
     });
+    drop_dead(dead);
+}
+
+/// Drops a task that ended, after releasing every libos object it still owned
+/// (`handle::release_all`: its sockets close, its channel ends and shared heaps go).
+fn drop_dead<T: core::ops::Deref<Target = crate::sched::Task<Guest>>>(dead: Option<T>) {
+    if let Some(t) = &dead {
+        crate::handle::release_all(t.id());
+    }
     drop(dead);
 }
 
@@ -420,7 +429,7 @@ pub(super) fn kill(h: &KillHandle<Guest>) {
     irq::without(|tok| match with_sched(tok, |s| s.kill(h, now())) {
         Kill::AlreadyEnded => {}
         // Dropped with interrupts off: its space goes, and no other is made meanwhile.
-        Kill::Ended(task) => drop(task),
+        Kill::Ended(task) => drop_dead(Some(task)),
         Kill::Current(step) => {
             carry(tok, step);
             unreachable!("a killed task was scheduled again");

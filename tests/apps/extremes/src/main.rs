@@ -214,9 +214,9 @@ fn shared_heap() -> Check {
     let heap = SharedHeap::new("h", 0x2_0000_0000, 1).map_err(|_| "shared heap")?;
     eq(heap.stats().capacity, PAGE as usize, "1 byte is one page")?;
     let alloc = heap.allocator();
-    let t = heap.template().clone();
+    let t = heap.template();
     let h = task::spawn(&[&t], move || {
-        let mut v = allocator_api2::vec::Vec::new_in(alloc);
+        let mut v = libos::shared::SharedVec::new_in(alloc);
         v.push(0x5eed_u64);
         let p = v.as_ptr() as u64;
         i32::from((0x2_0000_0000..0x2_0000_1000).contains(&p) && v[0] == 0x5eed)

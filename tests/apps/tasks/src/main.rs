@@ -363,13 +363,13 @@ fn oom() -> Result<(), &'static str> {
 fn channels() -> Result<(), &'static str> {
     // Producers in their own address spaces send to a consumer; results come back in order per
     // producer and the sum matches a sequential computation.
-    let (tx, rx) = libos::channel::bounded::<(u32, u64)>(4);
-    let producers: Vec<_> = (0..4u32)
+    let (tx, rx) = libos::channel::bounded::<[u64; 2]>(4);
+    let producers: Vec<_> = (0..4u64)
         .map(|p| {
-            let tx = tx.clone();
-            task::spawn(&[], move || {
+            // Each producer is given its own sender (a channel end is not `Send`).
+            libos::handle::spawn_with(&[], tx.clone(), move |tx| {
                 for i in 0..100u64 {
-                    tx.send((p, i)).expect("consumer alive");
+                    tx.send([p, i]).expect("consumer alive");
                 }
                 0
             })
@@ -377,10 +377,10 @@ fn channels() -> Result<(), &'static str> {
         })
         .collect();
     drop(tx);
-    let consumer = task::spawn(&[], move || {
+    let consumer = libos::handle::spawn_with(&[], rx, move |rx| {
         let mut next = [0u64; 4];
         let mut sum = 0u64;
-        while let Some((p, i)) = rx.recv() {
+        while let Some([p, i]) = rx.recv() {
             if next[p as usize] != i {
                 return -1; // out of order
             }
@@ -407,8 +407,7 @@ fn channels() -> Result<(), &'static str> {
     Ok(())
 }
 
-type SharedMap =
-    hashbrown::HashMap<u64, u64, hashbrown::DefaultHashBuilder, libos::shared::SharedAlloc>;
+type SharedMap = libos::shared::SharedMap<u64, u64>;
 
 fn shared_heap() -> Result<(), &'static str> {
     // A hashbrown map whose table lives in a shared heap, guarded by a libos Mutex; eight worker
@@ -416,11 +415,8 @@ fn shared_heap() -> Result<(), &'static str> {
     // then a checker task compares with a sequential computation.
     let heap = SharedHeap::new("kv-heap", 0x2_0000_0000, 1 << 20).map_err(|_| "shared heap")?;
     let alloc = heap.allocator();
-    let map = alloc::sync::Arc::new(Mutex::new(SharedMap::with_hasher_in(
-        Default::default(),
-        alloc,
-    )));
-    let t = heap.template().clone();
+    let map = alloc::sync::Arc::new(Mutex::new(SharedMap::new_in(alloc)));
+    let t = heap.template();
     let workers: Vec<_> = (0..8u64)
         .map(|w| {
             let map = map.clone();
@@ -446,7 +442,7 @@ fn shared_heap() -> Result<(), &'static str> {
     let m2 = map.clone();
     let checker = task::spawn(&[&t], move || {
         let m = m2.lock();
-        let sum: u64 = m.values().sum();
+        let sum: u64 = m.iter().map(|(_, v)| v).sum();
         i32::from(m.len() == 512 && sum == expected)
     })
     .expect("spawn checker");
