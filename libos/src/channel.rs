@@ -27,7 +27,7 @@
 //! that task. The owner's drop releases the end (a forked copy's drop does nothing), and when the
 //! owner ends, however it ends, the kernel releases every end it still owns, so the other side
 //! sees the channel close. Ends are not `Send`: a child gets one by a give ([`Give`], e.g.
-//! `libos::handle::spawn_with`), not by capturing it.
+//! `libos::task::spawn_with`), not by capturing it.
 //!
 //! ```compile_fail,E0277
 //! let (tx, rx) = libos::channel::bounded::<u64>(16);
@@ -36,7 +36,7 @@
 //!
 //! ```no_run
 //! let (tx, rx) = libos::channel::bounded::<u64>(16);
-//! let worker = libos::handle::spawn_with(&[], tx, |tx| {
+//! let worker = libos::task::spawn_with(&[], tx, |tx| {
 //!     tx.send(42).expect("receiver alive");
 //!     0
 //! })
@@ -144,6 +144,7 @@ pub enum TrySendError<T> {
 /// assert_eq!(rx.recv(), None); // every sender is gone
 /// ```
 pub fn bounded<T: IntoBytes + Send + 'static>(cap: usize) -> (Sender<T>, Receiver<T>) {
+    let _k = crate::mm::ctx::kernel();
     let cap = cap.max(1);
     let state = Arc::new(IrqMutex::new(State {
         queue: VecDeque::with_capacity(crate::limits::channel_prealloc(cap)),
@@ -169,6 +170,7 @@ impl<T: IntoBytes + Send + 'static> Sender<T> {
 
     /// Sends without waiting.
     pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
+        let _k = crate::mm::ctx::kernel();
         let state = self.state();
         let mut s = state.lock();
         if s.receivers == 0 {
@@ -183,6 +185,7 @@ impl<T: IntoBytes + Send + 'static> Sender<T> {
 
     /// Sends, waiting (yielding) while the channel is full.
     pub fn send(&self, mut value: T) -> Result<(), Disconnected<T>> {
+        let _k = crate::mm::ctx::kernel();
         loop {
             match self.try_send(value) {
                 Ok(()) => return Ok(()),
@@ -205,6 +208,7 @@ impl<T: IntoBytes + Send + 'static> Receiver<T> {
     /// Receives without waiting: `Ok(None)` when empty, `Err(Closed)` when empty and every
     /// sender is gone.
     pub fn try_recv(&self) -> Result<Option<T>, Closed> {
+        let _k = crate::mm::ctx::kernel();
         let state = self.state();
         let mut s = state.lock();
         match s.queue.pop_front() {
@@ -217,6 +221,7 @@ impl<T: IntoBytes + Send + 'static> Receiver<T> {
     /// Receives, waiting (yielding) while the channel is empty; `None` once it is empty and
     /// every sender is gone.
     pub fn recv(&self) -> Option<T> {
+        let _k = crate::mm::ctx::kernel();
         loop {
             match self.try_recv() {
                 Ok(Some(v)) => return Some(v),

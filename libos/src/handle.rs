@@ -33,11 +33,9 @@
 //! `struct TcpStream(Owned<StreamState>)`.
 //!
 //! ```no_run
-//! use libos::handle::Owned;
-//! let counter = Owned::new(0u64);
-//! counter.with(|n| *n += 1);
-//! assert_eq!(counter.try_with(|n| *n), Ok(1));
-//! assert_eq!(counter.take(), 1);
+//! let (tx, rx) = libos::channel::bounded::<u64>(1); // two objects, owned by this task
+//! assert!(libos::handle::owned_by(libos::task::current()) >= 2);
+//! # drop((tx, rx));
 //! ```
 
 use alloc::boxed::Box;
@@ -364,6 +362,7 @@ pub(crate) fn set_test_current(task: u64) {
 /// way (return, panic, fault, kill), after it stopped running. The objects are dropped after the
 /// registry's lock is released, in id order (oldest first).
 pub(crate) fn release_all(task: u64) {
+    let _k = crate::mm::ctx::kernel();
     let objects = with_registry(|r| r.release_all(task));
     drop(objects);
 }
@@ -376,6 +375,7 @@ pub(crate) fn release_all(task: u64) {
 /// assert_eq!(libos::handle::owned_by(libos::task::current()), before + 2);
 /// ```
 pub fn owned_by(task: u64) -> usize {
+    let _k = crate::mm::ctx::kernel();
     with_registry(|r| r.count_owned(task))
 }
 
@@ -385,6 +385,7 @@ pub fn owned_by(task: u64) -> usize {
 /// libos::println!("{} libos objects alive", libos::handle::live_objects());
 /// ```
 pub fn live_objects() -> usize {
+    let _k = crate::mm::ctx::kernel();
     with_registry(|r| r.len())
 }
 
@@ -395,9 +396,9 @@ pub fn live_objects() -> usize {
 /// A `task::spawn` closure cannot capture one (it must be `Send`):
 ///
 /// ```compile_fail,E0277
-/// let h = libos::handle::Owned::new(5u32);
+/// let (tx, _rx) = libos::channel::bounded::<u32>(1);
 /// let t = libos::task::spawn(&[], move || {
-///     h.with(|v| *v as i32) // `Owned` is not `Send`: refused
+///     i32::from(tx.send(1).is_ok()) // a channel end is an `Owned` handle, not `Send`: refused
 /// });
 /// ```
 pub struct Owned<T: Send + 'static> {
@@ -418,8 +419,11 @@ impl<T: Send + 'static> fmt::Debug for Owned<T> {
 }
 
 impl<T: Send + 'static> Owned<T> {
-    /// Puts `value` in the registry, owned by the running task.
-    pub fn new(value: T) -> Owned<T> {
+    /// Puts `value` in the registry, owned by the running task. libos's own: the object lives in
+    /// the kernel heap and may be given to any task, so it must hold nothing of a task's process
+    /// memory (an app value could point into its owner's heap).
+    pub(crate) fn new(value: T) -> Owned<T> {
+        let _k = crate::mm::ctx::kernel();
         let caller = current_task();
         let object: Object = Box::new(value);
         let id = with_registry(|r| r.insert(caller, core::any::type_name::<T>(), object));
@@ -449,6 +453,7 @@ impl<T: Send + 'static> Owned<T> {
     /// [`HandleError::Busy`]. `f` runs without the registry's lock (it may block, yield, or use
     /// other handles).
     pub fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, HandleError> {
+        let _k = crate::mm::ctx::kernel();
         let caller = current_task();
         let name = core::any::type_name::<T>();
         let p = with_registry(|r| r.begin_use(self.id, caller, name))?;
@@ -479,6 +484,7 @@ impl<T: Send + 'static> Owned<T> {
     /// Takes the object out of the registry (owner only; else the error, and the handle is
     /// consumed without effect, as a drop by a non-owner is).
     pub fn try_take(self) -> Result<T, HandleError> {
+        let _k = crate::mm::ctx::kernel();
         let caller = current_task();
         let name = core::any::type_name::<T>();
         let id = self.id;
@@ -499,6 +505,7 @@ impl<T: Send + 'static> Owned<T> {
 
     /// Gives the object to `task`, or says why the running task cannot.
     pub fn try_give_to(&self, task: u64) -> Result<(), HandleError> {
+        let _k = crate::mm::ctx::kernel();
         let caller = current_task();
         with_registry(|r| r.give(self.id, caller, task, core::any::type_name::<T>()))
     }
@@ -506,6 +513,7 @@ impl<T: Send + 'static> Owned<T> {
 
 impl<T: Send + 'static> Drop for Owned<T> {
     fn drop(&mut self) {
+        let _k = crate::mm::ctx::kernel();
         let caller = current_task();
         let obj = with_registry(|r| r.drop_if_owner(self.id, caller));
         // Outside the lock: the object's destructor may use the registry.
@@ -542,84 +550,6 @@ pub(crate) mod sealed {
     impl<A: Sealed, B: Sealed> Sealed for (A, B) {}
     impl<A: Sealed, B: Sealed, C: Sealed> Sealed for (A, B, C) {}
     impl<A: Sealed, B: Sealed, C: Sealed, D: Sealed> Sealed for (A, B, C, D) {}
-}
-
-/// Spawns a task that runs `f(arg)`, giving it every libos object in `arg` ([`Give`]) before it
-/// runs — the way to hand a [`TcpStream`](crate::net::TcpStream), a channel end or a shared
-/// heap to a child (a `task::spawn` closure cannot capture them: they are not `Send`).
-/// Otherwise as [`crate::task::spawn`]: on an error nothing was spawned and `arg` is dropped
-/// here (its objects stay the caller's until then, so they are released).
-///
-/// (A stand-in for the task module's own `spawn_with`; it spawns with interrupts off so that the
-/// child cannot run before the give.)
-///
-/// ```no_run
-/// let (tx, rx) = libos::channel::bounded::<u64>(1);
-/// let h = libos::handle::spawn_with(&[], tx, |tx| {
-///     tx.send(7).expect("receiver alive");
-///     0
-/// })
-/// .expect("spawn");
-/// assert_eq!(rx.recv(), Some(7));
-/// assert_eq!(h.join(), Ok(0));
-/// ```
-#[cfg(target_os = "none")]
-pub fn spawn_with<A, F>(
-    templates: &[&crate::space::Template],
-    arg: A,
-    f: F,
-) -> Result<crate::task::JoinHandle, crate::task::SpawnError>
-where
-    A: Give + 'static,
-    F: FnOnce(A) -> i32 + Send + 'static,
-{
-    spawn_with_in(crate::task::Builder::new(), templates, arg, f)
-}
-
-/// As [`spawn_with`], with the options of `builder` (stack size, share mode).
-///
-/// ```no_run
-/// use libos::space::Mode;
-/// let (tx, rx) = libos::channel::bounded::<u64>(1);
-/// let b = libos::task::Builder::new().mode(Mode::Copy);
-/// let h = libos::handle::spawn_with_in(b, &[], tx, |tx| i32::from(tx.send(1).is_ok()));
-/// ```
-#[cfg(target_os = "none")]
-pub fn spawn_with_in<A, F>(
-    builder: crate::task::Builder,
-    templates: &[&crate::space::Template],
-    arg: A,
-    f: F,
-) -> Result<crate::task::JoinHandle, crate::task::SpawnError>
-where
-    A: Give + 'static,
-    F: FnOnce(A) -> i32 + Send + 'static,
-{
-    /// `arg` on its way to the child, in the kernel heap (so its address stays put).
-    struct Given<A>(Box<A>);
-    // SAFETY: `A: Give` (sealed) is made only of handles and containers of them: the objects
-    // themselves are `Send` and stay in the registry; a handle is kept from crossing tasks only so
-    // that ownership moves with a give, which happens below before the child can run.
-    unsafe impl<A: Give> Send for Given<A> {}
-
-    let given = Given(Box::new(arg));
-    let at: *const A = &*given.0;
-    crate::arch::irq::without(|_| {
-        let h = builder.spawn(templates, move || {
-            // The whole `Given` is captured (not just its field), so the closure is `Send`; its
-            // box is freed before `f` runs (a task that never returns must not leak it).
-            let a = {
-                let g = given;
-                *g.0
-            };
-            f(a)
-        })?;
-        // SAFETY: `at` points into the box the child's closure owns; the child has not run (no
-        // preemption with interrupts off, and `spawn` does not yield), so the box is alive,
-        // unmoved and unused.
-        unsafe { &*at }.give_to(h.id());
-        Ok(h)
-    })
 }
 
 impl<T: Send + 'static> Give for Owned<T> {

@@ -123,7 +123,7 @@ pub(crate) fn map_first(space: &mut AddressSpace<KernelMem>) -> Result<(), Error
 /// caller applies the returned flush in the parent, which must be loaded.
 pub(crate) fn fork_template(
     space: &mut AddressSpace<KernelMem>,
-) -> Result<(Template, templates::Flush), Error> {
+) -> Result<(crate::space::EngineTemplate, templates::Flush), Error> {
     let r = space.snapshot(&[(VirtAddr::new(PROC_BASE), PROC_END - PROC_BASE)]);
     FORKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     if let Ok((t, _)) = &r {

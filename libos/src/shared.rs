@@ -119,7 +119,7 @@ fn heap(id: u64) -> Option<Arc<Inner>> {
 #[derive(Debug)]
 struct HeapRef {
     inner: Arc<Inner>,
-    template: Template,
+    template: crate::space::EngineTemplate,
 }
 
 /// A heap shared by every task that attaches its template. See the module docs.
@@ -188,6 +188,7 @@ impl SharedHeap {
     /// let heap = libos::shared::SharedHeap::new("results", 0x2_0000_0000, 4 << 20).expect("memory");
     /// ```
     pub fn new(name: &str, start: u64, len: u64) -> Result<SharedHeap, Error> {
+        let _k = crate::mm::ctx::kernel();
         let pages = crate::limits::mapping(start, len, true)?;
         if pages > frames().free_frames() as u64 {
             return Err(Error::OutOfFrames);
@@ -223,7 +224,8 @@ impl SharedHeap {
         HEAPS.lock().insert(id, Arc::downgrade(&inner));
         let template = TemplateBuilder::new()
             .frames_region(name, start, Kind::Shared, backing)?
-            .seal()?;
+            .seal()?
+            .engine();
         Ok(SharedHeap {
             alloc: SharedAlloc { id },
             capacity: len,
@@ -240,7 +242,8 @@ impl SharedHeap {
     /// let h = libos::task::spawn(&[&heap.template()], || 0).expect("spawn");
     /// ```
     pub fn template(&self) -> Template {
-        self.obj.with(|h| h.template.clone())
+        let _k = crate::mm::ctx::kernel();
+        Template::from_engine(self.obj.with(|h| h.template.clone()))
     }
 
     /// Which heap to allocate in, for the shared collections. Only tasks that attach
@@ -262,6 +265,7 @@ impl SharedHeap {
     /// assert_eq!(heap.stats().allocation_count, 0);
     /// ```
     pub fn stats(&self) -> SharedStats {
+        let _k = crate::mm::ctx::kernel();
         let (allocated_bytes, allocation_count) = heap(self.alloc.id).map_or((0, 0), |h| {
             let t = h.talc.lock();
             let c = t.counters();

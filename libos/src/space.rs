@@ -77,8 +77,80 @@ unsafe impl PhysMem for KernelMem {
     }
 }
 
-/// A sealed template (see the `templates` crate).
-pub type Template = templates::Template<KernelMem>;
+/// The engine's sealed template on the real MMU.
+pub(crate) type EngineTemplate = templates::Template<KernelMem>;
+
+/// A sealed template (see the `templates` crate): prebuilt page tables that tasks attach by
+/// reference at spawn.
+///
+/// A libos object (`docs/ARCHITECTURE.md`, "Ownership of libos objects"): it belongs to the task
+/// that made it, a copy in another task's memory (a fork's) is inert, and it is released when
+/// its task ends. `clone` makes another handle to the same template, owned by the running task;
+/// give one to a child with [`crate::task::spawn_with`]. Not `Send`, so a closure cannot capture
+/// one:
+///
+/// ```compile_fail,E0277
+/// let t = libos::space::TemplateBuilder::new().seal().expect("empty template");
+/// let h = libos::task::spawn(&[], move || i32::from(t.stats().tables > 0)); // refused
+/// ```
+pub struct Template {
+    inner: crate::handle::Owned<EngineTemplate>,
+}
+
+impl Template {
+    /// Registers an engine template as a libos object of the running task.
+    pub(crate) fn from_engine(t: EngineTemplate) -> Template {
+        Template {
+            inner: crate::handle::Owned::new(t),
+        }
+    }
+
+    /// The engine template (another reference to it). Panics (ending only the running task) if
+    /// the running task does not own this handle.
+    pub(crate) fn engine(&self) -> EngineTemplate {
+        let _k = crate::mm::ctx::kernel();
+        self.inner.with(|t| t.clone())
+    }
+
+    /// Size of the template's tables (tables below its root, leaf entries).
+    ///
+    /// ```no_run
+    /// let t = libos::space::TemplateBuilder::new().seal().expect("empty template");
+    /// assert_eq!(t.stats().leaves, 0);
+    /// ```
+    pub fn stats(&self) -> templates::TemplateStats {
+        self.engine().stats()
+    }
+}
+
+impl Clone for Template {
+    fn clone(&self) -> Template {
+        let _k = crate::mm::ctx::kernel();
+        Template::from_engine(self.engine())
+    }
+}
+
+impl core::fmt::Debug for Template {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Template")
+            .field("id", &self.inner.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl crate::handle::sealed::Sealed for Template {}
+
+impl crate::handle::Give for Template {
+    fn give_to(&self, task: u64) {
+        self.inner.give_to(task);
+    }
+}
+
+/// Engine templates for a spawn: another reference to each (their handles must be the running
+/// task's), for as long as the spawn needs them.
+pub(crate) fn engine_templates(ts: &[&Template]) -> Vec<EngineTemplate> {
+    ts.iter().map(|t| t.engine()).collect()
+}
 
 /// Builds a [`Template`] from app data.
 ///
@@ -347,7 +419,7 @@ impl TemplateBuilder {
             let r = inner.seal();
             // The template holds its own references to the frames now (or the build failed).
             self.release_held();
-            r
+            r.map(Template::from_engine)
         })
     }
 }
@@ -449,7 +521,9 @@ impl Space {
     pub fn with_mode(templates: &[&Template], mode: Mode) -> Result<Space, Error> {
         kcall(move || {
             let inner = crate::arch::irq::without(|_| {
-                AddressSpace::new(&KernelMem, templates, mode, Some(kernel_half()))
+                let ts = engine_templates(templates);
+                let refs: Vec<&EngineTemplate> = ts.iter().collect();
+                AddressSpace::new(&KernelMem, &refs, mode, Some(kernel_half()))
             })?;
             Ok(Space {
                 inner: core::mem::ManuallyDrop::new(alloc::boxed::Box::new(inner)),
@@ -553,7 +627,7 @@ impl Space {
             let r = lower_ranges(ranges)?;
             let (t, flush) = self.inner.snapshot(&r)?;
             flush.ignore(); // the space is not loaded (only `enter` loads it, and it restores CR3)
-            Ok(t)
+            Ok(Template::from_engine(t))
         })
     }
 }

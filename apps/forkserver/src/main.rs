@@ -681,7 +681,7 @@ fn serve(
     let (b, starts2) = (board.clone(), Arc::new(starts));
     let (tx, rx) = libos::channel::bounded::<Reply>(keys.len().max(1));
     let checker_starts = starts2.clone();
-    let checker = libos::handle::spawn_with_in(builder, templates, tx, move |tx| {
+    let checker = builder.spawn_with(templates, tx, move |tx| {
         // No private write reached the snapshot: the scratch page is still zero here.
         if read_u64(STATE_VA + SCRATCH_OFF) != Ok(0) {
             return 20;

@@ -362,7 +362,7 @@ fn spawn_worker(template: &Template, content: &Arc<Content>, stream: TcpStream, 
     let t0 = Instant::now();
     ACTIVE.fetch_add(1, Ordering::Relaxed);
     // The stream is given to the worker (it is not `Send`: a closure cannot capture it).
-    let r = libos::handle::spawn_with(&[template], stream, move |mut stream| {
+    let r = libos::task::spawn_with(&[template], stream, move |mut stream| {
         let started = t0.elapsed().as_nanos() as u64;
         let r = serve(&mut stream, &content, limits, t0);
         // Counted down before the stream closes: a client that sees the close and asks /stats

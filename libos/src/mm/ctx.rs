@@ -16,9 +16,51 @@
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Nesting depth of kernel context on this CPU (for the running task).
+#[cfg(not(test))]
 static DEPTH: AtomicUsize = AtomicUsize::new(0);
 /// Set once the first task's process memory (and so its heap) exists.
+#[cfg(not(test))]
 static READY: AtomicBool = AtomicBool::new(false);
+
+// Host tests run on several threads at once: each gets its own "CPU".
+#[cfg(test)]
+std::thread_local! {
+    static DEPTH_T: AtomicUsize = const { AtomicUsize::new(0) };
+    static READY_T: AtomicBool = const { AtomicBool::new(false) };
+}
+#[cfg(test)]
+struct Tl<T: 'static>(&'static std::thread::LocalKey<T>);
+#[cfg(test)]
+impl Tl<AtomicUsize> {
+    fn load(&self, o: Ordering) -> usize {
+        self.0.with(|a| a.load(o))
+    }
+    fn store(&self, v: usize, o: Ordering) {
+        self.0.with(|a| a.store(v, o))
+    }
+    fn swap(&self, v: usize, o: Ordering) -> usize {
+        self.0.with(|a| a.swap(v, o))
+    }
+    fn fetch_add(&self, v: usize, o: Ordering) -> usize {
+        self.0.with(|a| a.fetch_add(v, o))
+    }
+    fn fetch_sub(&self, v: usize, o: Ordering) -> usize {
+        self.0.with(|a| a.fetch_sub(v, o))
+    }
+}
+#[cfg(test)]
+impl Tl<AtomicBool> {
+    fn load(&self, o: Ordering) -> bool {
+        self.0.with(|a| a.load(o))
+    }
+    fn store(&self, v: bool, o: Ordering) {
+        self.0.with(|a| a.store(v, o))
+    }
+}
+#[cfg(test)]
+static DEPTH: Tl<AtomicUsize> = Tl(&DEPTH_T);
+#[cfg(test)]
+static READY: Tl<AtomicBool> = Tl(&READY_T);
 
 /// Kernel context while it lives: allocations go to the kernel heap.
 #[must_use = "kernel context ends when the guard is dropped"]

@@ -32,6 +32,7 @@
 pub mod frame;
 pub mod layout;
 
+#[cfg_attr(not(target_os = "none"), allow(dead_code))]
 pub(crate) mod ctx;
 #[cfg(target_os = "none")]
 pub(crate) mod heap;

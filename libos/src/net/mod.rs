@@ -24,7 +24,7 @@
 //! shares (the kernel half). An app holds only handles ([`crate::handle::Owned`]): a socket
 //! belongs to the task that made it, which alone may use it; a task spawned from a fork of its
 //! memory holds an inert copy (using it is [`NetError::Handle`], dropping it does nothing) until
-//! the socket is given to it ([`crate::handle::Give`], e.g. with `libos::handle::spawn_with`).
+//! the socket is given to it ([`crate::handle::Give`], e.g. with `libos::task::spawn_with`).
 //! When a task ends, however it ends, the kernel closes every socket it still owns.
 
 mod device;
@@ -242,6 +242,7 @@ pub(crate) fn with_net<R>(f: impl FnOnce(&mut NetState) -> R) -> Result<R, NetEr
 /// Moves frames between the NIC and the sockets. Socket calls do this themselves; an idle task
 /// can call it to keep connections moving. Does nothing before [`init`].
 pub fn poll() {
+    let _k = crate::mm::ctx::kernel();
     if let Some(net) = NET.lock().as_mut() {
         net.poll();
     }
@@ -249,11 +250,13 @@ pub fn poll() {
 
 /// The interface's configuration (after [`init`]).
 pub fn info() -> Option<NetInfo> {
+    let _k = crate::mm::ctx::kernel();
     NET.lock().as_ref().map(|n| n.info.clone())
 }
 
 /// Counters of the stack (zero before [`init`]).
 pub fn stats() -> NetStats {
+    let _k = crate::mm::ctx::kernel();
     NET.lock()
         .as_ref()
         .map_or_else(NetStats::default, |n| NetStats {
@@ -267,6 +270,7 @@ pub fn stats() -> NetStats {
 /// Brings the network up: finds the NIC, then gets an address by DHCP (waiting up to
 /// [`DHCP_TIMEOUT`]). QEMU's user networking hands out 10.0.2.15/24 with gateway 10.0.2.2.
 pub fn init() -> Result<NetInfo, NetError> {
+    let _k = crate::mm::ctx::kernel();
     let mut state = bring_up()?;
     let mut dhcp = dhcpv4::Socket::new();
     // Ask quickly: QEMU's DHCP server answers at once; the default first retry is 10 s.
@@ -304,6 +308,7 @@ pub fn init_static(
     prefix_len: u8,
     gateway: Option<Ipv4Addr>,
 ) -> Result<NetInfo, NetError> {
+    let _k = crate::mm::ctx::kernel();
     if prefix_len > 32 {
         return Err(NetError::InvalidInput("prefix length above 32"));
     }

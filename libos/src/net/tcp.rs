@@ -88,6 +88,7 @@ impl TcpListener {
     /// [`MAX_BACKLOG`]; each is a socket with its buffers in the kernel heap). Port 0 or a
     /// backlog outside that range is [`NetError::InvalidInput`], checked before the network is.
     pub fn bind_with_backlog(port: u16, backlog: usize) -> Result<TcpListener, NetError> {
+        let _k = crate::mm::ctx::kernel();
         if port == 0 {
             return Err(NetError::InvalidInput("TCP port 0"));
         }
@@ -119,12 +120,14 @@ impl TcpListener {
 
     /// Waits for a connection. [`NetError::Handle`] in a task that does not own the listener.
     pub fn accept(&mut self) -> Result<TcpStream, NetError> {
+        let _k = crate::mm::ctx::kernel();
         self.inner
             .try_with(|l| block_on(None, |net| l.take_ready(net).map(Ok)))?
     }
 
     /// A connection if one is waiting, else `None` at once.
     pub fn try_accept(&mut self) -> Result<Option<TcpStream>, NetError> {
+        let _k = crate::mm::ctx::kernel();
         self.inner.try_with(|l| with_net(|net| l.take_ready(net)))?
     }
 }
@@ -195,7 +198,7 @@ impl Drop for Listener {
 /// owner ends, however it ends, the kernel closes it and the peer sees a FIN.
 ///
 /// Not `Send`: a `task::spawn` closure cannot capture it. A child gets one by a give
-/// ([`Give`], e.g. `libos::handle::spawn_with`).
+/// ([`Give`], e.g. `libos::task::spawn_with`).
 ///
 /// ```compile_fail,E0277
 /// let mut l = libos::net::TcpListener::bind(80).expect("bind");
@@ -239,6 +242,7 @@ impl TcpStream {
     /// Reads what has arrived into `buf`, waiting until at least one byte has. `Ok(0)`: the peer
     /// closed its side (end of stream).
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, NetError> {
+        let _k = crate::mm::ctx::kernel();
         self.read_timeout(buf, None)
     }
 
@@ -248,6 +252,7 @@ impl TcpStream {
         buf: &mut [u8],
         timeout: Option<Duration>,
     ) -> Result<usize, NetError> {
+        let _k = crate::mm::ctx::kernel();
         let h = self.handle()?;
         if buf.is_empty() {
             return Ok(0);
@@ -267,6 +272,7 @@ impl TcpStream {
 
     /// Queues as much of `data` as fits in the send buffer, waiting until something fits.
     pub fn write(&mut self, data: &[u8]) -> Result<usize, NetError> {
+        let _k = crate::mm::ctx::kernel();
         let h = self.handle()?;
         if data.is_empty() {
             return Ok(0);
@@ -298,6 +304,7 @@ impl TcpStream {
 
     /// Waits until everything written has been acknowledged by the peer.
     pub fn flush(&mut self) -> Result<(), NetError> {
+        let _k = crate::mm::ctx::kernel();
         let h = self.handle()?;
         block_on(None, |net| {
             let s = net.sockets.get::<tcp::Socket>(h);
@@ -315,6 +322,7 @@ impl TcpStream {
     /// the stack finishes the close in the background. Panics (ending only the running task) in
     /// a task that does not own the stream.
     pub fn close(self) {
+        let _k = crate::mm::ctx::kernel();
         self.inner.with(Stream::close);
     }
 }

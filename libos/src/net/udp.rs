@@ -40,6 +40,7 @@ struct Udp {
 impl UdpSocket {
     /// Binds `port` (not 0).
     pub fn bind(port: u16) -> Result<UdpSocket, NetError> {
+        let _k = crate::mm::ctx::kernel();
         if port == 0 {
             return Err(NetError::InvalidInput("UDP port 0"));
         }
@@ -77,6 +78,7 @@ impl UdpSocket {
 
     /// Sends one datagram to `addr:port`, waiting while the send buffer is full.
     pub fn send_to(&self, data: &[u8], addr: Ipv4Addr, port: u16) -> Result<(), NetError> {
+        let _k = crate::mm::ctx::kernel();
         let handle = self.handle()?;
         if port == 0 {
             return Err(NetError::InvalidInput("destination port 0"));
@@ -102,6 +104,7 @@ impl UdpSocket {
     /// [`NetError::MessageTooLarge`] with its length and leaves it queued for a larger buffer
     /// (or for [`discard`](Self::discard)).
     pub fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, Ipv4Addr, u16), NetError> {
+        let _k = crate::mm::ctx::kernel();
         self.recv_from_timeout(buf, None)
     }
 
@@ -111,6 +114,7 @@ impl UdpSocket {
         buf: &mut [u8],
         timeout: Option<Duration>,
     ) -> Result<(usize, Ipv4Addr, u16), NetError> {
+        let _k = crate::mm::ctx::kernel();
         let handle = self.handle()?;
         block_on(timeout, |net| {
             let s = net.sockets.get_mut::<udp::Socket>(handle);
@@ -139,6 +143,7 @@ impl UdpSocket {
     /// the head of the queue). Returns its length and sender, or `None` if nothing is queued;
     /// never waits.
     pub fn discard(&self) -> Result<Option<(usize, Ipv4Addr, u16)>, NetError> {
+        let _k = crate::mm::ctx::kernel();
         let handle = self.handle()?;
         with_net(|net| {
             let s = net.sockets.get_mut::<udp::Socket>(handle);

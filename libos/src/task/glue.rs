@@ -219,6 +219,15 @@ pub(super) fn spawned_count() -> u64 {
     SPAWNED.load(Ordering::Relaxed)
 }
 
+/// What a spawn that was taken back returns to its caller to release: the space, the top
+/// table, the stack and the (unrun) closure.
+pub(super) type Unspawned = (
+    AddressSpace<KernelMem>,
+    crate::process::Top,
+    KernelStack,
+    Option<Entry>,
+);
+
 /// Queues a new task that runs `entry` on `stack` in `space`, if `keep` (asked once the task and
 /// every kernel-heap object it needs exist, before anything can run it: interrupts stay off) says
 /// so; else the task is taken back and its space and stack are returned for the caller to
@@ -229,15 +238,7 @@ pub(super) fn spawn(
     stack: KernelStack,
     entry: Entry,
     keep: impl FnOnce() -> bool,
-) -> Result<
-    JoinHandle<Guest>,
-    (
-        AddressSpace<KernelMem>,
-        crate::process::Top,
-        KernelStack,
-        Option<Entry>,
-    ),
-> {
+) -> Result<JoinHandle<Guest>, Unspawned> {
     // SAFETY: the stack was just allocated: mapped, writable, unused, page aligned, and much
     // larger than the frame.
     let rsp = unsafe { context::initial_frame(stack.top(), task_trampoline) };

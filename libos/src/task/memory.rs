@@ -143,11 +143,11 @@ fn snapshot_k(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
         crate::space::apply(flush);
         Ok(t)
     })
+    .map(Template::from_engine)
 }
 
 /// Returns the frames of cached task stacks (freed but still mapped) and top tables to the frame
-/// allocator, so
-/// that a leak check compares like with like.
+/// allocator, so that a leak check compares like with like.
 ///
 /// ```no_run
 /// libos::task::trim_caches();

@@ -130,6 +130,62 @@ impl Builder {
         r.map_err(SpawnError::rehome)
     }
 
+    /// Spawns a task that runs `f(arg)`, giving it every libos object in `arg`
+    /// ([`Give`](crate::handle::Give)) before it runs — the way to hand a
+    /// [`TcpStream`](crate::net::TcpStream), a channel end or a shared heap to a child (a
+    /// [`spawn`](Self::spawn) closure cannot capture them: they are not `Send`). Otherwise as
+    /// [`spawn`](Self::spawn) (the child is a fork of the caller). On an error nothing was
+    /// spawned and `arg` is dropped here (its objects stay the caller's until then, so they are
+    /// released).
+    ///
+    /// ```no_run
+    /// let (tx, rx) = libos::channel::bounded::<u64>(1);
+    /// let h = libos::task::Builder::new()
+    ///     .spawn_with(&[], tx, |tx| {
+    ///         tx.send(7).expect("receiver alive");
+    ///         0
+    ///     })
+    ///     .expect("spawn");
+    /// assert_eq!(rx.recv(), Some(7));
+    /// assert_eq!(h.join(), Ok(0));
+    /// ```
+    pub fn spawn_with<A, F>(
+        self,
+        templates: &[&Template],
+        arg: A,
+        f: F,
+    ) -> Result<JoinHandle, SpawnError>
+    where
+        A: crate::handle::Give + 'static,
+        F: FnOnce(A) -> i32 + Send + 'static,
+    {
+        /// The child's copy of `arg`, carried by the child's closure.
+        struct Carry<A>(ManuallyDrop<A>);
+        // SAFETY: `A: Give` (sealed) is made only of handles to registry objects (which are
+        // `Send`) and containers of them; a handle is kept from crossing tasks only so that
+        // ownership moves with a give, which happens below before the child can run.
+        unsafe impl<A: crate::handle::Give> Send for Carry<A> {}
+
+        let arg = ManuallyDrop::new(arg);
+        // SAFETY: a bitwise copy of `arg` for the child, which gets it in its fork of this
+        // task's memory (where whatever `arg` points to is live at the same address). Exactly
+        // one copy is dropped in each task: the caller drops `arg` below, the child runs `f` on
+        // its copy (the caller's copy of the closure drops only a `ManuallyDrop`).
+        let carry = Carry(unsafe { core::ptr::read(&arg) });
+        let r = crate::arch::irq::without(|_| {
+            let h = self.spawn(templates, move || {
+                let c = carry;
+                f(ManuallyDrop::into_inner(c.0))
+            })?;
+            // Interrupts are off: the child has not run. Its objects are its own from now on.
+            arg.give_to(h.id());
+            Ok(h)
+        });
+        // The caller's copy: its handles are inert once given (and released with it on error).
+        drop(ManuallyDrop::into_inner(arg));
+        r
+    }
+
     /// The kernel side of [`spawn`](Self::spawn): fork the caller's process memory, make the
     /// child's space, top table and stack, and queue the child with its own bitwise copy of `f`.
     fn spawn_fork<F>(
@@ -169,21 +225,18 @@ impl Builder {
             // copy-on-write, so flush its TLB).
             let (proc, flush) = crate::space::with_current(crate::process::fork_template)?;
             crate::space::apply(flush);
-            let mut all: [&Template; 8] = [&proc; 8];
-            let n = templates.len() + 1;
-            let space = if n <= all.len() {
-                all[1..n].copy_from_slice(templates);
-                AddressSpace::new(
-                    &KernelMem,
-                    &all[..n],
-                    mode,
-                    Some(crate::space::kernel_half()),
-                )
-            } else {
-                let mut v: Vec<&Template> = Vec::with_capacity(n);
-                v.push(&proc);
-                v.extend_from_slice(templates);
-                AddressSpace::new(&KernelMem, &v, mode, Some(crate::space::kernel_half()))
+            let half = Some(crate::space::kernel_half());
+            let space = match templates {
+                [] => AddressSpace::new(&KernelMem, &[&proc], mode, half),
+                [t] => AddressSpace::new(&KernelMem, &[&proc, &t.engine()], mode, half),
+                _ => {
+                    let ts = crate::space::engine_templates(templates);
+                    let mut refs: Vec<&crate::space::EngineTemplate> =
+                        Vec::with_capacity(ts.len() + 1);
+                    refs.push(&proc);
+                    refs.extend(ts.iter());
+                    AddressSpace::new(&KernelMem, &refs, mode, half)
+                }
             }?;
             let top = crate::process::Top::install(&space).ok_or(templates::Error::OutOfFrames)?;
             Ok((space, top))
@@ -219,7 +272,7 @@ impl Builder {
             }
         };
         glue::count_spawn();
-        Ok(JoinHandle { inner: h })
+        Ok(JoinHandle::new(h))
     }
 }
 
@@ -252,6 +305,23 @@ where
     F: FnOnce() -> i32 + Send + 'static,
 {
     Builder::new().spawn(templates, f)
+}
+
+/// Spawns a task with default options that runs `f(arg)`, giving it the libos objects in `arg`;
+/// see [`Builder::spawn_with`].
+///
+/// ```no_run
+/// let (tx, rx) = libos::channel::bounded::<u64>(1);
+/// let h = libos::task::spawn_with(&[], tx, |tx| i32::from(tx.send(1).is_ok())).expect("spawn");
+/// assert_eq!(rx.recv(), Some(1));
+/// assert_eq!(h.join(), Ok(1));
+/// ```
+pub fn spawn_with<A, F>(templates: &[&Template], arg: A, f: F) -> Result<JoinHandle, SpawnError>
+where
+    A: crate::handle::Give + 'static,
+    F: FnOnce(A) -> i32 + Send + 'static,
+{
+    Builder::new().spawn_with(templates, arg, f)
 }
 
 /// Gives the CPU to the next runnable task, if any.
@@ -295,26 +365,50 @@ pub fn exit(code: i32) -> ! {
 }
 
 /// Owner's handle to a spawned task.
+///
+/// A libos object (`docs/ARCHITECTURE.md`, "Ownership of libos objects"): it belongs to the task
+/// that spawned the child, is not `Send` (a closure cannot capture it), a copy in another task's
+/// memory (a fork's) is inert, and when its owner ends without joining, the child is detached.
+///
+/// ```compile_fail,E0277
+/// let h = libos::task::spawn(&[], || 0).expect("spawn");
+/// let _ = libos::task::spawn(&[], move || h.join().unwrap_or(1)); // refused: not `Send`
+/// ```
 #[derive(Debug)]
 #[must_use = "dropping a JoinHandle detaches the task"]
 pub struct JoinHandle {
-    inner: crate::sched::JoinHandle<glue::Guest>,
+    id: u64,
+    inner: crate::handle::Owned<crate::sched::JoinHandle<glue::Guest>>,
 }
 
 impl JoinHandle {
+    fn new(h: crate::sched::JoinHandle<glue::Guest>) -> JoinHandle {
+        JoinHandle {
+            id: h.id(),
+            inner: crate::handle::Owned::new(h),
+        }
+    }
+
+    /// The scheduler's kill handle (a new reference), for use outside the registry.
+    fn killer(&self) -> crate::sched::KillHandle<glue::Guest> {
+        let _k = crate::mm::ctx::kernel();
+        self.inner.with(|h| h.kill_handle().clone())
+    }
+
     /// The task's id.
     pub fn id(&self) -> u64 {
-        self.inner.id()
+        self.id
     }
 
     /// True once the task has ended.
     pub fn is_finished(&self) -> bool {
-        glue::is_finished(self.inner.kill_handle())
+        let k = self.killer();
+        glue::is_finished(&k)
     }
 
     /// A handle that can kill this task, also once this one is given to [`JoinHandle::join`]
     /// (e.g. a watchdog task kills a worker that another task joins; the joiner is woken with
-    /// `Err(TaskError::Killed)`).
+    /// `Err(TaskError::Killed)`). Give it to the watchdog with [`spawn_with`].
     ///
     /// ```no_run
     /// use libos::task::TaskError;
@@ -322,8 +416,7 @@ impl JoinHandle {
     ///     libos::task::yield_now();
     /// })
     /// .expect("spawn");
-    /// let k = worker.kill_handle();
-    /// let _watchdog = libos::task::spawn(&[], move || {
+    /// let _watchdog = libos::task::spawn_with(&[], worker.kill_handle(), |k| {
     ///     k.kill();
     ///     0
     /// })
@@ -331,8 +424,11 @@ impl JoinHandle {
     /// assert_eq!(worker.join(), Err(TaskError::Killed));
     /// ```
     pub fn kill_handle(&self) -> KillHandle {
+        let k = self.killer();
+        let _k = crate::mm::ctx::kernel();
         KillHandle {
-            inner: self.inner.kill_handle().clone(),
+            id: self.id,
+            inner: crate::handle::Owned::new(k),
         }
     }
 
@@ -344,7 +440,11 @@ impl JoinHandle {
     /// assert!(matches!(h.join(), Err(TaskError::Panic(_))));
     /// ```
     pub fn join(self) -> Result<i32, TaskError> {
-        glue::join(self.inner).map_err(error::rehome_task_error)
+        let h = {
+            let _k = crate::mm::ctx::kernel();
+            self.inner.take()
+        };
+        glue::join(h).map_err(error::rehome_task_error)
     }
 
     /// Ends the task (if it has not ended yet); its `join` returns [`TaskError::Killed`].
@@ -352,8 +452,8 @@ impl JoinHandle {
     /// The task ends at once whatever it is doing: runnable, preempted, sleeping (even
     /// forever), blocked in [`JoinHandle::join`] (it leaves the join it waits in; the task it
     /// joined goes on), or running (a task that kills itself). A task blocked in a join of this
-    /// task is woken and gets `Err(TaskError::Killed)`. The task runs no destructors (objects it
-    /// owned in the kernel heap leak) and a [`crate::sync::Mutex`] it holds stays locked.
+    /// task is woken and gets `Err(TaskError::Killed)`. Its memory goes with it and libos
+    /// releases the objects it owned; a [`crate::sync::Mutex`] in its memory is its own copy.
     ///
     /// ```no_run
     /// use libos::task::TaskError;
@@ -365,30 +465,67 @@ impl JoinHandle {
     /// assert_eq!(h.join(), Err(TaskError::Killed));
     /// ```
     pub fn kill(&self) {
-        glue::kill(self.inner.kill_handle());
+        let k = self.killer();
+        glue::kill(&k);
+    }
+}
+
+impl crate::handle::sealed::Sealed for JoinHandle {}
+
+impl crate::handle::Give for JoinHandle {
+    fn give_to(&self, task: u64) {
+        self.inner.give_to(task);
     }
 }
 
 /// A handle that can only kill a task (see [`JoinHandle::kill`]) and ask whether it has ended;
-/// made by [`JoinHandle::kill_handle`], `Clone` and `Send`.
-#[derive(Debug, Clone)]
+/// made by [`JoinHandle::kill_handle`]. A libos object like [`JoinHandle`]: `Clone` (another
+/// handle, owned by the running task), given to another task with [`spawn_with`].
+#[derive(Debug)]
 pub struct KillHandle {
-    inner: crate::sched::KillHandle<glue::Guest>,
+    id: u64,
+    inner: crate::handle::Owned<crate::sched::KillHandle<glue::Guest>>,
+}
+
+impl Clone for KillHandle {
+    fn clone(&self) -> KillHandle {
+        let k = self.killer();
+        let _k = crate::mm::ctx::kernel();
+        KillHandle {
+            id: self.id,
+            inner: crate::handle::Owned::new(k),
+        }
+    }
 }
 
 impl KillHandle {
+    fn killer(&self) -> crate::sched::KillHandle<glue::Guest> {
+        let _k = crate::mm::ctx::kernel();
+        self.inner.with(|k| k.clone())
+    }
+
     /// The task's id.
     pub fn id(&self) -> u64 {
-        self.inner.id()
+        self.id
     }
 
     /// True once the task has ended.
     pub fn is_finished(&self) -> bool {
-        glue::is_finished(&self.inner)
+        let k = self.killer();
+        glue::is_finished(&k)
     }
 
     /// Ends the task if it has not ended yet, as [`JoinHandle::kill`] does.
     pub fn kill(&self) {
-        glue::kill(&self.inner);
+        let k = self.killer();
+        glue::kill(&k);
+    }
+}
+
+impl crate::handle::sealed::Sealed for KillHandle {}
+
+impl crate::handle::Give for KillHandle {
+    fn give_to(&self, task: u64) {
+        self.inner.give_to(task);
     }
 }

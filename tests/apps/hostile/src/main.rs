@@ -223,7 +223,7 @@ fn fragmented() -> Result<(), String> {
     // the older task allocates those pages itself and touches every one. (Only plain data
     // crosses a channel, so the task cannot be sent main's vector.)
     let (tx, rx) = libos::channel::bounded::<u8>(1);
-    let reader = libos::handle::spawn_with(&[], rx, |rx| {
+    let reader = libos::task::spawn_with(&[], rx, |rx| {
         let go = rx.recv().expect("main says go");
         let v = alloc::vec![go; 8 << 20];
         v.iter().step_by(4096).map(|&b| i32::from(b)).sum()

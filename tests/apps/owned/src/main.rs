@@ -73,7 +73,7 @@ const ENDS: [End; 4] = [End::Return, End::Panic, End::Overflow, End::Kill];
 fn one_task(i: usize, how: End) -> Result<(), String> {
     let (to_child, child_rx) = channel::bounded::<u64>(4);
     let (child_tx, from_child) = channel::bounded::<u64>(4);
-    let h = handle::spawn_with(&[], (child_rx, child_tx), move |(rx, tx)| {
+    let h = libos::task::spawn_with(&[], (child_rx, child_tx), move |(rx, tx)| {
         // Objects of its own, owned by this task, none of which it drops.
         let (own_tx, own_rx) = channel::bounded::<[u64; 4]>(64);
         for k in 0..8 {
@@ -291,7 +291,7 @@ fn ports_of_a_dead_task() -> Result<(), String> {
     let sockets0 = net::stats().sockets;
     let (tx, rx) = channel::bounded::<u8>(1);
     let (go_tx, go_rx) = channel::bounded::<u8>(1);
-    let h = handle::spawn_with(&[], (tx, go_rx), |(tx, go)| {
+    let h = libos::task::spawn_with(&[], (tx, go_rx), |(tx, go)| {
         let l = TcpListener::bind_with_backlog(TCP_PORT, 4).expect("bind TCP");
         let u = net::UdpSocket::bind(UDP_PORT).expect("bind UDP");
         tx.send(1).expect("main listens");
@@ -362,7 +362,7 @@ fn serve() -> Result<(), String> {
         // of the stream it gives away.
         let copy = (how == End::Return).then(|| forked_copy(&s));
         let (go_tx, go_rx) = channel::bounded::<u8>(1);
-        let h = handle::spawn_with(&[], (s, tx, go_rx), move |(mut s, tx, go)| {
+        let h = libos::task::spawn_with(&[], (s, tx, go_rx), move |(mut s, tx, go)| {
             if how == End::Return {
                 let _ = go.recv(); // until main has tried its copy
             }

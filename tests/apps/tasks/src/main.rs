@@ -367,7 +367,7 @@ fn channels() -> Result<(), &'static str> {
     let producers: Vec<_> = (0..4u64)
         .map(|p| {
             // Each producer is given its own sender (a channel end is not `Send`).
-            libos::handle::spawn_with(&[], tx.clone(), move |tx| {
+            libos::task::spawn_with(&[], tx.clone(), move |tx| {
                 for i in 0..100u64 {
                     tx.send([p, i]).expect("consumer alive");
                 }
@@ -377,7 +377,7 @@ fn channels() -> Result<(), &'static str> {
         })
         .collect();
     drop(tx);
-    let consumer = libos::handle::spawn_with(&[], rx, move |rx| {
+    let consumer = libos::task::spawn_with(&[], rx, move |rx| {
         let mut next = [0u64; 4];
         let mut sum = 0u64;
         while let Some([p, i]) = rx.recv() {
