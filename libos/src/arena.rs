@@ -42,6 +42,9 @@ type Heap = Mutex<Talc<Manual, DefaultBinning>>;
 #[derive(Debug)]
 pub struct Arena {
     heap: NonNull<Heap>,
+    /// The task whose memory the arena is (a copy in a fork child's memory points at memory the
+    /// child does not have).
+    owner: u64,
     /// Addresses are only meaningful in the task that made the arena.
     _task_local: PhantomData<*const ()>,
 }
@@ -76,13 +79,24 @@ impl Arena {
         }
         Ok(Arena {
             heap: NonNull::new(heap).ok_or(templates::Error::Empty)?,
+            owner: crate::task::current(),
             _task_local: PhantomData,
         })
     }
 
     fn heap(&self) -> &Heap {
+        // A bitwise copy in another task's memory (a spawn forks the task's heap, not its other
+        // mappings) must not reach memory that task does not map: end that task, clearly.
+        let me = crate::task::current();
+        assert!(
+            me == self.owner,
+            "the arena at {:#x} belongs to task {}; task {me} does not map its memory",
+            self.heap.as_ptr() as u64,
+            self.owner
+        );
         // SAFETY: the header was initialised in `new` and the region stays mapped for the life
-        // of the task, which outlives this non-Send handle.
+        // of the task that made it (the owner, checked above), which outlives this non-Send
+        // handle.
         unsafe { self.heap.as_ref() }
     }
 

@@ -324,6 +324,7 @@ pub(crate) fn after_shadow_fault(hi: u64) {
 /// so later spawns share it by reference until the zygote changes it.
 ///
 /// ```no_run
+/// use alloc::string::String;
 /// use hashbrown::HashMap;
 /// use libos::process::Zygote;
 ///

@@ -164,16 +164,7 @@ pub(crate) fn engine_templates(ts: &[&Template]) -> Vec<EngineTemplate> {
 /// ```
 #[derive(Debug)]
 pub struct TemplateBuilder {
-    inner: templates::TemplateBuilder<KernelMem>,
-    held: Vec<(PhysFrame, PageSize)>,
-}
-
-impl Drop for TemplateBuilder {
-    /// A builder dropped without `seal` (or after a failed step) gives its frames back.
-    fn drop(&mut self) {
-        let _k = crate::mm::ctx::kernel();
-        self.release_held();
-    }
+    state: crate::handle::Owned<BuilderState>,
 }
 
 impl Default for TemplateBuilder {
@@ -182,15 +173,176 @@ impl Default for TemplateBuilder {
     }
 }
 
+/// A libos object (`docs/ARCHITECTURE.md`, "Ownership of libos objects"): the builder's state
+/// (frames, page tables in the making) is libos's, owned by the task that made the builder; a
+/// copy in another task's memory (a fork's) is inert, and an unfinished builder is released
+/// when its task ends. Each step takes the state, changes it, and registers it again.
 impl TemplateBuilder {
+    fn wrap(state: BuilderState) -> TemplateBuilder {
+        let _k = crate::mm::ctx::kernel();
+        TemplateBuilder {
+            state: crate::handle::Owned::new(state),
+        }
+    }
+
+    fn step(
+        self,
+        f: impl FnOnce(BuilderState) -> Result<BuilderState, Error>,
+    ) -> Result<TemplateBuilder, Error> {
+        let state = {
+            let _k = crate::mm::ctx::kernel();
+            self.state.take()
+        };
+        f(state).map(TemplateBuilder::wrap)
+    }
+
     /// An empty builder.
     ///
     /// ```no_run
     /// let b = libos::space::TemplateBuilder::new();
     /// ```
     pub fn new() -> Self {
+        Self::wrap(BuilderState::new())
+    }
+
+    /// Adds a region of 4 KiB pages at `start` (lower half, page aligned) of `len` bytes whose
+    /// contents `fill(offset, page)` writes, page by page, before the template is sealed
+    /// (`fill` is app code and runs in app context).
+    ///
+    /// ```no_run
+    /// use libos::space::{Kind, TemplateBuilder};
+    /// // 16 MiB, copy-on-write for every task: each page starts filled with its page number.
+    /// let b = TemplateBuilder::new()
+    ///     .region("data", 0x4000_0000, 16 << 20, Kind::Private, |off, page| {
+    ///         page.fill((off >> 12) as u8)
+    ///     })
+    ///     .expect("out of memory");
+    /// ```
+    ///
+    /// `len` is rounded up to whole pages. Checked before any memory is spent: a non-canonical
+    /// `start` is [`Error::NonCanonical`], one in (or a range reaching into) the kernel half
+    /// [`Error::NotLowerHalf`], `len == 0` [`Error::Empty`], an unaligned `start`
+    /// [`Error::Misaligned`], more pages than there are free frames [`Error::OutOfFrames`].
+    pub fn region(
+        self,
+        name: &str,
+        start: u64,
+        len: u64,
+        kind: Kind,
+        fill: impl FnMut(u64, &mut [u8; 4096]),
+    ) -> Result<Self, Error> {
+        self.step(|b| b.region(name, start, len, kind, fill))
+    }
+
+    /// Adds a region holding `bytes` (then zeros to the end of the last page) at `start`; errors
+    /// as for [`region`](Self::region).
+    ///
+    /// ```no_run
+    /// use libos::space::{Kind, TemplateBuilder};
+    /// let b = TemplateBuilder::new()
+    ///     .blob("config", 0x4000_0000, Kind::ReadOnly, b"threads = 4\n")
+    ///     .expect("memory");
+    /// ```
+    pub fn blob(self, name: &str, start: u64, kind: Kind, bytes: &[u8]) -> Result<Self, Error> {
+        self.step(|b| b.blob(name, start, kind, bytes))
+    }
+
+    /// Maps a section of the app image (its code or read-only data: the same frames, no copy)
+    /// read-only at `start`.
+    ///
+    /// ```no_run
+    /// use libos::space::{ImageSection, TemplateBuilder};
+    /// let t = TemplateBuilder::new()
+    ///     .image_section("text", 0x80_0000_0000, ImageSection::Text)
+    ///     .and_then(|b| b.image_section("rodata", 0x81_0000_0000, ImageSection::Rodata))
+    ///     .and_then(|b| b.seal())
+    ///     .expect("template");
+    /// ```
+    pub fn image_section(
+        self,
+        name: &str,
+        start: u64,
+        section: ImageSection,
+    ) -> Result<Self, Error> {
+        self.step(|b| b.image_section(name, start, section))
+    }
+
+    /// Adds a region backed by the given frames (one per page, in order); the template takes its
+    /// own reference to each, the caller keeps theirs.
+    pub(crate) fn frames_region(
+        self,
+        name: &str,
+        start: u64,
+        kind: Kind,
+        frames: Vec<PhysAddr>,
+    ) -> Result<Self, Error> {
+        self.step(|b| b.frames_region(name, start, kind, frames))
+    }
+
+    /// Adds a region whose every page maps the same zeroed frame (for 2 MiB pages: the same
+    /// zeroed 2 MiB run): a way to build very large templates (benchmarks) without the memory.
+    /// With `Kind::Private`, a task's first write to a page copies it, as for any template.
+    /// A region whose leaf page tables alone (one frame per 512 pages) exceed the free memory is
+    /// [`Error::OutOfFrames`] at once; other bad arguments give the errors of
+    /// [`region`](Self::region).
+    ///
+    /// ```no_run
+    /// use libos::space::{Kind, PageSize, TemplateBuilder};
+    /// // 64 GiB of page tables, one 2 MiB run of memory.
+    /// let big = TemplateBuilder::new()
+    ///     .alias_region("big", 0x80_0000_0000, 64 << 30, Kind::Private, PageSize::Size2MiB)
+    ///     .and_then(|b| b.seal())
+    ///     .expect("template");
+    /// ```
+    pub fn alias_region(
+        self,
+        name: &str,
+        start: u64,
+        len: u64,
+        kind: Kind,
+        page_size: PageSize,
+    ) -> Result<Self, Error> {
+        self.step(|b| b.alias_region(name, start, len, kind, page_size))
+    }
+
+    /// Seals the template: from now on nothing changes it; tasks attach it at spawn.
+    ///
+    /// ```no_run
+    /// use libos::space::{Kind, TemplateBuilder};
+    /// let t = TemplateBuilder::new()
+    ///     .region("a", 0x4000_0000, 4096, Kind::ReadOnly, |_, _| {})
+    ///     .expect("memory")
+    ///     .seal()
+    ///     .expect("layout");
+    /// let h = libos::task::spawn(&[&t], || 0).expect("spawn");
+    /// ```
+    pub fn seal(self) -> Result<Template, Error> {
+        let state = {
+            let _k = crate::mm::ctx::kernel();
+            self.state.take()
+        };
+        state.seal()
+    }
+}
+
+/// The builder's state, in the kernel heap (see [`TemplateBuilder`]).
+#[derive(Debug)]
+struct BuilderState {
+    inner: templates::TemplateBuilder<KernelMem>,
+    held: Vec<(PhysFrame, PageSize)>,
+}
+
+impl Drop for BuilderState {
+    fn drop(&mut self) {
         let _k = crate::mm::ctx::kernel();
-        TemplateBuilder {
+        self.release_held();
+    }
+}
+
+impl BuilderState {
+    fn new() -> Self {
+        let _k = crate::mm::ctx::kernel();
+        BuilderState {
             inner: templates::TemplateBuilder::new(&KernelMem),
             held: Vec::new(),
         }
@@ -209,24 +361,7 @@ impl TemplateBuilder {
         }
     }
 
-    /// Adds a region of 4 KiB pages at `start` (lower half, page aligned) of `len` bytes whose
-    /// contents `fill(offset, page)` writes, page by page, before the template is sealed.
-    ///
-    /// ```no_run
-    /// use libos::space::{Kind, TemplateBuilder};
-    /// // 16 MiB, copy-on-write for every task: each page starts filled with its page number.
-    /// let b = TemplateBuilder::new()
-    ///     .region("data", 0x4000_0000, 16 << 20, Kind::Private, |off, page| {
-    ///         page.fill((off >> 12) as u8)
-    ///     })
-    ///     .expect("out of memory");
-    /// ```
-    ///
-    /// `len` is rounded up to whole pages. Checked before any memory is spent: a non-canonical
-    /// `start` is [`Error::NonCanonical`], one in (or a range reaching into) the kernel half
-    /// [`Error::NotLowerHalf`], `len == 0` [`Error::Empty`], an unaligned `start`
-    /// [`Error::Misaligned`], more pages than there are free frames [`Error::OutOfFrames`].
-    pub fn region(
+    fn region(
         mut self,
         name: &str,
         start: u64,
@@ -267,18 +402,7 @@ impl TemplateBuilder {
         })
     }
 
-    /// Adds a region holding `bytes` (e.g. an embedded blob: `include_bytes!`), zero-padded to
-    /// whole pages (an empty blob gets one zeroed page). `start` is checked as in
-    /// [`region`](Self::region).
-    ///
-    /// ```no_run
-    /// use libos::space::{Kind, TemplateBuilder};
-    /// let t = TemplateBuilder::new()
-    ///     .blob("config", 0x4000_0000, Kind::ReadOnly, b"threads = 4\n")
-    ///     .and_then(|b| b.seal())
-    ///     .expect("template");
-    /// ```
-    pub fn blob(self, name: &str, start: u64, kind: Kind, bytes: &[u8]) -> Result<Self, Error> {
+    fn blob(self, name: &str, start: u64, kind: Kind, bytes: &[u8]) -> Result<Self, Error> {
         kcall(move || {
             let len = (bytes.len() as u64).max(1);
             self.region(name, start, len, kind, |off, page| {
@@ -291,18 +415,7 @@ impl TemplateBuilder {
         })
     }
 
-    /// Maps one of the app image's own sections (its code or read-only data — the same frames the
-    /// kernel half maps, not a copy) read-only at `start`: a "library" template.
-    ///
-    /// ```no_run
-    /// use libos::space::{ImageSection, TemplateBuilder};
-    /// let lib = TemplateBuilder::new()
-    ///     .image_section("text", 0x80_0000_0000, ImageSection::Text)
-    ///     .and_then(|b| b.image_section("rodata", 0x81_0000_0000, ImageSection::Rodata))
-    ///     .and_then(|b| b.seal())
-    ///     .expect("template");
-    /// ```
-    pub fn image_section(
+    fn image_section(
         mut self,
         name: &str,
         start: u64,
@@ -328,9 +441,7 @@ impl TemplateBuilder {
         })
     }
 
-    /// Adds a region backed by the given frames (one per page, in order); the template takes its
-    /// own reference to each, the caller keeps theirs.
-    pub(crate) fn frames_region(
+    fn frames_region(
         mut self,
         name: &str,
         start: u64,
@@ -343,22 +454,7 @@ impl TemplateBuilder {
         Ok(self)
     }
 
-    /// Adds a region whose every page maps the same zeroed frame (for 2 MiB pages: the same
-    /// zeroed 2 MiB run): a way to build very large templates (benchmarks) without the memory.
-    /// With `Kind::Private`, a task's first write to a page copies it, as for any template.
-    /// A region whose leaf page tables alone (one frame per 512 pages) exceed the free memory is
-    /// [`Error::OutOfFrames`] at once; other bad arguments give the errors of
-    /// [`region`](Self::region).
-    ///
-    /// ```no_run
-    /// use libos::space::{Kind, PageSize, TemplateBuilder};
-    /// // 64 GiB of page tables, one 2 MiB run of memory.
-    /// let big = TemplateBuilder::new()
-    ///     .alias_region("big", 0x80_0000_0000, 64 << 30, Kind::Private, PageSize::Size2MiB)
-    ///     .and_then(|b| b.seal())
-    ///     .expect("template");
-    /// ```
-    pub fn alias_region(
+    fn alias_region(
         mut self,
         name: &str,
         start: u64,
@@ -400,19 +496,7 @@ impl TemplateBuilder {
         })
     }
 
-    /// Seals the template: its tables are built and never written again. Fails if regions
-    /// overlap or are misaligned.
-    ///
-    /// ```no_run
-    /// use libos::space::{Kind, TemplateBuilder};
-    /// let t = TemplateBuilder::new()
-    ///     .region("a", 0x4000_0000, 4096, Kind::ReadOnly, |_, _| {})
-    ///     .expect("memory")
-    ///     .seal()
-    ///     .expect("layout");
-    /// let h = libos::task::spawn(&[&t], || 0).expect("spawn");
-    /// ```
-    pub fn seal(mut self) -> Result<Template, Error> {
+    fn seal(mut self) -> Result<Template, Error> {
         kcall(move || {
             let inner =
                 core::mem::replace(&mut self.inner, templates::TemplateBuilder::new(&KernelMem));
@@ -457,19 +541,28 @@ impl ImageSection {
 /// The space the CPU is currently running in (null: the kernel's own tables).
 static CURRENT: AtomicPtr<AddressSpace<KernelMem>> = AtomicPtr::new(core::ptr::null_mut());
 
-/// An address space spawned from templates.
+/// An address space spawned from templates, not loaded by any task: tests and tools read and
+/// write inside it.
+///
+/// A libos object (`docs/ARCHITECTURE.md`, "Ownership of libos objects"): it belongs to the task
+/// that made it and is not `Send`; a copy in another task's memory (a fork's) is inert, and it
+/// is released when its task ends.
 #[derive(Debug)]
 pub struct Space {
-    inner: core::mem::ManuallyDrop<alloc::boxed::Box<AddressSpace<KernelMem>>>,
+    inner: crate::handle::Owned<SpaceBox>,
 }
 
-impl Drop for Space {
+/// The engine's space, boxed (its address stays put while it is loaded by [`enter`]).
+#[derive(Debug)]
+struct SpaceBox(core::mem::ManuallyDrop<alloc::boxed::Box<AddressSpace<KernelMem>>>);
+
+impl Drop for SpaceBox {
     fn drop(&mut self) {
         // Release the tables with interrupts off, as the scheduler does for tasks: the engine's
         // reference counting assumes no other space is dropped halfway through.
         crate::arch::irq::without(|_| {
-            // SAFETY: `inner` is dropped exactly once, here, and never used afterwards.
-            unsafe { core::mem::ManuallyDrop::drop(&mut self.inner) }
+            // SAFETY: the box is dropped exactly once, here, and never used afterwards.
+            unsafe { core::mem::ManuallyDrop::drop(&mut self.0) }
         });
     }
 }
@@ -526,35 +619,23 @@ impl Space {
                 AddressSpace::new(&KernelMem, &refs, mode, Some(kernel_half()))
             })?;
             Ok(Space {
-                inner: core::mem::ManuallyDrop::new(alloc::boxed::Box::new(inner)),
+                inner: crate::handle::Owned::new(SpaceBox(core::mem::ManuallyDrop::new(
+                    alloc::boxed::Box::new(inner),
+                ))),
             })
         })
     }
 
+    /// Runs `f` on the engine's space (kernel context). Panics (ending only the running task)
+    /// in a task that does not own this handle.
+    fn with_space<R>(&self, f: impl FnOnce(&mut AddressSpace<KernelMem>) -> R) -> R {
+        let _k = crate::mm::ctx::kernel();
+        self.inner.with(|b| f(&mut b.0))
+    }
+
     /// Page-table accounting for this space.
     pub fn stats(&self) -> SpaceStats {
-        self.inner.stats()
-    }
-
-    /// Checks `va..va + len` (see [`check_access`]); an empty range is fine anywhere in the
-    /// lower half and touches nothing.
-    fn check(&self, va: u64, len: usize, write: bool) -> Result<(), Fault> {
-        check_access(&self.inner, va, len, write)
-    }
-
-    fn enter<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        crate::arch::irq::without(|_| {
-            let prev = CURRENT.swap(&mut **self.inner, Ordering::AcqRel);
-            let (prev_root, flags) = mmu::root();
-            // SAFETY: the space's root has the kernel half installed, so code, stack and data
-            // stay mapped across the switch.
-            unsafe { mmu::load_root(self.inner.root(), Cr3Flags::empty()) };
-            let r = f();
-            // SAFETY: back to the running task's own root, which was loaded a moment ago.
-            unsafe { mmu::load_root(prev_root, flags) };
-            CURRENT.store(prev, Ordering::Release);
-            r
-        })
+        self.with_space(|s| s.stats())
     }
 
     /// Reads `buf.len()` bytes at `va` inside the space (through the MMU). A range outside the
@@ -563,32 +644,34 @@ impl Space {
     /// through a kernel-heap buffer of at most 64 KiB ([`Fault::OutOfFrames`] if there is none).
     pub fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
         kcall_fault(move || {
-            self.check(va, buf.len(), false)?;
-            if buf.is_empty() {
-                return Ok(());
-            }
-            // Bounce through the kernel heap: `buf` may live in the caller's own lower half, which
-            // is not mapped (or means something else) while this space is loaded. In chunks, so a
-            // huge `buf` needs no second buffer of its size.
-            let mut bounce = bounce_buffer(va, buf.len())?;
-            for (i, chunk) in buf.chunks_mut(BOUNCE).enumerate() {
-                let src = va + (i * BOUNCE) as u64;
-                let tmp = &mut bounce[..chunk.len()];
-                self.enter(|| {
-                    // SAFETY: `check` found every byte inside a region of this space, which is
-                    // loaded; faults (demand-zero) are resolved by the page-fault handler; `tmp` is
-                    // in the kernel heap, mapped in every space.
-                    unsafe {
-                        core::ptr::copy_nonoverlapping(
-                            src as *const u8,
-                            tmp.as_mut_ptr(),
-                            tmp.len(),
-                        )
-                    }
-                });
-                chunk.copy_from_slice(tmp);
-            }
-            Ok(())
+            self.with_space(|space| {
+                check_access(space, va, buf.len(), false)?;
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                // Bounce through the kernel heap: `buf` may live in the caller's own lower half, which
+                // is not mapped (or means something else) while this space is loaded. In chunks, so a
+                // huge `buf` needs no second buffer of its size.
+                let mut bounce = bounce_buffer(va, buf.len())?;
+                for (i, chunk) in buf.chunks_mut(BOUNCE).enumerate() {
+                    let src = va + (i * BOUNCE) as u64;
+                    let tmp = &mut bounce[..chunk.len()];
+                    enter(space, || {
+                        // SAFETY: `check` found every byte inside a region of this space, which is
+                        // loaded; faults (demand-zero) are resolved by the page-fault handler; `tmp` is
+                        // in the kernel heap, mapped in every space.
+                        unsafe {
+                            core::ptr::copy_nonoverlapping(
+                                src as *const u8,
+                                tmp.as_mut_ptr(),
+                                tmp.len(),
+                            )
+                        }
+                    });
+                    chunk.copy_from_slice(tmp);
+                }
+                Ok(())
+            })
         })
     }
 
@@ -597,25 +680,27 @@ impl Space {
     /// [`Fault::WriteToReadOnly`] for a read-only byte.
     pub fn write(&mut self, va: u64, data: &[u8]) -> Result<(), Fault> {
         kcall_fault(move || {
-            self.check(va, data.len(), true)?;
-            if data.is_empty() {
-                return Ok(());
-            }
-            let mut bounce = bounce_buffer(va, data.len())?; // see `read`
-            for (i, chunk) in data.chunks(BOUNCE).enumerate() {
-                let dst = va + (i * BOUNCE) as u64;
-                let tmp = &mut bounce[..chunk.len()];
-                tmp.copy_from_slice(chunk);
-                self.enter(|| {
-                    // SAFETY: every byte of `dst..dst + len` is in a writable region of this space
-                    // (`check`), which is loaded; copy-on-write faults are resolved by the page-fault
-                    // handler; `tmp` is in the kernel heap, mapped in every space.
-                    unsafe {
-                        core::ptr::copy_nonoverlapping(tmp.as_ptr(), dst as *mut u8, tmp.len())
-                    }
-                });
-            }
-            Ok(())
+            self.with_space(|space| {
+                check_access(space, va, data.len(), true)?;
+                if data.is_empty() {
+                    return Ok(());
+                }
+                let mut bounce = bounce_buffer(va, data.len())?; // see `read`
+                for (i, chunk) in data.chunks(BOUNCE).enumerate() {
+                    let dst = va + (i * BOUNCE) as u64;
+                    let tmp = &mut bounce[..chunk.len()];
+                    tmp.copy_from_slice(chunk);
+                    enter(space, || {
+                        // SAFETY: every byte of `dst..dst + len` is in a writable region of this space
+                        // (`check`), which is loaded; copy-on-write faults are resolved by the page-fault
+                        // handler; `tmp` is in the kernel heap, mapped in every space.
+                        unsafe {
+                            core::ptr::copy_nonoverlapping(tmp.as_ptr(), dst as *mut u8, tmp.len())
+                        }
+                    });
+                }
+                Ok(())
+            })
         })
     }
 
@@ -625,11 +710,28 @@ impl Space {
     pub fn snapshot(&mut self, ranges: &[(u64, u64)]) -> Result<Template, Error> {
         kcall(move || {
             let r = lower_ranges(ranges)?;
-            let (t, flush) = self.inner.snapshot(&r)?;
+            let (t, flush) = self.with_space(|space| space.snapshot(&r))?;
             flush.ignore(); // the space is not loaded (only `enter` loads it, and it restores CR3)
             Ok(Template::from_engine(t))
         })
     }
+}
+
+/// Runs `f` inside `space`: loads its root (and makes it the current space for the page-fault
+/// handler), then the running task's again.
+fn enter<R>(space: &mut AddressSpace<KernelMem>, f: impl FnOnce() -> R) -> R {
+    crate::arch::irq::without(|_| {
+        let prev = CURRENT.swap(space, Ordering::AcqRel);
+        let (prev_root, flags) = mmu::root();
+        // SAFETY: the space's root has the kernel half installed, so code, stack and data
+        // stay mapped across the switch.
+        unsafe { mmu::load_root(space.root(), Cr3Flags::empty()) };
+        let r = f();
+        // SAFETY: back to the running task's own root, which was loaded a moment ago.
+        unsafe { mmu::load_root(prev_root, flags) };
+        CURRENT.store(prev, Ordering::Release);
+        r
+    })
 }
 
 /// Bytes `Space::read`/`write` copy per switch into the space.

@@ -300,6 +300,13 @@ impl Builder {
 /// let n = 20;
 /// let h = libos::task::spawn(&[], || n + 1); // borrows `n`: refused
 /// ```
+///
+/// What comes back is the exit code, copied by value: a task cannot return a heap object (it
+/// would point into the child's memory, which goes with it).
+///
+/// ```compile_fail
+/// let h = libos::task::spawn(&[], || alloc::string::String::from("result")); // refused
+/// ```
 pub fn spawn<F>(templates: &[&Template], f: F) -> Result<JoinHandle, SpawnError>
 where
     F: FnOnce() -> i32 + Send + 'static,

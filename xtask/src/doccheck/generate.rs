@@ -150,6 +150,9 @@ fn wrapped_crate(
     w.line("#![no_main]");
     w.line("#![allow(unused)]");
     w.line("");
+    // As in an app: the examples may name `alloc::…`.
+    w.line("extern crate alloc;");
+    w.line("");
     w.line("libos::main!(main);");
     w.line("");
     w.line("/// Every example, so that each is compiled to machine code and linked; none runs.");
