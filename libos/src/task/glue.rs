@@ -58,6 +58,10 @@ impl Entry {
             // memory without dropping anything: it is a `MaybeUninit`).
             let f = unsafe { b.assume_init_read() };
             drop(b);
+            // Only now (the block is gone: a task preempted and killed from here on leaves
+            // nothing behind) may interrupts come on; the closure is app code.
+            irq::enable();
+            crate::mm::ctx::set_depth(0);
             f()
         }
         /// # Safety
@@ -74,7 +78,8 @@ impl Entry {
         }
     }
 
-    /// Runs the closure (its block is freed before it starts).
+    /// Runs the closure. Call with interrupts off: the block is freed first, then interrupts go
+    /// on and the closure runs in app context.
     fn call(self) -> i32 {
         let me = core::mem::ManuallyDrop::new(self);
         // SAFETY: `block` and `run` were made together by `new`; the entry is forgotten, so the
@@ -288,10 +293,15 @@ extern "C" fn task_trampoline() -> ! {
         drop_dead(dead);
         entry
     });
-    irq::enable();
-    // The task's own code: app context (the switch here came from inside libos).
-    crate::mm::ctx::set_depth(0);
-    let code = entry.map_or(0, Entry::call);
+    // The task's own code: `call` turns interrupts on and enters app context (the switch here
+    // came from inside libos) once the closure's block is freed.
+    let code = match entry {
+        Some(e) => e.call(),
+        None => {
+            irq::enable();
+            0
+        }
+    };
     let _k = crate::mm::ctx::kernel();
     end_current(Ok(code))
 }
