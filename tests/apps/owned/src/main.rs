@@ -22,7 +22,6 @@ extern crate alloc;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
 
 use libos::channel;
 use libos::handle;
@@ -143,26 +142,21 @@ fn one_task(i: usize, how: End) -> Result<(), String> {
 /// with (a task that does not return leaves the kernel whatever it does not own, e.g. its entry
 /// closure's box: that is the task module's business, not the registry's).
 fn bare_task(i: usize, how: End) -> Result<(), String> {
-    static STARTED: AtomicBool = AtomicBool::new(false);
-    STARTED.store(false, Ordering::Relaxed);
-    let h = task::spawn(&[], move || {
-        STARTED.store(true, Ordering::Relaxed);
-        match how {
-            End::Return => 0,
-            End::Panic => panic!("deliberate panic holding nothing"),
-            End::Overflow => {
-                let mut buf = [0u8; 256];
-                recurse(0, &mut buf) as i32
-            }
-            End::Kill => loop {
-                task::yield_now();
-            },
+    let h = task::spawn(&[], move || match how {
+        End::Return => 0,
+        End::Panic => panic!("deliberate panic holding nothing"),
+        End::Overflow => {
+            let mut buf = [0u8; 256];
+            recurse(0, &mut buf) as i32
         }
+        End::Kill => loop {
+            task::yield_now();
+        },
     })
     .map_err(|e| format!("spawn: {e}"))?;
-    while !STARTED.load(Ordering::Relaxed) {
-        task::yield_now();
-    }
+    // Let it start (the run queue is FIFO: it runs until it yields or ends). A static flag
+    // would not do: a child's statics are its own copy.
+    task::yield_now();
     if how == End::Kill {
         h.kill();
     }
@@ -183,6 +177,9 @@ fn bare_task(i: usize, how: End) -> Result<(), String> {
 /// Registry objects, kernel-heap allocations and free frames (plus what the heap keeps).
 fn measure() -> (usize, usize, usize) {
     task::trim_caches();
+    // The task holds its last snapshot (what the next spawn shares, with its kernel-side
+    // bookkeeping): take it now, so every measurement includes the same one.
+    libos::process::seal().expect("seal");
     let heap = libos::heap_stats();
     (
         handle::live_objects(),
