@@ -413,11 +413,10 @@ fn spawn_reserve() -> Result<(), String> {
         r.is_err(),
         "main's own heap does not grow into the kernel heap's reserve",
     )?;
-    // The kernel heap grows by (almost) 4 MiB out of the reserve, in one growth: a channel whose
-    // queue libos allocates up front in the kernel heap (what app code cannot allocate there
-    // directly), 63 slots of 64 KiB. (4032 KiB, not the 4 MiB - 8 KiB this case grew the heap by
-    // before tasks were processes: main's own copy-on-write writes after its last spawn took a
-    // few frames of the reserve, see above, and a 4 MiB growth needs all of it.)
+    // The kernel heap still takes a 4 MiB block out of the reserve, in one growth: a channel
+    // whose queue libos allocates up front in the kernel heap (app code cannot allocate there
+    // directly), 64 slots of 64 KiB. (Before tasks were processes, main allocated the block
+    // itself; its allocations now go to its own heap, checked above.)
     let heap0 = libos::heap_stats();
     let (big_tx, big_rx) = channel::bounded::<[u8; 64 << 10]>(BIG_SLOTS);
     let heap1 = libos::heap_stats();
@@ -457,12 +456,9 @@ fn spawn_reserve() -> Result<(), String> {
 }
 
 /// Slots of the channel `spawn-reserve` makes out of the reserve: all of them allocated up front
-/// (at most `limits::CHANNEL_PREALLOC` are).
-const BIG_SLOTS: usize = if libos::limits::CHANNEL_PREALLOC < 63 {
-    libos::limits::CHANNEL_PREALLOC
-} else {
-    63
-};
+/// (at most `limits::CHANNEL_PREALLOC` are, 64 now; the check on the heap's growth fails if that
+/// shrinks).
+const BIG_SLOTS: usize = 64;
 
 fn main_oom() -> Result<(), String> {
     println!("main-oom: allocating 1 GiB");
