@@ -436,10 +436,10 @@ impl<S: 'static> Zygote<S> {
     /// ```no_run
     /// use libos::process::Zygote;
     ///
-    /// let mut zygote = Zygote::new(alloc::vec![7u64]);
+    /// let mut zygote = Zygote::new(7u64);
     /// let (tx, rx) = libos::channel::bounded::<u64>(1);
     /// let h = zygote
-    ///     .spawn_with(&[], tx, |state, tx| i32::from(tx.send(state[0]).is_ok()))
+    ///     .spawn_with(&[], tx, |state, tx| i32::from(tx.send(*state).is_ok()))
     ///     .expect("spawn");
     /// assert_eq!(rx.recv(), Some(7));
     /// assert_eq!(h.join(), Ok(1));
