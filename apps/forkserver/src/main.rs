@@ -733,7 +733,7 @@ fn zygote_main(
         }
     };
     let buckets = state.index.len();
-    let zygote = Zygote::new(state);
+    let mut zygote = Zygote::new(state);
     let heap = libos::process::heap_stats();
     println!(
         "forkserver: snapshot: config + index of {buckets} buckets over {} pages + board of {} \
@@ -743,7 +743,6 @@ fn zygote_main(
         t0.elapsed().as_millis(),
         heap.allocated_bytes >> 10,
     );
-    let mut zygote = zygote;
     let mut failed = false;
     for &mode in modes {
         match serve(&mut zygote, mode, templates, keys, quiet) {
