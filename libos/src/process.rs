@@ -428,6 +428,44 @@ impl<S: 'static> Zygote<S> {
         })
     }
 
+    /// [`spawn`](Self::spawn) that also gives the child `arg` — libos objects such as a
+    /// [`TcpStream`](crate::net::TcpStream) or a channel end, which a closure cannot capture —
+    /// as [`crate::task::spawn_with`] does: `f` gets the child's copy of the state and `arg`,
+    /// whose objects are the child's before it runs. On an error nothing was spawned and `arg`
+    /// is dropped here.
+    ///
+    /// ```no_run
+    /// use libos::process::Zygote;
+    ///
+    /// let mut zygote = Zygote::new(7u64);
+    /// let (tx, rx) = libos::channel::bounded::<u64>(1);
+    /// let h = zygote
+    ///     .spawn_with(&[], tx, |state, tx| i32::from(tx.send(*state).is_ok()))
+    ///     .expect("spawn");
+    /// assert_eq!(rx.recv(), Some(7));
+    /// assert_eq!(h.join(), Ok(1));
+    /// ```
+    pub fn spawn_with<A, F>(
+        &mut self,
+        templates: &[&Template],
+        arg: A,
+        f: F,
+    ) -> Result<crate::task::JoinHandle, crate::task::SpawnError>
+    where
+        A: crate::handle::Give + 'static,
+        F: FnOnce(&mut S, A) -> i32 + Send + 'static,
+    {
+        let at = self.state.as_ptr() as usize;
+        crate::task::Builder::new().spawn_with(templates, arg, move |arg| {
+            // SAFETY: this runs in the child, a fork of the zygote's memory: the boxed state is
+            // live at `at` in the child's own copy of the heap, and (as in
+            // `spawn_with_builder`) the zygote is neither `Send` nor `Sync` and this call held
+            // `&mut self`, so neither `f` nor `arg` (handles only) can hold a borrow of it.
+            let state = unsafe { &mut *(at as *mut S) };
+            f(state, arg)
+        })
+    }
+
     /// Takes the state back out of the zygote.
     pub fn into_inner(self) -> S {
         let me = core::mem::ManuallyDrop::new(self);

@@ -3,22 +3,26 @@
 //! At boot the server
 //!
 //! 1. builds a large read-only **library** template: a generated, sorted dictionary of 32-byte
-//!    records (`--lib-mib` MiB, filled page by page by a cheap generator) plus the app's own code
-//!    and read-only data (`image_section`), mapped at 512 GiB;
-//! 2. creates a **shared heap** (a reply board and counters, written by every request task);
-//! 3. warms a **private** state of its own: parses a small config and builds a sparse index of
-//!    the dictionary (the first key of every page) in memory mapped with `map_private`;
-//! 4. **snapshots** that state into a template;
+//!    records (`--lib-mib` MiB of raw bytes, filled page by page by a cheap generator) plus the
+//!    app's own code and read-only data (`image_section`), mapped at 512 GiB;
+//! 2. creates a **shared heap** for the replies (a reply board and counters);
+//! 3. hands both templates to the **zygote** task, which warms its state as ordinary Rust data
+//!    in its own heap — a parsed config struct, a `hashbrown::HashMap` index from key bucket to
+//!    dictionary page, a scratch buffer — sets up the board in the shared heap, and seals it all
+//!    in a [`libos::process::Zygote`] (the snapshot);
 //!
 //! and then serves a stream of requests — dictionary lookups, generated (`--requests N`) and/or
-//! given as keys on the command line — each one in a fresh task spawned from
-//! `[snapshot, library, shared heap]`. A request task binary-searches the index in its own copy
-//! of the snapshot, reads one dictionary page from the library, writes privately (copy-on-write)
-//! into its snapshot copy, and reports through the shared heap. After each mode a checker task
-//! verifies every reply against the generator, that no private write leaked into the snapshot,
-//! and that the library maps the app's rodata.
+//! given as keys on the command line — each one in a fresh task spawned from the zygote with the
+//! library and the shared heap attached. A request task uses the warm state in place (`&mut
+//! State`, its own copy-on-write copy): it looks the key's bucket up in the index, reads the
+//! dictionary page (or two) from the library, writes privately into its copy of the state (the
+//! scratch buffer, a counter, a map entry: copy-on-write, never seen by the zygote), and reports
+//! through the shared heap: its slot on the board (plain data) and the shared counters. After
+//! each mode a checker task, spawned from the zygote the same way, verifies every reply against
+//! the generator, that no private write reached the zygote's state, and that the library maps
+//! the app's rodata.
 //!
-//! It prints each request's spawn latency (the parent's `spawn` call, and spawn → the task's
+//! It prints each request's spawn latency (the zygote's `spawn` call, and spawn → the task's
 //! first instruction) and per-mode totals. `--mode boot` (default) uses the boot's `share=`
 //! option; `--mode share|copy|both` chooses explicitly.
 //!
@@ -33,7 +37,7 @@
 //! ```
 //!
 //! Exit codes: 0 all checked; 1 a check failed; 2 bad arguments; 3 not enough memory for the
-//! templates (the message says how much is needed); 4 a spawn failed.
+//! templates or the warm state (the message says how much is needed); 4 a spawn failed.
 
 #![no_std]
 #![no_main]
@@ -42,13 +46,14 @@ extern crate alloc;
 
 use alloc::format;
 use alloc::string::String;
-use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
+use hashbrown::HashMap;
 use libos::println;
-use libos::shared::{SharedBox, SharedHeap, SharedVec};
+use libos::process::Zygote;
+use libos::shared::{SharedAlloc, SharedBox, SharedHeap, SharedVec};
 use libos::space::{ImageSection, Kind, Mode, Template, TemplateBuilder};
-use libos::sync::Mutex;
 use libos::task::{self, Builder, TaskError};
 use libos::time::Instant;
 
@@ -61,16 +66,12 @@ const RODATA_VA: u64 = LIB_VA + (17 << 30);
 /// The shared heap: its own 1 GiB slot.
 const HEAP_VA: u64 = 0x2_0000_0000;
 const HEAP_LEN: u64 = 4 << 20;
-/// The warmed private state (snapshotted): header page, scratch page, then the index.
-const STATE_VA: u64 = 0x4000_0000;
-const HEADER_OFF: u64 = 0;
-const SCRATCH_OFF: u64 = 4096;
-const INDEX_OFF: u64 = 8192;
+/// Words of the scratch buffer each request overwrites (one page).
+const SCRATCH_WORDS: usize = 512;
 
 const PAGE: u64 = 4096;
 const RECORD: u64 = 32;
 const PER_PAGE: u64 = PAGE / RECORD;
-const MAGIC: u64 = 0x5354_454e_4349_4c21; // "STENCIL!"
 /// Library size without `--lib-mib`, if it fits.
 const DEFAULT_LIB_MIB: u64 = 512;
 /// Largest `--lib-mib`: the dictionary's slot ends where the text mapping starts (16 GiB).
@@ -84,13 +85,16 @@ const MAX_REQUESTS: u64 = 50_000;
 static BANNER: &str = "forkserver: the library maps this app's rodata";
 
 /// The config the server parses while warming up (a service would read a file).
-const CONFIG: &str = "# forkserver config\nstride = 1000\nsalt = 0x9e3779b97f4a7c15\n";
+const CONFIG: &str =
+    "# forkserver config\nstride = 1000\nsalt = 0x9e3779b97f4a7c15\nbucket = 100000\n";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Config {
     records: u64,
     stride: u64,
     salt: u64,
+    /// Width of an index bucket, in keys.
+    bucket: u64,
 }
 
 fn parse_config(text: &str, records: u64) -> Result<Config, String> {
@@ -98,6 +102,7 @@ fn parse_config(text: &str, records: u64) -> Result<Config, String> {
         records,
         stride: 0,
         salt: 0,
+        bucket: 0,
     };
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -116,11 +121,27 @@ fn parse_config(text: &str, records: u64) -> Result<Config, String> {
         match k.trim() {
             "stride" => cfg.stride = num,
             "salt" => cfg.salt = num,
+            "bucket" => cfg.bucket = num,
             other => return Err(format!("config line {}: unknown key '{other}'", n + 1)),
         }
     }
     if cfg.stride < 2 {
         return Err(String::from("config: stride must be at least 2"));
+    }
+    if records.checked_mul(cfg.stride).is_none() {
+        return Err(format!(
+            "config: stride {} is too large for {records} records",
+            cfg.stride
+        ));
+    }
+    // A page's keys span at least (PER_PAGE - 1) strides: a bucket no wider than that meets at
+    // most two pages, so a lookup reads at most two.
+    let widest = (PER_PAGE - 1) * cfg.stride;
+    if cfg.bucket == 0 || cfg.bucket > widest {
+        return Err(format!(
+            "config: bucket must be 1 ..= {widest} (127 strides), not {}",
+            cfg.bucket
+        ));
     }
     Ok(cfg)
 }
@@ -149,6 +170,10 @@ impl Config {
     fn pages(&self) -> u64 {
         self.records / PER_PAGE
     }
+    /// First key of dictionary page `p`.
+    fn first_key(&self, p: u64) -> u64 {
+        self.key(p * PER_PAGE)
+    }
 }
 
 /// Fills one dictionary page: records `key, value, index, key ^ value`.
@@ -170,27 +195,24 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-fn read_u64(va: u64) -> Result<u64, libos::space::Fault> {
-    let mut b = [0u8; 8];
-    task::read(va, &mut b)?;
-    Ok(u64::from_le_bytes(b))
-}
-
-/// One reply on the shared board (and, to main, through a channel): plain data, as everything
-/// in a shared heap or a channel must be.
-#[derive(Debug, Clone, Copy, zerocopy::IntoBytes, zerocopy::Immutable)]
+/// One reply on the shared board: plain data, as everything in a shared heap must be. Request
+/// `i` writes slot `i`.
+#[derive(Debug, Default, Clone, Copy, zerocopy::IntoBytes, zerocopy::Immutable)]
 #[repr(C)]
 struct Reply {
     key: u64,
     /// The value found, if `found`.
     value: u64,
-    /// TSC at the task's first instruction (to main: cycles from its spawn).
+    /// TSC at the task's first instruction.
     first_tsc: u64,
     req: u32,
+    /// The slot has been written.
+    done: bool,
     found: bool,
-    /// The task's private write to its snapshot copy read back correctly.
+    /// The task's private writes to its copy of the state read back correctly.
     private_ok: bool,
-    _reserved: [u8; 2],
+    /// Dictionary pages the lookup read.
+    pages: u8,
 }
 
 impl Reply {
@@ -199,87 +221,213 @@ impl Reply {
     }
 }
 
-#[derive(Debug, Default, zerocopy::IntoBytes, zerocopy::Immutable)]
+/// Counters every request task bumps (atomics: plain data, shared by reference).
+#[derive(Debug, Default, zerocopy::IntoBytes)]
 #[repr(C)]
 struct Counters {
-    hits: u64,
-    misses: u64,
-    pages_read: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    pages_read: AtomicU64,
 }
 
-/// The board lives in the shared heap: only tasks that attach the heap's template can touch it,
-/// so a setup task creates it.
+impl Counters {
+    fn reset(&self) {
+        for c in [&self.hits, &self.misses, &self.pages_read] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The board in the shared heap. Its roots are part of the zygote's state, so every request
+/// task's copy points at the same slots; a request task writes its own slot and never drops
+/// or resizes the vector (its copy of the state is never dropped).
 struct Board {
     replies: SharedVec<Reply>,
     counters: SharedBox<Counters>,
 }
 
-type BoardCell = Arc<Mutex<Option<Board>>>;
+/// The zygote's warm state: ordinary Rust data in its heap, used in place by every request
+/// task (each one's own copy-on-write copy).
+struct State {
+    cfg: Config,
+    /// Key bucket (`key / cfg.bucket`) → the dictionary page holding the bucket's first key.
+    index: HashMap<u32, u32>,
+    /// Written by every request task, in its own copy only.
+    scratch: Vec<u64>,
+    /// Requests this copy served (0 in the zygote, 1 in a request task).
+    served: u64,
+    /// Keys this copy looked up, with the request number (empty in the zygote).
+    recent: HashMap<u64, u32>,
+    board: Board,
+}
 
-/// The request handler: runs in a task spawned from the snapshot.
-fn handle(req: u32, key: u64, board: &BoardCell, first_tsc: u64) -> i32 {
-    // The config, from this task's copy of the snapshot.
-    let cfg = match (
-        read_u64(STATE_VA + HEADER_OFF),
-        read_u64(STATE_VA + HEADER_OFF + 8),
-        read_u64(STATE_VA + HEADER_OFF + 16),
-        read_u64(STATE_VA + HEADER_OFF + 24),
-    ) {
-        (Ok(MAGIC), Ok(records), Ok(stride), Ok(salt)) => Config {
-            records,
-            stride,
-            salt,
-        },
-        _ => return 10,
+/// Warms the state: the index over every page of the dictionary, the scratch buffer, and the
+/// board in the shared heap (this task attaches it). `Err`: what ran out.
+fn warm(cfg: Config, requests: usize, alloc: SharedAlloc) -> Result<State, String> {
+    let pages = cfg.pages();
+    let last_key = cfg.key(cfg.records - 1);
+    let buckets = last_key / cfg.bucket + 1;
+    let too_big = || format!("{buckets} index buckets over {pages} pages do not fit in u32");
+    let n = usize::try_from(buckets).map_err(|_| too_big())?;
+    let mut index = HashMap::new();
+    index
+        .try_reserve(n)
+        .map_err(|_| format!("no memory for an index of {buckets} buckets"))?;
+    for p in 0..pages {
+        // The buckets whose first key falls in page p (from bucket 0 for the first page).
+        let lo = if p == 0 {
+            0
+        } else {
+            cfg.first_key(p).div_ceil(cfg.bucket)
+        };
+        let hi = if p + 1 < pages {
+            (cfg.first_key(p + 1) - 1) / cfg.bucket
+        } else {
+            last_key / cfg.bucket
+        };
+        let page = u32::try_from(p).map_err(|_| too_big())?;
+        for b in lo..=hi {
+            index.insert(u32::try_from(b).map_err(|_| too_big())?, page);
+        }
+    }
+    let mut replies = SharedVec::new_in(alloc);
+    let board_full = |what: &str| {
+        format!(
+            "the {} MiB shared heap has no room for {what}",
+            HEAP_LEN >> 20
+        )
     };
-    // Binary search of the sparse index: the last page whose first key is <= key.
-    let (mut lo, mut hi) = (0u64, cfg.pages());
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        match read_u64(STATE_VA + INDEX_OFF + mid * 8) {
-            Ok(first) if first <= key => lo = mid,
-            Ok(_) => hi = mid,
-            Err(_) => return 11,
-        }
+    replies
+        .try_reserve_exact(requests)
+        .map_err(|_| board_full("the reply board"))?;
+    for _ in 0..requests {
+        replies.push(Reply::default()); // within the capacity reserved: no allocation
     }
-    // One page of the library.
+    let counters = SharedBox::try_new_in(Counters::default(), alloc)
+        .map_err(|_| board_full("the counters"))?;
+    Ok(State {
+        cfg,
+        index,
+        scratch: alloc::vec![0; SCRATCH_WORDS],
+        served: 0,
+        recent: HashMap::new(),
+        board: Board { replies, counters },
+    })
+}
+
+/// Looks `key` up in the dictionary through the index: the value if present, and the pages read.
+/// `Err`: the library could not be read (an exit code).
+fn lookup(s: &State, key: u64) -> Result<(Option<u64>, u8), i32> {
+    let cfg = &s.cfg;
+    let Some(&first) = u32::try_from(key / cfg.bucket)
+        .ok()
+        .and_then(|b| s.index.get(&b))
+    else {
+        return Ok((None, 0)); // past the last bucket: no page to read
+    };
     let mut page = [0u8; PAGE as usize];
-    if task::read(LIB_VA + lo * PAGE, &mut page).is_err() {
-        return 12;
-    }
-    let mut value = None;
-    for rec in page.chunks_exact(RECORD as usize) {
-        let (k, v, check) = (u64_at(rec, 0), u64_at(rec, 8), u64_at(rec, 24));
-        if k == key {
-            if check != k ^ v {
-                return 13;
-            }
-            value = Some(v);
-            break;
+    let mut pages = 0u8;
+    let mut p = u64::from(first);
+    while p < cfg.pages() {
+        if task::read(LIB_VA + p * PAGE, &mut page).is_err() {
+            return Err(12);
         }
+        pages = pages.saturating_add(1);
+        let mut last = 0;
+        for rec in page.chunks_exact(RECORD as usize) {
+            let (k, v, check) = (u64_at(rec, 0), u64_at(rec, 8), u64_at(rec, 24));
+            if k == key {
+                if check != k ^ v {
+                    return Err(13);
+                }
+                return Ok((Some(v), pages));
+            }
+            last = k;
+        }
+        if key < last {
+            break; // within this page's keys, and not one of them
+        }
+        p += 1; // past this page's last key: the bucket goes on in the next page
     }
-    // A private write: this task's own copy of the scratch page (copy-on-write).
+    Ok((None, pages))
+}
+
+/// The request handler: runs in a task spawned from the zygote, on its own copy of the state.
+fn handle(s: &mut State, req: u32, key: u64, first_tsc: u64) -> i32 {
+    let (value, pages) = match lookup(s, key) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    // Private writes to this task's copy of the warm state (copy-on-write pages of its heap).
     let stamp = (u64::from(req) << 32) | 0xabcd;
-    let private_ok = task::write(STATE_VA + SCRATCH_OFF, &stamp.to_le_bytes()).is_ok()
-        && read_u64(STATE_VA + SCRATCH_OFF) == Ok(stamp);
-    // Report through the shared heap.
-    let mut guard = board.lock();
-    let Some(b) = guard.as_mut() else { return 14 };
-    b.replies.push(Reply {
+    s.scratch.fill(stamp);
+    s.served += 1;
+    s.recent.insert(key, req);
+    let private_ok =
+        s.scratch.iter().all(|&w| w == stamp) && s.served == 1 && s.recent.get(&key) == Some(&req);
+    // Report through the shared heap: this request's slot and the counters.
+    let Some(slot) = s.board.replies.get_mut(req as usize) else {
+        return 14;
+    };
+    *slot = Reply {
         key,
         value: value.unwrap_or(0),
         first_tsc,
         req,
+        done: true,
         found: value.is_some(),
         private_ok,
-        _reserved: [0; 2],
-    });
-    if value.is_some() {
-        b.counters.hits += 1;
-    } else {
-        b.counters.misses += 1;
+        pages,
+    };
+    let c = &s.board.counters;
+    let hit = if value.is_some() { &c.hits } else { &c.misses };
+    hit.fetch_add(1, Ordering::Relaxed);
+    c.pages_read.fetch_add(u64::from(pages), Ordering::Relaxed);
+    0
+}
+
+/// The checker: runs in a task spawned from the zygote after a mode's requests. Returns 0 or the
+/// code of the first check that failed.
+fn check(s: &mut State, expected: &[Option<u64>]) -> i32 {
+    // No private write reached the zygote: this copy of its state is as warmed.
+    if s.served != 0 || !s.recent.is_empty() || s.scratch.iter().any(|&w| w != 0) {
+        return 20;
     }
-    b.counters.pages_read += 1;
+    // The library maps the app's rodata.
+    let mut page = [0u8; PAGE as usize];
+    let mut va = RODATA_VA;
+    let mut seen = false;
+    while !seen && task::read(va, &mut page).is_ok() {
+        seen = page.windows(BANNER.len()).any(|w| w == BANNER.as_bytes());
+        va += PAGE - BANNER.len() as u64; // overlap so a string across pages is found
+    }
+    if !seen {
+        return 21;
+    }
+    let replies = &s.board.replies;
+    if replies.len() != expected.len() {
+        return 23;
+    }
+    let (mut hits, mut pages) = (0, 0);
+    for (i, r) in replies.iter().enumerate() {
+        if !r.done {
+            return 23;
+        }
+        if r.req as usize != i || r.value() != expected[i] || !r.private_ok {
+            return 24;
+        }
+        hits += u64::from(r.found);
+        pages += u64::from(r.pages);
+    }
+    let c = &s.board.counters;
+    if c.hits.load(Ordering::Relaxed) != hits
+        || c.misses.load(Ordering::Relaxed) != expected.len() as u64 - hits
+    {
+        return 26;
+    }
+    if c.pages_read.load(Ordering::Relaxed) != pages {
+        return 27;
+    }
     0
 }
 
@@ -355,7 +503,7 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Free memory a library of `lib_mib` MiB needs: its pages, its page tables and the sparse
+/// Free memory a library of `lib_mib` MiB needs: its pages, its page tables and the
 /// index (4 KiB per MiB, counted twice for a margin), and [`OVERHEAD_MIB`].
 fn needed_mib(lib_mib: u64) -> u64 {
     lib_mib + lib_mib.div_ceil(128) + OVERHEAD_MIB
@@ -464,7 +612,7 @@ fn main() -> i32 {
         args.keys.len()
     );
 
-    // 1. Warm: parse the config.
+    // 1. Parse the config (the zygote keeps it in its warm state).
     let records = (lib_mib << 20) / RECORD;
     let cfg = match parse_config(CONFIG, records) {
         Ok(c) => c,
@@ -505,7 +653,7 @@ fn main() -> i32 {
         t0.elapsed().as_millis()
     );
 
-    // 3. The shared heap.
+    // 3. The shared heap, for the replies.
     let heap = match SharedHeap::new("board", HEAP_VA, HEAP_LEN) {
         Ok(h) => h,
         Err(e) => {
@@ -513,50 +661,6 @@ fn main() -> i32 {
             return 3;
         }
     };
-
-    // 4. Warm the private state: header (the parsed config), scratch page, sparse index.
-    let t0 = Instant::now();
-    let state_len = INDEX_OFF + (cfg.pages() * 8).next_multiple_of(PAGE);
-    if let Err(e) = task::map_private("state", STATE_VA, state_len) {
-        println!("forkserver: cannot map the private state: {e}");
-        return 3;
-    }
-    let mut header = [0u8; 32];
-    for (n, w) in [MAGIC, cfg.records, cfg.stride, cfg.salt]
-        .iter()
-        .enumerate()
-    {
-        header[n * 8..n * 8 + 8].copy_from_slice(&w.to_le_bytes());
-    }
-    let mut ok = task::write(STATE_VA + HEADER_OFF, &header).is_ok();
-    let mut chunk = [0u8; PAGE as usize];
-    let mut p = 0;
-    while ok && p < cfg.pages() {
-        let n = (cfg.pages() - p).min(PAGE / 8);
-        for j in 0..n {
-            let at = (j * 8) as usize;
-            chunk[at..at + 8].copy_from_slice(&cfg.key((p + j) * PER_PAGE).to_le_bytes());
-        }
-        ok = task::write(STATE_VA + INDEX_OFF + p * 8, &chunk[..(n * 8) as usize]).is_ok();
-        p += n;
-    }
-    if !ok {
-        println!("forkserver: FAIL writing the private state");
-        return 1;
-    }
-    let snapshot = match task::snapshot(&[(STATE_VA, state_len)]) {
-        Ok(t) => t,
-        Err(e) => {
-            println!("forkserver: cannot snapshot: {e}");
-            return 3;
-        }
-    };
-    println!(
-        "forkserver: snapshot of {} KiB (config + index of {} pages) warmed in {} ms",
-        state_len >> 10,
-        cfg.pages(),
-        t0.elapsed().as_millis()
-    );
 
     // The requests: the given keys, then generated ones (3 hits : 1 miss).
     let mut keys = args.keys.clone();
@@ -568,33 +672,32 @@ fn main() -> i32 {
             cfg.key(i)
         });
     }
-    let keys = Arc::new(keys);
 
-    let board: BoardCell = Arc::new(Mutex::new(None));
-    let templates = [&snapshot, &library, &heap.template()];
-    let mut failed = false;
-    for &mode in &args.modes {
-        match serve(mode, &templates, &heap, &board, &keys, &cfg, args.quiet) {
-            Ok(()) => {}
-            Err(code) => {
-                failed = true;
-                if code == 4 {
-                    return 4;
-                }
-            }
+    // 4. The zygote: a task that attaches the library and the shared heap (the main task does
+    // not), given the templates so it can attach them to every task it spawns.
+    let heap_t = heap.template();
+    let (alloc, modes, quiet) = (heap.allocator(), args.modes, args.quiet);
+    let zygote = task::spawn_with(
+        &[&library, &heap_t],
+        (library.clone(), heap_t.clone()),
+        move |(library, heap_t)| {
+            zygote_main(&[&library, &heap_t], cfg, alloc, &keys, &modes, quiet)
+        },
+    );
+    let mut failed = match zygote.map(|h| h.join()) {
+        Ok(Ok(0)) => false,
+        Ok(Ok(code @ (3 | 4))) => return code,
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            println!("forkserver: FAIL the zygote: {e}");
+            true
         }
-    }
-    // The board's memory is in the shared heap: drop it in a task that attaches it.
-    let b = board.clone();
-    drop(board);
-    let h = Builder::new().spawn(&[&heap.template()], move || {
-        drop(b);
-        0
-    });
-    if h.map(|h| h.join()) != Ok(Ok(0)) {
-        println!("forkserver: FAIL dropping the board");
-        failed = true;
-    }
+        Err(e) => {
+            println!("forkserver: FAIL cannot spawn the zygote: {e}");
+            return 4;
+        }
+    };
+    // The zygote dropped its state, and the board with it, where the heap is mapped.
     let left = heap.stats();
     if left.allocation_count != 0 {
         println!(
@@ -612,30 +715,70 @@ fn main() -> i32 {
     }
 }
 
+/// The zygote task: warms the state, seals it, serves every mode. Returns the app's exit code.
+fn zygote_main(
+    templates: &[&Template],
+    cfg: Config,
+    alloc: SharedAlloc,
+    keys: &[u64],
+    modes: &[Mode],
+    quiet: bool,
+) -> i32 {
+    let t0 = Instant::now();
+    let state = match warm(cfg, keys.len(), alloc) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("forkserver: cannot warm the state: {e}");
+            return 3;
+        }
+    };
+    let buckets = state.index.len();
+    let mut zygote = Zygote::new(state);
+    let heap = libos::process::heap_stats();
+    println!(
+        "forkserver: snapshot: config + index of {buckets} buckets over {} pages + board of {} \
+         slots warmed in {} ms ({} KiB of the zygote's heap in use), sealed in a zygote",
+        cfg.pages(),
+        keys.len(),
+        t0.elapsed().as_millis(),
+        heap.allocated_bytes >> 10,
+    );
+    let mut failed = false;
+    for &mode in modes {
+        match serve(&mut zygote, mode, templates, keys, quiet) {
+            Ok(()) => {}
+            Err(4) => return 4,
+            Err(_) => failed = true,
+        }
+    }
+    // The zygote's own copy was never written by a request either.
+    let s = zygote.state();
+    if s.served != 0 || !s.recent.is_empty() || s.scratch.iter().any(|&w| w != 0) {
+        println!("forkserver: FAIL a private write reached the zygote's own state");
+        failed = true;
+    }
+    // Dropping the zygote drops the board: its memory is in the shared heap, mapped here.
+    drop(zygote);
+    i32::from(failed)
+}
+
 /// Serves every request in one mode, then checks the replies. `Err(4)`: a spawn failed.
 fn serve(
+    zygote: &mut Zygote<State>,
     mode: Mode,
     templates: &[&Template],
-    heap: &SharedHeap,
-    board: &BoardCell,
-    keys: &Arc<Vec<u64>>,
-    cfg: &Config,
+    keys: &[u64],
     quiet: bool,
 ) -> Result<(), i32> {
     let name = mode_name(mode);
     let builder = Builder::new().mode(mode);
-    // Set up the board in the shared heap.
-    let (b, alloc, n) = (board.clone(), heap.allocator(), keys.len());
-    let setup = builder.spawn(&[&heap.template()], move || {
-        let replies = SharedVec::with_capacity_in(n, alloc);
-        let counters = SharedBox::new_in(Counters::default(), alloc);
-        *b.lock() = Some(Board { replies, counters });
-        0
-    });
-    if setup.map(|h| h.join()) != Ok(Ok(0)) {
-        println!("forkserver: FAIL {name}: setting up the board");
-        return Err(1);
+    // A clean board (the zygote's state changes, so the next spawn snapshots it again).
+    {
+        let b = &mut zygote.state_mut().board;
+        b.replies.fill(Reply::default());
+        b.counters.reset();
     }
+    let cfg = zygote.state().cfg;
 
     libos::task::trim_caches();
     let free_before = libos::free_frames();
@@ -644,11 +787,14 @@ fn serve(
     let mut starts = Vec::with_capacity(keys.len());
     let wall = Instant::now();
     for (req, &key) in keys.iter().enumerate() {
-        let board = board.clone();
+        let Ok(req32) = u32::try_from(req) else {
+            println!("forkserver: FAIL {name}: request {req}: too many requests");
+            return Err(1);
+        };
         let t0 = Instant::now();
-        let h = builder.spawn(templates, move || {
+        let h = zygote.spawn_with_builder(builder, templates, move |s| {
             let first = Instant::now().cycles();
-            handle(req as u32, key, &board, first)
+            handle(s, req32, key, first)
         });
         let spawned = t0.elapsed();
         let h = match h {
@@ -676,65 +822,9 @@ fn serve(
     libos::task::trim_caches();
     let free_after = libos::free_frames();
 
-    // Check the replies in a task that attaches the heap, the library and the snapshot.
+    // Check the replies in a task spawned from the zygote like the requests.
     let expected: Vec<Option<u64>> = keys.iter().map(|&k| cfg.expected(k)).collect();
-    let (b, starts2) = (board.clone(), Arc::new(starts));
-    let (tx, rx) = libos::channel::bounded::<Reply>(keys.len().max(1));
-    let checker_starts = starts2.clone();
-    let checker = builder.spawn_with(templates, tx, move |tx| {
-        // No private write reached the snapshot: the scratch page is still zero here.
-        if read_u64(STATE_VA + SCRATCH_OFF) != Ok(0) {
-            return 20;
-        }
-        // The library maps the app's rodata.
-        let mut page = [0u8; PAGE as usize];
-        let mut va = RODATA_VA;
-        let mut seen = false;
-        while !seen && task::read(va, &mut page).is_ok() {
-            seen = page.windows(BANNER.len()).any(|w| w == BANNER.as_bytes());
-            va += PAGE - BANNER.len() as u64; // overlap so a string across pages is found
-        }
-        if !seen {
-            return 21;
-        }
-        let mut guard = b.lock();
-        let Some(board) = guard.as_mut() else {
-            return 22;
-        };
-        if board.replies.len() != expected.len() {
-            return 23;
-        }
-        let mut seen_req = alloc::vec![false; expected.len()];
-        let mut hits = 0;
-        for r in board.replies.iter() {
-            let i = r.req as usize;
-            if i >= expected.len() || seen_req[i] || r.value() != expected[i] || !r.private_ok {
-                return 24;
-            }
-            seen_req[i] = true;
-            hits += u64::from(r.found);
-            let first = r.first_tsc.saturating_sub(checker_starts[i]);
-            if tx
-                .send(Reply {
-                    first_tsc: first,
-                    ..*r
-                })
-                .is_err()
-            {
-                return 25;
-            }
-        }
-        let c = &board.counters;
-        if c.hits != hits || c.misses != expected.len() as u64 - hits {
-            return 26;
-        }
-        if c.pages_read != expected.len() as u64 {
-            return 27;
-        }
-        board.replies.clear();
-        *board.counters = Counters::default();
-        0
-    });
+    let checker = zygote.spawn_with_builder(builder, templates, move |s| check(s, &expected));
     let code = match checker.map(|h| h.join()) {
         Ok(r) => r,
         Err(e) => {
@@ -742,32 +832,32 @@ fn serve(
             return Err(4);
         }
     };
-    let mut replies = Vec::new();
-    while let Ok(Some(r)) = rx.try_recv() {
-        replies.push(r);
-    }
-    replies.sort_unstable_by_key(|r| r.req);
+    // The board, read here (this task attaches the heap).
     let mut hits = 0;
-    for r in &replies {
-        let (req, key, value, first) = (r.req, r.key, r.value(), r.first_tsc);
+    for (i, r) in zygote.state().board.replies.iter().enumerate() {
+        let first = r
+            .first_tsc
+            .saturating_sub(starts.get(i).copied().unwrap_or(0));
         let first = libos::time::cycles_to_duration(first).as_nanos() as u64;
         first_ns.push(first);
-        hits += u64::from(value.is_some());
+        hits += u64::from(r.found);
         if !quiet {
-            let v = match value {
+            let v = match r.value() {
                 Some(v) => format!("hit {v:#018x}"),
                 None => String::from("miss"),
             };
             println!(
-                "{name} req {req:4} key {key:>14} {v:<22} spawn {:>8} us  first instr {:>8} us",
-                us(spawn_ns[req as usize]),
+                "{name} req {:4} key {:>14} {v:<22} spawn {:>8} us  first instr {:>8} us",
+                r.req,
+                r.key,
+                us(spawn_ns.get(i).copied().unwrap_or(0)),
                 us(first)
             );
         }
     }
     if code != Ok(0) {
         let why = match &code {
-            Ok(20) => String::from("a private write leaked into the snapshot"),
+            Ok(20) => String::from("a private write reached the zygote's state"),
             Ok(21) => String::from("the library does not map the app's rodata"),
             Ok(23) => String::from("replies missing from the board"),
             Ok(24) => String::from("a reply differs from the sequential reference"),
@@ -799,6 +889,5 @@ fn serve(
         us(pct(&first_ns, 99)),
         free_before as i64 - free_after as i64,
     );
-    drop(starts2);
     Ok(())
 }

@@ -1,11 +1,20 @@
 //! httpd: a fork-per-connection HTTP server.
 //!
 //! 1. Brings the network up (DHCP on QEMU's user networking).
-//! 2. Warms its state: generates a content set (an index page, a few text pages and
-//!    `--content-mib` MiB of binary files) into private memory of its own address space.
-//! 3. Snapshots that memory into a template.
-//! 4. Accepts connections on port 80; each one is served by a task spawned from the snapshot,
-//!    which reads the content from its own (copy-on-write) address space.
+//! 2. Warms its state as ordinary Rust data: a `hashbrown::HashMap<String, Page>` of the served
+//!    files — an index page, a text page and `--content-mib` MiB of binary files — each `Page`
+//!    holding its response head (status line and headers with the content type and length,
+//!    rendered once) and its body.
+//! 3. Seals that state in a [`libos::process::Zygote`] (the snapshot).
+//! 4. Accepts connections on port 80; each one is served by a task spawned from the zygote and
+//!    given its `TcpStream` ([`Zygote::spawn_with`]), which looks the path up in its own
+//!    copy-on-write copy of the map and writes the page from it in place.
+//!
+//! Tasks are processes: a worker's writes stay in its own memory. A worker reports back to the
+//! accept loop through a channel (plain data: its task id, its start latency, what it served)
+//! before it closes its connection; the accept loop keeps the counters (`/stats`) and the quit
+//! flag from those reports, and reaps a worker that ended without one. A worker's `/stats` page
+//! shows the counters as of its spawn (its copy of the accept loop's statics).
 //!
 //! Pages: `/` (index), `/hello.txt`, `/file/N` (N-th file of the content set), `/stats`
 //! (tasks spawned, spawn latency, frames in use), `/quit` (ends the server, exit 0).
@@ -17,7 +26,7 @@
 //! Options: `--content-mib N` (default 4), `--request-deadline-ms N` (default 5000).
 //!
 //! Exit codes: 0 after `/quit`; 2 bad arguments; 3 no NIC; 4 link down; 5 no DHCP lease; 6 other
-//! network error; 7 warming or snapshotting the content failed.
+//! network error; 7 warming the content failed.
 
 #![no_std]
 #![no_main]
@@ -26,15 +35,17 @@ extern crate alloc;
 
 use alloc::format;
 use alloc::string::String;
-use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;
 
+use hashbrown::HashMap;
+use libos::channel::{self, Receiver, Sender};
 use libos::net::{self, NetError, TcpListener, TcpStream};
 use libos::println;
-use libos::space::Template;
+use libos::process::Zygote;
 use libos::sync::Mutex;
+use libos::task::JoinHandle;
 use libos::time::Instant;
 use stencil_http::{HeadError, Limits, Method, Request, RequestReader};
 
@@ -42,8 +53,6 @@ libos::main!(main);
 
 /// Guest port the server listens on.
 const PORT: u16 = 80;
-/// Where the content set lives in every task's address space.
-const CONTENT_VA: u64 = 0x4000_0000;
 /// Size of each binary file of the content set.
 const FILE_SIZE: u64 = 64 << 10;
 /// Connections that may wait to be accepted.
@@ -55,8 +64,12 @@ const MAX_CONTENT_MIB: u64 = 1 << 20;
 const MAX_DEADLINE_MS: u64 = 600_000;
 /// Spawn-latency samples kept for /stats.
 const SAMPLES: usize = 4096;
+/// Reports that may wait in the channel (a worker whose report does not fit waits for the
+/// accept loop to take some).
+const REPORTS: usize = 256;
 
-static QUIT: AtomicBool = AtomicBool::new(false);
+// The counters of /stats: written by the accept loop (the main task) only; a worker reads its
+// own copy, as of its spawn.
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 static SPAWN_FAILED: AtomicU64 = AtomicU64::new(0);
@@ -64,7 +77,8 @@ static REQUESTS: AtomicU64 = AtomicU64::new(0);
 static REFUSED: AtomicU64 = AtomicU64::new(0);
 static FREE_AT_START: AtomicUsize = AtomicUsize::new(0);
 
-/// Latency samples in nanoseconds: spawn call, and spawn call until the task's first instruction.
+/// Latency samples in nanoseconds: spawn call, and spawn call until the task's first instruction
+/// (from its report). Written by the accept loop only, like the counters.
 struct Samples {
     spawn: Vec<u64>,
     start: Vec<u64>,
@@ -90,23 +104,52 @@ fn record(spawn_ns: u64, start_ns: u64) {
     }
 }
 
-/// One file of the content set: name, offset in the content region, length, MIME type.
-struct Entry {
-    path: String,
-    offset: u64,
-    len: u64,
-    mime: &'static str,
+/// One served file, ready to write: the warm state is a map of these.
+struct Page {
+    /// The response head (with the content type and length) for a GET or HEAD of this page, rendered while warming.
+    head: String,
+    body: Vec<u8>,
 }
 
-struct Content {
-    entries: Vec<Entry>,
-}
-
-impl Content {
-    fn find(&self, path: &str) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.path == path)
+impl Page {
+    fn new(mime: &'static str, body: Vec<u8>) -> Page {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nServer: stencil-httpd\r\nContent-Type: {mime}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        Page { head, body }
     }
 }
+
+/// The zygote's state: every served page by path.
+struct Site {
+    pages: HashMap<String, Page>,
+    /// Bytes of all bodies.
+    bytes: u64,
+}
+
+/// What a worker did, sent to the accept loop before it closes its connection: plain data, as
+/// a channel requires.
+#[derive(Debug, Clone, Copy, zerocopy::IntoBytes, zerocopy::Immutable)]
+#[repr(C)]
+struct Report {
+    /// The worker's task id.
+    task: u64,
+    /// From the accept loop's spawn call to the worker's first instruction.
+    start_ns: u64,
+    outcome: u32,
+    _reserved: u32,
+}
+
+/// [`Report::outcome`]: the client closed before sending a byte.
+const CLOSED: u32 = 0;
+/// A request was read and answered.
+const SERVED: u32 = 1;
+/// A request head was refused (4xx / 505).
+const REFUSED_HEAD: u32 = 2;
+/// `/quit` was answered.
+const QUIT: u32 = 3;
 
 fn exit_code(e: &NetError) -> i32 {
     match e {
@@ -122,14 +165,24 @@ fn file_byte(n: u64, i: u64) -> u8 {
     (i.wrapping_mul(31) ^ n.wrapping_mul(7)) as u8
 }
 
-/// Builds the content set in private memory of the main task and returns its index.
-fn warm(content_mib: u64) -> Result<(Content, u64), String> {
+/// A body of `len` bytes made by `byte(i)`; `Err` if the memory is not there.
+fn body(len: u64, byte: impl Fn(u64) -> u8) -> Result<Vec<u8>, String> {
+    let n = usize::try_from(len).map_err(|_| format!("a {len}-byte page"))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| format!("no memory for a {len}-byte page"))?;
+    v.extend((0..len).map(byte));
+    Ok(v)
+}
+
+/// Builds the content set as Rust data in this task's heap.
+fn warm(content_mib: u64) -> Result<Site, String> {
     // `main` bounds content_mib by MAX_CONTENT_MIB, so this does not overflow.
     let files = (content_mib << 20) / FILE_SIZE;
     let mut index = String::from(
         "<!doctype html>\n<html><head><title>Stencil httpd</title></head><body>\n\
          <h1>Hello from Stencil httpd</h1>\n\
-         <p>Every connection is served by a task spawned from a warmed snapshot.</p>\n<ul>\n\
+         <p>Every connection is served by a task spawned from a warmed zygote.</p>\n<ul>\n\
          <li><a href=\"/hello.txt\">/hello.txt</a></li>\n<li><a href=\"/stats\">/stats</a></li>\n",
     );
     for n in 0..files.min(8) {
@@ -138,43 +191,33 @@ fn warm(content_mib: u64) -> Result<(Content, u64), String> {
         ));
     }
     index.push_str(&format!(
-        "</ul>\n<p>{files} files of {FILE_SIZE} bytes in the snapshot.</p>\n</body></html>\n"
+        "</ul>\n<p>{files} files of {FILE_SIZE} bytes in the zygote's heap.</p>\n</body></html>\n"
     ));
-    let hello = "Hello from a Stencil task!\n";
-    let mut entries = Vec::new();
-    let mut offset = 0u64;
-    let mut add = |path: String, len: u64, mime| {
-        entries.push(Entry {
-            path,
-            offset,
-            len,
-            mime,
-        });
-        offset = (offset + len).next_multiple_of(4096);
-    };
-    add(String::from("/"), index.len() as u64, "text/html");
-    add(String::from("/hello.txt"), hello.len() as u64, "text/plain");
+    let mut pages = HashMap::new();
+    pages
+        .try_reserve(
+            usize::try_from(files)
+                .unwrap_or(usize::MAX)
+                .saturating_add(2),
+        )
+        .map_err(|_| format!("no memory for an index of {files} files"))?;
+    pages.insert(
+        String::from("/"),
+        Page::new("text/html", index.into_bytes()),
+    );
+    pages.insert(
+        String::from("/hello.txt"),
+        Page::new("text/plain", b"Hello from a Stencil task!\n".to_vec()),
+    );
     for n in 0..files {
-        add(format!("/file/{n}"), FILE_SIZE, "application/octet-stream");
+        let b = body(FILE_SIZE, |i| file_byte(n, i))?;
+        pages.insert(
+            format!("/file/{n}"),
+            Page::new("application/octet-stream", b),
+        );
     }
-    let total = offset.max(4096);
-    libos::task::map_private("content", CONTENT_VA, total)
-        .map_err(|e| format!("mapping the content region: {e}"))?;
-    let put = |at: u64, data: &[u8]| {
-        libos::task::write(CONTENT_VA + at, data).map_err(|e| format!("writing content: {e}"))
-    };
-    put(entries[0].offset, index.as_bytes())?;
-    put(entries[1].offset, hello.as_bytes())?;
-    let mut page = [0u8; 4096];
-    for (n, e) in entries[2..].iter().enumerate() {
-        for p in 0..FILE_SIZE / 4096 {
-            for (i, b) in page.iter_mut().enumerate() {
-                *b = file_byte(n as u64, p * 4096 + i as u64);
-            }
-            put(e.offset + p * 4096, &page)?;
-        }
-    }
-    Ok((Content { entries }, total))
+    let bytes = pages.values().map(|p| p.body.len() as u64).sum();
+    Ok(Site { pages, bytes })
 }
 
 fn percentile(sorted: &[u64], p: usize) -> u64 {
@@ -187,13 +230,15 @@ fn percentile(sorted: &[u64], p: usize) -> u64 {
 fn stats_page() -> String {
     // Cached task stacks are memory in use only until the next spawn; count like with like.
     libos::task::trim_caches();
+    // Measured before this task copies the samples (its heap pages count too, and they grow with
+    // the number of samples).
+    let free = libos::free_frames();
     let (mut spawn, mut start) = {
         let s = SAMPLES_LOCK.lock();
         (s.spawn.clone(), s.start.clone())
     };
     spawn.sort_unstable();
     start.sort_unstable();
-    let free = libos::free_frames();
     let heap = libos::heap_stats();
     let n = net::stats();
     let us = |ns: u64| format!("{}.{:03}", ns / 1000, ns % 1000);
@@ -264,31 +309,32 @@ fn read_request(
     }
 }
 
-/// A worker: serves one connection, in a task spawned from the snapshot.
+/// A worker: serves one connection, in a task spawned from the zygote, from its copy of the
+/// site. Returns the report's outcome.
 fn serve(
     s: &mut TcpStream,
-    content: &Content,
+    site: &Site,
     limits: Limits,
     accepted: Instant,
-) -> Result<(), NetError> {
+) -> Result<u32, NetError> {
     let req = match read_request(s, limits, accepted)? {
         Ok(req) => req,
         Err(e) => {
             let Some((code, reason)) = e.status() else {
-                return Ok(()); // closed without a byte: nothing to answer
+                return Ok(CLOSED); // closed without a byte: nothing to answer
             };
-            REFUSED.fetch_add(1, Ordering::Relaxed);
             println!("httpd: refused a request: {e} ({code})");
-            return respond_text(s, &format!("{code} {reason}"), &format!("{e}\n"));
+            respond_text(s, &format!("{code} {reason}"), &format!("{e}\n"))?;
+            return Ok(REFUSED_HEAD);
         }
     };
-    REQUESTS.fetch_add(1, Ordering::Relaxed);
     if let Method::Other(_) = req.method {
-        return respond_text(s, "405 Method Not Allowed", "only GET and HEAD\n");
+        respond_text(s, "405 Method Not Allowed", "only GET and HEAD\n")?;
+        return Ok(SERVED);
     }
     let query = req.query.as_deref().unwrap_or("");
     match req.path.as_str() {
-        "/stats" => respond_text(s, "200 OK", &stats_page()),
+        "/stats" => respond_text(s, "200 OK", &stats_page())?,
         "/udp-echo" => {
             // /udp-echo?port=P: a UDP round trip with a host program on 127.0.0.1:P (QEMU's user
             // networking maps 10.0.2.2 to the host's loopback).
@@ -297,33 +343,25 @@ fn serve(
                 Some(p) => udp_echo(p),
                 None => String::from("usage: /udp-echo?port=P\n"),
             };
-            respond_text(s, "200 OK", &body)
+            respond_text(s, "200 OK", &body)?;
         }
         "/quit" => {
-            QUIT.store(true, Ordering::Relaxed);
-            respond_text(s, "200 OK", "bye\n")
+            respond_text(s, "200 OK", "bye\n")?;
+            return Ok(QUIT);
         }
-        _ => {
-            let Some(e) = content.find(&req.path) else {
-                return respond_text(s, "404 Not Found", "not found\n");
+        path => {
+            let Some(page) = site.pages.get(path) else {
+                respond_text(s, "404 Not Found", "not found\n")?;
+                return Ok(SERVED);
             };
-            respond(s, "200 OK", e.mime, e.len)?;
-            if req.method == Method::Head {
-                return Ok(());
+            // Head and body straight from this task's copy of the zygote's heap.
+            s.write_all(page.head.as_bytes())?;
+            if req.method != Method::Head {
+                s.write_all(&page.body)?;
             }
-            // The body comes from this task's own address space: the snapshot's pages.
-            let mut page = [0u8; 4096];
-            let mut at = 0;
-            while at < e.len {
-                let n = (e.len - at).min(4096) as usize;
-                libos::task::read(CONTENT_VA + e.offset + at, &mut page[..n])
-                    .map_err(|_| NetError::InvalidInput("content not mapped"))?;
-                s.write_all(&page[..n])?;
-                at += n as u64;
-            }
-            Ok(())
         }
     }
+    Ok(SERVED)
 }
 
 /// Sends "ping" from UDP port 5353+task to 10.0.2.2:`port` and waits for the answer.
@@ -356,47 +394,112 @@ fn udp_echo(port: u16) -> String {
     }
 }
 
-fn spawn_worker(template: &Template, content: &Arc<Content>, stream: TcpStream, limits: Limits) {
-    let content = content.clone();
+/// A worker the accept loop has spawned and not yet heard from.
+struct Live {
+    task: u64,
+    handle: JoinHandle,
+    spawn_ns: u64,
+}
+
+fn spawn_worker(
+    zygote: &mut Zygote<Site>,
+    stream: TcpStream,
+    reports: &Sender<Report>,
+    limits: Limits,
+    live: &mut Vec<Live>,
+) {
     // The request deadline counts from here, right after the accept.
     let t0 = Instant::now();
-    ACTIVE.fetch_add(1, Ordering::Relaxed);
-    // The stream is given to the worker (it is not `Send`: a closure cannot capture it).
-    let r = libos::task::spawn_with(&[template], stream, move |mut stream| {
-        let started = t0.elapsed().as_nanos() as u64;
-        let r = serve(&mut stream, &content, limits, t0);
-        // Counted down before the stream closes: a client that sees the close and asks /stats
-        // must not find this connection still active.
-        ACTIVE.fetch_sub(1, Ordering::Relaxed);
-        drop(stream);
-        if let Err(e) = r {
-            println!("httpd: connection: {e}");
-        }
-        // A task's "start" sample: from the accept loop's spawn call to here.
-        record_start(started);
-        0
-    });
+    // The worker's /stats counts itself.
+    ACTIVE.store(live.len() + 1, Ordering::Relaxed);
+    // The stream and a sender are given to the worker (they are not `Send`: a closure cannot
+    // capture them).
+    let r = zygote.spawn_with(
+        &[],
+        (stream, reports.clone()),
+        move |site, (mut stream, tx)| {
+            let start_ns = t0.elapsed().as_nanos() as u64;
+            let r = serve(&mut stream, site, limits, t0);
+            let outcome = *r.as_ref().unwrap_or(&CLOSED);
+            // Reported before the stream closes: a client that sees the close and asks /stats
+            // must not find this connection still active.
+            let report = Report {
+                task: libos::task::current(),
+                start_ns,
+                outcome,
+                _reserved: 0,
+            };
+            let sent = tx.send(report).is_ok();
+            drop(stream);
+            if let Err(e) = r {
+                println!("httpd: connection: {e}");
+            }
+            i32::from(!sent)
+        },
+    );
     let spawn_ns = t0.elapsed().as_nanos() as u64;
     match r {
         Ok(handle) => {
             SPAWNED.fetch_add(1, Ordering::Relaxed);
-            record(spawn_ns, 0);
-            drop(handle); // detached: the worker ends on its own
+            live.push(Live {
+                task: handle.id(),
+                handle,
+                spawn_ns,
+            });
         }
         Err(e) => {
-            ACTIVE.fetch_sub(1, Ordering::Relaxed);
             SPAWN_FAILED.fetch_add(1, Ordering::Relaxed);
             println!("httpd: cannot spawn a worker: {e}");
         }
     }
+    ACTIVE.store(live.len(), Ordering::Relaxed);
 }
 
-/// Fills in the start latency of the most recent sample that has none.
-fn record_start(ns: u64) {
-    let mut s = SAMPLES_LOCK.lock();
-    if let Some(i) = s.start.iter().rposition(|&v| v == 0) {
-        s.start[i] = ns;
+/// Takes the workers' reports: counters, samples, the quit flag. A reported worker is
+/// detached (its handle dropped): it ends on its own.
+fn take_reports(rx: &Receiver<Report>, live: &mut Vec<Live>, quit: &mut bool) {
+    while let Ok(Some(r)) = rx.try_recv() {
+        match r.outcome {
+            SERVED => {
+                REQUESTS.fetch_add(1, Ordering::Relaxed);
+            }
+            QUIT => {
+                REQUESTS.fetch_add(1, Ordering::Relaxed);
+                *quit = true;
+            }
+            REFUSED_HEAD => {
+                REFUSED.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if let Some(i) = live.iter().position(|l| l.task == r.task) {
+            let l = live.swap_remove(i);
+            record(l.spawn_ns, r.start_ns);
+        }
     }
+    ACTIVE.store(live.len(), Ordering::Relaxed);
+}
+
+/// Takes the reports, then reaps the workers that ended without one (a fault, a panic, a
+/// kill): each is reported on the console and no longer counted active.
+fn reap(rx: &Receiver<Report>, live: &mut Vec<Live>, quit: &mut bool) {
+    let ended: Vec<u64> = live
+        .iter()
+        .filter(|l| l.handle.is_finished())
+        .map(|l| l.task)
+        .collect();
+    // A worker reports before it ends: whatever those sent is in the channel by now.
+    take_reports(rx, live, quit);
+    for task in ended {
+        if let Some(i) = live.iter().position(|l| l.task == task) {
+            let l = live.swap_remove(i);
+            match l.handle.join() {
+                Ok(code) => println!("httpd: worker {task} ended with {code} and no report"),
+                Err(e) => println!("httpd: worker {task}: {e}"),
+            }
+        }
+    }
+    ACTIVE.store(live.len(), Ordering::Relaxed);
 }
 
 /// `--content-mib N --request-deadline-ms N`: the content size and the request limits.
@@ -447,6 +550,14 @@ fn parse_args(args: &[String]) -> Result<(u64, Limits), String> {
 
 fn main() -> i32 {
     FREE_AT_START.store(libos::free_frames(), Ordering::Relaxed);
+    {
+        // The samples' room, taken now: they live in this task's heap, which keeps the pages it
+        // commits, so growing them under load would read as frames in use. (Without the room
+        // they grow as needed.)
+        let mut s = SAMPLES_LOCK.lock();
+        let _ = s.spawn.try_reserve_exact(SAMPLES);
+        let _ = s.start.try_reserve_exact(SAMPLES);
+    }
     let (content_mib, limits) = match parse_args(libos::args()) {
         Ok(a) => a,
         Err(e) => {
@@ -466,27 +577,20 @@ fn main() -> i32 {
     println!("httpd: network up: {info}");
 
     let t = Instant::now();
-    let (content, total) = match warm(content_mib) {
+    let site = match warm(content_mib) {
         Ok(c) => c,
         Err(e) => {
             println!("httpd: warming: {e}");
             return 7;
         }
     };
-    let template = match libos::task::snapshot(&[(CONTENT_VA, total)]) {
-        Ok(t) => t,
-        Err(e) => {
-            println!("httpd: snapshot: {e}");
-            return 7;
-        }
-    };
+    let (pages, bytes) = (site.pages.len(), site.bytes);
+    let mut zygote = Zygote::new(site);
     println!(
-        "httpd: warmed {} files ({} KiB) and snapshotted them in {} ms",
-        content.entries.len(),
-        total >> 10,
+        "httpd: warmed {pages} pages ({} KiB) as a HashMap in a zygote in {} ms",
+        bytes >> 10,
         t.elapsed().as_millis()
     );
-    let content = Arc::new(content);
 
     let mut listener = match TcpListener::bind_with_backlog(PORT, BACKLOG) {
         Ok(l) => l,
@@ -502,10 +606,17 @@ fn main() -> i32 {
         limits.deadline.as_millis()
     );
 
-    while !QUIT.load(Ordering::Relaxed) {
+    let (tx, rx) = channel::bounded::<Report>(REPORTS);
+    let mut live: Vec<Live> = Vec::new();
+    let mut quit = false;
+    while !quit {
+        reap(&rx, &mut live, &mut quit);
+        if quit {
+            break;
+        }
         match listener.try_accept() {
             Ok(Some(stream)) => {
-                spawn_worker(&template, &content, stream, limits);
+                spawn_worker(&mut zygote, stream, &tx, limits, &mut live);
                 // Let the worker start at once (its first instruction is the start sample).
                 libos::task::yield_now();
             }
@@ -519,9 +630,8 @@ fn main() -> i32 {
     // /quit: stop accepting, let the workers finish and the last bytes leave.
     drop(listener);
     let t = Instant::now();
-    while (ACTIVE.load(Ordering::Relaxed) > 0 || net::stats().sockets > 0)
-        && t.elapsed() < Duration::from_secs(5)
-    {
+    while (!live.is_empty() || net::stats().sockets > 0) && t.elapsed() < Duration::from_secs(5) {
+        reap(&rx, &mut live, &mut quit);
         libos::task::yield_now();
     }
     println!(

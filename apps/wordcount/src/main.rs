@@ -1,12 +1,22 @@
-//! wordcount: many tasks cooperating through a shared heap.
+//! wordcount: many tasks cooperating through a shared heap, on purpose.
 //!
 //! The app generates a corpus (`--words` words drawn, skewed, from a generated vocabulary of
-//! `--vocab` words) and maps it into a read-only template. `--workers` tasks, each in its own
-//! address space with the corpus and a shared heap attached, count the words of their slice of
-//! the corpus into **one** `hashbrown` map whose table and keys live in the shared heap, guarded
-//! by a `libos::sync::Mutex` (taken once per line, so the workers interleave). A checker task
-//! then compares the map with a sequential count that the main task made from the generator
-//! alone, and frees the map.
+//! `--vocab` words) and maps it into a read-only template, makes a shared heap, and counts the
+//! corpus sequentially in its own heap (the reference). Its tasks are processes (each one's
+//! heap and statics are its own copy), so what the workers share lives in the shared heap:
+//!
+//! 1. a **coordinator** task, given the corpus and heap templates, creates the roots there: a
+//!    `SharedBox` holding **one** `hashbrown` map (`SharedMap`) whose table and keys are in the
+//!    heap too, and a `SharedBox` of counters whose first word is a lock (a spin lock that yields
+//!    while it waits);
+//! 2. it keeps the two boxes as the state of a [`libos::process::Zygote`] and spawns
+//!    `--workers` tasks from it, each in its own address space with the corpus and the heap
+//!    attached: a worker's copy of the state is two pointers into the shared heap, so every
+//!    worker reaches the same map. A worker counts its slice of the corpus into the map under
+//!    the lock (taken once per line, so the workers interleave);
+//! 3. it then takes the boxes back, compares the map with the sequential count (forked into it
+//!    with the rest of the main task's memory), prints the result and frees the map in the heap;
+//!    the main task checks that no allocation is left there.
 //!
 //! ```console
 //! $ cargo xtask run wordcount -- --workers 32 --words 200000
@@ -22,13 +32,13 @@ extern crate alloc;
 
 use alloc::format;
 use alloc::string::String;
-use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use libos::println;
-use libos::shared::{SharedAlloc, SharedHeap, SharedMap as Map, SharedVec};
-use libos::space::{Kind, TemplateBuilder};
-use libos::sync::Mutex;
+use libos::process::Zygote;
+use libos::shared::{SharedAlloc, SharedBox, SharedHeap, SharedMap as Map, SharedVec};
+use libos::space::{Kind, Template, TemplateBuilder};
 use libos::task;
 use libos::time::Instant;
 
@@ -51,16 +61,51 @@ const OVERHEAD_MIB: u64 = 24;
 /// its bytes, so a word is looked up as a `&[u8]` without copying it into the heap first.
 type SharedMap = Map<SharedVec<u8>, u64>;
 
-/// Everything the workers share, behind one lock.
-struct Counts {
-    map: SharedMap,
+/// The counters the workers share, in the shared heap next to the map: plain data (atomics, so
+/// every task may touch them through a shared reference). `lock` guards the map and the other
+/// fields: 0 free, 1 taken.
+#[derive(Debug, zerocopy::IntoBytes)]
+#[repr(C)]
+struct Tally {
+    lock: AtomicU64,
     /// Words counted so far, by every worker.
-    total: u64,
+    total: AtomicU64,
     /// Lock acquisitions (one per line of every worker).
-    batches: u64,
+    batches: AtomicU64,
     /// The worker that took the lock last, and how often the lock changed hands between workers.
-    last_worker: usize,
-    handovers: u64,
+    last_worker: AtomicU64,
+    handovers: AtomicU64,
+}
+
+/// What every worker reaches: two boxes in the shared heap. This is the coordinator's zygote
+/// state: a worker's copy is the same two pointers, and a worker never drops it.
+struct Roots {
+    map: SharedBox<SharedMap>,
+    tally: SharedBox<Tally>,
+}
+
+/// The lock in [`Tally`], held while this lives: a task waiting for it yields to the others (the
+/// holder may be preempted). A task that dies holding it leaves it taken, as with
+/// `libos::sync::Mutex`.
+struct Locked<'a>(&'a Tally);
+
+impl<'a> Locked<'a> {
+    fn take(t: &'a Tally) -> Locked<'a> {
+        while t
+            .lock
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            task::yield_now();
+        }
+        Locked(t)
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.0.lock.store(0, Ordering::Release);
+    }
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -122,7 +167,7 @@ fn slices(text: &str, n: usize) -> Vec<(u64, u64)> {
 
 /// A worker: reads its slice of the corpus from its own address space, line by line, and adds
 /// each line's words to the shared map under the lock.
-fn worker(w: usize, start: u64, len: u64, counts: &Mutex<Counts>, alloc: &SharedAlloc) -> i32 {
+fn worker(w: usize, start: u64, len: u64, roots: &mut Roots, alloc: SharedAlloc) -> i32 {
     let mut buf = [0u8; 4096];
     let mut line: Vec<u8> = Vec::new();
     let mut done = 0;
@@ -136,7 +181,7 @@ fn worker(w: usize, start: u64, len: u64, counts: &Mutex<Counts>, alloc: &Shared
         for &b in &buf[..n] {
             line.push(b);
             if b == b'\n' {
-                if add_line(w, &line, counts, alloc).is_err() {
+                if add_line(w, &line, roots, alloc).is_err() {
                     return 11;
                 }
                 line.clear();
@@ -147,32 +192,34 @@ fn worker(w: usize, start: u64, len: u64, counts: &Mutex<Counts>, alloc: &Shared
             }
         }
     }
-    if !line.is_empty() && add_line(w, &line, counts, alloc).is_err() {
+    if !line.is_empty() && add_line(w, &line, roots, alloc).is_err() {
         return 11;
     }
     0
 }
 
-fn add_line(w: usize, line: &[u8], counts: &Mutex<Counts>, alloc: &SharedAlloc) -> Result<(), ()> {
-    let mut c = counts.lock();
-    c.batches += 1;
-    if c.last_worker != w {
-        c.handovers += 1;
-        c.last_worker = w;
+fn add_line(w: usize, line: &[u8], roots: &mut Roots, alloc: SharedAlloc) -> Result<(), ()> {
+    let tally: &Tally = &roots.tally;
+    let _held = Locked::take(tally);
+    let map: &mut SharedMap = &mut roots.map;
+    let r = Ordering::Relaxed; // the lock orders them
+    tally.batches.fetch_add(1, r);
+    if tally.last_worker.swap(w as u64, r) != w as u64 {
+        tally.handovers.fetch_add(1, r);
     }
     for word in line.split(|b| b.is_ascii_whitespace()) {
         if word.is_empty() {
             continue;
         }
-        c.total += 1;
-        if let Some(n) = c.map.get_mut(word) {
+        tally.total.fetch_add(1, r);
+        if let Some(n) = map.get_mut(word) {
             *n += 1;
         } else {
-            let mut key = SharedVec::new_in(*alloc);
+            let mut key = SharedVec::new_in(alloc);
             key.try_reserve_exact(word.len()).map_err(|_| ())?;
             key.extend_from_slice(word);
-            c.map.try_reserve(1).map_err(|_| ())?;
-            c.map.insert(key, 1);
+            map.try_reserve(1).map_err(|_| ())?;
+            map.insert(key, 1);
         }
     }
     Ok(())
@@ -263,7 +310,7 @@ fn main() -> i32 {
         if libos::share_mode() { "on" } else { "off" }
     );
 
-    // The sequential reference, from the generated text in the main task's (kernel) heap.
+    // The sequential reference, from the generated text in the main task's own heap.
     let t0 = Instant::now();
     let mut expected: hashbrown::HashMap<String, u64> = hashbrown::HashMap::new();
     for word in text.split_ascii_whitespace() {
@@ -288,31 +335,85 @@ fn main() -> i32 {
             return 3;
         }
     };
-    // An empty map allocates nothing, so the main task may create it; only tasks that attach the
-    // heap may insert into it, read it or drop it.
-    let counts = Arc::new(Mutex::new(Counts {
-        map: SharedMap::new_in(heap.allocator()),
-        total: 0,
-        batches: 0,
-        last_worker: usize::MAX,
-        handovers: 0,
-    }));
+    let heap_t = heap.template();
+    let (alloc, workers) = (heap.allocator(), args.workers);
+    let parts = slices(&text, workers);
+    drop(text); // the corpus template has its own copy; the coordinator needs only the slices
+    // The coordinator attaches the heap (the main task does not) and is given the templates, so
+    // it can attach them to the workers it spawns.
+    let coordinator = task::spawn_with(
+        &[&corpus, &heap_t],
+        (corpus.clone(), heap_t.clone()),
+        move |(corpus, heap_t)| coordinate(&corpus, &heap_t, alloc, &parts, &expected, sequential),
+    );
+    let result = match coordinator.map(|h| h.join()) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            println!("wordcount: FAIL the coordinator: {e}");
+            1
+        }
+        Err(e) => {
+            println!("wordcount: FAIL cannot spawn the coordinator: {e}");
+            1
+        }
+    };
+    let left = heap.stats();
+    if result != 0 {
+        return result;
+    }
+    if left.allocation_count != 0 {
+        println!(
+            "wordcount: FAIL {} allocations left in the shared heap after the map was dropped",
+            left.allocation_count
+        );
+        return 1;
+    }
+    println!("wordcount: ALL OK");
+    0
+}
+
+/// The coordinator (runs in a task that attaches the heap): makes the roots, runs the workers,
+/// checks the map against `expected` (counted in `sequential`), prints the result and frees
+/// the map. Returns the app's exit code.
+fn coordinate(
+    corpus: &Template,
+    heap_t: &Template,
+    alloc: SharedAlloc,
+    parts: &[(u64, u64)],
+    expected: &hashbrown::HashMap<String, u64>,
+    sequential: core::time::Duration,
+) -> i32 {
+    let tally = Tally {
+        lock: AtomicU64::new(0),
+        total: AtomicU64::new(0),
+        batches: AtomicU64::new(0),
+        last_worker: AtomicU64::new(u64::MAX),
+        handovers: AtomicU64::new(0),
+    };
+    let (Ok(map), Ok(tally)) = (
+        SharedBox::try_new_in(SharedMap::new_in(alloc), alloc),
+        SharedBox::try_new_in(tally, alloc),
+    ) else {
+        println!("wordcount: FAIL the shared heap has no room for the map");
+        return 3;
+    };
+    let mut zygote = Zygote::new(Roots { map, tally });
 
     let t0 = Instant::now();
     let mut handles = Vec::new();
-    for (w, (start, len)) in slices(&text, args.workers).into_iter().enumerate() {
-        let (counts, alloc) = (counts.clone(), heap.allocator());
-        match task::spawn(&[&corpus, &heap.template()], move || {
-            worker(w, start, len, &counts, &alloc)
+    let mut failed = false;
+    for (w, &(start, len)) in parts.iter().enumerate() {
+        match zygote.spawn(&[corpus, heap_t], move |roots| {
+            worker(w, start, len, roots, alloc)
         }) {
             Ok(h) => handles.push((w, h)),
             Err(e) => {
                 println!("wordcount: FAIL cannot spawn worker {w}: {e}");
-                return 1;
+                failed = true;
+                break;
             }
         }
     }
-    let mut failed = false;
     for (w, h) in handles {
         match h.join() {
             Ok(0) => {}
@@ -327,96 +428,63 @@ fn main() -> i32 {
         }
     }
     let parallel = t0.elapsed();
+
+    // Every worker has ended: the roots are this task's alone again. Dropping them (here, where
+    // the heap is mapped) frees the table, the keys and the counters in the shared heap.
+    let roots = zygote.into_inner();
     if failed {
         return 1;
     }
-
-    // Check in a task that attaches the heap; it also frees the map there (its keys live in the
-    // shared heap, so dropping them must happen where the heap is mapped).
-    let expected = Arc::new(expected);
-    let (exp, report) = (expected.clone(), Arc::new(Mutex::new(String::new())));
-    let rep = report.clone();
-    let (c, workers) = (counts, args.workers);
-    let checker = task::spawn(&[&heap.template()], move || {
-        let Ok(lock) = Arc::try_unwrap(c) else {
-            return 20;
-        };
-        let counts = lock.into_inner();
-        let mut out = String::new();
-        let mut bad = 0;
-        for (k, &n) in counts.map.iter() {
-            let word = core::str::from_utf8(k).unwrap_or("<not utf-8>");
-            if exp.get(word) != Some(&n) {
-                bad += 1;
-                if bad <= 5 {
-                    out.push_str(&format!(
-                        "  '{word}': shared map {n}, sequential {:?}\n",
-                        exp.get(word)
-                    ));
-                }
+    let (map, tally) = (&*roots.map, &*roots.tally);
+    let mut bad = 0;
+    for (k, &n) in map.iter() {
+        let word = core::str::from_utf8(k).unwrap_or("<not utf-8>");
+        if expected.get(word) != Some(&n) {
+            bad += 1;
+            if bad <= 5 {
+                println!(
+                    "  '{word}': shared map {n}, sequential {:?}",
+                    expected.get(word)
+                );
             }
         }
-        let mut top: Vec<(&[u8], u64)> = counts.map.iter().map(|(k, &n)| (&k[..], n)).collect();
-        top.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-        let top: Vec<String> = top
-            .iter()
-            .take(5)
-            .map(|(k, n)| format!("{} {n}", core::str::from_utf8(k).unwrap_or("?")))
-            .collect();
-        out.push_str(&format!(
-            "distinct={} total={} batches={} lock handovers between workers={} top: {}\n",
-            counts.map.len(),
-            counts.total,
-            counts.batches,
-            counts.handovers,
-            top.join(", ")
-        ));
-        *rep.lock() = out;
-        let ok = bad == 0
-            && counts.map.len() == exp.len()
-            && counts.total == exp.values().sum()
-            && (workers < 2 || counts.handovers >= workers as u64);
-        drop(counts); // frees the table and keys in the shared heap, from inside this task
-        if ok { 0 } else { 21 }
-    });
-    let result = checker.map(|h| h.join());
-    let report = report.lock().clone();
-    libos::print!("{report}");
-    let left = heap.stats();
-    match result {
-        Ok(Ok(0)) if left.allocation_count == 0 => {
-            println!(
-                "wordcount: {} workers counted {} words ({} distinct) in {} ms; the shared map \
-                 matches the sequential count ({} ms)",
-                args.workers,
-                args.words,
-                expected.len(),
-                parallel.as_millis(),
-                sequential.as_millis()
-            );
-            println!("wordcount: ALL OK");
-            0
-        }
-        Ok(Ok(0)) => {
-            println!(
-                "wordcount: FAIL {} allocations left in the shared heap after the map was dropped",
-                left.allocation_count
-            );
-            1
-        }
-        Ok(Ok(20)) => {
-            println!("wordcount: FAIL the map is still referenced elsewhere");
-            1
-        }
-        Ok(r) => {
-            println!(
-                "wordcount: FAIL the shared map does not match the sequential count, or the workers never interleaved ({r:?})"
-            );
-            1
-        }
-        Err(e) => {
-            println!("wordcount: FAIL cannot spawn the checker: {e}");
-            1
-        }
+    }
+    let mut top: Vec<(&[u8], u64)> = map.iter().map(|(k, &n)| (&k[..], n)).collect();
+    top.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let top: Vec<String> = top
+        .iter()
+        .take(5)
+        .map(|(k, n)| format!("{} {n}", core::str::from_utf8(k).unwrap_or("?")))
+        .collect();
+    let r = Ordering::Relaxed;
+    let (total, handovers) = (tally.total.load(r), tally.handovers.load(r));
+    println!(
+        "distinct={} total={total} batches={} lock handovers between workers={handovers} top: {}",
+        map.len(),
+        tally.batches.load(r),
+        top.join(", ")
+    );
+    let workers = parts.len() as u64;
+    let ok = bad == 0
+        && map.len() == expected.len()
+        && total == expected.values().sum::<u64>()
+        && (workers < 2 || handovers >= workers);
+    drop(top);
+    drop(roots);
+    if ok {
+        println!(
+            "wordcount: {workers} workers counted {total} words ({} distinct) in {} ms; the \
+             shared map matches the sequential count ({} ms)",
+            expected.len(),
+            parallel.as_millis(),
+            sequential.as_millis()
+        );
+        0
+    } else {
+        println!(
+            "wordcount: FAIL the shared map does not match the sequential count, or the workers \
+             never interleaved"
+        );
+        1
     }
 }
