@@ -42,10 +42,11 @@ unsafe impl lock_api::RawMutex for RawTaskLock {
     }
 }
 
-/// The lock libos offers apps, e.g. for data in a [`crate::shared::SharedHeap`]. It lives in the
-/// kernel heap or a static, which every task shares; a task waiting for it yields to the others.
-/// A task that dies (fault, panic, kill) while holding it leaves it locked: tasks that then wait
-/// for it wait forever, the rest of the system goes on.
+/// A lock for a task's own data (a `static` with interior mutability, say): a task waiting for it
+/// yields. Like every value in a task's memory (its heap, its statics), it is the task's own: a
+/// spawned child gets its own copy (locked, if the parent held it at the spawn, as with fork()),
+/// so it never orders two tasks; between tasks, use a channel or a lock word in a shared heap.
+/// A task that dies while holding it takes its copy with it.
 ///
 /// ```no_run
 /// use libos::sync::Mutex;

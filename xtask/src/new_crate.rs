@@ -103,24 +103,31 @@ pub fn main_rs(name: &str) -> String {
 
 const MAIN_RS: &str = r#"//! {name}: a service on the Stencil libos. Build and boot it from the Stencil checkout with
 //! `cargo xtask run --manifest-path <this crate>/Cargo.toml`; Stencil's docs/guide.md explains
-//! tasks, templates, snapshots and shared heaps.
+//! tasks (each a fork of its parent), zygotes, templates and shared heaps.
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
-use alloc::sync::Arc;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use libos::println;
+use libos::process::Zygote;
 use libos::space::{Kind, TemplateBuilder};
-use libos::sync::Mutex;
 use libos::task;
 
 libos::main!(main);
 
 /// Where the read-only table lives in every task that attaches it.
 const TABLE_VA: u64 = 0x4000_0000;
+
+/// The warm state: ordinary Rust data, built once, used in place by every request task.
+struct State {
+    names: BTreeMap<u64, String>,
+    served: u64,
+}
 
 fn main() -> i32 {
     println!("{name}: hello from a service on Stencil, args {:?}", libos::args());
@@ -137,18 +144,21 @@ fn main() -> i32 {
             return 3;
         }
     };
-    // Tasks share the kernel heap, so a Mutex in an Arc collects their results.
-    let sum = Arc::new(Mutex::new(0u64));
+    let names = (0..4u64).map(|n| (n, alloc::format!("page {n}"))).collect();
+    let mut zygote = Zygote::new(State { names, served: 0 });
     let mut handles = Vec::new();
     for n in 0..4u64 {
-        let sum = sum.clone();
-        match task::spawn(&[&table], move || {
+        // Each task gets its own copy-on-write copy of the state, and reports by its exit code.
+        match zygote.spawn(&[&table], move |state| {
             let mut b = [0u8; 1];
             if task::read(TABLE_VA + n * 4096, &mut b).is_err() {
                 return -1;
             }
-            *sum.lock() += u64::from(b[0]);
-            i32::from(b[0])
+            state.served += 1; // this task's copy only
+            match state.names.get(&n) {
+                Some(s) if *s == alloc::format!("page {}", b[0]) => i32::from(b[0]),
+                _ => -2,
+            }
         }) {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -157,15 +167,18 @@ fn main() -> i32 {
             }
         }
     }
+    let mut sum = 0;
     for (n, h) in handles.into_iter().enumerate() {
-        if h.join() != Ok(n as i32) {
-            println!("{name}: task {n} failed");
-            return 1;
+        match h.join() {
+            Ok(v) if v == n as i32 => sum += v,
+            r => {
+                println!("{name}: task {n} failed: {r:?}");
+                return 1;
+            }
         }
     }
-    let sum = *sum.lock();
     println!("{name}: 4 tasks read the table, sum {sum}");
-    if sum == 6 {
+    if sum == 6 && zygote.state().served == 0 {
         println!("{name}: ok");
         0
     } else {
