@@ -19,10 +19,10 @@
 //! The engine manages the lower half only, so the statics live there for it (copy-on-write,
 //! snapshot, demand paging) and the top table mirrors the one entry that leads to them. A
 //! fault at [`PSTATICS`] is resolved at the shadow address, and the mirror is brought up to date
-//! whenever the engine may have replaced the L2 table (an unshare): [`sync_top`].
+//! whenever the engine may have replaced the L2 table (an unshare): `sync_top`.
 //!
 //! Spawn is a fork: the child's process memory is a copy-on-write copy of the parent's as of the
-//! spawn ([`fork_template`], an engine snapshot of the range), so a closure's captured heap values
+//! spawn (`fork_template`, an engine snapshot of the range), so a closure's captured heap values
 //! and everything the parent built are live in the child at the same addresses, and what either
 //! writes afterwards the other never sees.
 
