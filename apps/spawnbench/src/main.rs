@@ -287,7 +287,8 @@ fn main() -> i32 {
         Some("smoke") => Level::Smoke,
         None => {
             println!(
-                "INFO no level given: smoke (2 MiB templates); pass quick or full for more sizes"
+                "INFO no level given: smoke (2 MiB templates, a 1 MiB warm heap); pass quick or \
+                 full for more sizes"
             );
             Level::Smoke
         }
