@@ -84,8 +84,24 @@ fn samples(size: u64, mode: Mode, level: Level) -> usize {
     }
 }
 
+/// Memory a series of `size` bytes needs besides its heap: the allocator's headers, the
+/// zygote's tables, and a `copy` child's tables and first-write copies.
+fn headroom(size: u64) -> u64 {
+    size / 16 + (32 << 20)
+}
+
 /// Builds the warm heap of `size` bytes, seals it and measures both modes. `Err`: why not.
-fn series(size: u64, level: Level) -> Result<(), &'static str> {
+fn series(size: u64, level: Level) -> Result<(), alloc::string::String> {
+    let free = libos::free_frames() as u64 * 4096;
+    let need = size + headroom(size);
+    if free < need {
+        // A heap that runs out of frames while it is filled would end the task with a fault.
+        return Err(alloc::format!(
+            "not_enough_memory:needs_{}_MiB_has_{}_MiB_free",
+            need >> 20,
+            free >> 20
+        ));
+    }
     let count = usize::try_from(size / OBJ as u64).map_err(|_| "size_too_large")?;
     let t0 = Instant::now();
     let mut objs: State = Vec::new();
