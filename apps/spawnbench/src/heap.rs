@@ -103,6 +103,9 @@ fn series(size: u64, level: Level) -> Result<(), alloc::string::String> {
         ));
     }
     let count = usize::try_from(size / OBJ as u64).map_err(|_| "size_too_large")?;
+    if count == 0 {
+        return Err("size_below_one_object".into());
+    }
     let t0 = Instant::now();
     let mut objs: State = Vec::new();
     objs.try_reserve_exact(count)
@@ -183,7 +186,8 @@ fn measure(
         Samples::new(),
         Samples::new(),
     );
-    let mut wrong = 0u32;
+    // Children that found the pattern changed; children that ended without a figure.
+    let (mut wrong, mut failed) = (0u32, 0u32);
     let forks0 = libos::process::fork_counts();
     for i in 0..n {
         let t0 = Instant::now().cycles();
@@ -191,11 +195,14 @@ fn measure(
             reply(Instant::now().cycles().saturating_sub(t0))
         })?;
         let tp = Instant::now().cycles();
-        let child_first = h.join().map_or(0, |c| c as u64);
+        let child_first = h.join().ok().and_then(|c| u64::try_from(c).ok());
         let t1 = Instant::now().cycles();
-        parent.push(cycles_to_ns(tp - t0));
-        first.push(cycles_to_ns(child_first));
-        round.push(cycles_to_ns(t1 - t0));
+        parent.push(cycles_to_ns(tp.saturating_sub(t0)));
+        round.push(cycles_to_ns(t1.saturating_sub(t0)));
+        match child_first {
+            Some(c) => first.push(cycles_to_ns(c)),
+            None => failed += 1,
+        }
         if i < n.min(200) {
             let k = index(i, count);
             let h = zygote.spawn_with_builder(builder, &[], move |objs| {
@@ -207,11 +214,15 @@ fn measure(
                 if o[OBJ - 1] != want || o[OBJ / 2] != want || o[0] != !want {
                     return -1;
                 }
-                reply(b - a)
+                reply(b.saturating_sub(a))
             })?;
             match h.join() {
-                Ok(c) if c >= 0 => write.push(cycles_to_ns(c as u64)),
-                _ => wrong += 1,
+                Ok(-1) => wrong += 1,
+                Ok(c) => match u64::try_from(c) {
+                    Ok(c) => write.push(cycles_to_ns(c)),
+                    Err(_) => failed += 1,
+                },
+                Err(_) => failed += 1,
             }
         }
     }
@@ -225,7 +236,10 @@ fn measure(
         let h = zygote.spawn_with_builder(builder, &[], move |_| {
             reply(Instant::now().cycles().saturating_sub(t0))
         })?;
-        dirty.push(cycles_to_ns(h.join().map_or(0, |c| c as u64)));
+        match h.join().ok().and_then(|c| u64::try_from(c).ok()) {
+            Some(c) => dirty.push(cycles_to_ns(c)),
+            None => failed += 1,
+        }
     }
     let forks2 = libos::process::fork_counts();
     println!(
@@ -238,6 +252,11 @@ fn measure(
     if wrong > 0 {
         println!(
             "ERROR warm heap at {size} bytes, {name}: {wrong} children did not find the pattern"
+        );
+    }
+    if failed > 0 {
+        println!(
+            "ERROR warm heap at {size} bytes, {name}: {failed} children ended without a figure"
         );
     }
     report("spawn_parent", size, name, &mut parent);
