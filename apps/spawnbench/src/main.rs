@@ -12,20 +12,26 @@
 //!   in the child;
 //! - page-table bytes a new task costs (`PTBYTES` lines);
 //! - density: how many tasks from a 1 GiB template are alive at once before memory runs out
-//!   (`DENSITY` lines).
+//!   (`DENSITY` lines);
+//! - the warm-heap series (`heap.rs`): spawning from a `Zygote` whose heap holds 1 MiB … 1 GiB of
+//!   live objects (`pages=heap` / `heap-copy`), with the seal's cost (`kind=seal`), the child's
+//!   first write into a warm object and the spawn right after the zygote wrote one page
+//!   (`kind=spawn_dirty1`).
 //!
 //! Output lines (parsed by xtask): `RESULT kind=.. size=.. pages=<mode> n=.. p50_ns=.. p99_ns=..`,
 //! `PTBYTES size=.. pages=<mode> bytes=..`, `DENSITY size=.. pages=<mode> tasks=..`, `SKIP ..`,
 //! `ERROR ..`, and `DONE`. Under `-icount shift=0,sleep=off` the TSC counts instructions, so the
 //! `_ns` figures are guest instructions.
 //! Arguments: `full` (every size; minutes under TCG), `quick` (fewer sizes and samples; what
-//! `cargo xtask bench --quick` runs) or `smoke` (2 MiB only; seconds). `cargo xtask bench` always
+//! `cargo xtask bench --quick` runs) or `smoke` (2 MiB templates and a 1 MiB heap; seconds). `cargo xtask bench` always
 //! names the level; without one the app runs `smoke`, so `cargo xtask run spawnbench` finishes
 //! within `run`'s default 60 s timeout. Anything else: exit 2 with the usage.
 #![no_std]
 #![no_main]
 
 extern crate alloc;
+
+mod heap;
 
 use alloc::vec::Vec;
 
@@ -281,7 +287,8 @@ fn main() -> i32 {
         Some("smoke") => Level::Smoke,
         None => {
             println!(
-                "INFO no level given: smoke (2 MiB templates); pass quick or full for more sizes"
+                "INFO no level given: smoke (2 MiB templates, a 1 MiB warm heap); pass quick or \
+                 full for more sizes"
             );
             Level::Smoke
         }
@@ -333,6 +340,8 @@ fn main() -> i32 {
     };
     density(Mode::Share, share_cap);
     density(Mode::Copy, copy_cap);
+    // Last: each size's zygote is a task of its own, so no other series forks its heap.
+    heap::run(level);
     println!("DONE");
     0
 }

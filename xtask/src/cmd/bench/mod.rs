@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: how much faster is spawning when page tables are shared? (issue #5)
 //!
-//! One run measures, side by side: Stencil's spawn (`apps/spawnbench` in a Stencil guest),
+//! One run measures, side by side: Stencil's spawn (`apps/spawnbench` in a Stencil guest: from
+//! templates of 2 MiB … 64 GiB, and from a `Zygote` whose heap holds 1 MiB … 1 GiB of objects),
 //! Linux's own fork()/vfork/thread creation in a Linux guest under the same
 //! QEMU settings (`linux.rs`), and the same Linux program natively on the host as context. The
 //! results are one list of [`Measurement`]s; the output is a terminal table, a CSV file and an
@@ -23,7 +24,8 @@ pub use model::{Measurement, Unit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Part {
-    /// Stencil's spawn benchmark (apps/spawnbench) in a Stencil guest
+    /// Stencil's spawn benchmark (apps/spawnbench: from templates, and from a zygote's warm heap)
+    /// in a Stencil guest
     Stencil,
     /// Linux's fork/vfork/thread in a Linux guest under the same QEMU settings
     Linux,
@@ -33,7 +35,7 @@ pub enum Part {
 
 #[derive(Debug, Args)]
 pub struct BenchCmd {
-    /// Fewer samples: a smoke run in under two minutes
+    /// Fewer sizes and samples: a smoke run in under two minutes
     #[arg(long)]
     quick: bool,
     /// Run the guests under `-icount shift=0,sleep=off` (TCG): the figures are guest
@@ -192,6 +194,20 @@ pub fn run(root: &Path, cmd: &BenchCmd) -> Result<i32> {
             )
         )
     );
+    print!(
+        "{}",
+        report::heap_table(
+            &all,
+            &format!(
+                "Stencil: spawn from a warm heap (a Zygote holding `heap` bytes of live 4 KiB \
+                 objects), {setting}: {}",
+                match unit {
+                    Unit::Ns => "p50 / p99 time",
+                    Unit::Instructions => "p50 / p99 guest instructions",
+                }
+            )
+        )
+    );
     if all.iter().any(|m| m.system == "linux") {
         notes.push(format!(
             "linux: 4, 16 and 64 GiB are not measured: the Linux guest has {} of RAM",
@@ -276,7 +292,9 @@ const STENCIL_MEM: &str = "2G";
 /// (alias-backed above guest RAM) in `share` and `copy` mode, with 4 KiB and 2 MiB pages, and
 /// prints `RESULT` lines in the Linux peer's format (the `pages` field carries the mode), plus
 /// `PTBYTES` (page-table bytes of a new task) and `DENSITY` (tasks alive at once) lines, which
-/// become notes.
+/// become notes. Then the warm-heap series (`pages=heap` / `heap-copy`: a zygote whose heap holds
+/// 1 MiB … 1 GiB of live objects; `kind=seal` is its `Zygote::new`), whose `INFO forks` lines
+/// (spawns that found the zygote unchanged) become notes too.
 fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<PartResult> {
     let Some(accel) = accel else {
         bail!("the Stencil part needs a guest accelerator");
@@ -307,14 +325,20 @@ fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<Par
         let t = start.elapsed().as_secs_f64();
         if let Some(rest) = line.strip_prefix("RESULT ") {
             let f = model::fields(rest);
-            if f.get("kind") == Some(&"spawn_first") {
+            let kind = f.get("kind").copied();
+            if kind == Some("spawn_first") || kind == Some("seal") {
                 let size = f
                     .get("size")
                     .and_then(|s| s.parse().ok())
                     .map_or_else(|| "?".to_owned(), model::size_name);
                 println!(
-                    "  [{t:6.1} s] stencil: {size} {}: spawn p50 {}",
+                    "  [{t:6.1} s] stencil: {size} {}: {} p50 {}",
                     f.get("pages").unwrap_or(&"?"),
+                    if kind == Some("seal") {
+                        "seal"
+                    } else {
+                        "spawn"
+                    },
                     f.get("p50_ns").unwrap_or(&"?")
                 );
             }
@@ -351,6 +375,8 @@ fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<Par
                     f.get("bytes").unwrap_or(&"?")
                 ));
             }
+        } else if let Some(note) = line.strip_prefix("INFO forks ").and_then(heap_forks_note) {
+            out.notes.push(note);
         } else if let Some(rest) = line.strip_prefix("DENSITY ") {
             let f = model::fields(rest);
             out.notes.push(format!(
@@ -380,6 +406,108 @@ fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<Par
         ));
     }
     Ok(out)
+}
+
+/// The note for a warm-heap series' `INFO forks` line (how many spawns found the zygote
+/// unchanged since the one before); `None` for the template series' lines and malformed ones.
+fn heap_forks_note(rest: &str) -> Option<String> {
+    let f = model::fields(rest);
+    let mode = *f.get("pages")?;
+    let label = model::HEAP_MODES.iter().find(|(m, _)| *m == mode)?.1;
+    let size = model::size_name(f.get("size")?.parse().ok()?);
+    Some(format!(
+        "stencil: warm heap of {size}, {label}: {} of {} spawns found the zygote unchanged \
+         (fork_counts); after a one-page write, {} of {}",
+        f.get("clean")?,
+        f.get("spawns")?,
+        f.get("dirty1_clean")?,
+        f.get("dirty1_spawns")?
+    ))
+}
+
+/// The warm-heap headline: share spawn p50 at the largest heap against the ≤ 3,500-instruction
+/// target, flatness over the sizes, copy / share there, the seal's cost per size and the spawn
+/// after a one-page write.
+fn heap_headline(all: &[Measurement]) -> Vec<String> {
+    let find = |mode: &str, kind: &str, size: u64| {
+        all.iter()
+            .find(|m| model::is_heap(m) && m.mode == mode && m.kind == kind && m.size == size)
+    };
+    let (share, copy) = (model::HEAP_MODES[0].0, model::HEAP_MODES[1].0);
+    let sizes: std::collections::BTreeSet<u64> = all
+        .iter()
+        .filter(|m| model::is_heap(m) && m.mode == share && m.kind == "spawn_first")
+        .map(|m| m.size)
+        .collect();
+    let (Some(&small), Some(&big)) = (sizes.first(), sizes.last()) else {
+        return Vec::new();
+    };
+    let mut lines = Vec::new();
+    let Some(s) = find(share, "spawn_first", big) else {
+        return lines;
+    };
+    let big_name = model::size_name(big);
+    lines.push(match s.unit {
+        Unit::Instructions => format!(
+            "warm heap: share spawn p50 at {big_name} of heap: {:.0} guest instructions \
+             (target <= 3500{})",
+            s.p50,
+            if s.p50 <= 3500.0 { ": met" } else { ": missed" }
+        ),
+        Unit::Ns => format!(
+            "warm heap: share spawn p50 at {big_name} of heap: {} (--icount gives the \
+             instruction count the <= 3500 target is about)",
+            model::human(s.p50, s.unit)
+        ),
+    });
+    if let Some(s0) = find(share, "spawn_first", small).filter(|_| small != big)
+        && s0.p50 > 0.0
+    {
+        lines.push(format!(
+            "warm heap: flatness, share spawn p50 at {big_name} / at {} of heap: {:.2}",
+            model::size_name(small),
+            s.p50 / s0.p50
+        ));
+    }
+    if let Some(c) = find(copy, "spawn_first", big)
+        && s.p50 > 0.0
+    {
+        lines.push(format!(
+            "warm heap: copy / share spawn at {big_name} of heap: {} / {} = {}",
+            model::human(c.p50, c.unit),
+            model::human(s.p50, s.unit),
+            report::ratio_text(c.p50 / s.p50)
+        ));
+    }
+    let seals: Vec<String> = sizes
+        .iter()
+        .filter_map(|&size| {
+            let m = find(share, "seal", size)?;
+            #[allow(clippy::cast_precision_loss)]
+            let per_mib = m.p50 / (size as f64 / f64::from(1u32 << 20));
+            Some(format!(
+                "{} {} ({} per MiB)",
+                model::size_name(size),
+                model::human(m.p50, m.unit),
+                model::human(per_mib, m.unit)
+            ))
+        })
+        .collect();
+    if !seals.is_empty() {
+        lines.push(format!(
+            "warm heap: seal (Zygote::new, the first snapshot of the filled heap): {}",
+            seals.join(", ")
+        ));
+    }
+    if let Some(d) = find(share, "spawn_dirty1", big) {
+        lines.push(format!(
+            "warm heap: share spawn at {big_name} of heap right after the zygote wrote one \
+             page: {} (unchanged zygote: {})",
+            model::human(d.p50, d.unit),
+            model::human(s.p50, s.unit)
+        ));
+    }
+    lines
 }
 
 /// The headline ratios DESIGN.md and issue #5 ask for, from one run's measurements.
@@ -460,6 +588,7 @@ fn headline(all: &[Measurement]) -> Vec<String> {
         )),
         _ => {}
     }
+    lines.extend(heap_headline(all));
     lines
 }
 
@@ -510,6 +639,67 @@ mod tests {
             10,
             Unit::Instructions,
         )
+    }
+
+    #[test]
+    fn headline_warm_heap_lines() {
+        let (mib, gib) = (1 << 20, 1 << 30);
+        let ms = vec![
+            m("stencil", "share", "spawn_first", gib, 15_000.0),
+            m("stencil", "heap", "spawn_first", mib, 3_600.0),
+            m("stencil", "heap", "spawn_first", gib, 3_960.0),
+            m("stencil", "heap-copy", "spawn_first", gib, 5_940_000.0),
+            m("stencil", "heap", "seal", mib, 57_000.0),
+            m("stencil", "heap", "seal", gib, 17_408_000.0),
+            m("stencil", "heap", "spawn_dirty1", gib, 120_000.0),
+        ];
+        let h = heap_headline(&ms);
+        assert_eq!(
+            h,
+            [
+                "warm heap: share spawn p50 at 1 GiB of heap: 3960 guest instructions \
+                 (target <= 3500: missed)",
+                "warm heap: flatness, share spawn p50 at 1 GiB / at 1 MiB of heap: 1.10",
+                "warm heap: copy / share spawn at 1 GiB of heap: 5.94 M / 3.96 k = 1500x",
+                "warm heap: seal (Zygote::new, the first snapshot of the filled heap): \
+                 1 MiB 57.0 k (57.0 k per MiB), 1 GiB 17.4 M (17.0 k per MiB)",
+                "warm heap: share spawn at 1 GiB of heap right after the zygote wrote one page: \
+                 120 k (unchanged zygote: 3.96 k)",
+            ]
+        );
+        // The whole headline carries them after the template lines; none without the series.
+        let all = headline(&ms);
+        assert_eq!(all[all.len() - h.len()..], h[..]);
+        assert!(heap_headline(&ms[..1]).is_empty());
+        let met = [m("stencil", "heap", "spawn_first", mib, 3_000.0)];
+        assert_eq!(
+            heap_headline(&met),
+            [
+                "warm heap: share spawn p50 at 1 MiB of heap: 3000 guest instructions \
+              (target <= 3500: met)"
+            ]
+        );
+    }
+
+    #[test]
+    fn warm_heap_fork_counts_become_notes() {
+        assert_eq!(
+            heap_forks_note(
+                "size=268435456 pages=heap-copy spawns=40 clean=40 dirty1_spawns=20 \
+                 dirty1_clean=0"
+            )
+            .as_deref(),
+            Some(
+                "stencil: warm heap of 256 MiB, copy: 40 of 40 spawns found the zygote \
+                 unchanged (fork_counts); after a one-page write, 0 of 20"
+            )
+        );
+        // The template series' lines stay out of the notes; so do broken ones.
+        assert_eq!(
+            heap_forks_note("size=2097152 pages=share spawns=401 clean=400"),
+            None
+        );
+        assert_eq!(heap_forks_note("size=1048576 pages=heap spawns=4"), None);
     }
 
     #[test]

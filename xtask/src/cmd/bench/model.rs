@@ -90,6 +90,16 @@ pub const TABLE_KINDS: &[&str] = &[
     "fork_first_write",
 ];
 
+/// Stencil's warm-heap series (`apps/spawnbench`, `heap.rs`): `heap` is `share` mode, `heap-copy`
+/// `copy` mode, spawning from a zygote whose heap holds `size` bytes of live objects. They have a
+/// table of their own ([`super::report::heap_table`]).
+pub const HEAP_MODES: &[(&str, &str)] = &[("heap", "share"), ("heap-copy", "copy")];
+
+/// Is `m` one of the warm-heap series?
+pub fn is_heap(m: &Measurement) -> bool {
+    m.system == "stencil" && HEAP_MODES.iter().any(|(mode, _)| *mode == m.mode)
+}
+
 pub fn kind_label(kind: &str) -> &str {
     KINDS
         .iter()

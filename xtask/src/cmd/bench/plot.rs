@@ -55,6 +55,8 @@ fn mode_name(m: &str) -> &str {
     match m {
         "4k" => "4 KiB pages",
         "thp" => "THP",
+        "heap" => "warm heap, share",
+        "heap-copy" => "warm heap, copy",
         other => other,
     }
 }
@@ -197,7 +199,7 @@ pub fn svg(ms: &[Measurement], unit: Unit, subtitle: &str) -> Result<String> {
             .map_err(|e| anyhow!("{e}"))?;
         chart
             .configure_mesh()
-            .x_desc("populated memory (Linux) / template size (Stencil), log")
+            .x_desc("populated memory (Linux) / template or warm-heap size (Stencil), log")
             .y_desc(y_desc)
             .x_label_formatter(&|v| {
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -280,20 +282,28 @@ mod tests {
                 1.0,
                 Unit::Instructions,
             ),
+            m("stencil", "heap", "spawn_first", 1 << 20, 1.0, ns),
+            m("stencil", "heap", "spawn_first", 1 << 30, 1.1, ns),
+            m("stencil", "heap", "seal", 1 << 30, 9.0, ns),
+            m("stencil", "heap-copy", "spawn_first", 1 << 30, 5.0, ns),
         ];
         let l = lines(&ms, ns);
         let labels: Vec<&str> = l.iter().map(|l| l.label.as_str()).collect();
         assert_eq!(
             labels,
             [
+                "Stencil spawn (warm heap, share)",
+                "Stencil spawn (warm heap, copy)",
                 "Linux guest fork (4 KiB pages)",
                 "Linux guest fork (THP)",
                 "Linux guest thread",
                 "host, native fork (4 KiB pages)"
             ]
         );
-        assert_eq!(l[0].points, [(2097152.0, 1.0), (16777216.0, 2.0)]);
-        assert!(l[3].context && !l[0].context);
+        // The warm-heap line has its spawns, not the seal.
+        assert_eq!(l[0].points, [(1048576.0, 1.0), (1073741824.0, 1.1)]);
+        assert_eq!(l[2].points, [(2097152.0, 1.0), (16777216.0, 2.0)]);
+        assert!(l[5].context && !l[2].context);
         let svg = svg(&ms, ns, "test").unwrap();
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("Linux guest fork (THP)"));

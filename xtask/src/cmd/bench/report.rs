@@ -27,10 +27,12 @@ pub fn systems(ms: &[Measurement]) -> Vec<String> {
     v
 }
 
-/// One table per system: a row per (mode, size), a column per kind (`p50 / p99`).
+/// One table per system: a row per (mode, size), a column per kind (`p50 / p99`). The warm-heap
+/// series are left out (they have [`heap_table`]).
 pub fn table(ms: &[Measurement], heading: impl Fn(&str) -> String) -> String {
     let mut out = String::new();
-    for system in systems(ms) {
+    let ms: Vec<Measurement> = ms.iter().filter(|m| !model::is_heap(m)).cloned().collect();
+    for system in systems(&ms) {
         let mine: Vec<&Measurement> = ms.iter().filter(|m| m.system == system).collect();
         // Known table kinds first, in their order, then kinds this table does not know.
         let present: BTreeSet<&str> = mine.iter().map(|m| m.kind.as_str()).collect();
@@ -221,6 +223,84 @@ pub fn first_write_table(ms: &[Measurement], heading: &str) -> String {
     out
 }
 
+/// The warm-heap series' kinds, in the order of [`heap_table`]'s columns.
+const HEAP_KINDS: &[(&str, &str)] = &[
+    ("spawn_parent", "spawn (parent ret.)"),
+    ("spawn_first", "spawn → 1st instr."),
+    ("spawn_roundtrip", "spawn+exit+join"),
+    ("first_write", "1st write (object)"),
+    ("spawn_dirty1", "spawn, 1 page dirty"),
+];
+
+fn p50_p99(m: Option<&Measurement>) -> String {
+    m.map_or_else(
+        || "-".to_owned(),
+        |m| {
+            format!(
+                "{} / {}",
+                model::human(m.p50, m.unit),
+                model::human(m.p99, m.unit)
+            )
+        },
+    )
+}
+
+/// Spawning from a warm heap: a row per (heap size, mode), the seal (`Zygote::new`, once per
+/// size: in the `share` row), the spawn kinds (`p50 / p99`), and in the `copy` row copy / share
+/// of the `spawn → 1st instr.` p50s. Empty without warm-heap measurements.
+pub fn heap_table(ms: &[Measurement], heading: &str) -> String {
+    let heap: Vec<&Measurement> = ms.iter().filter(|m| model::is_heap(m)).collect();
+    let sizes: BTreeSet<u64> = heap.iter().map(|m| m.size).collect();
+    let mut grid: Vec<Vec<String>> = vec![
+        ["heap", "mode", "seal (snapshot)"]
+            .into_iter()
+            .chain(HEAP_KINDS.iter().map(|(_, label)| *label))
+            .chain(["copy / share"])
+            .map(str::to_owned)
+            .collect(),
+    ];
+    for size in sizes {
+        let find = |mode: &str, kind: &str| {
+            heap.iter()
+                .copied()
+                .find(|m| m.mode == mode && m.kind == kind && m.size == size)
+        };
+        for (i, &(mode, label)) in model::HEAP_MODES.iter().enumerate() {
+            let mine: Vec<&Measurement> = heap
+                .iter()
+                .copied()
+                .filter(|m| m.mode == mode && m.size == size)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let mut row = vec![
+                model::size_name(size),
+                label.to_owned(),
+                if i == 0 {
+                    p50_p99(find(mode, "seal"))
+                } else {
+                    String::new()
+                },
+            ];
+            row.extend(HEAP_KINDS.iter().map(|(k, _)| p50_p99(find(mode, k))));
+            let base = model::HEAP_MODES[0].0;
+            row.push(
+                match (i, find(base, "spawn_first"), find(mode, "spawn_first")) {
+                    (1.., Some(s), Some(c)) if s.p50 > 0.0 => ratio_text(c.p50 / s.p50),
+                    _ => String::new(),
+                },
+            );
+            grid.push(row);
+        }
+    }
+    let mut out = String::new();
+    if grid.len() > 1 {
+        render(&mut out, heading, &grid, 2);
+    }
+    out
+}
+
 /// CSV with a header; `setting` (accelerator, icount) is the same for every row of one run.
 pub fn csv(ms: &[Measurement], setting: &str) -> String {
     let mut out = String::from("system,mode,kind,size_bytes,n,p50,p99,unit,setting\n");
@@ -340,6 +420,64 @@ mod tests {
         mixed[0].unit = Unit::Instructions;
         assert_eq!(first_write_ratio(&mixed, "share", "4k", gib), None);
         assert_eq!(first_write_table(&ms[4..], "== first write"), "");
+    }
+
+    #[test]
+    fn warm_heap_table() {
+        let mib = 1 << 20;
+        let gib = 1 << 30;
+        let ms = vec![
+            m("stencil", "share", "spawn_first", gib, 15_000.0),
+            m("stencil", "heap", "seal", mib, 57_000.0),
+            m("stencil", "heap", "spawn_first", mib, 3_700.0),
+            m("stencil", "heap", "spawn_dirty1", mib, 97_000.0),
+            m("stencil", "heap-copy", "spawn_first", mib, 27_750.0),
+            m("stencil", "heap", "seal", gib, 9.0e6),
+            m("stencil", "heap", "spawn_first", gib, 3_800.0),
+            m("stencil", "heap", "first_write", gib, 3_000.0),
+            m("linux", "4k", "fork_child_first", gib, 26.9e6),
+        ];
+        let t = heap_table(&ms, "== heap");
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("  ")).collect();
+        assert!(t.starts_with("\n== heap\n"), "{t}");
+        assert_eq!(
+            rows.len(),
+            5,
+            "header, rule, 1 MiB share + copy, 1 GiB share: {t}"
+        );
+        assert!(
+            rows[0].contains("seal (snapshot)")
+                && rows[0].contains("spawn, 1 page dirty")
+                && rows[0].ends_with("copy / share"),
+            "{t}"
+        );
+        // The seal in the share row, the ratio in the copy row, dashes where nothing was measured.
+        assert!(
+            rows[2].starts_with("  1 MiB  share")
+                && rows[2].contains("57.0 µs / 114 µs")
+                && rows[2].contains("3.70 µs / 7.40 µs")
+                && rows[2].contains("97.0 µs / 194 µs"),
+            "{t}"
+        );
+        assert!(
+            rows[3].starts_with("  1 MiB  copy")
+                && rows[3].contains("27.8 µs / 55.5 µs")
+                && rows[3].ends_with("7.50x")
+                && !rows[3].contains("57.0 µs"),
+            "{t}"
+        );
+        assert!(
+            rows[4].starts_with("  1 GiB  share")
+                && rows[4].contains("9.00 ms / 18.0 ms")
+                && rows[4].contains("3.00 µs / 6.00 µs")
+                && rows[4].contains(" - "),
+            "{t}"
+        );
+        // The per-system table leaves the warm-heap rows to this one.
+        let main = table(&ms, |s| format!("== {s}"));
+        assert!(!main.contains("heap"), "{main}");
+        assert!(main.contains("share  1 GiB"), "{main}");
+        assert_eq!(heap_table(&ms[..1], "== heap"), "");
     }
 
     #[test]
