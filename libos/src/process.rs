@@ -88,6 +88,14 @@ pub(crate) fn map_first(space: &mut AddressSpace<KernelMem>) -> Result<(), Error
     space
         .map(VirtAddr::new(PHEAP), PHEAP_SIZE, RW, "heap", false)?
         .ignore();
+    // Map the heap's first page (its allocator's header) now: process memory then always has
+    // page tables of its own, which the first snapshot hands to its template, so later spawns
+    // find it unchanged and share it (an empty range would build a new, empty template at every
+    // spawn). The space is not loaded yet: nothing to flush.
+    space
+        .resolve_fault(VirtAddr::new(PHEAP), templates::Access::Write)
+        .map_err(|_| Error::OutOfFrames)?
+        .ignore();
     if len == 0 {
         return Ok(());
     }
@@ -124,19 +132,23 @@ pub(crate) fn map_first(space: &mut AddressSpace<KernelMem>) -> Result<(), Error
 pub(crate) fn fork_template(
     space: &mut AddressSpace<KernelMem>,
 ) -> Result<(crate::space::EngineTemplate, templates::Flush), Error> {
+    // The snapshot the space holds now, if any (alive, so its root frame cannot be reused by a
+    // new template): the result is that one exactly when nothing changed since.
+    let mut held = [None; 4];
+    for (h, t) in held.iter_mut().zip(space.held_templates()) {
+        *h = Some(t.root());
+    }
     let r = space.snapshot(&[(VirtAddr::new(PROC_BASE), PROC_END - PROC_BASE)]);
     FORKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-    if let Ok((t, _)) = &r {
-        let root = t.root().start_address().as_u64();
-        if LAST_ROOT.swap(root, core::sync::atomic::Ordering::Relaxed) == root {
-            CLEAN_FORKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-        }
+    if let Ok((t, _)) = &r
+        && held.contains(&Some(t.root()))
+    {
+        CLEAN_FORKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     }
     r
 }
 
 static FORKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-static LAST_ROOT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 static CLEAN_FORKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// Snapshots of process memory taken so far (spawns and seals), and how many of them found the

@@ -97,9 +97,20 @@ impl<M: PhysMem> AddressSpace<M> {
     ) -> Result<Self, Error> {
         // One template claims each 512 GiB range once and alone: attach its L4 entries as they
         // are (no merge, no allocation: this is the spawn path). Several: merge their claims.
-        let ranges = match templates {
-            [_] => Vec::new(),
-            _ => merge_claims(templates)?,
+        // Several templates in pairwise different 512 GiB ranges (libos's spawn: the process
+        // memory's template plus the app's) attach the same way, one by one.
+        let disjoint = templates.len() <= 8
+            && templates.iter().enumerate().all(|(i, a)| {
+                templates[..i].iter().all(|b| {
+                    a.claims()
+                        .iter()
+                        .all(|ca| b.claims().iter().all(|cb| ca.l4 != cb.l4))
+                })
+            });
+        let ranges = if disjoint {
+            Vec::new()
+        } else {
+            merge_claims(templates)?
         };
         // A `Copy` space counts every entry and borrows nothing (invariant 11).
         let copy = mode == Mode::Copy;
@@ -108,11 +119,13 @@ impl<M: PhysMem> AddressSpace<M> {
             None => Tree::new(mem, copy)?,
         };
         let mut c = tree.cursor();
-        if let [t] = templates {
-            let tr = t.reader();
-            for claim in t.claims() {
-                if let Some(sub) = tr.subtree(claim.l4, None) {
-                    c.attach(claim.l4, None, sub)?;
+        if disjoint {
+            for t in templates {
+                let tr = t.reader();
+                for claim in t.claims() {
+                    if let Some(sub) = tr.subtree(claim.l4, None) {
+                        c.attach(claim.l4, None, sub)?;
+                    }
                 }
             }
         }
