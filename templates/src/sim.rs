@@ -38,6 +38,11 @@ struct Inner {
     state: Vec<Cell<State>>,
     poison: bool,
     book: RefCell<Book>,
+    /// `frame_ptr` calls: the engine's reads and writes of tables (one per entry, or one per
+    /// table for a loop over its entries) and of data frames.
+    accesses: Cell<u64>,
+    /// `inc_ref` calls.
+    inc_refs: Cell<u64>,
 }
 
 struct Book {
@@ -107,6 +112,8 @@ impl SimMem {
                 allocs: 0,
                 fail_at: None,
             }),
+            accesses: Cell::new(0),
+            inc_refs: Cell::new(0),
         };
         SimMem {
             inner: Rc::new(inner),
@@ -132,6 +139,19 @@ impl SimMem {
     /// Allocation attempts so far (4 KiB and 2 MiB alike).
     pub fn alloc_count(&self) -> u64 {
         self.inner.book.borrow().allocs
+    }
+
+    /// `frame_ptr` calls so far: a measure of the engine's work on tables. Each entry read or
+    /// written on its own counts one; a loop over a table's entries (`raw::entries`, a fill, a
+    /// 4 KiB copy) counts one per table or frame; the simulation's own reads (`words`,
+    /// `checksum`, `read`, `write`, the software MMU) count too.
+    pub fn frame_accesses(&self) -> u64 {
+        self.inner.accesses.get()
+    }
+
+    /// `inc_ref` calls so far (references taken to frames that already had one).
+    pub fn inc_ref_count(&self) -> u64 {
+        self.inner.inc_refs.get()
     }
 
     /// Every allocated frame (heads only for 2 MiB runs) with its count.
@@ -276,6 +296,7 @@ unsafe impl PhysMem for SimMem {
         );
         let c = &self.inner.counts[i];
         c.set(c.get().checked_add(1).expect("reference count overflow"));
+        self.inner.inc_refs.set(self.inner.inc_refs.get() + 1);
     }
 
     fn dec_ref(&self, f: PhysFrame) -> u32 {
@@ -327,6 +348,7 @@ unsafe impl PhysMem for SimMem {
     }
 
     fn frame_ptr(&self, f: PhysFrame) -> *mut u8 {
+        self.inner.accesses.set(self.inner.accesses.get() + 1);
         let i = idx(f);
         assert_ne!(
             self.inner.state[i].get(),

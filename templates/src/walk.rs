@@ -452,10 +452,19 @@ impl<'a, M: PhysMem> Reader<'a, M> {
                 // it carries `LENT_BIT`, as every entry of a template does).
                 continue;
             }
+            let covered = base >= start && next <= end;
+            if !entry::present(y) && !covered && entry::present(x) && !entry::is_leaf(x, level) {
+                // A table the template did not need (nothing of the ranges under it) is fine
+                // if it has nothing in the range.
+                let (from, to) = (base.max(start), end.min(next));
+                if self.next_leaf_in(frame_at(entry::addr(x)), level - 1, from, to) {
+                    return false;
+                }
+                continue;
+            }
             if !entry::present(x) || !entry::present(y) {
                 return false;
             }
-            let covered = base >= start && next <= end;
             let leaf = entry::is_leaf(x, level);
             if leaf != entry::is_leaf(y, level) {
                 return false;
@@ -477,6 +486,27 @@ impl<'a, M: PhysMem> Reader<'a, M> {
             }
         }
         true
+    }
+
+    /// Is a leaf present in `start..end` under `table` (at `level`)?
+    fn next_leaf_in(&self, table: PhysFrame, level: u8, start: u64, end: u64) -> bool {
+        let mut va = start;
+        while va < end {
+            let base = va & !(span(level) - 1);
+            let next = base + span(level);
+            let e = raw::read(self.mem, table, entry::index(va, level));
+            if entry::present(e) {
+                if entry::is_leaf(e, level) {
+                    return true;
+                }
+                let (from, to) = (base.max(start), end.min(next));
+                if self.next_leaf_in(frame_at(entry::addr(e)), level - 1, from, to) {
+                    return true;
+                }
+            }
+            va = next;
+        }
+        false
     }
 
     /// Tables below the root and leaf entries in the lower half (a diagnostic walk).

@@ -128,9 +128,20 @@ enum Op {
         pages: u64,
         perm: Perm,
     },
+    /// `ranges`: (candidate page, pages); a page index `n_cand() + k` means all of L4 entry
+    /// `k` (512 GiB, `pages` ignored).
     Snapshot {
         sp: usize,
         ranges: Vec<(usize, u64)>,
+    },
+    /// One step of a fork chain: snapshot `sp` (again at once if `twice`: in a `Share` space
+    /// that holds the first snapshot, the second must be that template, `Flush::None`), then
+    /// spawn a space from the snapshot alone.
+    Fork {
+        sp: usize,
+        ranges: Vec<(usize, u64)>,
+        twice: bool,
+        mode: Mode,
     },
     DropSpace {
         sp: usize,
@@ -195,6 +206,27 @@ fn region() -> impl Strategy<Value = RegionGen> {
             },
         )
 }
+/// Snapshot ranges: candidate pages with a length, whole 1 GiB slots (candidates `12 k`), or
+/// whole L4 entries (0: slots 1..4; 1: slots 513, 514).
+fn snapshot_ranges() -> impl Strategy<Value = Vec<(usize, u64)>> {
+    let one = prop_oneof![
+        3 => (0..n_cand(), prop_oneof![len_pages(), Just(GIB / 4096)]),
+        1 => (0..CAND_SLOTS.len()).prop_map(|k| (k * PAGE_OFFS.len(), GIB / 4096)),
+        1 => (0..2usize).prop_map(|k| (n_cand() + k, 0)),
+    ];
+    prop::collection::vec(one, 1..=2)
+}
+
+/// A snapshot range in addresses (see `Op::Snapshot`).
+fn snapshot_range(&(p, n): &(usize, u64)) -> (u64, u64) {
+    if p >= n_cand() {
+        let k = (p - n_cand()) as u64;
+        (k * 512 * GIB, (k + 1) * 512 * GIB)
+    } else {
+        (cand(p), cand(p) + n * 4096)
+    }
+}
+
 fn build() -> impl Strategy<Value = Op> {
     (0..SLOTS.len(), prop::collection::vec(region(), 1..=3))
         .prop_map(|(slot, regions)| Op::Build { slot, regions })
@@ -212,8 +244,9 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(sp, page, pages, perm, populate)| Op::Map { sp, page, pages, perm, populate }),
         2 => (sp.clone(), access_page(), len_pages()).prop_map(|(sp, page, pages)| Op::Unmap { sp, page, pages }),
         3 => (sp.clone(), access_page(), len_pages(), perm()).prop_map(|(sp, page, pages, perm)| Op::Protect { sp, page, pages, perm }),
-        3 => (sp.clone(), prop::collection::vec((page.clone(), prop_oneof![len_pages(), Just(GIB / 4096)]), 1..=2))
-            .prop_map(|(sp, ranges)| Op::Snapshot { sp, ranges }),
+        3 => (sp.clone(), snapshot_ranges()).prop_map(|(sp, ranges)| Op::Snapshot { sp, ranges }),
+        3 => (sp.clone(), snapshot_ranges(), any::<bool>(), mode())
+            .prop_map(|(sp, ranges, twice, mode)| Op::Fork { sp, ranges, twice, mode }),
         1 => sp.prop_map(|sp| Op::DropSpace { sp }),
         1 => (0..4usize).prop_map(|t| Op::DropTemplate { t }),
     ]
@@ -482,12 +515,33 @@ impl World {
                     (r, e) => panic!("protect {start:#x}..{end:#x}: {r:?}, model {e:?}"),
                 }
             }
+            Op::Fork {
+                sp,
+                ranges,
+                twice,
+                mode,
+            } => {
+                let n = self.templates.len();
+                self.run(&Op::Snapshot {
+                    sp: *sp,
+                    ranges: ranges.clone(),
+                });
+                if self.templates.len() == n {
+                    return; // no space, or the snapshot failed as the model said
+                }
+                if *twice {
+                    let mut rs: Vec<(u64, u64)> = ranges.iter().map(snapshot_range).collect();
+                    rs.sort();
+                    self.snapshot_again(sp % self.spaces.len(), &rs);
+                }
+                self.run(&Op::Spawn {
+                    tpls: vec![self.templates.len() - 1],
+                    mode: *mode,
+                });
+            }
             Op::Snapshot { sp, ranges } => {
                 let Some(i) = self.sp(*sp) else { return };
-                let mut rs: Vec<(u64, u64)> = ranges
-                    .iter()
-                    .map(|(p, n)| (cand(*p), cand(*p) + n * 4096))
-                    .collect();
+                let mut rs: Vec<(u64, u64)> = ranges.iter().map(snapshot_range).collect();
                 rs.sort();
                 let ms = &mut self.spaces[i];
                 let overlap = rs.windows(2).any(|w| w[1].0 < w[0].1);
@@ -531,6 +585,41 @@ impl World {
                     self.templates.remove(i);
                 }
             }
+        }
+    }
+
+    /// Snapshot space `i` again, right after its snapshot (the last template) with the same
+    /// ranges: the space changed nothing, so if it is a `Share` space that holds that snapshot
+    /// the result is that template, with nothing to flush (the incremental snapshot's clean
+    /// fast path, docs/engine.md invariant 12). Otherwise (a `Copy` space, or a snapshot that
+    /// took none of the space's tables) a new template with the same contents.
+    fn snapshot_again(&mut self, i: usize, rs: &[(u64, u64)]) {
+        let last = self.templates.len() - 1;
+        let prev = self.templates[last].t.clone();
+        let ranges: Vec<(VirtAddr, u64)> =
+            rs.iter().map(|&(s, e)| (VirtAddr::new(s), e - s)).collect();
+        let ms = &mut self.spaces[i];
+        let held = ms.s.held_templates().any(|t| t.root() == prev.root());
+        let held = held && ms.s.mode() == Mode::Share;
+        match ms.s.snapshot(&ranges) {
+            Ok((t, f)) => {
+                if held {
+                    assert_eq!(t.root(), prev.root(), "unchanged: the held snapshot again");
+                    assert_eq!(f, Flush::None);
+                }
+                // Either way it maps what the previous one maps, the space's pages there.
+                let pages = self.templates[last].pages.clone();
+                let slots = self.templates[last].slots.clone();
+                let fp = template_fingerprint(&self.m, &t);
+                self.templates.push(MT {
+                    t,
+                    pages,
+                    slots,
+                    fp,
+                });
+            }
+            Err(Error::OutOfFrames) => self.oom_ok(),
+            Err(e) => panic!("snapshot again: {e:?}"),
         }
     }
 
@@ -967,6 +1056,139 @@ fn fork_chain_every_drop_order() {
             trace.iter().all(|t| t.contains("Ok")),
             "order {order}: {trace:#?}"
         );
+    }
+}
+
+/// One generation of a repeated-snapshot chain: which space forks (the zygote, space 0, or the
+/// newest space), the ranges (0: slots 1 and 2; 1: L4 entry 0 whole; 2: both L4 entries; 3: a
+/// few pages of slot 1), whether it snapshots twice in a row, the child's mode, and the writes
+/// (and one `protect` or `map`) the parent makes before and the child after.
+#[derive(Clone, Debug)]
+struct Generation {
+    from_zygote: bool,
+    ranges: usize,
+    twice: bool,
+    mode: Mode,
+    before: Vec<(usize, usize, u64)>,
+    after: Vec<(usize, usize, u64)>,
+    extra: Option<Op>,
+}
+
+fn generation() -> impl Strategy<Value = Generation> {
+    let extra = prop_oneof![
+        2 => Just(None),
+        1 => (access_page(), len_pages(), perm()).prop_map(|(page, pages, perm)| Some(Op::Protect { sp: 0, page, pages, perm })),
+        1 => (0..n_cand(), 1..=4u64).prop_map(|(page, pages)| Some(Op::Map { sp: 0, page, pages, perm: Perm::RW, populate: false })),
+    ];
+    let writes = || prop::collection::vec((access_page(), 0..4usize, 1..1000u64), 0..4);
+    (
+        any::<bool>(),
+        0..4usize,
+        any::<bool>(),
+        mode(),
+        writes(),
+        writes(),
+        extra,
+    )
+        .prop_map(
+            |(from_zygote, ranges, twice, mode, before, after, extra)| Generation {
+                from_zygote,
+                ranges,
+                twice,
+                mode,
+                before,
+                after,
+                extra,
+            },
+        )
+}
+
+/// Template T (4 KiB and 2 MiB `Private` pages, given and aliased frames) → zygote (`Share`),
+/// then per generation: the forking space writes, snapshots (maybe twice), a child is spawned
+/// from the snapshot alone, the child writes. Children fork in turn (chains of snapshots of
+/// spaces spawned from snapshots) or the zygote forks again (a snapshot per spawn).
+fn repeated_snapshots(gens: &[Generation]) -> Vec<Op> {
+    let r = |slot_delta, off, pages, kind, huge, backing| RegionGen {
+        slot_delta,
+        off,
+        pages,
+        kind,
+        exec: false,
+        huge,
+        backing,
+    };
+    let mut ops = vec![
+        Op::Build {
+            slot: 0,
+            regions: vec![
+                r(0, 0, 6, Kind::Private, false, BackingGen::Frames),
+                r(0, 5, 1, Kind::Private, true, BackingGen::Zeroed),
+                r(1, 6, 3, Kind::Private, false, BackingGen::Alias),
+            ],
+        },
+        Op::Spawn {
+            tpls: vec![0],
+            mode: Mode::Share,
+        },
+    ];
+    let slot = |k: usize| (k * PAGE_OFFS.len(), GIB / 4096);
+    // Generation n forks with n + 1 spaces alive (each fork adds one), the newest at n.
+    for (n, g) in gens.iter().enumerate() {
+        let sp = if g.from_zygote { 0 } else { n };
+        let write = |sp, &(page, word, value): &(usize, usize, u64)| Op::Write {
+            sp,
+            page,
+            word,
+            value,
+        };
+        ops.extend(g.before.iter().map(|w| write(sp, w)));
+        match &g.extra {
+            Some(Op::Protect {
+                page, pages, perm, ..
+            }) => ops.push(Op::Protect {
+                sp,
+                page: *page,
+                pages: *pages,
+                perm: *perm,
+            }),
+            Some(Op::Map { page, pages, .. }) => ops.push(Op::Map {
+                sp,
+                page: *page,
+                pages: *pages,
+                perm: Perm::RW,
+                populate: false,
+            }),
+            _ => {}
+        }
+        let ranges = match g.ranges {
+            0 => vec![slot(0), slot(1)],
+            1 => vec![(n_cand(), 0)],
+            2 => vec![(n_cand(), 0), (n_cand() + 1, 0)],
+            _ => vec![(0, 8)],
+        };
+        ops.push(Op::Fork {
+            sp,
+            ranges,
+            twice: g.twice,
+            mode: g.mode,
+        });
+        ops.extend(g.after.iter().map(|w| write(n + 1, w)));
+    }
+    ops
+}
+
+proptest! {
+    #![proptest_config(config(DEFAULT_CASES / 10))]
+
+    /// Incremental snapshots (invariant 12) through chains of forks and a zygote that snapshots
+    /// at every spawn: the model, every count and every borrowed frame after every step, the
+    /// clean fast path where the space holds its last snapshot, nothing left at the end.
+    #[test]
+    fn repeated_snapshots_of_forked_spaces_match_the_model(
+        gens in prop::collection::vec(generation(), 1..8),
+    ) {
+        let (trace, _, _) = run_program(&[], &repeated_snapshots(&gens), None);
+        prop_assert!(trace.iter().all(|t| !t.contains("OutOfFrames")));
     }
 }
 

@@ -806,3 +806,153 @@ fn region_addresses_are_never_truncated() {
     drop((s, t));
     assert_eq!(m.frames_in_use(), free);
 }
+
+/// What the engine did between two points: frames allocated, `frame_ptr` calls (table entries
+/// read or written one at a time, tables looped over), references taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Work {
+    allocs: u64,
+    accesses: u64,
+    inc_refs: u64,
+}
+
+fn work<T>(m: &SimMem, f: impl FnOnce() -> T) -> (T, Work) {
+    let (a, r, i) = (m.alloc_count(), m.frame_accesses(), m.inc_ref_count());
+    let out = f();
+    let w = Work {
+        allocs: m.alloc_count() - a,
+        accesses: m.frame_accesses() - r,
+        inc_refs: m.inc_ref_count() - i,
+    };
+    (out, w)
+}
+
+/// Incremental snapshot (docs/engine.md, invariant 12): a snapshot costs what the space changed
+/// since it was spawned or last snapshotted, not what the template holds. A zygote spawned from
+/// a 1 GiB and from a 4 GiB template (4 KiB pages, the heap in L4 entry 255 as in libos):
+/// unchanged, its snapshot is its template (no table built, a few entries read); after one
+/// written page, the snapshot lends the three tables on that page's path (L3, L2, L1 copies)
+/// and references their borrowed entries (about 2 × 511), the same at both sizes; unchanged
+/// again, the snapshot is the one just taken.
+#[test]
+fn snapshot_work_is_what_changed_not_the_template_size() {
+    const HEAP: u64 = 0x7f80_0000_0000;
+    let whole = [(va(HEAP), 512 * GIB)];
+    let mut seen = Vec::new();
+    for size in [GIB, 4 * GIB] {
+        let m = mem();
+        let alias = pattern_frame(&m, 3);
+        let mut b = TemplateBuilder::new(&m);
+        b.add(
+            RegionSpec::new("heap", HEAP, size, Kind::Private)
+                .backing(Backing::Alias(alias.start_address())),
+        )
+        .unwrap();
+        let t = b.seal().unwrap();
+        let mut z = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+
+        // (a) Unchanged since spawn: the template itself, nothing allocated or referenced.
+        let (r, clean) = work(&m, || z.snapshot(&whole).unwrap());
+        let (s0, f) = r;
+        assert_eq!((s0.root(), f), (t.root(), Flush::None));
+        assert_eq!((clean.allocs, clean.inc_refs), (0, 0));
+        assert!(clean.accesses <= 4, "{clean:?}");
+
+        // (b) One page written: only the tables on its path are walked.
+        let page = HEAP + size / 2 + 7 * 4096;
+        write_u64(&mut z, &m, page, 42).unwrap();
+        let (r, one) = work(&m, || z.snapshot(&whole).unwrap());
+        let (s1, f) = r;
+        assert_eq!(f, Flush::All, "the written page became copy-on-write");
+        assert_ne!(s1.root(), t.root());
+        assert_eq!(one.allocs, 1, "the new template's root only: {one:?}");
+        assert!(one.inc_refs <= 3 * 512, "{one:?}");
+        assert!(one.accesses <= 4 * 512, "{one:?}");
+        assert!(z.translate(va(page)).unwrap().copy_on_write);
+        assert_eq!(
+            z.held_templates().count(),
+            2,
+            "the spawn template and the snapshot that took the space's tables"
+        );
+
+        // (c) Unchanged since that snapshot: the same template again.
+        let (r, again) = work(&m, || z.snapshot(&whole).unwrap());
+        let (s2, f) = r;
+        assert_eq!((s2.root(), f), (s1.root(), Flush::None));
+        assert_eq!((again.allocs, again.inc_refs), (0, 0));
+        assert!(again.accesses <= 4, "{again:?}");
+
+        // The snapshot behaves as before: a child sees the written page, copy-on-write both ways.
+        let mut kid = AddressSpace::new(&m, &[&s1], Mode::Share, None).unwrap();
+        assert_eq!(read_u64(&mut kid, &m, page), Ok(42));
+        write_u64(&mut z, &m, page, 43).unwrap();
+        write_u64(&mut kid, &m, page + 8, 44).unwrap();
+        assert_eq!(read_u64(&mut kid, &m, page), Ok(42));
+        assert_eq!(read_u64(&mut z, &m, page + 8), Ok(pattern(3, 8)));
+        assert_eq!(read_u64(&mut z, &m, page), Ok(43));
+        // A third snapshot (the space changed) supersedes the second one in what it holds.
+        let (s3, _) = z.snapshot(&whole).unwrap();
+        assert_eq!(z.held_templates().count(), 2);
+        assert!(z.held_templates().any(|h| h.root() == s3.root()));
+        check_counts(&m, &[&z, &kid], &[&t, &s1, &s3], &[alias]);
+        drop((z, kid, t, s0, s1, s2, s3));
+        m.dec_ref(alias);
+        assert_eq!(m.frames_in_use(), 0);
+        eprintln!(
+            "{} GiB: clean {clean:?}, one page {one:?}, clean again {again:?}",
+            size / GIB
+        );
+        seen.push(one);
+    }
+    // Independent of the template's size: the path's L3 has one entry per GiB more.
+    assert_eq!(seen[0].allocs, seen[1].allocs);
+    assert!(seen[0].inc_refs.abs_diff(seen[1].inc_refs) <= 3, "{seen:?}");
+    assert!(seen[0].accesses.abs_diff(seen[1].accesses) <= 3, "{seen:?}");
+}
+
+/// Invariant 12: a template's table referenced by a later snapshot has two counted owners, and
+/// whichever is dropped last releases it and what it holds, in any order.
+#[test]
+fn a_table_counted_by_two_templates_is_released_by_the_last() {
+    for t_first in [true, false] {
+        let m = mem();
+        let mut b = TemplateBuilder::new(&m);
+        b.add(RegionSpec::new("data", BASE, 2 * MIB2, Kind::Private))
+            .unwrap();
+        let t = b.seal().unwrap();
+        let mut a = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+        write_u64(&mut a, &m, BASE, 1).unwrap();
+        // L4 entry 0 whole: A's L3, L2, L1 copies are lent; T's second L1 is referenced.
+        let (s, flush) = a.snapshot(&[(va(0), 512 * GIB)]).unwrap();
+        assert_eq!(flush, Flush::All);
+        let l1_of = |root: PhysFrame| {
+            let l3 = frame(entry(&m, root, 0) & ADDR);
+            let l2 = frame(entry(&m, l3, 1) & ADDR);
+            frame(entry(&m, l2, 1) & ADDR)
+        };
+        let second = l1_of(t.root());
+        assert_eq!(l1_of(s.root()), second, "referenced, not copied");
+        assert_eq!(m.ref_count(second), 2, "counted by T's L2 and by S's");
+        assert_ne!(
+            frame(entry(&m, s.root(), 0) & ADDR),
+            frame(entry(&m, t.root(), 0) & ADDR)
+        );
+        let mut kid = AddressSpace::new(&m, &[&s], Mode::Share, None).unwrap();
+        assert_eq!(read_u64(&mut kid, &m, BASE), Ok(1));
+        assert_eq!(read_u64(&mut kid, &m, BASE + MIB2), Ok(0));
+        drop(a);
+        if t_first {
+            drop(t);
+            assert_eq!(m.ref_count(second), 1);
+            check_counts(&m, &[&kid], &[&s], &[]);
+            assert_eq!(read_u64(&mut kid, &m, BASE + MIB2 + 8), Ok(0));
+            drop((kid, s));
+        } else {
+            drop((kid, s));
+            assert_eq!(m.ref_count(second), 1);
+            check_counts(&m, &[], &[&t], &[]);
+            drop(t);
+        }
+        assert_eq!(m.frames_in_use(), 0, "t dropped first: {t_first}");
+    }
+}
