@@ -7,6 +7,7 @@ use crate::flush::Flush;
 use crate::mem::PhysMem;
 use crate::template::{Kind, PageSize, Perm, Region, Template, Translation, check_range};
 use crate::walk::{SpaceStats, Tree};
+use alloc::borrow::Cow;
 use alloc::vec::Vec;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::page_table::{PageTable, PageTableEntry};
@@ -419,30 +420,45 @@ impl<M: PhysMem> AddressSpace<M> {
     /// 512 GiB entries, one entry per entry. A `Mode::Copy` space (fork()'s cost model) copies
     /// every leaf entry, as before: O(pages).
     pub fn snapshot(&mut self, ranges: &[(VirtAddr, u64)]) -> Result<(Template<M>, Flush), Error> {
-        let mut rs = Vec::with_capacity(ranges.len());
-        for &(s, len) in ranges {
+        // A few ranges (libos passes one) are sorted on the stack: the clean path allocates
+        // nothing.
+        let mut small = [(0u64, 0u64); 4];
+        let mut big = Vec::new();
+        let rs: &mut [(u64, u64)] = if ranges.len() <= small.len() {
+            &mut small[..ranges.len()]
+        } else {
+            big.resize(ranges.len(), (0, 0));
+            &mut big
+        };
+        for (r, &(s, len)) in rs.iter_mut().zip(ranges) {
             let s = s.as_u64();
-            rs.push((s, check_range(s, len, SIZE_4K)?));
+            *r = (s, check_range(s, len, SIZE_4K)?);
         }
         rs.sort_unstable();
+        let rs: &[(u64, u64)] = rs;
         if let Some(w) = rs.windows(2).find(|w| w[1].0 < w[0].1) {
             return Err(Error::Overlap { addr: w[1].0 });
         }
-        for &(s, e) in &rs {
+        for &(s, e) in rs {
             check_huge_split(&self.regions, s, e)?;
         }
         // The tree is walked over the ranges with touching ones joined (the same leaves; a
         // 2 MiB leaf cannot straddle a boundary that `check_huge_split` let through), so that
         // a table they cover together is covered whole.
-        let mut walk: Vec<(u64, u64)> = Vec::with_capacity(rs.len());
-        for &(s, e) in &rs {
-            match walk.last_mut() {
-                Some(last) if last.1 == s => last.1 = e,
-                _ => walk.push((s, e)),
+        let walk: Cow<'_, [(u64, u64)]> = if rs.windows(2).any(|w| w[0].1 == w[1].0) {
+            let mut joined: Vec<(u64, u64)> = Vec::with_capacity(rs.len());
+            for &(s, e) in rs {
+                match joined.last_mut() {
+                    Some(last) if last.1 == s => last.1 = e,
+                    _ => joined.push((s, e)),
+                }
             }
-        }
+            Cow::Owned(joined)
+        } else {
+            Cow::Borrowed(rs)
+        };
         if self.mode == Mode::Share
-            && let Some(t) = self.unchanged_since(&rs, &walk)
+            && let Some(t) = self.unchanged_since(rs, &walk)
         {
             return Ok((t, Flush::None));
         }
@@ -461,7 +477,7 @@ impl<M: PhysMem> AddressSpace<M> {
             .tree
             .cursor()
             .snapshot_into(&mut tree.cursor(), &walk, &bits)?;
-        let regions: Vec<Region> = clipped(&self.regions, &rs).collect();
+        let regions: Vec<Region> = clipped(&self.regions, rs).collect();
         let t = Template::from_parts(tree, regions);
         if lent {
             // The tree borrows the tables it lent: hold the template (invariant 11). An earlier
@@ -472,7 +488,7 @@ impl<M: PhysMem> AddressSpace<M> {
                     .all(|&(s, e)| walk.iter().any(|&(ns, ne)| ns <= s && e <= ne))
             };
             self.snapshots.retain(|(_, old)| !covers(old));
-            self.snapshots.push((t.clone(), walk));
+            self.snapshots.push((t.clone(), walk.into_owned()));
         }
         Ok((t, flush))
     }
@@ -484,7 +500,7 @@ impl<M: PhysMem> AddressSpace<M> {
         let snaps = self.snapshots.iter().rev().map(|(t, _)| t);
         let mine = self.tree.reader();
         snaps.chain(self.templates.iter()).find_map(|t| {
-            let same = clipped(&self.regions, ranges).eq(t.regions().iter().cloned())
+            let same = same_regions(&self.regions, ranges, t.regions())
                 && walk.iter().all(|&(s, e)| mine.same_as(&t.reader(), s, e));
             same.then(|| t.clone())
         })
@@ -549,6 +565,41 @@ fn clipped<'a>(
                 piece
             })
     })
+}
+
+/// Is `theirs` what [`clipped`] gives for `regions` and `ranges`? Compared in place: this is on
+/// the clean snapshot's path, which allocates nothing.
+fn same_regions(regions: &[Region], ranges: &[(u64, u64)], theirs: &[Region]) -> bool {
+    let mut theirs = theirs.iter();
+    for &(s, e) in ranges {
+        let from = regions.partition_point(|r| r.end <= s);
+        for r in regions[from..].iter().take_while(|r| r.start < e) {
+            let Some(t) = theirs.next() else {
+                return false;
+            };
+            // Every field, so that a new one cannot be forgotten here.
+            let Region {
+                name,
+                start,
+                end,
+                kind,
+                perm,
+                demand_zero,
+                page_size,
+            } = t;
+            let same = *start == r.start.max(s)
+                && *end == r.end.min(e)
+                && *name == r.name
+                && *kind == r.kind
+                && *perm == r.perm
+                && *demand_zero == r.demand_zero
+                && *page_size == r.page_size;
+            if !same {
+                return false;
+            }
+        }
+    }
+    theirs.next().is_none()
 }
 
 fn find(regions: &[Region], va: u64) -> Option<&Region> {

@@ -1178,14 +1178,14 @@ fn repeated_snapshots(gens: &[Generation]) -> Vec<Op> {
 }
 
 proptest! {
-    #![proptest_config(config(DEFAULT_CASES / 10))]
+    #![proptest_config(config(DEFAULT_CASES / 20))]
 
     /// Incremental snapshots (invariant 12) through chains of forks and a zygote that snapshots
     /// at every spawn: the model, every count and every borrowed frame after every step, the
     /// clean fast path where the space holds its last snapshot, nothing left at the end.
     #[test]
     fn repeated_snapshots_of_forked_spaces_match_the_model(
-        gens in prop::collection::vec(generation(), 1..8),
+        gens in prop::collection::vec(generation(), 1..7),
     ) {
         let (trace, _, _) = run_program(&[], &repeated_snapshots(&gens), None);
         prop_assert!(trace.iter().all(|t| !t.contains("OutOfFrames")));
