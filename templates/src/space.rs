@@ -64,27 +64,24 @@ impl KernelHalf {
     }
 }
 
-/// Address ranges `(start, end)`, sorted and disjoint.
-type Ranges = Vec<(u64, u64)>;
-
 /// A task's address space: an owned L4, attached template subtrees, private tables.
 /// Dropping it releases everything it references.
 #[derive(Debug)]
 pub struct AddressSpace<M: PhysMem> {
     /// Declared (so dropped) before `templates`: the tree's borrowed entries point into those
     /// templates' tables and frames, which must outlive it (invariant 11).
+    /// (The mode is the tree's: a `Mode::Copy` space's counts all its entries.)
     tree: Tree<M>,
-    mode: Mode,
     regions: Vec<Region>,
-    /// Every template attached at spawn, held for the space's whole life: they keep alive
-    /// whatever the tree borrows (invariant 11).
+    /// The templates the space holds until its tree is gone: they keep alive whatever the tree
+    /// borrows (invariant 11). First the `spawned` ones attached at spawn, held for the space's
+    /// whole life; then the snapshots of this space that took its own tables over (invariant
+    /// 12: the tree borrows those tables now), oldest first. A later snapshot whose ranges
+    /// contain all of an earlier held one's drops the earlier one (the later template counts
+    /// everything the tree borrows there), so snapshotting the same ranges again and again
+    /// holds one.
     templates: Vec<Template<M>>,
-    /// Snapshots of this space that took its own tables over (invariant 12), with the ranges
-    /// each was taken of (sorted, disjoint, not touching): the tree borrows those tables now.
-    /// A later snapshot whose ranges contain all of an earlier one's drops the earlier one (the
-    /// later template counts everything the tree borrows there), so snapshotting the same
-    /// ranges again and again holds one.
-    snapshots: Vec<(Template<M>, Ranges)>,
+    spawned: usize,
 }
 
 impl<M: PhysMem> AddressSpace<M> {
@@ -145,13 +142,12 @@ impl<M: PhysMem> AddressSpace<M> {
             .flat_map(|t| t.regions().iter().cloned())
             .collect();
         regions.sort_by_key(|r| r.start);
-        let templates = templates.iter().map(|t| (*t).clone()).collect();
+        let templates: Vec<Template<M>> = templates.iter().map(|t| (*t).clone()).collect();
         Ok(AddressSpace {
             tree,
-            mode,
             regions,
+            spawned: templates.len(),
             templates,
-            snapshots: Vec::new(),
         })
     }
 
@@ -167,7 +163,11 @@ impl<M: PhysMem> AddressSpace<M> {
 
     /// The mode the space was created in.
     pub fn mode(&self) -> Mode {
-        self.mode
+        if self.tree.all_counted() {
+            Mode::Copy
+        } else {
+            Mode::Share
+        }
     }
 
     /// The regions, sorted by address.
@@ -177,15 +177,14 @@ impl<M: PhysMem> AddressSpace<M> {
 
     /// The templates this space was spawned from.
     pub fn templates(&self) -> &[Template<M>] {
-        &self.templates
+        &self.templates[..self.spawned]
     }
 
     /// Every template this space holds until it is dropped: the ones it was spawned from, then
     /// the snapshots of it that took its own tables over (`snapshot`, docs/engine.md invariant
     /// 12), oldest first. Whatever the space borrows (invariant 11), one of these keeps alive.
     pub fn held_templates(&self) -> impl Iterator<Item = &Template<M>> {
-        let snaps = self.snapshots.iter().map(|(t, _)| t);
-        self.templates.iter().chain(snaps)
+        self.templates.iter()
     }
 
     /// The region containing `va`.
@@ -457,7 +456,7 @@ impl<M: PhysMem> AddressSpace<M> {
         } else {
             Cow::Borrowed(rs)
         };
-        if self.mode == Mode::Share
+        if self.mode() == Mode::Share
             && let Some(t) = self.unchanged_since(rs, &walk)
         {
             return Ok((t, Flush::None));
@@ -478,17 +477,22 @@ impl<M: PhysMem> AddressSpace<M> {
             .cursor()
             .snapshot_into(&mut tree.cursor(), &walk, &bits)?;
         let regions: Vec<Region> = clipped(&self.regions, rs).collect();
-        let t = Template::from_parts(tree, regions);
+        let t = Template::from_snapshot(tree, regions, walk.into_owned());
         if lent {
             // The tree borrows the tables it lent: hold the template (invariant 11). An earlier
             // snapshot of ranges these contain is no longer needed: everything the tree borrows
             // there, the new template counts (it referenced or took over every table there).
+            let walk = t.snapshot_ranges();
             let covers = |old: &[(u64, u64)]| {
                 old.iter()
                     .all(|&(s, e)| walk.iter().any(|&(ns, ne)| ns <= s && e <= ne))
             };
-            self.snapshots.retain(|(_, old)| !covers(old));
-            self.snapshots.push((t.clone(), walk.into_owned()));
+            let mut n = 0;
+            self.templates.retain(|held| {
+                n += 1;
+                n <= self.spawned || !covers(held.snapshot_ranges())
+            });
+            self.templates.push(t.clone());
         }
         Ok((t, flush))
     }
@@ -497,9 +501,9 @@ impl<M: PhysMem> AddressSpace<M> {
     /// joined) would reproduce: the same regions in the ranges, and the same translations
     /// through the same frames (`Reader::same_as`). The newest snapshot is tried first.
     fn unchanged_since(&self, ranges: &[(u64, u64)], walk: &[(u64, u64)]) -> Option<Template<M>> {
-        let snaps = self.snapshots.iter().rev().map(|(t, _)| t);
+        let (spawned, snaps) = self.templates.split_at(self.spawned);
         let mine = self.tree.reader();
-        snaps.chain(self.templates.iter()).find_map(|t| {
+        snaps.iter().rev().chain(spawned).find_map(|t| {
             let same = same_regions(&self.regions, ranges, t.regions())
                 && walk.iter().all(|&(s, e)| mine.same_as(&t.reader(), s, e));
             same.then(|| t.clone())

@@ -298,6 +298,9 @@ struct Inner<M: PhysMem> {
     regions: Vec<Region>,
     /// Claimed 1 GiB slots: per L4 index (sorted), a bitmap of its 512 L3 slots.
     claims: Vec<Claim>,
+    /// A snapshot's ranges `(start, end)` (sorted, disjoint, touching ones joined): all its
+    /// tables lie in them. Empty for a built template.
+    ranges: Vec<(u64, u64)>,
 }
 
 /// The 1 GiB slots a template claims in one 512 GiB range (one L4 entry).
@@ -369,6 +372,15 @@ impl<M: PhysMem> Clone for Template<M> {
 
 impl<M: PhysMem> Template<M> {
     pub(crate) fn from_parts(tree: Tree<M>, regions: Vec<Region>) -> Self {
+        Self::from_snapshot(tree, regions, Vec::new())
+    }
+
+    /// A snapshot of `ranges` (see `Inner::ranges`).
+    pub(crate) fn from_snapshot(
+        tree: Tree<M>,
+        regions: Vec<Region>,
+        ranges: Vec<(u64, u64)>,
+    ) -> Self {
         let mut claims: Vec<Claim> = Vec::new();
         for r in &regions {
             for s in (r.start / SIZE_1G)..=((r.end - 1) / SIZE_1G) {
@@ -390,6 +402,7 @@ impl<M: PhysMem> Template<M> {
             tree,
             regions,
             claims,
+            ranges,
         });
         Template { inner }
     }
@@ -405,6 +418,11 @@ impl<M: PhysMem> Template<M> {
         claims
             .flat_map(|c| c.slots().map(move |j| ((c.l4 as u64) << 9) | j as u64))
             .collect()
+    }
+
+    /// The ranges a snapshot was taken of (empty for a built template).
+    pub(crate) fn snapshot_ranges(&self) -> &[(u64, u64)] {
+        &self.inner.ranges
     }
 
     /// Claimed slots per 512 GiB range (what spawn looks at: O(ranges), not O(size)).

@@ -211,6 +211,11 @@ impl<M: PhysMem> Tree<M> {
         self.root
     }
 
+    /// Does every entry count (a template's tree, or a `Mode::Copy` space's)?
+    pub(crate) fn all_counted(&self) -> bool {
+        self.all_counted
+    }
+
     /// The memory the tree lives in.
     pub(crate) fn mem(&self) -> &M {
         &self.mem
