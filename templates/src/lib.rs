@@ -39,8 +39,9 @@
 //! * [`TemplateBuilder`] → [`Template`]: regions ([`RegionSpec`]: [`Kind`], [`Perm`],
 //!   [`PageSize`], [`Backing`]) sealed into prebuilt tables.
 //! * [`AddressSpace`]: spawned in [`Mode::Share`] or [`Mode::Copy`]; `translate`,
-//!   `resolve_fault`, `map`, `unmap`, `protect`, `snapshot`, `stats`. Every change returns a
-//!   [`Flush`] token.
+//!   `resolve_fault`, `map`, `unmap`, `protect`, `snapshot` (incremental: it costs what the
+//!   space changed since its spawn or last snapshot, and is that template again if nothing
+//!   did), `stats`. Every change returns a [`Flush`] token.
 //! * [`sim`]: simulated memory and a software MMU for host tests and benchmarks.
 //! * Inside, the cursor module (`walk`) is the only code that writes a table or moves a
 //!   reference count; a sealed template gives only its read-only walk (docs/engine.md,

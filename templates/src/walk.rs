@@ -23,6 +23,12 @@
 //! top-down, so only the tables on the path are copied and their siblings stay shared
 //! (invariant 4). The copy's entries are the template's, so they are borrowed in turn, and no
 //! count moves: an unshare is one frame allocation and one 4 KiB copy.
+//!
+//! Snapshot (invariant 12): [`CursorMut::snapshot_into`] builds a template from a space's
+//! ranges without walking what the space borrows — a template's table covered whole gets one
+//! more counted reference, the space's own table covered whole is *lent* (rewritten in place
+//! into a template's table, the space's entry becoming borrowed) — so a template's table may
+//! have several counted owners, and the last one to release it releases its children.
 
 pub(crate) mod raw;
 
