@@ -1,6 +1,7 @@
 //! Spawn cost, `Share` vs `Copy`, from 2 MiB to 64 GiB of template; the first write to a
-//! `Private` page; page-table bytes per space. Host side, over simulated memory (alias-backed
-//! templates: one data frame mapped everywhere, so 64 GiB needs no 64 GiB of RAM).
+//! `Private` page; page-table bytes per space; a zygote's snapshot, clean and after one write.
+//! Host side, over simulated memory (alias-backed templates: one data frame mapped everywhere,
+//! so 64 GiB needs no 64 GiB of RAM).
 //!
 //! `cargo bench -p templates --bench spawn` (add `-- --quick` for fewer iterations).
 
@@ -183,6 +184,45 @@ fn main() {
         );
     }
     drop(t);
+
+    println!(
+        "\n== snapshot of a zygote (Share, spawned from a 4 KiB-page template), its whole L4 entry (incremental: docs/engine.md invariant 12) =="
+    );
+    println!(
+        "{:>8} | {:>12} {:>12} | {:>14} {:>14}",
+        "size", "clean p50", "clean p99", "1 write p50", "1 write p99"
+    );
+    for size in [16 * MIB, GIB, 64 * GIB] {
+        let t = template(&m, size, PageSize::Size4KiB, alias4k);
+        let mut z = AddressSpace::new(&m, &[&t], Mode::Share, None).expect("spawn");
+        let whole = [(VirtAddr::new(BASE), 512 * GIB)];
+        let iters = if quick { 200 } else { 2000 };
+        let (mut clean, mut dirty) = (Vec::new(), Vec::new());
+        for i in 0..iters {
+            let t0 = Instant::now();
+            let (snap, flush) = z.snapshot(&whole).expect("snapshot");
+            clean.push(t0.elapsed());
+            flush.ignore();
+            drop(black_box(snap));
+            // One page written since the last snapshot (a different one each time).
+            let va = VirtAddr::new(BASE + (i as u64 * 4096 * 7) % size);
+            z.resolve_fault(va, Access::Write).expect("cow").ignore();
+            let t1 = Instant::now();
+            let (snap, flush) = z.snapshot(&whole).expect("snapshot");
+            dirty.push(t1.elapsed());
+            flush.ignore();
+            drop(black_box(snap));
+        }
+        let (c, d) = (stats(clean), stats(dirty));
+        println!(
+            "{:>8} | {:>12} {:>12} | {:>14} {:>14}",
+            fmt_size(size),
+            fmt_dur(c.p50),
+            fmt_dur(c.p99),
+            fmt_dur(d.p50),
+            fmt_dur(d.p99)
+        );
+    }
 
     println!("\n== 2 MiB page: first write splits the leaf and copies 4 KiB ==");
     let t = template(&m, GIB, PageSize::Size2MiB, alias2m);
