@@ -52,18 +52,18 @@ fn exception(frame: &mut TrapFrame) {
     let mut unresolved = None;
     if frame.vector == 14 && cr2 < LOWER_HALF_END {
         let r = crate::space::handle_page_fault(cr2, frame.error_code);
-        if crate::process::in_shadow_slot(cr2) {
+        if crate::procmem::in_shadow_slot(cr2) {
             // The engine may have replaced the statics' L2 table: mirror it.
-            crate::process::after_shadow_fault(crate::process::statics_of(cr2));
+            crate::procmem::after_shadow_fault(crate::procmem::statics_of(cr2));
         }
         match r {
             Some(Ok(())) => return,
             Some(Err(fault)) => unresolved = Some(fault),
             None => {}
         }
-    } else if frame.vector == 14 && crate::process::is_statics(cr2) {
+    } else if frame.vector == 14 && crate::procmem::is_statics(cr2) {
         // The task's statics: resolved where the engine maps them (`process`).
-        match crate::process::statics_fault(cr2, frame.error_code) {
+        match crate::procmem::statics_fault(cr2, frame.error_code) {
             Some(Ok(())) => return,
             Some(Err(fault)) => unresolved = Some(fault),
             None => {}

@@ -326,7 +326,7 @@ static REGISTRY: crate::arch::irq::IrqMutex<Registry> =
 
 #[cfg(target_os = "none")]
 fn current_task() -> u64 {
-    crate::task::current()
+    crate::arch::cpu::running_task()
 }
 
 #[cfg(target_os = "none")]

@@ -54,6 +54,8 @@ pub mod net;
 #[cfg(target_os = "none")]
 pub mod process;
 #[cfg(target_os = "none")]
+mod procmem;
+#[cfg(target_os = "none")]
 mod rt;
 #[cfg(target_os = "none")]
 pub mod shared;

@@ -86,7 +86,7 @@ pub(crate) type EngineTemplate = templates::Template<KernelMem>;
 /// A libos object (`docs/ARCHITECTURE.md`, "Ownership of libos objects"): it belongs to the task
 /// that made it, a copy in another task's memory (a fork's) is inert, and it is released when
 /// its task ends. `clone` makes another handle to the same template, owned by the running task;
-/// give one to a child with [`crate::task::spawn_with`]. Not `Send`, so a closure cannot capture
+/// give one to a child with `libos::task::spawn_with`. Not `Send`, so a closure cannot capture
 /// one:
 ///
 /// ```compile_fail,E0277

@@ -9,7 +9,7 @@
 //! and frees the page tables it created, so a failed allocation leaves the heap and the free-frame
 //! count exactly as they were.
 
-use core::alloc::{GlobalAlloc, Layout};
+use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -33,6 +33,11 @@ const ENTRIES: usize = 512;
 pub(crate) const fn frames_to_grow(pages: usize) -> usize {
     pages + pages / ENTRIES + 1 + pages / (ENTRIES * ENTRIES) + 1
 }
+
+/// Frames kept free for the kernel heap: enough to grow it by 4 MiB (1,024 pages plus the page
+/// tables that map them). Spawns and task-heap growth that would leave fewer fail instead
+/// (`task::SPAWN_RESERVE_FRAMES`).
+pub(crate) const RESERVE_FRAMES: usize = frames_to_grow(1024);
 
 /// Frames the heap holds (pages and their page tables).
 static HEAP_FRAMES: AtomicUsize = AtomicUsize::new(0);
@@ -140,53 +145,11 @@ unsafe impl Source for FrameSource {
     }
 }
 
-static HEAP: TalcLock<RawIrqSpinlock, FrameSource> = TalcLock::new(FrameSource {
+/// The kernel heap's allocator (the global allocator, `mm::alloc`, sends libos's blocks here).
+pub(super) static HEAP: TalcLock<RawIrqSpinlock, FrameSource> = TalcLock::new(FrameSource {
     mapped_end: KHEAP as usize,
     heap_end: 0,
 });
-
-/// The global allocator: app code allocates from its task's own heap ([`super::pheap`]), libos
-/// (kernel context, [`super::ctx`]) from this kernel heap; a block is freed or resized in the
-/// heap that holds it, whoever frees it.
-struct Dispatch;
-
-// SAFETY: every block comes from one of two sound allocators and goes back to the one that
-// holds it (decided by address: task heaps live in the process-memory range, the kernel heap in
-// its own region), with the same layout.
-unsafe impl GlobalAlloc for Dispatch {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if super::ctx::in_app() {
-            // SAFETY: app context (checked); `alloc`'s contract forwarded.
-            unsafe { super::pheap::alloc(layout) }
-        } else {
-            // SAFETY: `alloc`'s contract forwarded.
-            unsafe { HEAP.alloc(layout) }
-        }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if super::pheap::owns(ptr) {
-            // SAFETY: a block of the task heap region is the running task's (its own copy).
-            unsafe { super::pheap::dealloc(ptr, layout) }
-        } else {
-            // SAFETY: every other block came from the kernel heap.
-            unsafe { HEAP.dealloc(ptr, layout) }
-        }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if super::pheap::owns(ptr) {
-            // SAFETY: as for `dealloc`; `realloc`'s contract forwarded.
-            unsafe { super::pheap::realloc(ptr, layout, new_size) }
-        } else {
-            // SAFETY: as for `dealloc`; `realloc`'s contract forwarded.
-            unsafe { HEAP.realloc(ptr, layout, new_size) }
-        }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Dispatch = Dispatch;
 
 /// Records that a heap (the kernel's or a task's) could not grow for an allocation of `size`
 /// bytes, for the panic handler's out-of-memory report.

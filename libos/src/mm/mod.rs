@@ -32,6 +32,8 @@
 pub mod frame;
 pub mod layout;
 
+#[cfg(target_os = "none")]
+mod alloc;
 #[cfg_attr(not(target_os = "none"), allow(dead_code))]
 pub(crate) mod ctx;
 #[cfg(target_os = "none")]

@@ -71,7 +71,7 @@ unsafe impl Source for RegionSource {
         // Commit the growth now: fail cleanly (an allocation error) rather than fault later on
         // a page that no frame can back. Keep the spawn reserve for the kernel heap.
         let pages = grow / PAGE_SIZE as usize;
-        let need = super::heap::frames_to_grow(pages) + crate::task::SPAWN_RESERVE_FRAMES;
+        let need = super::heap::frames_to_grow(pages) + super::heap::RESERVE_FRAMES;
         if need > super::kernel::frames().free_frames() {
             return fail();
         }

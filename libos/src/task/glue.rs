@@ -105,7 +105,7 @@ pub(super) struct Guest {
     /// The task's own top table (its statics, `crate::process`); dropped with the task, whose
     /// space is then never loaded again.
     #[allow(dead_code, reason = "held for its Drop")]
-    top: crate::process::Top,
+    top: crate::procmem::Top,
     /// `None` for the main task (it runs on the boot's main stack). Held so that dropping the
     /// task frees its stack.
     #[allow(dead_code, reason = "held for its Drop")]
@@ -137,8 +137,6 @@ impl Context for Guest {
 const QUANTUM_TICKS: u32 = 1;
 
 static SCHED: spin::Mutex<Sched<Guest>> = spin::Mutex::new(Sched::new(QUANTUM_TICKS));
-/// The running task's id (or, while idle, the id of the task the CPU idles on), for reports.
-static CURRENT: AtomicU64 = AtomicU64::new(0);
 static PREEMPTION: AtomicBool = AtomicBool::new(false);
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 
@@ -166,8 +164,8 @@ pub(crate) fn init(preemption: bool) {
         Some(crate::space::kernel_half()),
     )
     .expect("out of memory creating the main task's address space");
-    crate::process::map_first(&mut space).expect("out of memory mapping the main task's heap");
-    let top = crate::process::Top::install(&space)
+    crate::procmem::map_first(&mut space).expect("out of memory mapping the main task's heap");
+    let top = crate::procmem::Top::install(&space)
         .expect("out of memory creating the main task's top table");
     let cr3 = space.root();
     let main = Guest {
@@ -185,7 +183,7 @@ pub(crate) fn init(preemption: bool) {
             Some(id)
         });
         let id = started.expect("task::init ran twice");
-        CURRENT.store(id, Ordering::Relaxed);
+        cpu::set_running_task(id);
         // SAFETY: the root was made with the kernel half attached, so code, stack and data stay
         // mapped once it is loaded.
         unsafe {
@@ -205,14 +203,14 @@ pub(crate) fn init(preemption: bool) {
 /// Records the running task as the one whose space is loaded and whose id reports show.
 fn enter_running(s: &mut Sched<Guest>) {
     if let Some(t) = s.running_mut() {
-        CURRENT.store(t.id(), Ordering::Relaxed);
+        cpu::set_running_task(t.id());
         crate::space::set_current(&mut t.ctx.space);
     }
 }
 
 /// Id of the running task (0 = the app's `main`).
 pub(super) fn current() -> u64 {
-    CURRENT.load(Ordering::Relaxed)
+    cpu::running_task()
 }
 
 /// True when the running task is a spawned one (not the app's `main`).
@@ -228,7 +226,7 @@ pub(super) fn spawned_count() -> u64 {
 /// table, the stack and the (unrun) closure.
 pub(super) type Unspawned = (
     AddressSpace<KernelMem>,
-    crate::process::Top,
+    crate::procmem::Top,
     KernelStack,
     Option<Entry>,
 );
@@ -239,7 +237,7 @@ pub(super) type Unspawned = (
 /// release.
 pub(super) fn spawn(
     space: AddressSpace<KernelMem>,
-    top: crate::process::Top,
+    top: crate::procmem::Top,
     stack: KernelStack,
     entry: Entry,
     keep: impl FnOnce() -> bool,

@@ -14,7 +14,7 @@ fn check(va: u64, len: usize, write: bool) -> Result<(), templates::Fault> {
         crate::space::with_current(|space| crate::space::check_access(space, va, len, write))
     };
     r.map_err(crate::space::rehome_fault)?;
-    if len > 0 && crate::process::overlaps(va, len as u64) {
+    if len > 0 && crate::procmem::overlaps(va, len as u64) {
         return Err(templates::Fault::Unmapped {
             addr: va.max(crate::mm::layout::PROC_BASE),
         });
@@ -159,7 +159,7 @@ fn snapshot_k(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
 pub fn trim_caches() {
     let _k = crate::mm::ctx::kernel();
     crate::stack::trim_cache();
-    crate::process::trim_top_cache();
+    crate::procmem::trim_top_cache();
 }
 
 /// Page-table accounting of the running task's space.

@@ -38,7 +38,7 @@ pub const MAX_STACK: u64 = crate::stack::MAX_STACK;
 /// Frames kept free for the kernel heap: [`spawn`] fails with [`SpawnError::OutOfMemory`]
 /// rather than leave fewer free. The kernel heap maps single frames anywhere in RAM, so this many
 /// free frames let it grow by 4 MiB: 1,024 pages plus the page tables that map them.
-pub const SPAWN_RESERVE_FRAMES: usize = crate::mm::heap::frames_to_grow(1024);
+pub const SPAWN_RESERVE_FRAMES: usize = crate::mm::heap::RESERVE_FRAMES;
 /// Scheduling quantum (the APIC timer period).
 pub const QUANTUM_US: u64 = 10_000;
 
@@ -223,7 +223,7 @@ impl Builder {
         let made = crate::arch::irq::without(|_| {
             // The fork point: the caller's process memory as a template (its own pages become
             // copy-on-write, so flush its TLB).
-            let (proc, flush) = crate::space::with_current(crate::process::fork_template)?;
+            let (proc, flush) = crate::space::with_current(crate::procmem::fork_template)?;
             crate::space::apply(flush);
             let half = Some(crate::space::kernel_half());
             let space = match templates {
@@ -238,7 +238,7 @@ impl Builder {
                     AddressSpace::new(&KernelMem, &refs, mode, half)
                 }
             }?;
-            let top = crate::process::Top::install(&space).ok_or(templates::Error::OutOfFrames)?;
+            let top = crate::procmem::Top::install(&space).ok_or(templates::Error::OutOfFrames)?;
             Ok((space, top))
         });
         let (space, top) = match made {

@@ -79,3 +79,18 @@ pub unsafe fn run_on_stack(top: u64, f: extern "C" fn() -> !) -> ! {
         )
     }
 }
+
+/// The id of the task running on this CPU (0: the app's `main`; while idle, the task the CPU
+/// idles on). The scheduler's glue sets it on every switch; layers below the task module (the
+/// object registry) read it. One CPU for now: one value.
+static RUNNING_TASK: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// The running task's id (see [`RUNNING_TASK`]).
+pub fn running_task() -> u64 {
+    RUNNING_TASK.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Records the task now running on this CPU.
+pub fn set_running_task(id: u64) {
+    RUNNING_TASK.store(id, core::sync::atomic::Ordering::Relaxed);
+}
