@@ -69,7 +69,9 @@ pub fn write(va: u64, data: &[u8]) -> Result<(), templates::Fault> {
 /// space (page aligned; must not overlap anything mapped). A non-canonical `va` is
 /// `Err(Error::NonCanonical)`, one in (or a range reaching into) the kernel half — `va + len`
 /// wrapping included — `Err(Error::NotLowerHalf)`, `len == 0` `Err(Error::Empty)`, an unaligned
-/// `va` or `len` `Err(Error::Misaligned)`; nothing is mapped then.
+/// `va` or `len` `Err(Error::Misaligned)`, a range reaching into process memory (the task's heap
+/// and statics, `0x7f80_0000_0000..0x8000_0000_0000`) `Err(Error::Overlap)`; nothing is mapped
+/// then.
 ///
 /// ```no_run
 /// libos::task::map_private("state", 0x4000_0000, 1 << 20).expect("map");
@@ -91,6 +93,15 @@ fn map_private_k(name: &str, va: u64, len: u64) -> Result<(), templates::Error> 
     let name = String::from(name);
     let name = name.as_str();
     let va = crate::space::lower_va(va)?;
+    // Process memory is libos's to lay out (the heap may grow anywhere in its range): no raw
+    // mapping there, even where nothing is mapped yet. A request that is bad anyway gets the
+    // error it always got (checked first, the engine's way).
+    crate::limits::mapping(va.as_u64(), len, false)?;
+    if crate::procmem::overlaps(va.as_u64(), len) {
+        return Err(templates::Error::Overlap {
+            addr: va.as_u64().max(crate::mm::layout::PROC_BASE),
+        });
+    }
     crate::space::with_current(|space| {
         let flush = space.map(
             va,

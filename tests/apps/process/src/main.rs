@@ -190,6 +190,20 @@ fn captures() -> Result<(), &'static str> {
         "the parent's copies of captured values were freed",
     )?;
     println!("captures ok");
+    // Process memory is not for raw mappings, not even its unused part (nor arenas).
+    let gap = 0x7fc0_0000_0000;
+    check(
+        matches!(
+            task::map_private("raw", gap, 4096),
+            Err(libos::space::Error::Overlap { .. })
+        ),
+        "map_private into process memory is refused",
+    )?;
+    check(
+        libos::arena::Arena::new(gap, 1 << 20).is_err(),
+        "an arena in process memory is refused",
+    )?;
+    println!("process memory is not mappable ok");
     Ok(())
 }
 
