@@ -84,6 +84,20 @@ pub fn fork_counts() -> (u64, u64) {
 /// assert!(!zygote.state().contains_key("mine"));
 /// ```
 ///
+/// The state must be `Send`: not because it crosses to another CPU, but because `Send` is how
+/// the compiler tells values that may have a second owner in another task's memory, and every
+/// child gets a bitwise copy of the state. libos handles (a [`Template`], a socket, a
+/// `JoinHandle`) and shared collections are not `Send` (a child's copy would be inert or, for a
+/// shared collection, a second owner of shared memory): keep them beside the zygote, and give
+/// the children what they need with [`spawn_with`](Zygote::spawn_with) or a
+/// [`Shared`](crate::shared::Shared) value.
+///
+/// ```compile_fail,E0277
+/// # use libos::process::Zygote;
+/// let (tx, _rx) = libos::channel::bounded::<u64>(1);
+/// let _ = Zygote::new(tx); // refused: a channel end is a handle, not `Send`
+/// ```
+///
 /// The zygote is neither `Send` nor `Sync`, so it cannot be captured by a task's closure or put
 /// in a static, and [`spawn`](Zygote::spawn) takes `&mut self`, so no `&S` borrowed from it can
 /// be alive (and so captured) meanwhile: the closure's `&mut S` is the only way to the child's
@@ -97,12 +111,12 @@ pub fn fork_counts() -> (u64, u64) {
 /// // A `&'static` borrow of the state cannot meet the child's `&mut`: `spawn` needs `&mut self`.
 /// let _ = shared.spawn(&[], move |s| i32::from(s[0] == v[0]));
 /// ```
-pub struct Zygote<S: 'static> {
+pub struct Zygote<S: Send + 'static> {
     state: core::ptr::NonNull<S>,
     _own: core::marker::PhantomData<(alloc::boxed::Box<S>, *const ())>,
 }
 
-impl<S: 'static> core::fmt::Debug for Zygote<S> {
+impl<S: Send + 'static> core::fmt::Debug for Zygote<S> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Zygote")
             .field("state", &self.state)
@@ -110,7 +124,7 @@ impl<S: 'static> core::fmt::Debug for Zygote<S> {
     }
 }
 
-impl<S: 'static> Zygote<S> {
+impl<S: Send + 'static> Zygote<S> {
     /// Moves `state` into this task's heap and seals the task's process memory (the snapshot:
     /// its cost grows with the memory the task has written since it last spawned or sealed).
     pub fn new(state: S) -> Zygote<S> {
@@ -217,7 +231,7 @@ impl<S: 'static> Zygote<S> {
     }
 }
 
-impl<S: 'static> Drop for Zygote<S> {
+impl<S: Send + 'static> Drop for Zygote<S> {
     fn drop(&mut self) {
         // SAFETY: the box leaked in `new`, owned by this zygote and dropped once, here.
         drop(unsafe { alloc::boxed::Box::from_raw(self.state.as_ptr()) });

@@ -1,19 +1,18 @@
 //! Shared heaps: memory that every task attached to a template can allocate from, read and
-//! write — results, counters, a shared hash map.
+//! write — results, counters, a shared hash map — the way tasks share on purpose.
 //!
 //! A [`SharedHeap`] is a `Shared` template region backed by physically contiguous frames.
 //! Objects live at the region's lower-half addresses, the same in every task that attaches the
-//! heap's [`template`](SharedHeap::template); a task that does not attach it faults on access
-//! (and only that task ends). The allocator's bookkeeping is done through the kernel's direct map
-//! of the same frames, so allocating and freeing work from any task.
+//! heap's [`template`](SharedHeap::template). The allocator's bookkeeping is done through the
+//! kernel's direct map of the same frames, so allocating and freeing work from any task.
 //!
 //! **Typed sharing.** Whatever goes into a shared heap is read by other tasks, in other address
 //! spaces: it must be plain data with no pointer into one task's private memory. The heap holds
 //! only [`ShareSafe`] values: every type with `zerocopy`'s [`IntoBytes`] (plain data without
-//! pointers or padding: integers, arrays, atomics, `#[derive(IntoBytes)]` structs), and the
-//! shared collections, which point only into their own shared heap: [`SharedVec`],
-//! [`SharedBox`] and [`SharedMap`] (a `hashbrown` map with a fixed-seed hasher, so every task
-//! hashes alike). A `Box`, `Vec`, `String` or reference does not compile:
+//! pointers or padding: integers, arrays, atomics, `#[derive(IntoBytes)]` structs), the shared
+//! collections, which point only into a shared heap — [`SharedVec`], [`SharedBox`] and
+//! [`SharedMap`] (a `hashbrown` map with a fixed-seed hasher, so every task hashes alike) — and
+//! tuples, arrays and `Option`s of those. A `Box`, `Vec`, `String` or reference does not compile:
 //!
 //! ```compile_fail,E0277
 //! extern crate alloc;
@@ -36,24 +35,69 @@
 //! let m: SharedMap<u64, alloc::vec::Vec<u8>> = SharedMap::new_in(heap.allocator()); // refused
 //! ```
 //!
+//! **Reaching shared data: [`Shared`].** A shared collection *value* (the few words that hold
+//! its pointer, length and allocator) is owned like any Rust value: by the task whose memory
+//! holds it. Spawn is a fork, so a collection in a parent's memory would be copied bitwise into
+//! the child — two owners of one block, a double free and a data race — so the collections are
+//! neither `Send` nor `Sync`: a spawn closure cannot capture one, a static cannot hold one, a
+//! [`Zygote`](crate::process::Zygote)'s state cannot contain one (it must be `Send`). Several
+//! tasks reach one value only through a [`Shared<T>`]: the value moved into the heap, with a
+//! lock. `Shared<T>` itself is plain data (which heap, which value), `Copy` and `Send`: capture
+//! it, put it in a zygote's state, send it through a channel. [`Shared::lock`] gives one task
+//! at a time `&mut T`:
+//!
+//! ```no_run
+//! use libos::shared::{Shared, SharedHeap, SharedMap};
+//! let heap = SharedHeap::new("kv", 0x2_0000_0000, 1 << 20).expect("memory");
+//! let counts = Shared::new_in(SharedMap::<u64, u64>::new_in(heap.allocator()), heap.allocator())
+//!     .map_err(|(e, _)| e)
+//!     .expect("room");
+//! let t = heap.template();
+//! let h = libos::task::spawn(&[&t], move || {
+//!     let mut map = counts.lock().expect("the heap is attached");
+//!     map.try_reserve(1).expect("room");
+//!     let n = map.get(&7).copied().unwrap_or(0);
+//!     map.insert(7, n + 1);
+//!     0
+//! });
+//! ```
+//!
+//! ```compile_fail,E0277
+//! use libos::shared::{SharedHeap, SharedVec};
+//! let heap = SharedHeap::new("h", 0x2_0000_0000, 1 << 20).expect("memory");
+//! let v: SharedVec<u64> = SharedVec::new_in(heap.allocator());
+//! let t = heap.template();
+//! let _ = libos::task::spawn(&[&t], move || v.len() as i32); // refused: not `Send`
+//! ```
+//!
+//! ```compile_fail,E0277
+//! use libos::shared::{SharedBox, SharedHeap};
+//! let heap = SharedHeap::new("h", 0x2_0000_0000, 1 << 20).expect("memory");
+//! let b = SharedBox::new_in(1u64, heap.allocator());
+//! let _ = libos::process::Zygote::new(b); // refused: a zygote's state must be `Send`
+//! ```
+//!
+//! **Checked in every task.** A collection's pointers are valid only in a task that maps its
+//! heap, so every use of a collection (and every [`Shared::lock`]) checks that the running task
+//! maps that very heap (its frames, not only something at its address): a task that does not
+//! gets [`SharedError::NotMapped`] from `lock`, and a panic (which ends only it) from a
+//! collection method, never another heap's bytes read as this one's. A collection whose heap is
+//! gone is unusable (its drop frees nothing: the heap's memory went with it).
+//!
+//! **The lock and failures.** A task that holds a [`SharedGuard`] cannot be killed half-way: a
+//! kill waits until the task lets go of its last shared lock (a task that blocks forever while
+//! holding one cannot be killed). A task that ends while holding one — a panic, a fault, a
+//! `task::exit` — may have left the value half-changed, so the value is **poisoned**: every later
+//! `lock` answers [`SharedError::Poisoned`], naming the task. Its memory stays in the heap until
+//! the heap goes.
+//!
 //! **Ownership.** A [`SharedHeap`] is a handle ([`crate::handle::Owned`]) owned by the task that
 //! made it: its drop there (or that task's end) releases the heap; a forked copy's drop does
 //! nothing; [`Give`] hands it to a child. A [`SharedAlloc`] is plain data (which heap), freely
 //! copied and usable from any task; once the heap is gone, allocating with it fails and freeing
-//! does nothing. The memory stays mapped in tasks that attached the template until they end.
-//!
-//! ```no_run
-//! use libos::shared::{SharedHeap, SharedVec};
-//! let heap = SharedHeap::new("results", 0x2_0000_0000, 1 << 20).expect("memory");
-//! let alloc = heap.allocator();
-//! let t = heap.template();
-//! let h = libos::task::spawn(&[&t], move || {
-//!     let mut v = SharedVec::new_in(alloc);
-//!     v.push(7u32);
-//!     core::mem::forget(v); // left in the shared heap for others to read
-//!     0
-//! });
-//! ```
+//! does nothing. What a task leaves in a shared heap when it ends (a collection it never freed,
+//! a `Shared` value nobody took) stays there until the heap goes, as a shared-memory object
+//! outlives the process that made it.
 
 use alloc::collections::BTreeMap;
 use alloc::sync::{Arc, Weak};
@@ -84,6 +128,20 @@ struct Inner {
     dm: u64,
     first_pfn: usize,
     talc: IrqMutex<Talc<Manual, DefaultBinning>>,
+    /// Its [`Shared`] values by id, with their locks.
+    roots: IrqMutex<BTreeMap<u64, Root>>,
+}
+
+/// A [`Shared`] value's kernel-side record: where it is, and its lock.
+#[derive(Debug)]
+struct Root {
+    /// Task-side address of the value.
+    va: u64,
+    layout: Layout,
+    /// The task holding the lock.
+    holder: Option<u64>,
+    /// The task that ended while holding it: the value may be half-changed.
+    poisoned_by: Option<u64>,
 }
 
 impl core::fmt::Debug for Inner {
@@ -108,11 +166,53 @@ impl Drop for Inner {
 static HEAPS: IrqMutex<BTreeMap<u64, Weak<Inner>>> = IrqMutex::new(BTreeMap::new());
 static NEXT_HEAP: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
 
-/// The heap `id`, if it still exists.
+/// The heap `id`, if it still exists. Call it in kernel context: dropping the `Arc` may drop
+/// the heap, which frees kernel-heap memory.
 fn heap(id: u64) -> Option<Arc<Inner>> {
     let weak = HEAPS.lock().get(&id).cloned()?;
     // Upgraded (and the `Arc` possibly dropped, which takes `HEAPS` again) outside the lock.
     weak.upgrade()
+}
+
+/// Recent answers of [`mapped_here`] that were yes, as (task, heap): a task's mappings do not
+/// change while it lives and ids are never reused, so a yes stays true. One CPU: one cache.
+static MAPPED: IrqMutex<[(u64, u64); 4]> = IrqMutex::new([(u64::MAX, 0); 4]);
+
+/// True when the running task maps heap `id` — its own frames at its address, not merely
+/// something at that address — so that pointers into the heap are valid here. False once the
+/// heap is gone.
+fn mapped_here(id: u64) -> bool {
+    let me = crate::arch::cpu::running_task();
+    if MAPPED.lock().contains(&(me, id)) {
+        return true;
+    }
+    let _k = crate::mm::ctx::kernel();
+    let Some(inner) = heap(id) else {
+        return false;
+    };
+    // The heap's template maps the whole region as one, from its first frame on, and a task's
+    // templates are fixed for its life: the first page tells.
+    let here = crate::space::with_current(|s| s.translate(x86_64::VirtAddr::new(inner.va)))
+        .map(|t| t.phys.as_u64());
+    let ok = here == Some(inner.first_pfn as u64 * PAGE_SIZE);
+    drop(inner);
+    if ok {
+        MAPPED.lock()[(me ^ id) as usize % 4] = (me, id);
+    }
+    ok
+}
+
+/// Panics (ending only the running task) unless it maps heap `alloc`: see [`mapped_here`].
+#[track_caller]
+fn usable(alloc: SharedAlloc) {
+    if !mapped_here(alloc.id) {
+        panic!(
+            "shared heap #{} used by task {}, which does not map it (attach the heap's \
+             template) or after the heap was released",
+            alloc.id,
+            crate::arch::cpu::running_task()
+        );
+    }
 }
 
 /// The kernel side of a [`SharedHeap`] handle: keeps the heap and its template alive.
@@ -217,6 +317,7 @@ impl SharedHeap {
             dm,
             first_pfn: first,
             talc: IrqMutex::new(talc),
+            roots: IrqMutex::new(BTreeMap::new()),
         });
         let backing: alloc::vec::Vec<_> = (0..pages as u64)
             .map(|i| x86_64::PhysAddr::new((first as u64 + i) * PAGE_SIZE))
@@ -330,27 +431,84 @@ unsafe impl Allocator for RawAlloc {
 
 /// Values that may live in a shared heap: valid in every task that attaches it, so plain data
 /// with no pointer into one task's memory. Implemented for every [`IntoBytes`] type (plain data
-/// without pointers or padding; derive it with `zerocopy`), and for the shared collections, whose
-/// pointers lead only into their own shared heap.
+/// without pointers or padding; derive it with `zerocopy`), for the shared collections, whose
+/// pointers lead only into a shared heap and are checked before every use, and for structs
+/// declared with [`share_safe!`](crate::share_safe) (every field `ShareSafe`).
 ///
 /// # Safety
 ///
 /// A type may implement it only if none of its values holds a pointer (or reference) to memory
-/// other than a shared heap that every task using the value attaches.
+/// other than a shared heap, and every use of such a pointer is preceded by the check that the
+/// running task maps that heap (as the shared collections do).
 pub unsafe trait ShareSafe {}
 
 // SAFETY: `IntoBytes` types are plain bytes: zerocopy implements it for no pointer or reference
 // type, and its derive refuses fields that are not `IntoBytes`.
 unsafe impl<T: IntoBytes> ShareSafe for T {}
-// SAFETY: the vector's buffer is in its shared heap, and its elements are `ShareSafe`.
+// SAFETY: the vector's buffer is in its shared heap, its elements are `ShareSafe`, and every
+// method checks that the running task maps the heap.
 unsafe impl<T: ShareSafe> ShareSafe for SharedVec<T> {}
-// SAFETY: the box's value is in its shared heap and is `ShareSafe`.
+// SAFETY: as for `SharedVec`: the value is in the box's shared heap, checked before every use.
 unsafe impl<T: ShareSafe> ShareSafe for SharedBox<T> {}
-// SAFETY: the table is in its shared heap, keys and values are `ShareSafe`, and the hasher is a
-// fixed seed (plain data).
+// SAFETY: the table is in its shared heap (checked before every use), keys and values are
+// `ShareSafe`, and the hasher is a fixed seed (plain data).
 unsafe impl<K: ShareSafe, V: ShareSafe> ShareSafe for SharedMap<K, V> {}
 
-/// A vector in a shared heap (an `allocator_api2` vector). Dereferences to a slice.
+/// Declares a struct that may live in a shared heap: every field must be [`ShareSafe`] (checked
+/// at compile time), and the struct is then `ShareSafe` itself, so it can be a [`Shared`] value
+/// or an element of a shared collection — several collections and counters behind one lock.
+/// Plain structs only (no generics, no tuple structs).
+///
+/// ```no_run
+/// use libos::shared::{Shared, SharedHeap, SharedMap, SharedVec};
+/// libos::share_safe! {
+///     /// What the workers share.
+///     pub struct Board {
+///         pub words: SharedMap<SharedVec<u8>, u64>,
+///         pub total: u64,
+///     }
+/// }
+/// let heap = SharedHeap::new("board", 0x2_0000_0000, 1 << 20).expect("memory");
+/// let a = heap.allocator();
+/// let board = Shared::new_in(Board { words: SharedMap::new_in(a), total: 0 }, a);
+/// ```
+///
+/// A field that is not `ShareSafe` does not compile:
+///
+/// ```compile_fail,E0277
+/// libos::share_safe! {
+///     struct Bad { name: alloc::string::String }
+/// }
+/// ```
+#[macro_export]
+macro_rules! share_safe {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $( $(#[$fmeta:meta])* $fvis:vis $field:ident : $ty:ty ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $name {
+            $( $(#[$fmeta])* $fvis $field : $ty ),*
+        }
+        const _: fn() = || {
+            fn share_safe<T: $crate::shared::ShareSafe>() {}
+            $( share_safe::<$ty>(); )*
+        };
+        // SAFETY: every field is `ShareSafe` (checked just above), so the struct holds no
+        // pointer but theirs.
+        unsafe impl $crate::shared::ShareSafe for $name {}
+    };
+}
+
+/// Makes a type neither `Send` nor `Sync`: a shared collection value is owned by the task whose
+/// memory holds it (see the module docs).
+type Local = core::marker::PhantomData<*const ()>;
+
+/// A vector in a shared heap (an `allocator_api2` vector). Dereferences to a slice. Neither
+/// `Send` nor `Sync`: share one through a [`Shared`]. Every use panics in a task that does not
+/// map its heap.
 ///
 /// ```no_run
 /// use libos::shared::{SharedHeap, SharedVec};
@@ -364,21 +522,42 @@ unsafe impl<K: ShareSafe, V: ShareSafe> ShareSafe for SharedMap<K, V> {}
 ///     v.iter().sum::<u64>() as i32
 /// });
 /// ```
-pub struct SharedVec<T: ShareSafe>(allocator_api2::vec::Vec<T, RawAlloc>);
+pub struct SharedVec<T: ShareSafe> {
+    v: core::mem::ManuallyDrop<allocator_api2::vec::Vec<T, RawAlloc>>,
+    _local: Local,
+}
 
 impl<T: ShareSafe> SharedVec<T> {
     /// An empty vector (allocates nothing yet).
     pub fn new_in(alloc: SharedAlloc) -> Self {
-        SharedVec(allocator_api2::vec::Vec::new_in(RawAlloc(alloc)))
+        SharedVec {
+            v: core::mem::ManuallyDrop::new(allocator_api2::vec::Vec::new_in(RawAlloc(alloc))),
+            _local: core::marker::PhantomData,
+        }
     }
 
     /// An empty vector with room for `n` elements. Panics if the heap has no room (see
     /// [`try_reserve`](Self::try_reserve)).
     pub fn with_capacity_in(n: usize, alloc: SharedAlloc) -> Self {
-        SharedVec(allocator_api2::vec::Vec::with_capacity_in(
-            n,
-            RawAlloc(alloc),
-        ))
+        SharedVec {
+            v: core::mem::ManuallyDrop::new(allocator_api2::vec::Vec::with_capacity_in(
+                n,
+                RawAlloc(alloc),
+            )),
+            _local: core::marker::PhantomData,
+        }
+    }
+
+    /// The vector, after checking that the running task maps its heap.
+    fn get(&self) -> &allocator_api2::vec::Vec<T, RawAlloc> {
+        usable(self.v.allocator().0);
+        &self.v
+    }
+
+    /// The vector, to change, after the same check.
+    fn get_mut(&mut self) -> &mut allocator_api2::vec::Vec<T, RawAlloc> {
+        usable(self.v.allocator().0);
+        &mut self.v
     }
 
     /// Makes room for `n` more elements, or says the heap has none.
@@ -386,7 +565,7 @@ impl<T: ShareSafe> SharedVec<T> {
         &mut self,
         n: usize,
     ) -> Result<(), allocator_api2::collections::TryReserveError> {
-        self.0.try_reserve(n)
+        self.get_mut().try_reserve(n)
     }
 
     /// Makes room for exactly `n` more elements, or says the heap has none.
@@ -394,22 +573,22 @@ impl<T: ShareSafe> SharedVec<T> {
         &mut self,
         n: usize,
     ) -> Result<(), allocator_api2::collections::TryReserveError> {
-        self.0.try_reserve_exact(n)
+        self.get_mut().try_reserve_exact(n)
     }
 
     /// Appends `v` (panics if the heap has no room: reserve first to get an error instead).
     pub fn push(&mut self, v: T) {
-        self.0.push(v);
+        self.get_mut().push(v);
     }
 
     /// Removes the last element.
     pub fn pop(&mut self) -> Option<T> {
-        self.0.pop()
+        self.get_mut().pop()
     }
 
     /// Removes every element.
     pub fn clear(&mut self) {
-        self.0.clear();
+        self.get_mut().clear();
     }
 
     /// Appends copies of `s` (panics if the heap has no room).
@@ -417,43 +596,54 @@ impl<T: ShareSafe> SharedVec<T> {
     where
         T: Clone,
     {
-        self.0.extend_from_slice(s);
+        self.get_mut().extend_from_slice(s);
     }
 
     /// Elements the buffer has room for.
     pub fn capacity(&self) -> usize {
-        self.0.capacity()
+        self.v.capacity()
+    }
+}
+
+impl<T: ShareSafe> Drop for SharedVec<T> {
+    fn drop(&mut self) {
+        // In a task that does not map the heap (or once it is gone) the elements and the buffer
+        // are out of reach: left as they are, they go with the heap.
+        if mapped_here(self.v.allocator().0.id) {
+            // SAFETY: dropped once, here; `self.v` is not used afterwards.
+            unsafe { core::mem::ManuallyDrop::drop(&mut self.v) };
+        }
     }
 }
 
 impl<T: ShareSafe> Deref for SharedVec<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        &self.0
+        self.get()
     }
 }
 
 impl<T: ShareSafe> DerefMut for SharedVec<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.0
+        self.get_mut()
     }
 }
 
 impl<T: ShareSafe> core::borrow::Borrow<[T]> for SharedVec<T> {
     fn borrow(&self) -> &[T] {
-        &self.0
+        self.get()
     }
 }
 
 impl<T: ShareSafe + core::fmt::Debug> core::fmt::Debug for SharedVec<T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_list().entries(self.0.iter()).finish()
+        f.debug_list().entries(self.get().iter()).finish()
     }
 }
 
 impl<T: ShareSafe + PartialEq> PartialEq for SharedVec<T> {
     fn eq(&self, o: &Self) -> bool {
-        self.0[..] == o.0[..]
+        self[..] == o[..]
     }
 }
 
@@ -462,48 +652,79 @@ impl<T: ShareSafe + Eq> Eq for SharedVec<T> {}
 impl<T: ShareSafe + Hash> Hash for SharedVec<T> {
     /// Hashes like the slice, so a map keyed by `SharedVec<T>` can be searched with a `&[T]`.
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0[..].hash(state);
+        self[..].hash(state);
     }
 }
 
-/// A value in a shared heap (an `allocator_api2` box).
+/// A value in a shared heap (an `allocator_api2` box). Neither `Send` nor `Sync`: share one
+/// through a [`Shared`]. Every use panics in a task that does not map its heap.
 ///
 /// ```no_run
-/// use core::sync::atomic::{AtomicU64, Ordering};
 /// use libos::shared::{SharedBox, SharedHeap};
 /// let heap = SharedHeap::new("b", 0x2_0000_0000, 1 << 20).expect("memory");
 /// let t = heap.template();
 /// let alloc = heap.allocator();
 /// let h = libos::task::spawn(&[&t], move || {
-///     let hits = SharedBox::new_in(AtomicU64::new(0), alloc);
-///     hits.fetch_add(1, Ordering::Relaxed) as i32
+///     let mut b = SharedBox::new_in([0u64; 4], alloc);
+///     b[1] = 7;
+///     b.iter().sum::<u64>() as i32
 /// });
 /// ```
-pub struct SharedBox<T: ShareSafe>(allocator_api2::boxed::Box<T, RawAlloc>);
+pub struct SharedBox<T: ShareSafe> {
+    b: core::mem::ManuallyDrop<allocator_api2::boxed::Box<T, RawAlloc>>,
+    _local: Local,
+}
 
 impl<T: ShareSafe> SharedBox<T> {
-    /// Moves `v` into the heap (panics if the heap has no room: see
-    /// [`try_new_in`](Self::try_new_in)).
+    /// Moves `v` into the heap (panics if the heap has no room, see
+    /// [`try_new_in`](Self::try_new_in), or if the running task does not map it).
     pub fn new_in(v: T, alloc: SharedAlloc) -> Self {
-        SharedBox(allocator_api2::boxed::Box::new_in(v, RawAlloc(alloc)))
+        usable(alloc);
+        SharedBox {
+            b: core::mem::ManuallyDrop::new(allocator_api2::boxed::Box::new_in(v, RawAlloc(alloc))),
+            _local: core::marker::PhantomData,
+        }
     }
 
-    /// Moves `v` into the heap, or says it has no room.
+    /// Moves `v` into the heap, or says it has no room (also when the running task does not map
+    /// the heap, or the heap is gone).
     pub fn try_new_in(v: T, alloc: SharedAlloc) -> Result<Self, AllocError> {
-        allocator_api2::boxed::Box::try_new_in(v, RawAlloc(alloc)).map(SharedBox)
+        if !mapped_here(alloc.id) {
+            return Err(AllocError);
+        }
+        allocator_api2::boxed::Box::try_new_in(v, RawAlloc(alloc)).map(|b| SharedBox {
+            b: core::mem::ManuallyDrop::new(b),
+            _local: core::marker::PhantomData,
+        })
+    }
+
+    fn alloc(&self) -> SharedAlloc {
+        allocator_api2::boxed::Box::allocator(&self.b).0
+    }
+}
+
+impl<T: ShareSafe> Drop for SharedBox<T> {
+    fn drop(&mut self) {
+        // As for `SharedVec`: out of reach here, the value goes with the heap.
+        if mapped_here(self.alloc().id) {
+            // SAFETY: dropped once, here; `self.b` is not used afterwards.
+            unsafe { core::mem::ManuallyDrop::drop(&mut self.b) };
+        }
     }
 }
 
 impl<T: ShareSafe> Deref for SharedBox<T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.0
+        usable(self.alloc());
+        &self.b
     }
 }
 
 impl<T: ShareSafe> DerefMut for SharedBox<T> {
     fn deref_mut(&mut self) -> &mut T {
-        &mut self.0
+        usable(self.alloc());
+        &mut self.b
     }
 }
 
@@ -518,7 +739,8 @@ impl<T: ShareSafe + core::fmt::Debug> core::fmt::Debug for SharedBox<T> {
 type SharedHasher = foldhash::fast::FixedState;
 const HASH_SEED: u64 = 0x5374_656e_6369_6c00;
 
-/// A hash map in a shared heap (`hashbrown`, table and entries in the heap).
+/// A hash map in a shared heap (`hashbrown`, table and entries in the heap). Neither `Send` nor
+/// `Sync`: share one through a [`Shared`]. Every use panics in a task that does not map its heap.
 ///
 /// ```no_run
 /// use libos::shared::{SharedHeap, SharedMap};
@@ -532,31 +754,49 @@ const HASH_SEED: u64 = 0x5374_656e_6369_6c00;
 ///     m.get(&1).copied().unwrap_or(0) as i32
 /// });
 /// ```
-pub struct SharedMap<K: ShareSafe, V: ShareSafe>(hashbrown::HashMap<K, V, SharedHasher, RawAlloc>);
+pub struct SharedMap<K: ShareSafe, V: ShareSafe> {
+    m: core::mem::ManuallyDrop<hashbrown::HashMap<K, V, SharedHasher, RawAlloc>>,
+    _local: Local,
+}
+
+impl<K: ShareSafe, V: ShareSafe> SharedMap<K, V> {
+    fn get_map(&self) -> &hashbrown::HashMap<K, V, SharedHasher, RawAlloc> {
+        usable(self.m.allocator().0);
+        &self.m
+    }
+
+    fn get_map_mut(&mut self) -> &mut hashbrown::HashMap<K, V, SharedHasher, RawAlloc> {
+        usable(self.m.allocator().0);
+        &mut self.m
+    }
+}
 
 impl<K: ShareSafe + Hash + Eq, V: ShareSafe> SharedMap<K, V> {
     /// An empty map (allocates nothing yet).
     pub fn new_in(alloc: SharedAlloc) -> Self {
-        SharedMap(hashbrown::HashMap::with_hasher_in(
-            SharedHasher::with_seed(HASH_SEED),
-            RawAlloc(alloc),
-        ))
+        SharedMap {
+            m: core::mem::ManuallyDrop::new(hashbrown::HashMap::with_hasher_in(
+                SharedHasher::with_seed(HASH_SEED),
+                RawAlloc(alloc),
+            )),
+            _local: core::marker::PhantomData,
+        }
     }
 
     /// Makes room for `n` more entries, or says the heap has none.
     pub fn try_reserve(&mut self, n: usize) -> Result<(), hashbrown::TryReserveError> {
-        self.0.try_reserve(n)
+        self.get_map_mut().try_reserve(n)
     }
 
     /// Inserts (panics if the heap has no room: reserve first to get an error instead); returns
     /// the value the key had.
     pub fn insert(&mut self, k: K, v: V) -> Option<V> {
-        self.0.insert(k, v)
+        self.get_map_mut().insert(k, v)
     }
 
     /// The value of `k` (any form of the key that hashes and compares like it).
     pub fn get<Q: Hash + hashbrown::Equivalent<K> + ?Sized>(&self, k: &Q) -> Option<&V> {
-        self.0.get(k)
+        self.get_map().get(k)
     }
 
     /// The value of `k`, to change.
@@ -564,37 +804,47 @@ impl<K: ShareSafe + Hash + Eq, V: ShareSafe> SharedMap<K, V> {
         &mut self,
         k: &Q,
     ) -> Option<&mut V> {
-        self.0.get_mut(k)
+        self.get_map_mut().get_mut(k)
     }
 
     /// True when `k` has a value.
     pub fn contains_key<Q: Hash + hashbrown::Equivalent<K> + ?Sized>(&self, k: &Q) -> bool {
-        self.0.contains_key(k)
+        self.get_map().contains_key(k)
     }
 
     /// Removes `k`; returns its value.
     pub fn remove<Q: Hash + hashbrown::Equivalent<K> + ?Sized>(&mut self, k: &Q) -> Option<V> {
-        self.0.remove(k)
+        self.get_map_mut().remove(k)
     }
 
     /// Number of entries.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.m.len()
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.m.is_empty()
     }
 
     /// Every entry, in no particular order.
     pub fn iter(&self) -> hashbrown::hash_map::Iter<'_, K, V> {
-        self.0.iter()
+        self.get_map().iter()
     }
 
     /// Removes every entry (keeps the table).
     pub fn clear(&mut self) {
-        self.0.clear();
+        self.get_map_mut().clear();
+    }
+}
+
+impl<K: ShareSafe, V: ShareSafe> Drop for SharedMap<K, V> {
+    fn drop(&mut self) {
+        // As for `SharedVec`: out of reach here, the table goes with the heap.
+        if mapped_here(self.m.allocator().0.id) {
+            // SAFETY: dropped once, here; `self.m` is not used afterwards.
+            unsafe { core::mem::ManuallyDrop::drop(&mut self.m) };
+        }
     }
 }
 
@@ -602,6 +852,297 @@ impl<K: ShareSafe + core::fmt::Debug, V: ShareSafe + core::fmt::Debug> core::fmt
     for SharedMap<K, V>
 {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_map().entries(self.0.iter()).finish()
+        f.debug_map().entries(self.get_map().iter()).finish()
+    }
+}
+
+/// Why a [`Shared`] value could not be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedError {
+    /// The heap is gone, or the value was taken out of it ([`Shared::take`]).
+    Gone,
+    /// The running task does not map the value's heap (spawn it with the heap's template).
+    NotMapped {
+        /// The heap ([`SharedAlloc`] id).
+        heap: u64,
+        /// The running task.
+        task: u64,
+    },
+    /// A task ended while holding the lock, so the value may be half-changed: it is no longer
+    /// handed out.
+    Poisoned {
+        /// The task that ended holding it.
+        task: u64,
+    },
+    /// Another task holds the lock ([`Shared::try_lock`] only).
+    Busy {
+        /// The task holding it.
+        holder: u64,
+    },
+    /// The running task holds the lock already (a second `lock` would wait forever).
+    AlreadyHeld,
+    /// The heap has no room for the value ([`Shared::new_in`]).
+    OutOfMemory,
+}
+
+impl core::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            SharedError::Gone => write!(f, "the shared value (or its heap) is gone"),
+            SharedError::NotMapped { heap, task } => write!(
+                f,
+                "task {task} does not map shared heap #{heap} (spawn it with the heap's template)"
+            ),
+            SharedError::Poisoned { task } => write!(
+                f,
+                "task {task} ended while holding the shared value's lock: it may be half-changed"
+            ),
+            SharedError::Busy { holder } => {
+                write!(f, "task {holder} holds the shared value's lock")
+            }
+            SharedError::AlreadyHeld => {
+                write!(f, "this task holds the shared value's lock already")
+            }
+            SharedError::OutOfMemory => write!(f, "the shared heap has no room for the value"),
+        }
+    }
+}
+
+/// Ids of [`Shared`] values, never reused.
+static NEXT_ROOT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+
+/// A value in a shared heap that every task attaching the heap may use, one task at a time:
+/// how tasks share on purpose (see the module docs).
+///
+/// `Shared<T>` is plain data — which heap, which value — so it is `Copy` and `Send` whatever `T`
+/// is: capture it in a spawn closure, keep it in a zygote's state, send it through a channel.
+/// The value itself stays in the heap until [`take`](Shared::take)n out or the heap goes (then it
+/// is not dropped: its memory goes with the heap's).
+///
+/// ```no_run
+/// use core::sync::atomic::AtomicU64;
+/// use libos::shared::{Shared, SharedHeap};
+/// let heap = SharedHeap::new("hits", 0x2_0000_0000, 1 << 20).expect("memory");
+/// let hits = Shared::new_in(0u64, heap.allocator()).map_err(|(e, _)| e).expect("room");
+/// let t = heap.template();
+/// let h = libos::task::spawn(&[&t], move || {
+///     *hits.lock().expect("attached") += 1;
+///     0
+/// })
+/// .expect("spawn");
+/// assert_eq!(h.join(), Ok(0));
+/// // The main task does not attach the heap: it takes the value out with a child.
+/// let h = libos::task::spawn(&[&t], move || hits.take().map_or(-1, |n| n as i32)).expect("spawn");
+/// assert_eq!(h.join(), Ok(1));
+/// ```
+pub struct Shared<T: ShareSafe> {
+    heap: u64,
+    root: u64,
+    _t: core::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: ShareSafe> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T: ShareSafe> Copy for Shared<T> {}
+
+impl<T: ShareSafe> PartialEq for Shared<T> {
+    fn eq(&self, o: &Self) -> bool {
+        (self.heap, self.root) == (o.heap, o.root)
+    }
+}
+
+impl<T: ShareSafe> Eq for Shared<T> {}
+
+impl<T: ShareSafe> core::fmt::Debug for Shared<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Shared")
+            .field("heap", &self.heap)
+            .field("id", &self.root)
+            .finish()
+    }
+}
+
+impl<T: ShareSafe> Shared<T> {
+    /// Moves `value` into the heap of `alloc` (any task may do it, mapping the heap or not). On
+    /// an error the value comes back: [`SharedError::Gone`] (no such heap any more) or
+    /// [`SharedError::OutOfMemory`].
+    pub fn new_in(value: T, alloc: SharedAlloc) -> Result<Shared<T>, (SharedError, T)> {
+        let _k = crate::mm::ctx::kernel();
+        let Some(inner) = heap(alloc.id) else {
+            return Err((SharedError::Gone, value));
+        };
+        let layout = Layout::new::<T>();
+        let va = if layout.size() == 0 {
+            layout.align() as u64
+        } else {
+            // SAFETY: the layout has a non-zero size.
+            let Some(dm) = (unsafe { inner.talc.lock().allocate(layout) }) else {
+                return Err((SharedError::OutOfMemory, value));
+            };
+            // SAFETY: a fresh block of `T`'s layout in the heap, reached through the direct map
+            // (the same bytes as at `to_task(dm)` in every task that maps the heap).
+            unsafe { dm.as_ptr().cast::<T>().write(value) };
+            inner.to_task(dm.as_ptr()) as u64
+        };
+        let root = NEXT_ROOT.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        inner.roots.lock().insert(
+            root,
+            Root {
+                va,
+                layout,
+                holder: None,
+                poisoned_by: None,
+            },
+        );
+        Ok(Shared {
+            heap: alloc.id,
+            root,
+            _t: core::marker::PhantomData,
+        })
+    }
+
+    /// Locks the value for the running task, waiting (yielding to the others) while another
+    /// task holds it. Errors: [`SharedError::Gone`], [`SharedError::NotMapped`],
+    /// [`SharedError::Poisoned`], [`SharedError::AlreadyHeld`]. While the guard lives the task
+    /// cannot be killed (a kill waits for the guard's drop).
+    pub fn lock(&self) -> Result<SharedGuard<'_, T>, SharedError> {
+        loop {
+            match self.acquire()? {
+                Ok(g) => return Ok(g),
+                Err(_) => crate::task::yield_now(),
+            }
+        }
+    }
+
+    /// [`lock`](Self::lock) that does not wait: [`SharedError::Busy`] names the holder.
+    pub fn try_lock(&self) -> Result<SharedGuard<'_, T>, SharedError> {
+        self.acquire()?
+            .map_err(|holder| SharedError::Busy { holder })
+    }
+
+    /// One attempt: the guard, or the task that holds the lock.
+    fn acquire(&self) -> Result<Result<SharedGuard<'_, T>, u64>, SharedError> {
+        let _k = crate::mm::ctx::kernel();
+        let me = crate::arch::cpu::running_task();
+        let inner = heap(self.heap).ok_or(SharedError::Gone)?;
+        if !mapped_here(self.heap) {
+            return Err(SharedError::NotMapped {
+                heap: self.heap,
+                task: me,
+            });
+        }
+        crate::arch::irq::without(|tok| {
+            let mut roots = inner.roots.lock();
+            let r = roots.get_mut(&self.root).ok_or(SharedError::Gone)?;
+            if let Some(task) = r.poisoned_by {
+                return Err(SharedError::Poisoned { task });
+            }
+            match r.holder {
+                None => {
+                    // Taken and made unkillable at once (interrupts are off): a task that holds
+                    // a lock is always in a no-kill section, which is how a waiter tells that a
+                    // holder has ended.
+                    r.holder = Some(me);
+                    crate::task::enter_no_kill(tok);
+                    Ok(Ok(SharedGuard {
+                        shared: self,
+                        ptr: r.va as *mut T,
+                        _local: core::marker::PhantomData,
+                    }))
+                }
+                Some(h) if h == me => Err(SharedError::AlreadyHeld),
+                Some(h) if !crate::task::in_no_kill(h) => {
+                    r.holder = None;
+                    r.poisoned_by = Some(h);
+                    Err(SharedError::Poisoned { task: h })
+                }
+                Some(h) => Ok(Err(h)),
+            }
+        })
+    }
+
+    /// Takes the value out of the heap into the running task (waiting for the lock as
+    /// [`lock`](Self::lock) does, with its errors); afterwards every copy of this `Shared`
+    /// answers [`SharedError::Gone`].
+    pub fn take(self) -> Result<T, SharedError> {
+        let guard = core::mem::ManuallyDrop::new(self.lock()?);
+        // SAFETY: the guard gives this task exclusive access to the initialised value at `ptr`
+        // (mapped here); it is read out once, and the record is removed below so that nothing
+        // reaches the block again.
+        let value = unsafe { guard.ptr.read() };
+        {
+            let _k = crate::mm::ctx::kernel();
+            if let Some(inner) = heap(self.heap) {
+                let root = inner.roots.lock().remove(&self.root);
+                if let Some(r) = root
+                    && r.layout.size() != 0
+                {
+                    // SAFETY: the block `new_in` allocated with this layout, at the task-side
+                    // address `r.va`, freed once (its record is gone).
+                    unsafe {
+                        inner
+                            .talc
+                            .lock()
+                            .deallocate(inner.to_dm(r.va as *mut u8), r.layout)
+                    };
+                }
+            }
+        }
+        // The guard's own drop is not run (the record is gone): leave its no-kill section.
+        crate::task::leave_no_kill();
+        Ok(value)
+    }
+}
+
+/// The lock of a [`Shared`] value, held by the running task: dereferences to the value. Neither
+/// `Send` nor `Sync`. Dropping it lets the next task in (and carries out a kill that waited).
+pub struct SharedGuard<'a, T: ShareSafe> {
+    shared: &'a Shared<T>,
+    ptr: *mut T,
+    _local: Local,
+}
+
+impl<T: ShareSafe> Deref for SharedGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the value is initialised at `ptr`, in the heap, which this task maps (checked
+        // by `acquire`; a task's mappings do not change while it lives, and mapped frames stay
+        // allocated), and the lock keeps every other task away from it while this guard lives.
+        unsafe { &*self.ptr }
+    }
+}
+
+impl<T: ShareSafe> DerefMut for SharedGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`; `&mut self` makes the access exclusive in this task too (a
+        // second guard of the same value in one task is refused: `AlreadyHeld`).
+        unsafe { &mut *self.ptr }
+    }
+}
+
+impl<T: ShareSafe + core::fmt::Debug> core::fmt::Debug for SharedGuard<'_, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl<T: ShareSafe> Drop for SharedGuard<'_, T> {
+    fn drop(&mut self) {
+        {
+            let _k = crate::mm::ctx::kernel();
+            let me = crate::arch::cpu::running_task();
+            if let Some(inner) = heap(self.shared.heap)
+                && let Some(r) = inner.roots.lock().get_mut(&self.shared.root)
+                && r.holder == Some(me)
+            {
+                r.holder = None;
+            }
+        }
+        // May end the task here, if it was killed while it held the lock.
+        crate::task::leave_no_kill();
     }
 }

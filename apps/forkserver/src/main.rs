@@ -17,7 +17,8 @@
 //! State`, its own copy-on-write copy): it looks the key's bucket up in the index, reads the
 //! dictionary page (or two) from the library, writes privately into its copy of the state (the
 //! scratch buffer, a counter, a map entry: copy-on-write, never seen by the zygote), and reports
-//! through the shared heap: its slot on the board (plain data) and the shared counters. After
+//! through the shared heap: its slot on the board (plain data) and the counters, under the
+//! board's lock (a `Shared<Board>`, the one handle every request's state copy holds). After
 //! each mode a checker task, spawned from the zygote the same way, verifies every reply against
 //! the generator, that no private write reached the zygote's state, and that the library maps
 //! the app's rodata.
@@ -47,12 +48,11 @@ extern crate alloc;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashMap;
 use libos::println;
 use libos::process::Zygote;
-use libos::shared::{SharedAlloc, SharedBox, SharedHeap, SharedVec};
+use libos::shared::{Shared, SharedAlloc, SharedHeap, SharedVec};
 use libos::space::{ImageSection, Kind, Mode, Template, TemplateBuilder};
 use libos::task::{self, Builder, TaskError};
 use libos::time::Instant;
@@ -221,29 +221,16 @@ impl Reply {
     }
 }
 
-/// Counters every request task bumps (atomics: plain data, shared by reference).
-#[derive(Debug, Default, zerocopy::IntoBytes)]
-#[repr(C)]
-struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    pages_read: AtomicU64,
-}
-
-impl Counters {
-    fn reset(&self) {
-        for c in [&self.hits, &self.misses, &self.pages_read] {
-            c.store(0, Ordering::Relaxed);
-        }
+libos::share_safe! {
+    /// The board in the shared heap, one `Shared<Board>` (the value with its lock): every
+    /// request task's copy of the state holds the same handle, so all of them reach the same
+    /// slots. A request writes its own slot and bumps the counters under the lock.
+    struct Board {
+        replies: SharedVec<Reply>,
+        hits: u64,
+        misses: u64,
+        pages_read: u64,
     }
-}
-
-/// The board in the shared heap. Its roots are part of the zygote's state, so every request
-/// task's copy points at the same slots; a request task writes its own slot and never drops
-/// or resizes the vector (its copy of the state is never dropped).
-struct Board {
-    replies: SharedVec<Reply>,
-    counters: SharedBox<Counters>,
 }
 
 /// The zygote's warm state: ordinary Rust data in its heap, used in place by every request
@@ -258,7 +245,7 @@ struct State {
     served: u64,
     /// Keys this copy looked up, with the request number (empty in the zygote).
     recent: HashMap<u64, u32>,
-    board: Board,
+    board: Shared<Board>,
 }
 
 /// Warms the state: the index over every page of the dictionary, the scratch buffer, and the
@@ -303,15 +290,20 @@ fn warm(cfg: Config, requests: usize, alloc: SharedAlloc) -> Result<State, Strin
     for _ in 0..requests {
         replies.push(Reply::default()); // within the capacity reserved: no allocation
     }
-    let counters = SharedBox::try_new_in(Counters::default(), alloc)
-        .map_err(|_| board_full("the counters"))?;
+    let board = Board {
+        replies,
+        hits: 0,
+        misses: 0,
+        pages_read: 0,
+    };
+    let board = Shared::new_in(board, alloc).map_err(|_| board_full("the board"))?;
     Ok(State {
         cfg,
         index,
         scratch: alloc::vec![0; SCRATCH_WORDS],
         served: 0,
         recent: HashMap::new(),
-        board: Board { replies, counters },
+        board,
     })
 }
 
@@ -366,7 +358,10 @@ fn handle(s: &mut State, req: u32, key: u64, first_tsc: u64) -> i32 {
     let private_ok =
         s.scratch.iter().all(|&w| w == stamp) && s.served == 1 && s.recent.get(&key) == Some(&req);
     // Report through the shared heap: this request's slot and the counters.
-    let Some(slot) = s.board.replies.get_mut(req as usize) else {
+    let Ok(mut b) = s.board.lock() else {
+        return 15;
+    };
+    let Some(slot) = b.replies.get_mut(req as usize) else {
         return 14;
     };
     *slot = Reply {
@@ -379,10 +374,12 @@ fn handle(s: &mut State, req: u32, key: u64, first_tsc: u64) -> i32 {
         private_ok,
         pages,
     };
-    let c = &s.board.counters;
-    let hit = if value.is_some() { &c.hits } else { &c.misses };
-    hit.fetch_add(1, Ordering::Relaxed);
-    c.pages_read.fetch_add(u64::from(pages), Ordering::Relaxed);
+    if value.is_some() {
+        b.hits += 1;
+    } else {
+        b.misses += 1;
+    }
+    b.pages_read += u64::from(pages);
     0
 }
 
@@ -404,7 +401,10 @@ fn check(s: &mut State, expected: &[Option<u64>]) -> i32 {
     if !seen {
         return 21;
     }
-    let replies = &s.board.replies;
+    let Ok(b) = s.board.lock() else {
+        return 22;
+    };
+    let replies = &b.replies;
     if replies.len() != expected.len() {
         return 23;
     }
@@ -419,13 +419,10 @@ fn check(s: &mut State, expected: &[Option<u64>]) -> i32 {
         hits += u64::from(r.found);
         pages += u64::from(r.pages);
     }
-    let c = &s.board.counters;
-    if c.hits.load(Ordering::Relaxed) != hits
-        || c.misses.load(Ordering::Relaxed) != expected.len() as u64 - hits
-    {
+    if b.hits != hits || b.misses != expected.len() as u64 - hits {
         return 26;
     }
-    if c.pages_read.load(Ordering::Relaxed) != pages {
+    if b.pages_read != pages {
         return 27;
     }
     0
@@ -697,7 +694,7 @@ fn main() -> i32 {
             return 4;
         }
     };
-    // The zygote dropped its state, and the board with it, where the heap is mapped.
+    // The zygote took the board out of the heap and dropped it, where the heap is mapped.
     let left = heap.stats();
     if left.allocation_count != 0 {
         println!(
@@ -757,8 +754,13 @@ fn zygote_main(
         println!("forkserver: FAIL a private write reached the zygote's own state");
         failed = true;
     }
-    // Dropping the zygote drops the board: its memory is in the shared heap, mapped here.
-    drop(zygote);
+    // The board is taken out of the shared heap (mapped here) and dropped: its vector goes
+    // back to the heap.
+    let board = zygote.into_inner().board;
+    if let Err(e) = board.take().map(drop) {
+        println!("forkserver: FAIL cannot take the board back: {e}");
+        failed = true;
+    }
     i32::from(failed)
 }
 
@@ -773,10 +775,17 @@ fn serve(
     let name = mode_name(mode);
     let builder = Builder::new().mode(mode);
     // A clean board (the zygote's state changes, so the next spawn snapshots it again).
-    {
-        let b = &mut zygote.state_mut().board;
-        b.replies.fill(Reply::default());
-        b.counters.reset();
+    match zygote.state().board.lock() {
+        Ok(mut b) => {
+            b.replies.fill(Reply::default());
+            b.hits = 0;
+            b.misses = 0;
+            b.pages_read = 0;
+        }
+        Err(e) => {
+            println!("forkserver: FAIL {name}: the board: {e}");
+            return Err(1);
+        }
     }
     let cfg = zygote.state().cfg;
 
@@ -834,7 +843,14 @@ fn serve(
     };
     // The board, read here (this task attaches the heap).
     let mut hits = 0;
-    for (i, r) in zygote.state().board.replies.iter().enumerate() {
+    let board = match zygote.state().board.lock() {
+        Ok(b) => b,
+        Err(e) => {
+            println!("forkserver: FAIL {name}: the board: {e}");
+            return Err(1);
+        }
+    };
+    for (i, r) in board.replies.iter().enumerate() {
         let first = r
             .first_tsc
             .saturating_sub(starts.get(i).copied().unwrap_or(0));
@@ -859,6 +875,7 @@ fn serve(
         let why = match &code {
             Ok(20) => String::from("a private write reached the zygote's state"),
             Ok(21) => String::from("the library does not map the app's rodata"),
+            Ok(22) => String::from("the checker cannot lock the board"),
             Ok(23) => String::from("replies missing from the board"),
             Ok(24) => String::from("a reply differs from the sequential reference"),
             Ok(26) | Ok(27) => String::from("the shared counters do not add up"),

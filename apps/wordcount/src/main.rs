@@ -5,18 +5,17 @@
 //! corpus sequentially in its own heap (the reference). Its tasks are processes (each one's
 //! heap and statics are its own copy), so what the workers share lives in the shared heap:
 //!
-//! 1. a **coordinator** task, given the corpus and heap templates, creates the roots there: a
-//!    `SharedBox` holding **one** `hashbrown` map (`SharedMap`) whose table and keys are in the
-//!    heap too, and a `SharedBox` of counters whose first word is a lock (a spin lock that yields
-//!    while it waits);
-//! 2. it keeps the two boxes as the state of a [`libos::process::Zygote`] and spawns
-//!    `--workers` tasks from it, each in its own address space with the corpus and the heap
-//!    attached: a worker's copy of the state is two pointers into the shared heap, so every
-//!    worker reaches the same map. A worker counts its slice of the corpus into the map under
-//!    the lock (taken once per line, so the workers interleave);
-//! 3. it then takes the boxes back, compares the map with the sequential count (forked into it
-//!    with the rest of the main task's memory), prints the result and frees the map in the heap;
-//!    the main task checks that no allocation is left there.
+//! 1. a **coordinator** task, given the corpus and heap templates, creates the shared board
+//!    there: one `hashbrown` map (`SharedMap`) whose table and keys are in the heap too, and the
+//!    counters, moved into the heap as one `Shared<Board>` — the value with its lock;
+//! 2. it spawns `--workers` tasks, each in its own address space with the corpus and the heap
+//!    attached; a worker's closure captures the `Shared<Board>` (plain data: which heap, which
+//!    value), so every worker reaches the same map. A worker counts its slice of the corpus into
+//!    the map under the board's lock (taken once per line, so the workers interleave);
+//! 3. it then takes the board out of the heap, compares the map with the sequential count
+//!    (forked into it with the rest of the main task's memory), prints the result and drops the
+//!    map (its table and keys go back to the heap); the main task checks that no allocation is
+//!    left there.
 //!
 //! ```console
 //! $ cargo xtask run wordcount -- --workers 32 --words 200000
@@ -33,11 +32,9 @@ extern crate alloc;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 use libos::println;
-use libos::process::Zygote;
-use libos::shared::{SharedAlloc, SharedBox, SharedHeap, SharedMap as Map, SharedVec};
+use libos::shared::{Shared, SharedAlloc, SharedHeap, SharedMap as Map, SharedVec};
 use libos::space::{Kind, Template, TemplateBuilder};
 use libos::task;
 use libos::time::Instant;
@@ -61,50 +58,19 @@ const OVERHEAD_MIB: u64 = 24;
 /// its bytes, so a word is looked up as a `&[u8]` without copying it into the heap first.
 type SharedMap = Map<SharedVec<u8>, u64>;
 
-/// The counters the workers share, in the shared heap next to the map: plain data (atomics, so
-/// every task may touch them through a shared reference). `lock` guards the map and the other
-/// fields: 0 free, 1 taken.
-#[derive(Debug, zerocopy::IntoBytes)]
-#[repr(C)]
-struct Tally {
-    lock: AtomicU64,
-    /// Words counted so far, by every worker.
-    total: AtomicU64,
-    /// Lock acquisitions (one per line of every worker).
-    batches: AtomicU64,
-    /// The worker that took the lock last, and how often the lock changed hands between workers.
-    last_worker: AtomicU64,
-    handovers: AtomicU64,
-}
-
-/// What every worker reaches: two boxes in the shared heap. This is the coordinator's zygote
-/// state: a worker's copy is the same two pointers, and a worker never drops it.
-struct Roots {
-    map: SharedBox<SharedMap>,
-    tally: SharedBox<Tally>,
-}
-
-/// The lock in [`Tally`], held while this lives: a task waiting for it yields to the others (the
-/// holder may be preempted). A task that dies holding it leaves it taken, as with
-/// `libos::sync::Mutex`.
-struct Locked<'a>(&'a Tally);
-
-impl<'a> Locked<'a> {
-    fn take(t: &'a Tally) -> Locked<'a> {
-        while t
-            .lock
-            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            task::yield_now();
-        }
-        Locked(t)
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        self.0.lock.store(0, Ordering::Release);
+libos::share_safe! {
+    /// What the workers share, moved into the shared heap as one `Shared<Board>`: the map and
+    /// the counters, behind the board's one lock.
+    struct Board {
+        map: SharedMap,
+        /// Words counted so far, by every worker.
+        total: u64,
+        /// Lock acquisitions (one per line of every worker).
+        batches: u64,
+        /// The worker that took the lock last, and how often the lock changed hands between
+        /// workers.
+        last_worker: u64,
+        handovers: u64,
     }
 }
 
@@ -167,7 +133,7 @@ fn slices(text: &str, n: usize) -> Vec<(u64, u64)> {
 
 /// A worker: reads its slice of the corpus from its own address space, line by line, and adds
 /// each line's words to the shared map under the lock.
-fn worker(w: usize, start: u64, len: u64, roots: &mut Roots, alloc: SharedAlloc) -> i32 {
+fn worker(w: usize, start: u64, len: u64, board: Shared<Board>, alloc: SharedAlloc) -> i32 {
     let mut buf = [0u8; 4096];
     let mut line: Vec<u8> = Vec::new();
     let mut done = 0;
@@ -181,7 +147,7 @@ fn worker(w: usize, start: u64, len: u64, roots: &mut Roots, alloc: SharedAlloc)
         for &b in &buf[..n] {
             line.push(b);
             if b == b'\n' {
-                if add_line(w, &line, roots, alloc).is_err() {
+                if add_line(w, &line, board, alloc).is_err() {
                     return 11;
                 }
                 line.clear();
@@ -192,34 +158,32 @@ fn worker(w: usize, start: u64, len: u64, roots: &mut Roots, alloc: SharedAlloc)
             }
         }
     }
-    if !line.is_empty() && add_line(w, &line, roots, alloc).is_err() {
+    if !line.is_empty() && add_line(w, &line, board, alloc).is_err() {
         return 11;
     }
     0
 }
 
-fn add_line(w: usize, line: &[u8], roots: &mut Roots, alloc: SharedAlloc) -> Result<(), ()> {
-    let tally: &Tally = &roots.tally;
-    let _held = Locked::take(tally);
-    let map: &mut SharedMap = &mut roots.map;
-    let r = Ordering::Relaxed; // the lock orders them
-    tally.batches.fetch_add(1, r);
-    if tally.last_worker.swap(w as u64, r) != w as u64 {
-        tally.handovers.fetch_add(1, r);
+fn add_line(w: usize, line: &[u8], board: Shared<Board>, alloc: SharedAlloc) -> Result<(), ()> {
+    let mut b = board.lock().map_err(|_| ())?;
+    b.batches += 1;
+    if b.last_worker != w as u64 {
+        b.last_worker = w as u64;
+        b.handovers += 1;
     }
     for word in line.split(|b| b.is_ascii_whitespace()) {
         if word.is_empty() {
             continue;
         }
-        tally.total.fetch_add(1, r);
-        if let Some(n) = map.get_mut(word) {
+        b.total += 1;
+        if let Some(n) = b.map.get_mut(word) {
             *n += 1;
         } else {
             let mut key = SharedVec::new_in(alloc);
             key.try_reserve_exact(word.len()).map_err(|_| ())?;
             key.extend_from_slice(word);
-            map.try_reserve(1).map_err(|_| ())?;
-            map.insert(key, 1);
+            b.map.try_reserve(1).map_err(|_| ())?;
+            b.map.insert(key, 1);
         }
     }
     Ok(())
@@ -372,7 +336,7 @@ fn main() -> i32 {
     0
 }
 
-/// The coordinator (runs in a task that attaches the heap): makes the roots, runs the workers,
+/// The coordinator (runs in a task that attaches the heap): makes the board, runs the workers,
 /// checks the map against `expected` (counted in `sequential`), prints the result and frees
 /// the map. Returns the app's exit code.
 fn coordinate(
@@ -383,28 +347,24 @@ fn coordinate(
     expected: &hashbrown::HashMap<String, u64>,
     sequential: core::time::Duration,
 ) -> i32 {
-    let tally = Tally {
-        lock: AtomicU64::new(0),
-        total: AtomicU64::new(0),
-        batches: AtomicU64::new(0),
-        last_worker: AtomicU64::new(u64::MAX),
-        handovers: AtomicU64::new(0),
+    let board = Board {
+        map: SharedMap::new_in(alloc),
+        total: 0,
+        batches: 0,
+        last_worker: u64::MAX,
+        handovers: 0,
     };
-    let (Ok(map), Ok(tally)) = (
-        SharedBox::try_new_in(SharedMap::new_in(alloc), alloc),
-        SharedBox::try_new_in(tally, alloc),
-    ) else {
-        println!("wordcount: FAIL the shared heap has no room for the map");
+    let Ok(board) = Shared::new_in(board, alloc) else {
+        println!("wordcount: FAIL the shared heap has no room for the board");
         return 3;
     };
-    let mut zygote = Zygote::new(Roots { map, tally });
 
     let t0 = Instant::now();
     let mut handles = Vec::new();
     let mut failed = false;
     for (w, &(start, len)) in parts.iter().enumerate() {
-        match zygote.spawn(&[corpus, heap_t], move |roots| {
-            worker(w, start, len, roots, alloc)
+        match task::spawn(&[corpus, heap_t], move || {
+            worker(w, start, len, board, alloc)
         }) {
             Ok(h) => handles.push((w, h)),
             Err(e) => {
@@ -429,13 +389,19 @@ fn coordinate(
     }
     let parallel = t0.elapsed();
 
-    // Every worker has ended: the roots are this task's alone again. Dropping them (here, where
-    // the heap is mapped) frees the table, the keys and the counters in the shared heap.
-    let roots = zygote.into_inner();
+    // Every worker has ended: the board is taken out of the heap into this task (which maps
+    // the heap); dropping it here frees the table, the keys and its block in the shared heap.
+    let board = match board.take() {
+        Ok(b) => b,
+        Err(e) => {
+            println!("wordcount: FAIL cannot take the board back: {e}");
+            return 1;
+        }
+    };
     if failed {
         return 1;
     }
-    let (map, tally) = (&*roots.map, &*roots.tally);
+    let map = &board.map;
     let mut bad = 0;
     for (k, &n) in map.iter() {
         let word = core::str::from_utf8(k).unwrap_or("<not utf-8>");
@@ -456,12 +422,11 @@ fn coordinate(
         .take(5)
         .map(|(k, n)| format!("{} {n}", core::str::from_utf8(k).unwrap_or("?")))
         .collect();
-    let r = Ordering::Relaxed;
-    let (total, handovers) = (tally.total.load(r), tally.handovers.load(r));
+    let (total, handovers) = (board.total, board.handovers);
     println!(
         "distinct={} total={total} batches={} lock handovers between workers={handovers} top: {}",
         map.len(),
-        tally.batches.load(r),
+        board.batches,
         top.join(", ")
     );
     let workers = parts.len() as u64;
@@ -470,7 +435,7 @@ fn coordinate(
         && total == expected.values().sum::<u64>()
         && (workers < 2 || handovers >= workers);
     drop(top);
-    drop(roots);
+    drop(board);
     if ok {
         println!(
             "wordcount: {workers} workers counted {total} words ({} distinct) in {} ms; the \

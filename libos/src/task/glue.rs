@@ -351,6 +351,9 @@ fn finish_switch(tok: &IrqOff) {
 fn drop_dead<T: core::ops::Deref<Target = crate::sched::Task<Guest>>>(dead: Option<T>) {
     if let Some(t) = &dead {
         crate::handle::release_all(t.id());
+        // It ended inside a no-kill section (a panic or fault holding a shared lock): the
+        // lock's next taker sees its holder gone.
+        NO_KILL.lock().remove(&t.id());
     }
     drop(dead);
 }
@@ -433,8 +436,72 @@ pub(super) fn is_finished(h: &KillHandle<Guest>) -> bool {
     irq::without(|tok| with_sched(tok, |s| s.is_finished(h)))
 }
 
+/// Tasks inside a *no-kill section* (holding a shared heap's lock, `crate::shared`): how many
+/// sections each is in, and whether a kill is waiting for the last one to end. A task's entry
+/// exists exactly while it is in at least one section (or until it is dropped dead), so it also
+/// tells whether the holder of such a lock is still alive.
+static NO_KILL: crate::arch::irq::IrqMutex<alloc::collections::BTreeMap<u64, NoKill>> =
+    crate::arch::irq::IrqMutex::new(alloc::collections::BTreeMap::new());
+
+#[derive(Debug, Clone, Copy)]
+struct NoKill {
+    depth: u32,
+    kill_pending: bool,
+}
+
+/// The running task enters a no-kill section: a kill of it waits until it leaves its last one
+/// ([`leave_no_kill`]). Used where being ended half-way would leave memory other tasks use
+/// inconsistent (a shared heap's lock). Call it with interrupts off, together with what the
+/// section protects, so the two change at once.
+pub(crate) fn enter_no_kill(_: &IrqOff) {
+    let _k = crate::mm::ctx::kernel();
+    NO_KILL
+        .lock()
+        .entry(current())
+        .and_modify(|e| e.depth += 1)
+        .or_insert(NoKill {
+            depth: 1,
+            kill_pending: false,
+        });
+}
+
+/// The running task leaves a no-kill section. If it was its last one and a kill came
+/// meanwhile, the task ends now, killed (never returning).
+pub(crate) fn leave_no_kill() {
+    let killed = {
+        let _k = crate::mm::ctx::kernel();
+        let mut map = NO_KILL.lock();
+        let id = current();
+        match map.get_mut(&id) {
+            Some(e) if e.depth > 1 => {
+                e.depth -= 1;
+                false
+            }
+            Some(e) => {
+                let pending = e.kill_pending;
+                map.remove(&id);
+                pending
+            }
+            None => false,
+        }
+    };
+    if killed && in_spawned_task() {
+        end_current(Err(TaskError::Killed));
+    }
+}
+
+/// True while task `id` is inside a no-kill section (so: alive).
+pub(crate) fn in_no_kill(id: u64) -> bool {
+    NO_KILL.lock().contains_key(&id)
+}
+
 pub(super) fn kill(h: &KillHandle<Guest>) {
     let _k = crate::mm::ctx::kernel();
+    // A task in a no-kill section is killed when it leaves it.
+    if let Some(e) = NO_KILL.lock().get_mut(&h.id()) {
+        e.kill_pending = true;
+        return;
+    }
     irq::without(|tok| match with_sched(tok, |s| s.kill(h, now())) {
         Kill::AlreadyEnded => {}
         // Dropped with interrupts off: its space goes, and no other is made meanwhile.

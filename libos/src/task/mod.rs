@@ -28,7 +28,9 @@ use templates::{AddressSpace, Mode};
 use crate::space::{KernelMem, Template};
 
 pub use error::{SpawnError, TaskError};
-pub(crate) use glue::{fail_current, in_spawned_task, init, timer_tick};
+pub(crate) use glue::{
+    enter_no_kill, fail_current, in_no_kill, in_spawned_task, init, leave_no_kill, timer_tick,
+};
 pub use memory::{map_private, read, snapshot, space_stats, trim_caches, write};
 
 /// Default stack size of a spawned task.

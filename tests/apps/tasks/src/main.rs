@@ -15,8 +15,8 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use libos::channel;
 use libos::println;
-use libos::process::Zygote;
-use libos::shared::{SharedBox, SharedHeap};
+use libos::share_safe;
+use libos::shared::{Shared, SharedError, SharedHeap, SharedVec};
 use libos::space::{ImageSection, Kind, Template, TemplateBuilder};
 use libos::sync::Mutex;
 use libos::task::{self, TaskError};
@@ -493,50 +493,26 @@ fn channels() -> Result<(), &'static str> {
 
 type SharedMap = libos::shared::SharedMap<u64, u64>;
 
-/// What the shared-heap tasks share: a lock word and a map, both in the shared heap (the map's
-/// header too, not only its table, so that every task changes the same map). The `SharedBox`es
-/// themselves (two pointers into the shared heap) are plain process memory, copied into each
-/// child by the fork.
-struct Board {
-    lock: SharedBox<AtomicBool>,
-    map: SharedBox<SharedMap>,
-}
-
-/// Runs `f` holding the board's lock (a task-side yield lock over the shared word: a
-/// `sync::Mutex` in process memory would be each task's own).
-fn locked<R>(lock: &AtomicBool, f: impl FnOnce() -> R) -> R {
-    while lock
-        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        task::yield_now();
-    }
-    let r = f();
-    lock.store(false, Ordering::Release);
-    r
-}
-
 fn shared_heap() -> Result<(), &'static str> {
-    // A hashbrown map in a shared heap, guarded by a lock word in the same heap; eight worker
-    // tasks (each in its own address space, attached to the heap's template) insert disjoint
-    // keys, then a checker task compares with a sequential computation. Only tasks that attach
-    // the template can create the map, so a coordinator task does, as a zygote's warm state:
-    // every worker gets its own copy of the `Board` (the pointers), which it never drops.
+    // A hashbrown map in a shared heap, reached by every task through one `Shared` value (the
+    // map moved into the heap, with its lock); eight worker tasks (each in its own address
+    // space, attached to the heap's template) insert disjoint keys, then a checker task
+    // compares with a sequential computation. Only tasks that attach the template can use the
+    // map, so a coordinator task does the checks; the main task owns the heap.
     let heap = SharedHeap::new("kv-heap", 0x2_0000_0000, 1 << 20).map_err(|_| "shared heap")?;
     let t = heap.template();
+    let alloc = heap.allocator();
     let expected: u64 = (0..8u64)
         .flat_map(|w| (0..64u64).map(move |k| (w * 1000 + k) * (w * 1000 + k)))
         .sum();
-    let coordinator =
-        task::spawn_with(
-            &[&t],
-            (t.clone(), heap.clone()),
-            move |(t, heap)| match coordinate(&t, &heap, expected) {
-                Ok(()) => 0,
-                Err(_) => 1,
-            },
-        )
-        .expect("spawn coordinator");
+    let map = Shared::new_in(SharedMap::new_in(alloc), alloc).map_err(|_| "room for the map")?;
+    let coordinator = task::spawn_with(&[&t], t.clone(), move |t| {
+        match coordinate(&t, map, expected) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        }
+    })
+    .expect("spawn coordinator");
     check(
         coordinator.join() == Ok(0),
         "the coordinator's checks passed",
@@ -544,74 +520,195 @@ fn shared_heap() -> Result<(), &'static str> {
     let end = heap.stats();
     check(
         end.allocation_count == 0 && end.allocated_bytes == 0,
-        "the owner's drop freed the map and the lock; no worker's copy freed anything",
+        "taking the map out and dropping it freed its table and its block",
     )?;
     println!("shared heap ok");
     Ok(())
 }
 
 /// The coordinator of `shared_heap`: runs attached to the heap's template.
-fn coordinate(t: &Template, heap: &SharedHeap, expected: u64) -> Result<(), &'static str> {
-    let alloc = heap.allocator();
-    let mut zygote = Zygote::new(Board {
-        lock: SharedBox::new_in(AtomicBool::new(false), alloc),
-        map: SharedBox::new_in(SharedMap::new_in(alloc), alloc),
-    });
+fn coordinate(t: &Template, map: Shared<SharedMap>, expected: u64) -> Result<(), &'static str> {
     let mut workers = Vec::new();
     for w in 0..8u64 {
-        let h = zygote
-            .spawn(&[t], move |b: &mut Board| {
-                for k in 0..64u64 {
-                    let key = w * 1000 + k;
-                    locked(&b.lock, || b.map.insert(key, key * key));
-                    if k % 16 == 0 {
-                        task::yield_now();
-                    }
+        let h = task::spawn(&[t], move || {
+            for k in 0..64u64 {
+                let key = w * 1000 + k;
+                let Ok(mut m) = map.lock() else { return 2 };
+                if m.try_reserve(1).is_err() {
+                    return 3;
                 }
-                0
-            })
-            .map_err(|_| "spawn worker")?;
+                m.insert(key, key * key);
+                drop(m);
+                if k % 16 == 0 {
+                    task::yield_now();
+                }
+            }
+            0
+        })
+        .map_err(|_| "spawn worker")?;
         workers.push(h);
     }
     for w in workers {
         check(w.join() == Ok(0), "worker finished")?;
     }
-    let checker = zygote
-        .spawn(&[t], move |b: &mut Board| {
-            locked(&b.lock, || {
-                let sum: u64 = b.map.iter().map(|(_, v)| v).sum();
-                i32::from(b.map.len() == 512 && sum == expected)
-            })
-        })
-        .map_err(|_| "spawn checker")?;
+    let checker = task::spawn(&[t], move || {
+        let Ok(m) = map.lock() else { return 2 };
+        let sum: u64 = m.iter().map(|(_, v)| v).sum();
+        i32::from(m.len() == 512 && sum == expected)
+    })
+    .map_err(|_| "spawn checker")?;
     check(
         checker.join() == Ok(1),
         "the shared map holds every worker's entries",
     )?;
-    // The coordinator's own copy of the board is the same map.
+    {
+        let m = map.lock().map_err(|_| "lock in the coordinator")?;
+        check(
+            m.len() == 512 && m.get(&7042) == Some(&(7042 * 7042)),
+            "the coordinator sees the workers' inserts",
+        )?;
+        check(
+            map.try_lock().err() == Some(SharedError::AlreadyHeld)
+                && map.lock().err() == Some(SharedError::AlreadyHeld),
+            "a second lock in the same task is refused, not a deadlock",
+        )?;
+    }
+    // A task without the heap's template is refused, not faulted.
+    let outsider = task::spawn(&[], move || match map.lock() {
+        Err(SharedError::NotMapped { .. }) => 0,
+        _ => 1,
+    })
+    .map_err(|_| "spawn outsider")?;
     check(
-        zygote.state().map.len() == 512 && zygote.state().map.get(&7042) == Some(&(7042 * 7042)),
-        "the zygote's board shows the workers' inserts",
+        outsider.join() == Ok(0),
+        "an unattached task's lock says NotMapped",
     )?;
-    let used = heap.stats();
+    let m = map.take().map_err(|_| "take the map")?;
+    println!("shared heap: {} entries taken out", m.len());
     check(
-        used.allocated_bytes > 0,
-        "the map's table lives in the shared heap",
+        map.lock().err() == Some(SharedError::Gone),
+        "a taken value is gone for every copy of its handle",
     )?;
-    // A task without the heap's template cannot touch the map's memory: it faults, alone.
-    let outsider = zygote
-        .spawn(&[], |b: &mut Board| i32::from(b.map.contains_key(&1)))
-        .map_err(|_| "spawn outsider")?;
+    drop(m);
+    Ok(())
+}
+
+share_safe! {
+    /// A counter changed in two steps that must stay equal: the lock's test of consistency.
+    struct Pair {
+        a: u64,
+        b: u64,
+        log: SharedVec<u64>,
+    }
+}
+
+/// The shared lock's failure rules: a task that panics holding it poisons the value; a task
+/// killed holding it ends only when it lets go (so the value is never left half-changed); a
+/// collection reached in a task that maps something else at its heap's address is refused.
+fn shared_failures() -> Result<(), &'static str> {
+    let heap = SharedHeap::new("locks", 0x2_0000_0000, 1 << 20).map_err(|_| "shared heap")?;
+    let t = heap.template();
+    let alloc = heap.allocator();
+    let pair = Shared::new_in(
+        Pair {
+            a: 0,
+            b: 0,
+            log: SharedVec::new_in(alloc),
+        },
+        alloc,
+    )
+    .map_err(|_| "room")?;
+
+    // Killed while holding: the kill waits until the guard is dropped.
+    let (tx, rx) = channel::bounded::<u64>(1);
+    let victim = task::spawn_with(&[&t], tx, move |tx| {
+        let Ok(mut p) = pair.lock() else { return 2 };
+        p.a += 1;
+        let _ = tx.send(1); // the killer may kill now
+        for _ in 0..50 {
+            task::yield_now();
+        }
+        p.b += 1;
+        let a = p.a;
+        p.log.push(a);
+        drop(p); // the kill happens here
+        loop {
+            task::yield_now(); // never reached: killed at the guard's drop
+        }
+    })
+    .map_err(|_| "spawn victim")?;
+    check(rx.recv() == Some(1), "the victim holds the lock")?;
+    victim.kill();
     check(
-        matches!(outsider.join(), Err(TaskError::Fault { .. })),
-        "unattached task faults on the shared heap",
+        victim.join() == Err(TaskError::Killed),
+        "the victim ended killed",
     )?;
-    println!(
-        "shared heap: {} bytes in {} allocations",
-        used.allocated_bytes, used.allocation_count
-    );
-    // Only the owner's copy is dropped: the map's table, the map and the lock go back.
-    drop(zygote);
+    let reader = task::spawn(&[&t], move || match pair.lock() {
+        Ok(p) => i32::from(p.a == 1 && p.b == 1 && p.log.len() == 1),
+        Err(_) => 2,
+    })
+    .map_err(|_| "spawn reader")?;
+    check(
+        reader.join() == Ok(1),
+        "a kill while holding the lock waited: both steps done, not poisoned",
+    )?;
+
+    // Panicking while holding: poisoned, naming the task.
+    let panicker = task::spawn(&[&t], move || {
+        let Ok(mut p) = pair.lock() else { return 2 };
+        p.a += 1;
+        panic!("half-way through");
+    })
+    .map_err(|_| "spawn panicker")?;
+    let pid = panicker.id();
+    check(
+        matches!(panicker.join(), Err(TaskError::Panic(_))),
+        "the panicker panicked",
+    )?;
+    let after = task::spawn(&[&t], move || match pair.lock() {
+        Err(SharedError::Poisoned { task }) if task == pid => 0,
+        _ => 1,
+    })
+    .map_err(|_| "spawn after")?;
+    check(
+        after.join() == Ok(0),
+        "a value whose holder panicked is poisoned, naming the task",
+    )?;
+
+    // Another heap at the same address: a collection of the first heap, reached through a
+    // value in a third heap, is refused in a task that maps the impostor.
+    let inner = SharedHeap::new("inner", 0x2_4000_0000, 1 << 20).map_err(|_| "heap")?;
+    let impostor = SharedHeap::new("impostor", 0x2_4000_0000, 1 << 20).map_err(|_| "heap")?;
+    let outer = SharedHeap::new("outer", 0x2_8000_0000, 1 << 20).map_err(|_| "heap")?;
+    let (ti, tm, to) = (inner.template(), impostor.template(), outer.template());
+    let (ia, oa) = (inner.allocator(), outer.allocator());
+    let nested = Shared::new_in(SharedVec::<SharedVec<u64>>::new_in(oa), oa).map_err(|_| "room")?;
+    let filler = task::spawn(&[&ti, &to], move || {
+        let Ok(mut outer) = nested.lock() else {
+            return 2;
+        };
+        let mut v = SharedVec::new_in(ia);
+        v.extend_from_slice(&[7, 8, 9]);
+        outer.push(v);
+        i32::from(outer[0][..] == [7, 8, 9])
+    })
+    .map_err(|_| "spawn filler")?;
+    check(filler.join() == Ok(1), "a vector of the inner heap, nested")?;
+    let confused = task::spawn(&[&tm, &to], move || {
+        let Ok(outer) = nested.lock() else { return 2 };
+        outer[0].len() as i32 // the inner heap is not mapped here: panics
+    })
+    .map_err(|_| "spawn confused")?;
+    let refused = match confused.join() {
+        Err(TaskError::Panic(m)) => m.contains("does not map it"),
+        _ => false,
+    };
+    check(
+        refused,
+        "a collection whose heap is not the one mapped at its address is refused",
+    )?;
+    drop((ti, tm, to, inner, impostor, outer));
+    println!("shared failures ok");
     Ok(())
 }
 
@@ -796,6 +893,7 @@ fn main() -> Result<(), &'static str> {
             snapshot()?;
             channels()?;
             shared_heap()?;
+            shared_failures()?;
             blob_and_image()?;
             arena()?;
             sleep_and_join()?;
