@@ -77,6 +77,12 @@
 //! let _ = libos::process::Zygote::new(b); // refused: a zygote's state must be `Send`
 //! ```
 //!
+//! ```compile_fail,E0277
+//! use libos::shared::SharedVec;
+//! // A static is every task's own copy after a fork: refused, the vector is not `Send`.
+//! static KEEP: libos::sync::Mutex<Option<SharedVec<u64>>> = libos::sync::Mutex::new(None);
+//! ```
+//!
 //! **Checked in every task.** A collection's pointers are valid only in a task that maps its
 //! heap, so every use of a collection (and every [`Shared::lock`]) checks that the running task
 //! maps that very heap (its frames, not only something at its address): a task that does not
