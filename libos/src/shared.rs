@@ -459,6 +459,10 @@ unsafe impl<T: ShareSafe> ShareSafe for SharedBox<T> {}
 // SAFETY: the table is in its shared heap (checked before every use), keys and values are
 // `ShareSafe`, and the hasher is a fixed seed (plain data).
 unsafe impl<K: ShareSafe, V: ShareSafe> ShareSafe for SharedMap<K, V> {}
+// SAFETY: plain data (which heap, which value), no pointer.
+unsafe impl<T: ShareSafe> ShareSafe for Shared<T> {}
+// SAFETY: plain data (which heap), no pointer.
+unsafe impl ShareSafe for SharedAlloc {}
 
 /// Declares a struct that may live in a shared heap: every field must be [`ShareSafe`] (checked
 /// at compile time), and the struct is then `ShareSafe` itself, so it can be a [`Shared`] value
