@@ -45,7 +45,8 @@ unsafe impl lock_api::RawMutex for RawTaskLock {
 /// A lock for a task's own data (a `static` with interior mutability, say): a task waiting for it
 /// yields. Like every value in a task's memory (its heap, its statics), it is the task's own: a
 /// spawned child gets its own copy (locked, if the parent held it at the spawn, as with fork()),
-/// so it never orders two tasks; between tasks, use a channel or a lock word in a shared heap.
+/// so it never orders two tasks; between tasks, use a channel or a [`crate::shared::Shared`]
+/// value (a lock kept by libos, on data in a shared heap).
 /// A task that dies while holding it takes its copy with it.
 ///
 /// ```no_run
