@@ -43,8 +43,8 @@
 //! [`Zygote`](crate::process::Zygote)'s state cannot contain one (it must be `Send`). Several
 //! tasks reach one value only through a [`Shared<T>`]: the value moved into the heap, with a
 //! lock. `Shared<T>` itself is plain data (which heap, which value), `Copy` and `Send`: capture
-//! it, put it in a zygote's state, send it through a channel. [`Shared::lock`] gives one task
-//! at a time `&mut T`:
+//! it, keep it in a zygote's state. [`Shared::with`] runs a closure on `&mut T`, one task at a
+//! time:
 //!
 //! ```no_run
 //! use libos::shared::{Shared, SharedHeap, SharedMap};
@@ -54,10 +54,13 @@
 //!     .expect("room");
 //! let t = heap.template();
 //! let h = libos::task::spawn(&[&t], move || {
-//!     let mut map = counts.lock().expect("the heap is attached");
-//!     map.try_reserve(1).expect("room");
-//!     let n = map.get(&7).copied().unwrap_or(0);
-//!     map.insert(7, n + 1);
+//!     counts
+//!         .with(|map| {
+//!             map.try_reserve(1).expect("room");
+//!             let n = map.get(&7).unwrap_or(0);
+//!             map.insert(7, n + 1);
+//!         })
+//!         .expect("the heap is attached");
 //!     0
 //! });
 //! ```
@@ -83,16 +86,35 @@
 //! static KEEP: libos::sync::Mutex<Option<SharedVec<u64>>> = libos::sync::Mutex::new(None);
 //! ```
 //!
-//! **Checked in every task.** A collection's pointers are valid only in a task that maps its
-//! heap, so every use of a collection (and every [`Shared::lock`]) checks that the running task
-//! maps that very heap (its frames, not only something at its address): a task that does not
-//! gets [`SharedError::NotMapped`] from `lock`, and a panic (which ends only it) from a
-//! collection method, never another heap's bytes read as this one's. A collection whose heap is
-//! gone is unusable (its drop frees nothing: the heap's memory went with it).
+//! **No reference outlives the call.** A reference into a shared heap is valid only in tasks
+//! that map that heap, and only while the lock is held; but a Rust reference to plain data is
+//! `Send`, and a `'static` one could be carried into a child (a closure, a zygote's state, a
+//! static) that maps another heap there — or the same heap, racing its holder. So the shared
+//! types hand out references only to closures (`with`, `with_mut`, `get_with`, `update`,
+//! `for_each`: `for<'a> FnOnce(&'a T) -> R`, so `R` cannot hold one) and otherwise copy values
+//! out (`get`); none of them implements `Deref`:
 //!
-//! **The lock and failures.** A task that holds a [`SharedGuard`] cannot be killed half-way: a
-//! kill waits until the task lets go of its last shared lock (a task that blocks forever while
-//! holding one cannot be killed). A task that ends while holding one — a panic, a fault, a
+//! ```compile_fail,E0521
+//! use libos::shared::{Shared, SharedHeap};
+//! let heap = SharedHeap::new("h", 0x2_0000_0000, 1 << 20).expect("memory");
+//! let a = heap.allocator();
+//! let s = Shared::new_in([0u64; 4], a).map_err(|(e, _)| e).expect("room");
+//! let mut kept: Option<&'static mut [u64; 4]> = None;
+//! let _ = s.with(|v| kept = Some(v)); // refused: the reference cannot leave the closure
+//! ```
+//!
+//! **Checked in every task.** A collection's pointers are valid only in a task that maps its
+//! heap, so every use of a collection (and every [`Shared::with`]) checks that the running task
+//! was spawned with that very heap's template (not merely that something is mapped at its
+//! address): a task that was not gets [`SharedError::NotMapped`] from `with`, and a panic
+//! (which ends only it) from a collection method, never another heap's bytes read as this
+//! one's. A collection whose heap is gone is unusable (its drop frees nothing: the heap's memory
+//! went with it). Heap memory holds Rust objects, so `task::write` refuses it (a forged header
+//! would point anywhere); `task::read` may copy it out.
+//!
+//! **The lock and failures.** A task inside [`Shared::with`] cannot be killed half-way: a
+//! kill waits until the closure returns (a task that blocks forever inside one cannot be
+//! killed). A task that ends while holding one — a panic, a fault, a
 //! `task::exit` — may have left the value half-changed, so the value is **poisoned**: every later
 //! `lock` answers [`SharedError::Poisoned`], naming the task. Its memory stays in the heap until
 //! the heap goes.
@@ -109,7 +131,6 @@ use alloc::collections::BTreeMap;
 use alloc::sync::{Arc, Weak};
 use core::alloc::Layout;
 use core::hash::{Hash, Hasher};
-use core::ops::{Deref, DerefMut};
 use core::ptr::NonNull;
 
 use allocator_api2::alloc::{AllocError, Allocator};
@@ -136,6 +157,9 @@ struct Inner {
     talc: IrqMutex<Talc<Manual, DefaultBinning>>,
     /// Its [`Shared`] values by id, with their locks.
     roots: IrqMutex<BTreeMap<u64, Root>>,
+    /// The heap's template, held as long as the heap lives, so that its root table (how a task
+    /// is seen to attach it: [`mapped_here`]) is never another template's meanwhile.
+    template: crate::space::EngineTemplate,
 }
 
 /// A [`Shared`] value's kernel-side record: where it is, and its lock.
@@ -162,6 +186,7 @@ impl core::fmt::Debug for Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         HEAPS.lock().remove(&self.id);
+        crate::space::unmark_typed(self.first_pfn);
         for p in self.first_pfn..self.first_pfn + (self.len / PAGE_SIZE) as usize {
             frames().dec_ref(p);
         }
@@ -180,13 +205,15 @@ fn heap(id: u64) -> Option<Arc<Inner>> {
     weak.upgrade()
 }
 
-/// Recent answers of [`mapped_here`] that were yes, as (task, heap): a task's mappings do not
+/// Recent answers of [`mapped_here`] that were yes, as (task, heap): a task's templates do not
 /// change while it lives and ids are never reused, so a yes stays true. One CPU: one cache.
 static MAPPED: IrqMutex<[(u64, u64); 4]> = IrqMutex::new([(u64::MAX, 0); 4]);
 
-/// True when the running task maps heap `id` — its own frames at its address, not merely
-/// something at that address — so that pointers into the heap are valid here. False once the
-/// heap is gone.
+/// True when the running task was spawned with heap `id`'s template attached — so the whole
+/// heap range maps the heap's own frames there (a task's templates are fixed for its life; no
+/// private mapping may overlap one; `task::write` refuses heap memory) and pointers into the
+/// heap are valid. Not "something is mapped at the heap's address": another heap, a snapshot of
+/// this one or an arena may be there in another task. False once the heap is gone.
 fn mapped_here(id: u64) -> bool {
     let me = crate::arch::cpu::running_task();
     if MAPPED.lock().contains(&(me, id)) {
@@ -196,11 +223,8 @@ fn mapped_here(id: u64) -> bool {
     let Some(inner) = heap(id) else {
         return false;
     };
-    // The heap's template maps the whole region as one, from its first frame on, and a task's
-    // templates are fixed for its life: the first page tells.
-    let here = crate::space::with_current(|s| s.translate(x86_64::VirtAddr::new(inner.va)))
-        .map(|t| t.phys.as_u64());
-    let ok = here == Some(inner.first_pfn as u64 * PAGE_SIZE);
+    let root = inner.template.root();
+    let ok = crate::space::with_current(|s| s.templates().iter().any(|t| t.root() == root));
     drop(inner);
     if ok {
         MAPPED.lock()[(me ^ id) as usize % 4] = (me, id);
@@ -315,7 +339,23 @@ impl SharedHeap {
             }
             return Err(Error::Empty);
         }
+        let backing: alloc::vec::Vec<_> = (0..pages as u64)
+            .map(|i| x86_64::PhysAddr::new((first as u64 + i) * PAGE_SIZE))
+            .collect();
+        let template = match TemplateBuilder::new()
+            .frames_region(name, start, Kind::Shared, backing)
+            .and_then(|b| b.seal())
+        {
+            Ok(t) => t.engine(),
+            Err(e) => {
+                for p in first..first + pages {
+                    frames().dec_ref(p);
+                }
+                return Err(e);
+            }
+        };
         let id = NEXT_HEAP.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        crate::space::mark_typed(first, pages);
         let inner = Arc::new(Inner {
             id,
             va: start,
@@ -324,15 +364,9 @@ impl SharedHeap {
             first_pfn: first,
             talc: IrqMutex::new(talc),
             roots: IrqMutex::new(BTreeMap::new()),
+            template: template.clone(),
         });
-        let backing: alloc::vec::Vec<_> = (0..pages as u64)
-            .map(|i| x86_64::PhysAddr::new((first as u64 + i) * PAGE_SIZE))
-            .collect();
         HEAPS.lock().insert(id, Arc::downgrade(&inner));
-        let template = TemplateBuilder::new()
-            .frames_region(name, start, Kind::Shared, backing)?
-            .seal()?
-            .engine();
         Ok(SharedHeap {
             alloc: SharedAlloc { id },
             capacity: len,
@@ -516,9 +550,11 @@ macro_rules! share_safe {
 /// memory holds it (see the module docs).
 type Local = core::marker::PhantomData<*const ()>;
 
-/// A vector in a shared heap (an `allocator_api2` vector). Dereferences to a slice. Neither
-/// `Send` nor `Sync`: share one through a [`Shared`]. Every use panics in a task that does not
-/// map its heap.
+/// A vector in a shared heap (an `allocator_api2` vector). Neither `Send` nor `Sync`: share one
+/// through a [`Shared`]. Its elements are reached through closures ([`with`](Self::with),
+/// [`with_mut`](Self::with_mut)) or copied out ([`get`](Self::get)): no reference into the heap
+/// outlives the call (see the module docs). Every use panics in a task that does not map its
+/// heap.
 ///
 /// ```no_run
 /// use libos::shared::{SharedHeap, SharedVec};
@@ -529,7 +565,7 @@ type Local = core::marker::PhantomData<*const ()>;
 ///     let mut v = SharedVec::new_in(alloc);
 ///     v.try_reserve(2).expect("room");
 ///     v.extend_from_slice(&[1u64, 2]);
-///     v.iter().sum::<u64>() as i32
+///     v.with(|s| s.iter().sum::<u64>()) as i32
 /// });
 /// ```
 pub struct SharedVec<T: ShareSafe> {
@@ -546,8 +582,8 @@ impl<T: ShareSafe> SharedVec<T> {
         }
     }
 
-    /// An empty vector with room for `n` elements. Panics if the heap has no room (see
-    /// [`try_reserve`](Self::try_reserve)).
+    /// An empty vector with room for `n` elements (allocated, not touched: any task may make
+    /// one). Panics if the heap has no room (see [`try_reserve`](Self::try_reserve)).
     pub fn with_capacity_in(n: usize, alloc: SharedAlloc) -> Self {
         SharedVec {
             v: core::mem::ManuallyDrop::new(allocator_api2::vec::Vec::with_capacity_in(
@@ -559,54 +595,108 @@ impl<T: ShareSafe> SharedVec<T> {
     }
 
     /// The vector, after checking that the running task maps its heap.
-    fn get(&self) -> &allocator_api2::vec::Vec<T, RawAlloc> {
+    #[track_caller]
+    fn get_ref(&self) -> &allocator_api2::vec::Vec<T, RawAlloc> {
         usable(self.v.allocator().0);
         &self.v
     }
 
     /// The vector, to change, after the same check.
-    fn get_mut(&mut self) -> &mut allocator_api2::vec::Vec<T, RawAlloc> {
+    #[track_caller]
+    fn get_mut_ref(&mut self) -> &mut allocator_api2::vec::Vec<T, RawAlloc> {
         usable(self.v.allocator().0);
         &mut self.v
     }
 
+    /// Runs `f` on the elements. The slice lives only for the call.
+    #[track_caller]
+    pub fn with<R>(&self, f: impl FnOnce(&[T]) -> R) -> R {
+        f(self.get_ref())
+    }
+
+    /// Runs `f` on the elements, to change them. The slice lives only for the call.
+    #[track_caller]
+    pub fn with_mut<R>(&mut self, f: impl FnOnce(&mut [T]) -> R) -> R {
+        f(self.get_mut_ref())
+    }
+
+    /// A copy of element `i`.
+    #[track_caller]
+    pub fn get(&self, i: usize) -> Option<T>
+    where
+        T: Copy,
+    {
+        self.get_ref().get(i).copied()
+    }
+
+    /// Replaces element `i` with `v`, returning the old one (`Err(v)` if `i` is out of range).
+    #[track_caller]
+    pub fn replace(&mut self, i: usize, v: T) -> Result<T, T> {
+        match self.get_mut_ref().get_mut(i) {
+            Some(slot) => Ok(core::mem::replace(slot, v)),
+            None => Err(v),
+        }
+    }
+
     /// Makes room for `n` more elements, or says the heap has none.
+    #[track_caller]
     pub fn try_reserve(
         &mut self,
         n: usize,
     ) -> Result<(), allocator_api2::collections::TryReserveError> {
-        self.get_mut().try_reserve(n)
+        self.get_mut_ref().try_reserve(n)
     }
 
     /// Makes room for exactly `n` more elements, or says the heap has none.
+    #[track_caller]
     pub fn try_reserve_exact(
         &mut self,
         n: usize,
     ) -> Result<(), allocator_api2::collections::TryReserveError> {
-        self.get_mut().try_reserve_exact(n)
+        self.get_mut_ref().try_reserve_exact(n)
     }
 
     /// Appends `v` (panics if the heap has no room: reserve first to get an error instead).
+    #[track_caller]
     pub fn push(&mut self, v: T) {
-        self.get_mut().push(v);
+        self.get_mut_ref().push(v);
     }
 
     /// Removes the last element.
+    #[track_caller]
     pub fn pop(&mut self) -> Option<T> {
-        self.get_mut().pop()
+        self.get_mut_ref().pop()
     }
 
     /// Removes every element.
+    #[track_caller]
     pub fn clear(&mut self) {
-        self.get_mut().clear();
+        self.get_mut_ref().clear();
+    }
+
+    /// Shortens the vector to `n` elements (dropping the rest).
+    #[track_caller]
+    pub fn truncate(&mut self, n: usize) {
+        self.get_mut_ref().truncate(n);
     }
 
     /// Appends copies of `s` (panics if the heap has no room).
+    #[track_caller]
     pub fn extend_from_slice(&mut self, s: &[T])
     where
         T: Clone,
     {
-        self.get_mut().extend_from_slice(s);
+        self.get_mut_ref().extend_from_slice(s);
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.v.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.v.is_empty()
     }
 
     /// Elements the buffer has room for.
@@ -626,48 +716,44 @@ impl<T: ShareSafe> Drop for SharedVec<T> {
     }
 }
 
-impl<T: ShareSafe> Deref for SharedVec<T> {
-    type Target = [T];
-    fn deref(&self) -> &[T] {
-        self.get()
-    }
-}
-
-impl<T: ShareSafe> DerefMut for SharedVec<T> {
-    fn deref_mut(&mut self) -> &mut [T] {
-        self.get_mut()
-    }
-}
-
-impl<T: ShareSafe> core::borrow::Borrow<[T]> for SharedVec<T> {
-    fn borrow(&self) -> &[T] {
-        self.get()
-    }
-}
-
 impl<T: ShareSafe + core::fmt::Debug> core::fmt::Debug for SharedVec<T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_list().entries(self.get().iter()).finish()
+        f.debug_list().entries(self.get_ref().iter()).finish()
     }
 }
 
 impl<T: ShareSafe + PartialEq> PartialEq for SharedVec<T> {
     fn eq(&self, o: &Self) -> bool {
-        self[..] == o[..]
+        self.get_ref()[..] == o.get_ref()[..]
     }
 }
 
 impl<T: ShareSafe + Eq> Eq for SharedVec<T> {}
 
+impl<T: ShareSafe + PartialEq> PartialEq<[T]> for SharedVec<T> {
+    fn eq(&self, o: &[T]) -> bool {
+        self.get_ref()[..] == *o
+    }
+}
+
 impl<T: ShareSafe + Hash> Hash for SharedVec<T> {
     /// Hashes like the slice, so a map keyed by `SharedVec<T>` can be searched with a `&[T]`.
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self[..].hash(state);
+        self.get_ref()[..].hash(state);
+    }
+}
+
+/// A map keyed by `SharedVec<T>` is searched with a `&[T]` (no copy into the heap first).
+impl<T: ShareSafe + Eq> hashbrown::Equivalent<SharedVec<T>> for [T] {
+    fn equivalent(&self, key: &SharedVec<T>) -> bool {
+        key.get_ref()[..] == *self
     }
 }
 
 /// A value in a shared heap (an `allocator_api2` box). Neither `Send` nor `Sync`: share one
-/// through a [`Shared`]. Every use panics in a task that does not map its heap.
+/// through a [`Shared`]. Its value is reached through closures ([`with`](Self::with),
+/// [`with_mut`](Self::with_mut)) or copied out ([`get`](Self::get)). Every use panics in a
+/// task that does not map its heap.
 ///
 /// ```no_run
 /// use libos::shared::{SharedBox, SharedHeap};
@@ -676,8 +762,8 @@ impl<T: ShareSafe + Hash> Hash for SharedVec<T> {
 /// let alloc = heap.allocator();
 /// let h = libos::task::spawn(&[&t], move || {
 ///     let mut b = SharedBox::new_in([0u64; 4], alloc);
-///     b[1] = 7;
-///     b.iter().sum::<u64>() as i32
+///     b.with_mut(|a| a[1] = 7);
+///     b.with(|a| a.iter().sum::<u64>()) as i32
 /// });
 /// ```
 pub struct SharedBox<T: ShareSafe> {
@@ -688,6 +774,7 @@ pub struct SharedBox<T: ShareSafe> {
 impl<T: ShareSafe> SharedBox<T> {
     /// Moves `v` into the heap (panics if the heap has no room, see
     /// [`try_new_in`](Self::try_new_in), or if the running task does not map it).
+    #[track_caller]
     pub fn new_in(v: T, alloc: SharedAlloc) -> Self {
         usable(alloc);
         SharedBox {
@@ -711,6 +798,29 @@ impl<T: ShareSafe> SharedBox<T> {
     fn alloc(&self) -> SharedAlloc {
         allocator_api2::boxed::Box::allocator(&self.b).0
     }
+
+    /// Runs `f` on the value. The reference lives only for the call.
+    #[track_caller]
+    pub fn with<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        usable(self.alloc());
+        f(&self.b)
+    }
+
+    /// Runs `f` on the value, to change it. The reference lives only for the call.
+    #[track_caller]
+    pub fn with_mut<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> R {
+        usable(self.alloc());
+        f(&mut self.b)
+    }
+
+    /// A copy of the value.
+    #[track_caller]
+    pub fn get(&self) -> T
+    where
+        T: Copy,
+    {
+        self.with(|v| *v)
+    }
 }
 
 impl<T: ShareSafe> Drop for SharedBox<T> {
@@ -723,24 +833,9 @@ impl<T: ShareSafe> Drop for SharedBox<T> {
     }
 }
 
-impl<T: ShareSafe> Deref for SharedBox<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        usable(self.alloc());
-        &self.b
-    }
-}
-
-impl<T: ShareSafe> DerefMut for SharedBox<T> {
-    fn deref_mut(&mut self) -> &mut T {
-        usable(self.alloc());
-        &mut self.b
-    }
-}
-
 impl<T: ShareSafe + core::fmt::Debug> core::fmt::Debug for SharedBox<T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        (**self).fmt(f)
+        self.with(|v| v.fmt(f))
     }
 }
 
@@ -750,7 +845,10 @@ type SharedHasher = foldhash::fast::FixedState;
 const HASH_SEED: u64 = 0x5374_656e_6369_6c00;
 
 /// A hash map in a shared heap (`hashbrown`, table and entries in the heap). Neither `Send` nor
-/// `Sync`: share one through a [`Shared`]. Every use panics in a task that does not map its heap.
+/// `Sync`: share one through a [`Shared`]. Values are copied out ([`get`](Self::get)) or reached
+/// through closures ([`get_with`](Self::get_with), [`update`](Self::update),
+/// [`for_each`](Self::for_each)): no reference into the heap outlives the call. Every use panics
+/// in a task that does not map its heap.
 ///
 /// ```no_run
 /// use libos::shared::{SharedHeap, SharedMap};
@@ -761,7 +859,8 @@ const HASH_SEED: u64 = 0x5374_656e_6369_6c00;
 ///     let mut m = SharedMap::new_in(alloc);
 ///     m.try_reserve(1).expect("room");
 ///     m.insert(1u64, 10u64);
-///     m.get(&1).copied().unwrap_or(0) as i32
+///     m.update(&1, |v| *v += 1);
+///     m.get(&1).unwrap_or(0) as i32 // 11
 /// });
 /// ```
 pub struct SharedMap<K: ShareSafe, V: ShareSafe> {
@@ -770,11 +869,13 @@ pub struct SharedMap<K: ShareSafe, V: ShareSafe> {
 }
 
 impl<K: ShareSafe, V: ShareSafe> SharedMap<K, V> {
+    #[track_caller]
     fn get_map(&self) -> &hashbrown::HashMap<K, V, SharedHasher, RawAlloc> {
         usable(self.m.allocator().0);
         &self.m
     }
 
+    #[track_caller]
     fn get_map_mut(&mut self) -> &mut hashbrown::HashMap<K, V, SharedHasher, RawAlloc> {
         usable(self.m.allocator().0);
         &mut self.m
@@ -794,35 +895,55 @@ impl<K: ShareSafe + Hash + Eq, V: ShareSafe> SharedMap<K, V> {
     }
 
     /// Makes room for `n` more entries, or says the heap has none.
+    #[track_caller]
     pub fn try_reserve(&mut self, n: usize) -> Result<(), hashbrown::TryReserveError> {
         self.get_map_mut().try_reserve(n)
     }
 
     /// Inserts (panics if the heap has no room: reserve first to get an error instead); returns
     /// the value the key had.
+    #[track_caller]
     pub fn insert(&mut self, k: K, v: V) -> Option<V> {
         self.get_map_mut().insert(k, v)
     }
 
-    /// The value of `k` (any form of the key that hashes and compares like it).
-    pub fn get<Q: Hash + hashbrown::Equivalent<K> + ?Sized>(&self, k: &Q) -> Option<&V> {
-        self.get_map().get(k)
+    /// A copy of the value of `k` (any form of the key that hashes and compares like it).
+    #[track_caller]
+    pub fn get<Q: Hash + hashbrown::Equivalent<K> + ?Sized>(&self, k: &Q) -> Option<V>
+    where
+        V: Copy,
+    {
+        self.get_map().get(k).copied()
     }
 
-    /// The value of `k`, to change.
-    pub fn get_mut<Q: Hash + hashbrown::Equivalent<K> + ?Sized>(
+    /// Runs `f` on the value of `k`, if it has one.
+    #[track_caller]
+    pub fn get_with<Q: Hash + hashbrown::Equivalent<K> + ?Sized, R>(
+        &self,
+        k: &Q,
+        f: impl FnOnce(&V) -> R,
+    ) -> Option<R> {
+        self.get_map().get(k).map(f)
+    }
+
+    /// Runs `f` on the value of `k`, to change it, if it has one.
+    #[track_caller]
+    pub fn update<Q: Hash + hashbrown::Equivalent<K> + ?Sized, R>(
         &mut self,
         k: &Q,
-    ) -> Option<&mut V> {
-        self.get_map_mut().get_mut(k)
+        f: impl FnOnce(&mut V) -> R,
+    ) -> Option<R> {
+        self.get_map_mut().get_mut(k).map(f)
     }
 
     /// True when `k` has a value.
+    #[track_caller]
     pub fn contains_key<Q: Hash + hashbrown::Equivalent<K> + ?Sized>(&self, k: &Q) -> bool {
         self.get_map().contains_key(k)
     }
 
     /// Removes `k`; returns its value.
+    #[track_caller]
     pub fn remove<Q: Hash + hashbrown::Equivalent<K> + ?Sized>(&mut self, k: &Q) -> Option<V> {
         self.get_map_mut().remove(k)
     }
@@ -837,12 +958,24 @@ impl<K: ShareSafe + Hash + Eq, V: ShareSafe> SharedMap<K, V> {
         self.m.is_empty()
     }
 
-    /// Every entry, in no particular order.
-    pub fn iter(&self) -> hashbrown::hash_map::Iter<'_, K, V> {
-        self.get_map().iter()
+    /// Runs `f` on every entry, in no particular order.
+    #[track_caller]
+    pub fn for_each(&self, mut f: impl FnMut(&K, &V)) {
+        for (k, v) in self.get_map() {
+            f(k, v);
+        }
+    }
+
+    /// Runs `f` on every entry, to change the values, in no particular order.
+    #[track_caller]
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(&K, &mut V)) {
+        for (k, v) in self.get_map_mut() {
+            f(k, v);
+        }
     }
 
     /// Removes every entry (keeps the table).
+    #[track_caller]
     pub fn clear(&mut self) {
         self.get_map_mut().clear();
     }
@@ -936,7 +1069,7 @@ static NEXT_ROOT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64:
 /// let hits = Shared::new_in(0u64, heap.allocator()).map_err(|(e, _)| e).expect("room");
 /// let t = heap.template();
 /// let h = libos::task::spawn(&[&t], move || {
-///     *hits.lock().expect("attached") += 1;
+///     hits.with(|n| *n += 1).expect("attached");
 ///     0
 /// })
 /// .expect("spawn");
@@ -1015,27 +1148,46 @@ impl<T: ShareSafe> Shared<T> {
         })
     }
 
-    /// Locks the value for the running task, waiting (yielding to the others) while another
-    /// task holds it. Errors: [`SharedError::Gone`], [`SharedError::NotMapped`],
-    /// [`SharedError::Poisoned`], [`SharedError::AlreadyHeld`]. While the guard lives the task
-    /// cannot be killed (a kill waits for the guard's drop).
-    pub fn lock(&self) -> Result<SharedGuard<'_, T>, SharedError> {
-        loop {
+    /// Runs `f` on the value, with the value's lock held by the running task; waits (yielding to
+    /// the others) while another task holds it. The reference lives only for the call (it cannot
+    /// be kept: see the module docs). While `f` runs the task cannot be killed (a kill waits for
+    /// `f` to return); if the task ends inside `f` (a panic, a fault, `task::exit`) the value is
+    /// poisoned. Errors, before `f` runs: [`SharedError::Gone`], [`SharedError::NotMapped`],
+    /// [`SharedError::Poisoned`], [`SharedError::AlreadyHeld`] (a `with` of the same value
+    /// inside `f`).
+    pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, SharedError> {
+        let ptr = loop {
             match self.acquire()? {
-                Ok(g) => return Ok(g),
+                Ok(p) => break p,
                 Err(_) => crate::task::yield_now(),
             }
-        }
+        };
+        Ok(self.run(ptr, f))
     }
 
-    /// [`lock`](Self::lock) that does not wait: [`SharedError::Busy`] names the holder.
-    pub fn try_lock(&self) -> Result<SharedGuard<'_, T>, SharedError> {
-        self.acquire()?
-            .map_err(|holder| SharedError::Busy { holder })
+    /// [`with`](Self::with) that does not wait: [`SharedError::Busy`] names the holder.
+    pub fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, SharedError> {
+        let ptr = self
+            .acquire()?
+            .map_err(|holder| SharedError::Busy { holder })?;
+        Ok(self.run(ptr, f))
     }
 
-    /// One attempt: the guard, or the task that holds the lock.
-    fn acquire(&self) -> Result<Result<SharedGuard<'_, T>, u64>, SharedError> {
+    /// Runs `f` on the value at `ptr`, whose lock the running task holds, then lets it go (and
+    /// carries out a kill that waited).
+    fn run<R>(&self, ptr: *mut T, f: impl FnOnce(&mut T) -> R) -> R {
+        // SAFETY: the value is initialised at `ptr`, in the heap, which this task maps (checked
+        // by `acquire`: it attached the heap's template, and a task's templates do not change
+        // while it lives), and the lock keeps every other task away from it until `release`;
+        // `f` cannot keep the reference (it is only for the call: `for<'a> FnOnce(&'a mut T)`),
+        // and a second `with` of the value inside `f` is refused (`AlreadyHeld`).
+        let r = f(unsafe { &mut *ptr });
+        self.release();
+        r
+    }
+
+    /// One attempt: the value's address with the lock now held, or the task that holds it.
+    fn acquire(&self) -> Result<Result<*mut T, u64>, SharedError> {
         let _k = crate::mm::ctx::kernel();
         let me = crate::arch::cpu::running_task();
         let inner = heap(self.heap).ok_or(SharedError::Gone)?;
@@ -1058,11 +1210,7 @@ impl<T: ShareSafe> Shared<T> {
                     // holder has ended.
                     r.holder = Some(me);
                     crate::task::enter_no_kill(tok);
-                    Ok(Ok(SharedGuard {
-                        shared: self,
-                        ptr: r.va as *mut T,
-                        _local: core::marker::PhantomData,
-                    }))
+                    Ok(Ok(r.va as *mut T))
                 }
                 Some(h) if h == me => Err(SharedError::AlreadyHeld),
                 Some(h) if !crate::task::in_no_kill(h) => {
@@ -1075,15 +1223,36 @@ impl<T: ShareSafe> Shared<T> {
         })
     }
 
+    /// Lets the lock go (the running task holds it), then leaves the no-kill section: a kill
+    /// that came meanwhile ends the task here.
+    fn release(&self) {
+        {
+            let _k = crate::mm::ctx::kernel();
+            let me = crate::arch::cpu::running_task();
+            if let Some(inner) = heap(self.heap)
+                && let Some(r) = inner.roots.lock().get_mut(&self.root)
+                && r.holder == Some(me)
+            {
+                r.holder = None;
+            }
+        }
+        crate::task::leave_no_kill();
+    }
+
     /// Takes the value out of the heap into the running task (waiting for the lock as
-    /// [`lock`](Self::lock) does, with its errors); afterwards every copy of this `Shared`
+    /// [`with`](Self::with) does, with its errors); afterwards every copy of this `Shared`
     /// answers [`SharedError::Gone`].
     pub fn take(self) -> Result<T, SharedError> {
-        let guard = core::mem::ManuallyDrop::new(self.lock()?);
-        // SAFETY: the guard gives this task exclusive access to the initialised value at `ptr`
+        let ptr = loop {
+            match self.acquire()? {
+                Ok(p) => break p,
+                Err(_) => crate::task::yield_now(),
+            }
+        };
+        // SAFETY: the lock gives this task exclusive access to the initialised value at `ptr`
         // (mapped here); it is read out once, and the record is removed below so that nothing
         // reaches the block again.
-        let value = unsafe { guard.ptr.read() };
+        let value = unsafe { ptr.read() };
         {
             let _k = crate::mm::ctx::kernel();
             if let Some(inner) = heap(self.heap) {
@@ -1102,57 +1271,9 @@ impl<T: ShareSafe> Shared<T> {
                 }
             }
         }
-        // The guard's own drop is not run (the record is gone): leave its no-kill section.
+        // A kill that came while the lock was held ends the task here (the value, now in this
+        // task's memory, goes with it).
         crate::task::leave_no_kill();
         Ok(value)
-    }
-}
-
-/// The lock of a [`Shared`] value, held by the running task: dereferences to the value. Neither
-/// `Send` nor `Sync`. Dropping it lets the next task in (and carries out a kill that waited).
-pub struct SharedGuard<'a, T: ShareSafe> {
-    shared: &'a Shared<T>,
-    ptr: *mut T,
-    _local: Local,
-}
-
-impl<T: ShareSafe> Deref for SharedGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the value is initialised at `ptr`, in the heap, which this task maps (checked
-        // by `acquire`; a task's mappings do not change while it lives, and mapped frames stay
-        // allocated), and the lock keeps every other task away from it while this guard lives.
-        unsafe { &*self.ptr }
-    }
-}
-
-impl<T: ShareSafe> DerefMut for SharedGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as in `deref`; `&mut self` makes the access exclusive in this task too (a
-        // second guard of the same value in one task is refused: `AlreadyHeld`).
-        unsafe { &mut *self.ptr }
-    }
-}
-
-impl<T: ShareSafe + core::fmt::Debug> core::fmt::Debug for SharedGuard<'_, T> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        (**self).fmt(f)
-    }
-}
-
-impl<T: ShareSafe> Drop for SharedGuard<'_, T> {
-    fn drop(&mut self) {
-        {
-            let _k = crate::mm::ctx::kernel();
-            let me = crate::arch::cpu::running_task();
-            if let Some(inner) = heap(self.shared.heap)
-                && let Some(r) = inner.roots.lock().get_mut(&self.shared.root)
-                && r.holder == Some(me)
-            {
-                r.holder = None;
-            }
-        }
-        // May end the task here, if it was killed while it held the lock.
-        crate::task::leave_no_kill();
     }
 }

@@ -796,7 +796,12 @@ pub(crate) fn check_access(
         let r = space
             .region(VirtAddr::new(a))
             .ok_or(Fault::Unmapped { addr: a })?;
-        if write && !r.perm.write {
+        let typed = || {
+            space
+                .translate(VirtAddr::new(a))
+                .is_some_and(|t| is_typed((t.phys.as_u64() / PAGE_SIZE) as usize))
+        };
+        if write && (!r.perm.write || (r.kind == Kind::Shared && typed())) {
             return Err(Fault::WriteToReadOnly {
                 addr: a,
                 region: r.name.clone(),
@@ -805,6 +810,32 @@ pub(crate) fn check_access(
         a = r.end;
     }
     Ok(())
+}
+
+/// The frames of every live shared heap (first frame → frame count): memory that holds Rust
+/// objects (collection headers, allocator state), so byte-wise writes (`task::write`,
+/// `Space::write`) must not change it — a forged header would be a pointer anywhere.
+static TYPED: crate::arch::irq::IrqMutex<alloc::collections::BTreeMap<usize, usize>> =
+    crate::arch::irq::IrqMutex::new(alloc::collections::BTreeMap::new());
+
+/// Records `pages` frames from `first` as a shared heap's (see [`TYPED`]).
+pub(crate) fn mark_typed(first: usize, pages: usize) {
+    TYPED.lock().insert(first, pages);
+}
+
+/// Forgets the heap whose first frame is `first`.
+pub(crate) fn unmark_typed(first: usize) {
+    TYPED.lock().remove(&first);
+}
+
+/// True when frame `pfn` belongs to a live shared heap. A heap's region maps its frames only (in
+/// the heap's template and in any snapshot of it), so one page tells for the whole region.
+fn is_typed(pfn: usize) -> bool {
+    TYPED
+        .lock()
+        .range(..=pfn)
+        .next_back()
+        .is_some_and(|(&first, &n)| pfn < first + n)
 }
 
 /// Records the space the CPU now runs in (the scheduler calls this on every switch).

@@ -358,13 +358,7 @@ fn handle(s: &mut State, req: u32, key: u64, first_tsc: u64) -> i32 {
     let private_ok =
         s.scratch.iter().all(|&w| w == stamp) && s.served == 1 && s.recent.get(&key) == Some(&req);
     // Report through the shared heap: this request's slot and the counters.
-    let Ok(mut b) = s.board.lock() else {
-        return 15;
-    };
-    let Some(slot) = b.replies.get_mut(req as usize) else {
-        return 14;
-    };
-    *slot = Reply {
+    let reply = Reply {
         key,
         value: value.unwrap_or(0),
         first_tsc,
@@ -374,13 +368,19 @@ fn handle(s: &mut State, req: u32, key: u64, first_tsc: u64) -> i32 {
         private_ok,
         pages,
     };
-    if value.is_some() {
-        b.hits += 1;
-    } else {
-        b.misses += 1;
-    }
-    b.pages_read += u64::from(pages);
-    0
+    let reported = s.board.with(|b| {
+        if b.replies.replace(req as usize, reply).is_err() {
+            return 14;
+        }
+        if value.is_some() {
+            b.hits += 1;
+        } else {
+            b.misses += 1;
+        }
+        b.pages_read += u64::from(pages);
+        0
+    });
+    reported.unwrap_or(15)
 }
 
 /// The checker: runs in a task spawned from the zygote after a mode's requests. Returns 0 or the
@@ -401,31 +401,37 @@ fn check(s: &mut State, expected: &[Option<u64>]) -> i32 {
     if !seen {
         return 21;
     }
-    let Ok(b) = s.board.lock() else {
-        return 22;
-    };
-    let replies = &b.replies;
-    if replies.len() != expected.len() {
-        return 23;
-    }
-    let (mut hits, mut pages) = (0, 0);
-    for (i, r) in replies.iter().enumerate() {
-        if !r.done {
-            return 23;
-        }
-        if r.req as usize != i || r.value() != expected[i] || !r.private_ok {
-            return 24;
-        }
-        hits += u64::from(r.found);
-        pages += u64::from(r.pages);
-    }
-    if b.hits != hits || b.misses != expected.len() as u64 - hits {
-        return 26;
-    }
-    if b.pages_read != pages {
-        return 27;
-    }
-    0
+    s.board
+        .with(|b| {
+            if b.replies.len() != expected.len() {
+                return 23;
+            }
+            let (mut hits, mut pages) = (0, 0);
+            let bad = b.replies.with(|replies| {
+                for (i, r) in replies.iter().enumerate() {
+                    if !r.done {
+                        return 23;
+                    }
+                    if r.req as usize != i || r.value() != expected[i] || !r.private_ok {
+                        return 24;
+                    }
+                    hits += u64::from(r.found);
+                    pages += u64::from(r.pages);
+                }
+                0
+            });
+            if bad != 0 {
+                return bad;
+            }
+            if b.hits != hits || b.misses != expected.len() as u64 - hits {
+                return 26;
+            }
+            if b.pages_read != pages {
+                return 27;
+            }
+            0
+        })
+        .unwrap_or(22)
 }
 
 struct Args {
@@ -774,14 +780,15 @@ fn serve(
 ) -> Result<(), i32> {
     let name = mode_name(mode);
     let builder = Builder::new().mode(mode);
-    // A clean board (the zygote's state changes, so the next spawn snapshots it again).
-    match zygote.state().board.lock() {
-        Ok(mut b) => {
-            b.replies.fill(Reply::default());
-            b.hits = 0;
-            b.misses = 0;
-            b.pages_read = 0;
-        }
+    // A clean board (in the shared heap: the zygote's own memory does not change).
+    let cleared = zygote.state().board.with(|b| {
+        b.replies.with_mut(|r| r.fill(Reply::default()));
+        b.hits = 0;
+        b.misses = 0;
+        b.pages_read = 0;
+    });
+    match cleared {
+        Ok(()) => {}
         Err(e) => {
             println!("forkserver: FAIL {name}: the board: {e}");
             return Err(1);
@@ -843,14 +850,19 @@ fn serve(
     };
     // The board, read here (this task attaches the heap).
     let mut hits = 0;
-    let board = match zygote.state().board.lock() {
-        Ok(b) => b,
+    // Copied out of the shared heap (under the board's lock) into this task's memory.
+    let replies = match zygote.state().board.with(|b| {
+        let mut v = Vec::with_capacity(b.replies.len());
+        b.replies.with(|r| v.extend_from_slice(r));
+        v
+    }) {
+        Ok(v) => v,
         Err(e) => {
             println!("forkserver: FAIL {name}: the board: {e}");
             return Err(1);
         }
     };
-    for (i, r) in board.replies.iter().enumerate() {
+    for (i, r) in replies.iter().enumerate() {
         let first = r
             .first_tsc
             .saturating_sub(starts.get(i).copied().unwrap_or(0));

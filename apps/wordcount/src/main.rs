@@ -165,7 +165,13 @@ fn worker(w: usize, start: u64, len: u64, board: Shared<Board>, alloc: SharedAll
 }
 
 fn add_line(w: usize, line: &[u8], board: Shared<Board>, alloc: SharedAlloc) -> Result<(), ()> {
-    let mut b = board.lock().map_err(|_| ())?;
+    board
+        .with(|b| count_line(w, line, b, alloc))
+        .map_err(|_| ())?
+}
+
+/// Counts `line` into the board (its lock held).
+fn count_line(w: usize, line: &[u8], b: &mut Board, alloc: SharedAlloc) -> Result<(), ()> {
     b.batches += 1;
     if b.last_worker != w as u64 {
         b.last_worker = w as u64;
@@ -176,9 +182,7 @@ fn add_line(w: usize, line: &[u8], board: Shared<Board>, alloc: SharedAlloc) -> 
             continue;
         }
         b.total += 1;
-        if let Some(n) = b.map.get_mut(word) {
-            *n += 1;
-        } else {
+        if b.map.update(word, |n| *n += 1).is_none() {
             let mut key = SharedVec::new_in(alloc);
             key.try_reserve_exact(word.len()).map_err(|_| ())?;
             key.extend_from_slice(word);
@@ -402,10 +406,15 @@ fn coordinate(
         return 1;
     }
     let map = &board.map;
+    // The words, copied out of the shared heap into this task's own memory.
+    let mut counted: Vec<(String, u64)> = Vec::with_capacity(map.len());
+    map.for_each(|k, &n| {
+        let word = k.with(|b| String::from(core::str::from_utf8(b).unwrap_or("<not utf-8>")));
+        counted.push((word, n));
+    });
     let mut bad = 0;
-    for (k, &n) in map.iter() {
-        let word = core::str::from_utf8(k).unwrap_or("<not utf-8>");
-        if expected.get(word) != Some(&n) {
+    for (word, n) in &counted {
+        if expected.get(word) != Some(n) {
             bad += 1;
             if bad <= 5 {
                 println!(
@@ -415,12 +424,11 @@ fn coordinate(
             }
         }
     }
-    let mut top: Vec<(&[u8], u64)> = map.iter().map(|(k, &n)| (&k[..], n)).collect();
-    top.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-    let top: Vec<String> = top
+    counted.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let top: Vec<String> = counted
         .iter()
         .take(5)
-        .map(|(k, n)| format!("{} {n}", core::str::from_utf8(k).unwrap_or("?")))
+        .map(|(k, n)| format!("{k} {n}"))
         .collect();
     let (total, handovers) = (board.total, board.handovers);
     println!(

@@ -463,8 +463,9 @@ impl JoinHandle {
     /// joined goes on), or running (a task that kills itself). A task blocked in a join of this
     /// task is woken and gets `Err(TaskError::Killed)`. Its memory goes with it and libos
     /// releases the objects it owned; a [`crate::sync::Mutex`] in its memory is its own copy.
-    /// One exception: a task holding a [`crate::shared::SharedGuard`] (a lock on memory other
-    /// tasks use) ends when it drops its last one, so shared data is never left half-changed.
+    /// One exception: a task inside [`crate::shared::Shared::with`] (holding a lock on memory
+    /// other tasks use) ends when the closure returns, so shared data is never left
+    /// half-changed.
     ///
     /// ```no_run
     /// use libos::task::TaskError;

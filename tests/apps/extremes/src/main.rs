@@ -218,8 +218,8 @@ fn shared_heap() -> Check {
     let h = task::spawn(&[&t], move || {
         let mut v = libos::shared::SharedVec::new_in(alloc);
         v.push(0x5eed_u64);
-        let p = v.as_ptr() as u64;
-        i32::from((0x2_0000_0000..0x2_0000_1000).contains(&p) && v[0] == 0x5eed)
+        let p = v.with(|s| s.as_ptr() as u64);
+        i32::from((0x2_0000_0000..0x2_0000_1000).contains(&p) && v.get(0) == Some(0x5eed))
     })
     .map_err(|_| "spawn")?;
     eq(h.join(), Ok(1), "shared-heap pointer in the heap's range")?;

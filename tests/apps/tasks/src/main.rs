@@ -533,12 +533,15 @@ fn coordinate(t: &Template, map: Shared<SharedMap>, expected: u64) -> Result<(),
         let h = task::spawn(&[t], move || {
             for k in 0..64u64 {
                 let key = w * 1000 + k;
-                let Ok(mut m) = map.lock() else { return 2 };
-                if m.try_reserve(1).is_err() {
-                    return 3;
+                let put = map.with(|m| {
+                    m.try_reserve(1).is_ok() && {
+                        m.insert(key, key * key);
+                        true
+                    }
+                });
+                if put != Ok(true) {
+                    return 2;
                 }
-                m.insert(key, key * key);
-                drop(m);
                 if k % 16 == 0 {
                     task::yield_now();
                 }
@@ -552,41 +555,45 @@ fn coordinate(t: &Template, map: Shared<SharedMap>, expected: u64) -> Result<(),
         check(w.join() == Ok(0), "worker finished")?;
     }
     let checker = task::spawn(&[t], move || {
-        let Ok(m) = map.lock() else { return 2 };
-        let sum: u64 = m.iter().map(|(_, v)| v).sum();
-        i32::from(m.len() == 512 && sum == expected)
+        let ok = map.with(|m| {
+            let mut sum = 0;
+            m.for_each(|_, v| sum += v);
+            m.len() == 512 && sum == expected
+        });
+        i32::from(ok == Ok(true))
     })
     .map_err(|_| "spawn checker")?;
     check(
         checker.join() == Ok(1),
         "the shared map holds every worker's entries",
     )?;
-    {
-        let m = map.lock().map_err(|_| "lock in the coordinator")?;
-        check(
-            m.len() == 512 && m.get(&7042) == Some(&(7042 * 7042)),
-            "the coordinator sees the workers' inserts",
-        )?;
-        check(
-            map.try_lock().err() == Some(SharedError::AlreadyHeld)
-                && map.lock().err() == Some(SharedError::AlreadyHeld),
-            "a second lock in the same task is refused, not a deadlock",
-        )?;
-    }
+    let nested = map
+        .with(|m| {
+            let seen = m.len() == 512 && m.get(&7042) == Some(7042 * 7042);
+            let again = map.with(|_| ()).err() == Some(SharedError::AlreadyHeld)
+                && map.try_with(|_| ()).err() == Some(SharedError::AlreadyHeld);
+            (seen, again)
+        })
+        .map_err(|_| "with in the coordinator")?;
+    check(nested.0, "the coordinator sees the workers' inserts")?;
+    check(
+        nested.1,
+        "a nested with of the same value is refused, not a deadlock",
+    )?;
     // A task without the heap's template is refused, not faulted.
-    let outsider = task::spawn(&[], move || match map.lock() {
+    let outsider = task::spawn(&[], move || match map.with(|m| m.len()) {
         Err(SharedError::NotMapped { .. }) => 0,
         _ => 1,
     })
     .map_err(|_| "spawn outsider")?;
     check(
         outsider.join() == Ok(0),
-        "an unattached task's lock says NotMapped",
+        "an unattached task's with says NotMapped",
     )?;
     let m = map.take().map_err(|_| "take the map")?;
     println!("shared heap: {} entries taken out", m.len());
     check(
-        map.lock().err() == Some(SharedError::Gone),
+        map.with(|_| ()).err() == Some(SharedError::Gone),
         "a taken value is gone for every copy of its handle",
     )?;
     drop(m);
@@ -619,21 +626,24 @@ fn shared_failures() -> Result<(), &'static str> {
     )
     .map_err(|_| "room")?;
 
-    // Killed while holding: the kill waits until the guard is dropped.
+    // Killed while holding: the kill waits until the closure returns.
     let (tx, rx) = channel::bounded::<u64>(1);
     let victim = task::spawn_with(&[&t], tx, move |tx| {
-        let Ok(mut p) = pair.lock() else { return 2 };
-        p.a += 1;
-        let _ = tx.send(1); // the killer may kill now
-        for _ in 0..50 {
-            task::yield_now();
+        let r = pair.with(|p| {
+            p.a += 1;
+            let _ = tx.send(1); // the killer may kill now
+            for _ in 0..50 {
+                task::yield_now();
+            }
+            p.b += 1;
+            let a = p.a;
+            p.log.push(a);
+        }); // the kill happens here
+        if r.is_err() {
+            return 2;
         }
-        p.b += 1;
-        let a = p.a;
-        p.log.push(a);
-        drop(p); // the kill happens here
         loop {
-            task::yield_now(); // never reached: killed at the guard's drop
+            task::yield_now(); // never reached: killed when `with` let go
         }
     })
     .map_err(|_| "spawn victim")?;
@@ -643,9 +653,11 @@ fn shared_failures() -> Result<(), &'static str> {
         victim.join() == Err(TaskError::Killed),
         "the victim ended killed",
     )?;
-    let reader = task::spawn(&[&t], move || match pair.lock() {
-        Ok(p) => i32::from(p.a == 1 && p.b == 1 && p.log.len() == 1),
-        Err(_) => 2,
+    let reader = task::spawn(&[&t], move || {
+        match pair.with(|p| p.a == 1 && p.b == 1 && p.log.len() == 1) {
+            Ok(ok) => i32::from(ok),
+            Err(_) => 2,
+        }
     })
     .map_err(|_| "spawn reader")?;
     check(
@@ -655,9 +667,11 @@ fn shared_failures() -> Result<(), &'static str> {
 
     // Panicking while holding: poisoned, naming the task.
     let panicker = task::spawn(&[&t], move || {
-        let Ok(mut p) = pair.lock() else { return 2 };
-        p.a += 1;
-        panic!("half-way through");
+        let _ = pair.with(|p| {
+            p.a += 1;
+            panic!("half-way through");
+        });
+        2
     })
     .map_err(|_| "spawn panicker")?;
     let pid = panicker.id();
@@ -665,7 +679,7 @@ fn shared_failures() -> Result<(), &'static str> {
         matches!(panicker.join(), Err(TaskError::Panic(_))),
         "the panicker panicked",
     )?;
-    let after = task::spawn(&[&t], move || match pair.lock() {
+    let after = task::spawn(&[&t], move || match pair.with(|_| ()) {
         Err(SharedError::Poisoned { task }) if task == pid => 0,
         _ => 1,
     })
@@ -684,19 +698,21 @@ fn shared_failures() -> Result<(), &'static str> {
     let (ia, oa) = (inner.allocator(), outer.allocator());
     let nested = Shared::new_in(SharedVec::<SharedVec<u64>>::new_in(oa), oa).map_err(|_| "room")?;
     let filler = task::spawn(&[&ti, &to], move || {
-        let Ok(mut outer) = nested.lock() else {
-            return 2;
-        };
-        let mut v = SharedVec::new_in(ia);
-        v.extend_from_slice(&[7, 8, 9]);
-        outer.push(v);
-        i32::from(outer[0][..] == [7, 8, 9])
+        let r = nested.with(|outer| {
+            let mut v = SharedVec::new_in(ia);
+            v.extend_from_slice(&[7, 8, 9]);
+            outer.push(v);
+            outer.with(|o| o[0] == [7, 8, 9][..])
+        });
+        i32::from(r == Ok(true))
     })
     .map_err(|_| "spawn filler")?;
     check(filler.join() == Ok(1), "a vector of the inner heap, nested")?;
     let confused = task::spawn(&[&tm, &to], move || {
-        let Ok(outer) = nested.lock() else { return 2 };
-        outer[0].len() as i32 // the inner heap is not mapped here: panics
+        // The inner heap is not mapped here (the impostor is, at its address): panics.
+        nested
+            .with(|outer| outer.with(|o| o[0].len() + o[0].get(0).map_or(0, |x| x as usize)))
+            .map_or(-1, |n| n as i32)
     })
     .map_err(|_| "spawn confused")?;
     let refused = match confused.join() {
@@ -707,33 +723,46 @@ fn shared_failures() -> Result<(), &'static str> {
         refused,
         "a collection whose heap is not the one mapped at its address is refused",
     )?;
+    // Heap memory holds Rust objects: byte writes to it are refused, reads are not.
+    let writer = task::spawn(&[&to], move || {
+        let mut b = [0u8; 8];
+        let read = task::read(0x2_8000_0000, &mut b).is_ok();
+        let written = task::write(0x2_8000_0000, &[0xff; 8]).is_ok();
+        i32::from(read && !written)
+    })
+    .map_err(|_| "spawn writer")?;
+    check(
+        writer.join() == Ok(1),
+        "task::write refuses a shared heap's memory, task::read copies it",
+    )?;
     drop((ti, tm, to, inner, impostor, outer));
 
     // Preempted holders: 16 tasks bump a two-word counter 2,000 times each, never yielding, so
     // the timer may preempt some of them inside the lock; the words must agree and add up.
-    // How often a task found the lock held (try_lock, then lock) is printed, not checked: it
+    // How often a task found the lock held (try_with, then with) is printed, not checked: it
     // depends on where the timer falls.
     let counter = Shared::new_in([0u64; 2], alloc).map_err(|_| "room")?;
+    let bump = |c: &mut [u64; 2]| {
+        let v = c[0];
+        core::hint::black_box(&mut *c);
+        c[1] = v + 1;
+        c[0] = v + 1;
+    };
     let mut bumpers = Vec::new();
     for _ in 0..16 {
         let h = task::spawn(&[&t], move || {
             let mut busy = 0;
             for _ in 0..2000 {
-                let mut c = match counter.try_lock() {
-                    Ok(c) => c,
+                match counter.try_with(bump) {
+                    Ok(()) => {}
                     Err(SharedError::Busy { .. }) => {
                         busy += 1;
-                        match counter.lock() {
-                            Ok(c) => c,
-                            Err(_) => return -1,
+                        if counter.with(bump).is_err() {
+                            return -1;
                         }
                     }
                     Err(_) => return -1,
-                };
-                let v = c[0];
-                core::hint::black_box(&mut *c);
-                c[1] = v + 1;
-                c[0] = v + 1;
+                }
             }
             busy
         })
@@ -744,12 +773,13 @@ fn shared_failures() -> Result<(), &'static str> {
     for h in bumpers {
         match h.join() {
             Ok(n) if n >= 0 => busy += n,
-            _ => return check(false, "a bumper failed").map(|_| ()),
+            _ => return check(false, "a bumper failed"),
         }
     }
-    let total = task::spawn(&[&t], move || match counter.lock() {
-        Ok(c) if c[0] == c[1] => c[0] as i32,
-        _ => -1,
+    let total = task::spawn(&[&t], move || {
+        counter
+            .with(|c| if c[0] == c[1] { c[0] as i32 } else { -1 })
+            .unwrap_or(-2)
     })
     .map_err(|_| "spawn total")?;
     check(
