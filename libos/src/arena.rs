@@ -10,15 +10,32 @@
 //! an infallible allocation (`push`) with a panic that ends the task; an arena larger than the
 //! RAM left faults when a demand-zero page cannot be backed, which also ends just that task.
 //!
+//! **Scoped.** An arena exists only inside [`Arena::scope`]: the closure gets `&Arena`, and when
+//! it returns the region is unmapped. The closure cannot keep a reference into the arena (it is
+//! `for<'a> FnOnce(&'a Arena) -> R`): a `'static` one would be `Send` for plain data and could
+//! be carried into a child — a spawn closure, a zygote's state, a static — where the arena is
+//! not mapped and something else (a shared heap, say) may be, at the same address.
+//!
 //! ```no_run
 //! let h = libos::task::spawn(&[], || {
-//!     let arena = libos::arena::Arena::new(0x10_0000_0000, 16 << 20).expect("map");
-//!     let mut v = allocator_api2::vec::Vec::new_in(&arena);
-//!     v.extend_from_slice(b"scratch that lives in this task only");
-//!     v.len() as i32
+//!     libos::arena::Arena::scope(0x10_0000_0000, 16 << 20, |arena| {
+//!         let mut v = allocator_api2::vec::Vec::new_in(arena);
+//!         v.extend_from_slice(b"scratch that lives in this task only");
+//!         v.len() as i32
+//!     })
+//!     .expect("map")
 //! })
 //! .expect("spawn");
 //! assert_eq!(h.join(), Ok(36));
+//! ```
+//!
+//! ```compile_fail,E0521
+//! let mut kept: Option<&'static mut [u64]> = None;
+//! let _ = libos::arena::Arena::scope(0x10_0000_0000, 1 << 20, |arena| {
+//!     let v = alloc::boxed::Box::leak(alloc::boxed::Box::new(allocator_api2::vec::Vec::new_in(arena)));
+//!     v.push(1u64);
+//!     kept = Some(&mut v[..]); // refused: the arena's memory cannot outlive the scope
+//! });
 //! ```
 
 use core::alloc::Layout;
@@ -51,11 +68,33 @@ pub struct Arena {
 
 impl Arena {
     /// Maps `len` bytes of private, demand-zero memory named "arena" at `va` (page aligned, not
-    /// overlapping anything the task has mapped) and starts an allocator over it. `len` must be
-    /// a page multiple above one page plus the allocator's header ([`templates::Error::TooSmall`]
-    /// otherwise); `va` and `va + len` must lie in the lower half (see
-    /// [`crate::task::map_private`] for the errors).
-    pub fn new(va: u64, len: u64) -> Result<Arena, templates::Error> {
+    /// overlapping anything the task has mapped), starts an allocator over it and runs `f` on
+    /// it. `len` must be a page multiple above one page plus the allocator's header
+    /// ([`templates::Error::TooSmall`] otherwise); `va` and `va + len` must lie in the lower half
+    /// (see [`crate::task::map_private`] for the errors).
+    ///
+    /// When `f` returns, the region is unmapped and its memory freed (unless a snapshot took
+    /// it: `task::snapshot` of the arena's range inside `f`).
+    ///
+    /// ```no_run
+    /// use libos::arena::Arena;
+    /// let sum = Arena::scope(0x10_0000_0000, 1 << 20, |a| {
+    ///     let mut v = allocator_api2::vec::Vec::new_in(a);
+    ///     v.extend_from_slice(&[1u64, 2, 3]);
+    ///     v.iter().sum::<u64>()
+    /// });
+    /// assert_eq!(sum, Ok(6));
+    /// ```
+    pub fn scope<R>(va: u64, len: u64, f: impl FnOnce(&Arena) -> R) -> Result<R, templates::Error> {
+        let arena = Arena::open(va, len)?;
+        let r = f(&arena);
+        // Nothing refers to the region any more (`f` could keep no reference): it goes. An unmap
+        // that failed would leave it mapped, unreachable, until the task ends: harmless.
+        let _ = crate::task::unmap_private(va, len);
+        Ok(r)
+    }
+
+    fn open(va: u64, len: u64) -> Result<Arena, templates::Error> {
         let header = core::mem::size_of::<Heap>().next_multiple_of(64) as u64;
         if len <= header + 4096 {
             return Err(templates::Error::TooSmall {

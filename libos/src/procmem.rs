@@ -184,6 +184,14 @@ impl Drop for Top {
     }
 }
 
+impl Top {
+    /// Frees the table at once, never into the cache (a spawn that is undone keeps nothing).
+    pub(crate) fn discard(self) {
+        let me = core::mem::ManuallyDrop::new(self);
+        frames().dec_ref((me.frame.start_address().as_u64() / PAGE_SIZE) as usize);
+    }
+}
+
 /// Gives the cached top tables back to the frame allocator (`task::trim_caches`).
 pub(crate) fn trim_top_cache() {
     let frames_back: alloc::vec::Vec<PhysFrame> = core::mem::take(&mut *TOP_CACHE.lock());

@@ -118,6 +118,17 @@ fn map_private_k(name: &str, va: u64, len: u64) -> Result<(), templates::Error> 
     })
 }
 
+/// Unmaps `va..va + len` of the running task's space (a private mapping this crate made, e.g. an
+/// arena whose scope ended); its frames go back unless a template took references to them.
+pub(crate) fn unmap_private(va: u64, len: u64) -> Result<(), templates::Error> {
+    let _k = crate::mm::ctx::kernel();
+    crate::space::with_current(|space| {
+        let flush = space.unmap(x86_64::VirtAddr::new(va), len)?;
+        crate::space::apply(flush);
+        Ok(())
+    })
+}
+
 /// Turns ranges of the running task's memory into a template: the fork-server primitive.
 /// Afterwards this task and every task spawned from the template share that memory
 /// copy-on-write. Each range `(start, len)` must be page aligned and mapped; a non-canonical

@@ -31,6 +31,7 @@ pub use error::{SpawnError, TaskError};
 pub(crate) use glue::{
     enter_no_kill, fail_current, in_no_kill, in_spawned_task, init, leave_no_kill, timer_tick,
 };
+pub(crate) use memory::unmap_private;
 pub use memory::{map_private, read, snapshot, space_stats, trim_caches, write};
 
 /// Default stack size of a spawned task.
@@ -267,7 +268,7 @@ impl Builder {
             Ok(h) => h,
             Err((space, top, stack, entry)) => {
                 crate::arch::irq::without(|_| drop(space));
-                drop(top);
+                top.discard();
                 crate::stack::release(stack);
                 drop(entry);
                 return Err(SpawnError::OutOfMemory);

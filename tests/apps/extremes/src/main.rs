@@ -460,36 +460,40 @@ fn channels() -> Check {
 
 fn arena() -> Result<i32, &'static str> {
     use libos::arena::Arena;
-    let too_small = |len| match Arena::new(0x10_0000_0000, len) {
-        Err(Error::TooSmall { len: l, min }) => l == len && min > PAGE,
+    let open = |va, len| Arena::scope(va, len, |_| ()).err();
+    let too_small = |len| match open(0x10_0000_0000, len) {
+        Some(Error::TooSmall { len: l, min }) => l == len && min > PAGE,
         _ => false,
     };
-    check(too_small(0), "Arena::new len 0")?;
-    check(too_small(1), "Arena::new len 1")?;
-    check(too_small(PAGE), "Arena::new len 4096")?;
+    check(too_small(0), "Arena::scope len 0")?;
+    check(too_small(1), "Arena::scope len 1")?;
+    check(too_small(PAGE), "Arena::scope len 4096")?;
     eq(
-        Arena::new(NON_CANONICAL, 1 << 20).err(),
+        open(NON_CANONICAL, 1 << 20),
         Some(Error::NonCanonical {
             addr: NON_CANONICAL,
         }),
-        "Arena::new non-canonical",
+        "Arena::scope non-canonical",
     )?;
     eq(
-        Arena::new(HALF - PAGE, 1 << 20).err(),
+        open(HALF - PAGE, 1 << 20),
         Some(Error::NotLowerHalf { addr: HALF }),
-        "Arena::new across the lower half's end",
+        "Arena::scope across the lower half's end",
     )?;
     eq(
-        Arena::new(0x10_0000_0000, u64::MAX).err(),
+        open(0x10_0000_0000, u64::MAX),
         Some(Error::Misaligned {
             addr: 0x10_0000_0000,
         }),
-        "Arena::new len u64::MAX",
+        "Arena::scope len u64::MAX",
     )?;
-    let a = Arena::new(0x10_0000_0000, 64 << 10).map_err(|_| "a small arena")?;
-    let mut v = allocator_api2::vec::Vec::new_in(&a);
-    v.extend_from_slice(&[1u8; 100]);
-    eq(v.len(), 100, "arena works")?;
+    let n = Arena::scope(0x10_0000_0000, 64 << 10, |a| {
+        let mut v = allocator_api2::vec::Vec::new_in(a);
+        v.extend_from_slice(&[1u8; 100]);
+        v.len()
+    })
+    .map_err(|_| "a small arena")?;
+    eq(n, 100, "arena works")?;
     Ok(0)
 }
 

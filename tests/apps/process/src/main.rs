@@ -200,7 +200,7 @@ fn captures() -> Result<(), &'static str> {
         "map_private into process memory is refused",
     )?;
     check(
-        libos::arena::Arena::new(gap, 1 << 20).is_err(),
+        libos::arena::Arena::scope(gap, 1 << 20, |_| ()).is_err(),
         "an arena in process memory is refused",
     )?;
     println!("process memory is not mappable ok");

@@ -833,21 +833,23 @@ fn arena() -> Result<(), &'static str> {
     // when the task faults and runs no destructor; the kernel heap is left exactly as it was.
     let before = libos::heap_stats();
     let t = task::spawn(&[], || {
-        let arena = libos::arena::Arena::new(0x10_0000_0000, 8 << 20).expect("map arena");
-        let mut v = allocator_api2::vec::Vec::new_in(&arena);
-        for i in 0..100_000u32 {
-            v.push(i);
-        }
-        let sum: u64 = v.iter().map(|&x| u64::from(x)).sum();
-        if sum != 4_999_950_000 || arena.allocated_bytes() < 400_000 {
-            return -1;
-        }
-        // Now fault with the Vec alive: no destructor runs, nothing may leak.
-        let p = core::hint::black_box(0xdead_0000_0000u64) as *const u8;
-        #[allow(unsafe_code)]
-        // SAFETY: not safe: the read faults on purpose and ends this task.
-        let _ = unsafe { p.read_volatile() };
-        1
+        libos::arena::Arena::scope(0x10_0000_0000, 8 << 20, |arena| {
+            let mut v = allocator_api2::vec::Vec::new_in(arena);
+            for i in 0..100_000u32 {
+                v.push(i);
+            }
+            let sum: u64 = v.iter().map(|&x| u64::from(x)).sum();
+            if sum != 4_999_950_000 || arena.allocated_bytes() < 400_000 {
+                return -1;
+            }
+            // Now fault with the Vec alive: no destructor runs, nothing may leak.
+            let p = core::hint::black_box(0xdead_0000_0000u64) as *const u8;
+            #[allow(unsafe_code)]
+            // SAFETY: not safe: the read faults on purpose and ends this task.
+            let _ = unsafe { p.read_volatile() };
+            1
+        })
+        .unwrap_or(-2)
     })
     .expect("spawn");
     check(
@@ -858,6 +860,25 @@ fn arena() -> Result<(), &'static str> {
     check(
         after.allocation_count == before.allocation_count,
         "a faulting task's arena leaves no kernel-heap object",
+    )?;
+    // An arena lives for its scope: afterwards its range is unmapped (so the same address can
+    // take a new arena), and nothing allocated there can be reached (the compile_fail example in
+    // arena.rs: no reference leaves the scope).
+    let t = task::spawn(&[], || {
+        let first = libos::arena::Arena::scope(0x10_0000_0000, 1 << 20, |a| {
+            let mut v = allocator_api2::vec::Vec::new_in(a);
+            v.extend_from_slice(&[1u64, 2, 3]);
+            v.iter().sum::<u64>()
+        });
+        let mut b = [0u8; 8];
+        let gone = task::read(0x10_0000_0000, &mut b).is_err();
+        let again = libos::arena::Arena::scope(0x10_0000_0000, 1 << 20, |a| a.allocated_bytes());
+        i32::from(first == Ok(6) && gone && again == Ok(0))
+    })
+    .expect("spawn");
+    check(
+        t.join() == Ok(1),
+        "an arena's range is unmapped when its scope ends, and can be used again",
     )?;
     println!("arena ok");
     Ok(())
