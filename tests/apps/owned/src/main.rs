@@ -8,6 +8,10 @@
 //! sender gone. After all: the registry, the kernel heap's allocation count and the free-frame
 //! count are back at their baseline.
 //!
+//! `killed N`: N tasks spinning in channel calls, each killed while the timer has it preempted
+//! (mostly inside libos): the kernel heap, the registry and the free frames are back at their
+//! baseline.
+//!
 //! `net`: an HTTP server on port 80 whose workers (each given its `TcpStream`) write a whole
 //! `Connection: close` response and then, by path, return, panic, overflow their stack or block
 //! until main kills them. The host client reads to end of stream, so it gets its response only
@@ -247,6 +251,67 @@ fn tasks(n: usize, only: Option<End>) -> Result<(), String> {
     Ok(())
 }
 
+/// `killed N`: N tasks that never yield, spinning in channel calls (`try_recv` on an empty
+/// channel, `try_send` on a full one, `len`), each killed by main once the timer has preempted
+/// it — so mostly somewhere inside libos, between taking a reference to the queue and letting it
+/// go. Afterwards the kernel heap, the registry and the free frames are back at their baseline:
+/// a kill leaves nothing of what the task was holding on its stack.
+fn killed_inside_libos(n: usize) -> Result<(), String> {
+    let one = |i: usize| -> Result<(), String> {
+        let (tx, rx) = channel::bounded::<u64>(1);
+        let (full_tx, full_rx) = channel::bounded::<u64>(1);
+        full_tx
+            .send(0)
+            .map_err(|_| "the full channel's receiver is gone")?;
+        let h = libos::task::spawn_with(&[], (rx, full_tx), move |(rx, full)| {
+            let mut k: u64 = 0;
+            loop {
+                k = k.wrapping_add(match k % 3 {
+                    0 => u64::from(rx.try_recv().is_ok()),
+                    1 => u64::from(full.try_send(k).is_err()),
+                    _ => rx.len() as u64 + 1,
+                });
+            }
+        })
+        .map_err(|e| format!("spawn: {e}"))?;
+        // The task never yields: main runs again only when the timer preempts it.
+        task::yield_now();
+        h.kill();
+        let r = h.join();
+        if r != Err(TaskError::Killed) {
+            return Err(format!("spinning task {i} ended with {r:?}"));
+        }
+        if tx.send(1).is_ok() || full_rx.recv() != Some(0) || full_rx.recv().is_some() {
+            return Err(format!(
+                "spinning task {i}: the channel ends it was given outlived it"
+            ));
+        }
+        Ok(())
+    };
+    for i in 0..4 {
+        one(i)?;
+    }
+    let (live0, allocs0, frames0) = measure();
+    let bytes0 = libos::heap_stats().allocated_bytes;
+    for i in 0..n {
+        one(i)?;
+    }
+    let (live1, allocs1, frames1) = measure();
+    let bytes1 = libos::heap_stats().allocated_bytes;
+    println!(
+        "owned: {n} tasks killed while spinning in channel calls: registry {live0} -> {live1} \
+         objects, kernel heap {bytes0} -> {bytes1} bytes in {allocs0} -> {allocs1} allocations, \
+         free frames (with the heap's) {frames0} -> {frames1}"
+    );
+    if (live1, allocs1, bytes1, frames1) != (live0, allocs0, bytes0, frames0) {
+        return Err(String::from(
+            "tasks killed inside channel calls left kernel heap, registry objects or frames",
+        ));
+    }
+    println!("owned: tasks killed inside libos left nothing behind");
+    Ok(())
+}
+
 /// A bitwise copy of a stream, as a fork leaves one in the child's copy of memory.
 fn forked_copy(s: &TcpStream) -> TcpStream {
     // SAFETY: a `TcpStream` is plain data (a registry handle and the peer's address), made to be
@@ -435,8 +500,12 @@ fn main() -> Result<(), String> {
                 .and_then(|w| ENDS.iter().copied().find(|e| e.name() == w.as_str()));
             tasks(n, only)
         }
+        Some("killed") => {
+            let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100);
+            killed_inside_libos(n)
+        }
         Some("net") => serve(),
-        _ => Err(String::from("usage: test-owned tasks N | net")),
+        _ => Err(String::from("usage: test-owned tasks N | killed N | net")),
     }
     .map_err(|e| format!("FAIL: {e}"))?;
     println!("owned: ALL OK");
