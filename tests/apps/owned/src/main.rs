@@ -1,11 +1,11 @@
 //! Ownership of libos objects across a task's end: whatever a task still owns when it ends —
-//! by returning (objects leaked with `forget`), panicking, overflowing its stack or being killed
-//! — the kernel releases.
+//! by returning (objects leaked with `forget`), panicking, overflowing its stack, faulting or
+//! being killed — the kernel releases.
 //!
 //! `tasks N`: N tasks, each given one end of two channels by main and making a channel and a
-//! shared heap of its own, end in turn in each of the four ways. After each: the task owns
-//! nothing, main's sender finds the task's (given) receiver gone and main's receiver sees every
-//! sender gone. After all: the registry, the kernel heap's allocation count and the free-frame
+//! shared heap of its own, end in turn in each of the five ways (return, panic, stack overflow,
+//! page fault, kill). After each: the task owns nothing, main's sender finds the task's (given)
+//! receiver gone and main's receiver sees every sender gone. After all: the registry, the kernel heap's allocation count and the free-frame
 //! count are back at their baseline.
 //!
 //! `killed N [WHAT]`: N tasks spinning in libos calls (channel calls by default), each killed
@@ -13,8 +13,8 @@
 //! free frames are back at their baseline (see `killed_inside_libos` for which calls still leak).
 //!
 //! `net`: an HTTP server on port 80 whose workers (each given its `TcpStream`) write a whole
-//! `Connection: close` response and then, by path, return, panic, overflow their stack or block
-//! until main kills them. The host client reads to end of stream, so it gets its response only
+//! `Connection: close` response and then, by path, return, panic, overflow their stack, fault
+//! (a read near address 0) or block until main kills them. The host client reads to end of stream, so it gets its response only
 //! if the dead worker's stream was closed (FIN) by the kernel. `/stats` reports how many objects
 //! the dead workers still own; `/quit` ends the app.
 
@@ -56,7 +56,26 @@ enum End {
     Return,
     Panic,
     Overflow,
+    /// A page fault: a read near address 0.
+    Fault,
     Kill,
+}
+
+/// The address a faulting task reads (in the unmapped first page).
+const NULL_ADDR: usize = 0x18;
+
+/// Reads near address 0: the task ends with a page fault.
+fn null_read() -> i32 {
+    let at = core::hint::black_box(NULL_ADDR) as *const u64;
+    // SAFETY: none needed: this is the fault under test (a read in the unmapped first page); the
+    // task ends on it.
+    #[allow(unsafe_code, reason = "the fault under test")]
+    let v = unsafe { core::ptr::read_volatile(at) };
+    i32::from(v == 0)
+}
+
+fn faulted_at_null(r: &Result<i32, TaskError>) -> bool {
+    matches!(r, Err(TaskError::Fault { addr, .. }) if *addr == NULL_ADDR as u64)
 }
 
 impl End {
@@ -65,12 +84,19 @@ impl End {
             End::Return => "Return",
             End::Panic => "Panic",
             End::Overflow => "Overflow",
+            End::Fault => "Fault",
             End::Kill => "Kill",
         }
     }
 }
 
-const ENDS: [End; 4] = [End::Return, End::Panic, End::Overflow, End::Kill];
+const ENDS: [End; 5] = [
+    End::Return,
+    End::Panic,
+    End::Overflow,
+    End::Fault,
+    End::Kill,
+];
 
 /// One task that makes objects of its own, is given two channel ends, and ends as `how` says.
 fn one_task(i: usize, how: End) -> Result<(), String> {
@@ -96,6 +122,7 @@ fn one_task(i: usize, how: End) -> Result<(), String> {
                 let mut buf = [0u8; 256];
                 recurse(0, &mut buf) as i32
             }
+            End::Fault => null_read(),
             // Blocks (main sends nothing) until main kills it.
             End::Kill => rx.recv().map_or(1, |_| 2),
         }
@@ -118,6 +145,7 @@ fn one_task(i: usize, how: End) -> Result<(), String> {
         End::Return => r == Ok(0),
         End::Panic => matches!(r, Err(TaskError::Panic(_))),
         End::Overflow => matches!(r, Err(TaskError::StackOverflow { .. })),
+        End::Fault => faulted_at_null(&r),
         End::Kill => r == Err(TaskError::Killed),
     };
     if !ok {
@@ -153,6 +181,7 @@ fn bare_task(i: usize, how: End) -> Result<(), String> {
             let mut buf = [0u8; 256];
             recurse(0, &mut buf) as i32
         }
+        End::Fault => null_read(),
         End::Kill => loop {
             task::yield_now();
         },
@@ -169,6 +198,7 @@ fn bare_task(i: usize, how: End) -> Result<(), String> {
         End::Return => r == Ok(0),
         End::Panic => matches!(r, Err(TaskError::Panic(_))),
         End::Overflow => matches!(r, Err(TaskError::StackOverflow { .. })),
+        End::Fault => faulted_at_null(&r),
         End::Kill => r == Err(TaskError::Killed),
     };
     if ok {
@@ -213,7 +243,7 @@ fn tasks(n: usize, only: Option<End>) -> Result<(), String> {
     }
     println!(
         "owned: {n} tasks ({}) released every object",
-        only.map_or("return, panic, overflow, kill", End::name)
+        only.map_or("return, panic, overflow, fault, kill", End::name)
     );
     let (live1, allocs1, frames1) = measure();
     for i in 0..n {
@@ -498,6 +528,7 @@ fn serve() -> Result<(), String> {
             "/panic" => End::Panic,
             "/kill" => End::Kill,
             "/overflow" => End::Overflow,
+            "/fault" => End::Fault,
             "/quit" => {
                 respond(&mut s, "bye\n").map_err(|e| format!("write: {e}"))?;
                 s.close();
@@ -528,6 +559,7 @@ fn serve() -> Result<(), String> {
                 End::Panic => "sent by a task that then panicked\n",
                 End::Kill => "sent by a task that was then killed\n",
                 End::Overflow => "sent by a task that then overflowed its stack\n",
+                End::Fault => "sent by a task that then faulted\n",
                 End::Return => "owned ready\n",
             };
             if respond(&mut s, body).is_err() {
@@ -541,6 +573,7 @@ fn serve() -> Result<(), String> {
                     let mut buf = [0u8; 256];
                     recurse(0, &mut buf) as i32
                 }
+                End::Fault => null_read(),
                 End::Kill => loop {
                     task::yield_now();
                 },
