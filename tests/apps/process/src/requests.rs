@@ -109,7 +109,7 @@ const WAYS: [Way; 9] = [
 /// one faults, one is killed (the fault and kill kinds rotate).
 fn way(n: u32) -> Way {
     if n % 10 != 7 {
-        return if n % 2 == 0 {
+        return if n.is_multiple_of(2) {
             Way::Return
         } else {
             Way::ReturnForgetting
@@ -283,7 +283,7 @@ fn request(
         answer(BAD_OBJECT);
         return 1;
     };
-    let heap = if n % 4 == 0 {
+    let heap = if n.is_multiple_of(4) {
         match SharedHeap::new("request-heap", HEAP_VA, 64 << 10) {
             Ok(h) => Some(h),
             Err(_) => {
