@@ -441,9 +441,8 @@ fn serve(zygote: &mut Zygote<State>, ro: &Template, n: u32) -> Result<Way, Strin
             if m.contains(&format!("request {n}: planned panic holding {BIG} bytes, 16 words"))),
         Way::FaultReadOnly => matches!(&r, Err(TaskError::Fault { addr, cause, .. })
             if *addr == RO_VA + u64::from(n) % RO_PAGES * 4096 + 8 && cause.contains("read-only")),
-        Way::FaultNull => {
-            matches!(&r, Err(TaskError::Fault { addr, .. }) if *addr == NULL_ADDR as u64)
-        }
+        Way::FaultNull => matches!(&r, Err(TaskError::Fault { addr, cause, .. })
+            if *addr == NULL_ADDR as u64 && cause.contains("unmapped")),
         _ => r == Err(TaskError::Killed),
     };
     if !ok {
