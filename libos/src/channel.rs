@@ -146,41 +146,63 @@ pub enum TrySendError<T> {
 pub fn bounded<T: IntoBytes + Send + 'static>(cap: usize) -> (Sender<T>, Receiver<T>) {
     let _k = crate::mm::ctx::kernel();
     let cap = cap.max(1);
-    let state = Arc::new(IrqMutex::new(State {
-        queue: VecDeque::with_capacity(crate::limits::channel_prealloc(cap)),
-        cap,
-        senders: 0,
-        receivers: 0,
-    }));
-    (
-        Sender {
-            end: Owned::new(End::new(state.clone(), true)),
-        },
-        Receiver {
-            end: Owned::new(End::new(state, false)),
-        },
-    )
+    // Interrupts off until both ends are in the registry: a task preempted (and then killed)
+    // with the queue on its stack only would leak it (see `Sender::try_send`).
+    crate::arch::irq::without(|_| {
+        let state = Arc::new(IrqMutex::new(State {
+            queue: VecDeque::with_capacity(crate::limits::channel_prealloc(cap)),
+            cap,
+            senders: 0,
+            receivers: 0,
+        }));
+        (
+            Sender {
+                end: Owned::new(End::new(state.clone(), true)),
+            },
+            Receiver {
+                end: Owned::new(End::new(state, false)),
+            },
+        )
+    })
+}
+
+/// Runs `f` on the queue of `end`, if the running task owns it; else a panic naming the end and
+/// its owner.
+///
+/// Nothing of the queue is held on the stack outside the registry's `with` (no `Arc` clone): a
+/// task preempted here and then killed never runs again, so whatever its stack holds is never
+/// dropped, while the registry releases the object it was using (the use ends with the task).
+fn with_queue<T, R>(end: &Owned<End<T>>, f: impl FnOnce(&mut State<T>) -> R) -> R
+where
+    T: Send + 'static,
+{
+    end.with(|e| f(&mut e.state.lock()))
+}
+
+/// Another end on the queue of `end` (a sender if `sender`), owned by the running task.
+fn another_end<T: Send + 'static>(end: &Owned<End<T>>, sender: bool) -> Owned<End<T>> {
+    let _k = crate::mm::ctx::kernel();
+    // Interrupts off from the `Arc` clone until the new end is in the registry (as in `bounded`).
+    crate::arch::irq::without(|_| {
+        let state = end.with(|e| e.state.clone());
+        Owned::new(End::new(state, sender))
+    })
 }
 
 impl<T: IntoBytes + Send + 'static> Sender<T> {
-    /// The queue, if the running task owns this end; else a panic naming the end and its owner.
-    fn state(&self) -> Arc<IrqMutex<State<T>>> {
-        self.end.with(|e| e.state.clone())
-    }
-
     /// Sends without waiting.
     pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
         let _k = crate::mm::ctx::kernel();
-        let state = self.state();
-        let mut s = state.lock();
-        if s.receivers == 0 {
-            return Err(TrySendError::Disconnected(value));
-        }
-        if s.queue.len() >= s.cap || s.queue.try_reserve(1).is_err() {
-            return Err(TrySendError::Full(value));
-        }
-        s.queue.push_back(value);
-        Ok(())
+        with_queue(&self.end, |s| {
+            if s.receivers == 0 {
+                return Err(TrySendError::Disconnected(value));
+            }
+            if s.queue.len() >= s.cap || s.queue.try_reserve(1).is_err() {
+                return Err(TrySendError::Full(value));
+            }
+            s.queue.push_back(value);
+            Ok(())
+        })
     }
 
     /// Sends, waiting (yielding) while the channel is full.
@@ -200,22 +222,15 @@ impl<T: IntoBytes + Send + 'static> Sender<T> {
 }
 
 impl<T: IntoBytes + Send + 'static> Receiver<T> {
-    /// The queue, if the running task owns this end; else a panic naming the end and its owner.
-    fn state(&self) -> Arc<IrqMutex<State<T>>> {
-        self.end.with(|e| e.state.clone())
-    }
-
     /// Receives without waiting: `Ok(None)` when empty, `Err(Closed)` when empty and every
     /// sender is gone.
     pub fn try_recv(&self) -> Result<Option<T>, Closed> {
         let _k = crate::mm::ctx::kernel();
-        let state = self.state();
-        let mut s = state.lock();
-        match s.queue.pop_front() {
+        with_queue(&self.end, |s| match s.queue.pop_front() {
             Some(v) => Ok(Some(v)),
             None if s.senders == 0 => Err(Closed),
             None => Ok(None),
-        }
+        })
     }
 
     /// Receives, waiting (yielding) while the channel is empty; `None` once it is empty and
@@ -233,7 +248,8 @@ impl<T: IntoBytes + Send + 'static> Receiver<T> {
 
     /// Values currently queued.
     pub fn len(&self) -> usize {
-        self.state().lock().queue.len()
+        let _k = crate::mm::ctx::kernel();
+        with_queue(&self.end, |s| s.queue.len())
     }
 
     /// True when nothing is queued.
@@ -246,7 +262,7 @@ impl<T: IntoBytes + Send + 'static> Clone for Sender<T> {
     /// Another sender, owned by the running task (which must own `self`).
     fn clone(&self) -> Self {
         Sender {
-            end: Owned::new(End::new(self.state(), true)),
+            end: another_end(&self.end, true),
         }
     }
 }
@@ -255,7 +271,7 @@ impl<T: IntoBytes + Send + 'static> Clone for Receiver<T> {
     /// Another receiver, owned by the running task (which must own `self`).
     fn clone(&self) -> Self {
         Receiver {
-            end: Owned::new(End::new(self.state(), false)),
+            end: another_end(&self.end, false),
         }
     }
 }

@@ -119,7 +119,10 @@ impl Template {
     /// assert_eq!(t.stats().leaves, 0);
     /// ```
     pub fn stats(&self) -> templates::TemplateStats {
-        self.engine().stats()
+        let _k = crate::mm::ctx::kernel();
+        // Not through `engine()`: a clone on this task's stack would leak the template's tables
+        // if the task were killed while preempted here.
+        self.inner.with(|t| t.stats())
     }
 }
 

@@ -1,16 +1,20 @@
 //! Ownership of libos objects across a task's end: whatever a task still owns when it ends —
-//! by returning (objects leaked with `forget`), panicking, overflowing its stack or being killed
-//! — the kernel releases.
+//! by returning (objects leaked with `forget`), panicking, overflowing its stack, faulting or
+//! being killed — the kernel releases.
 //!
 //! `tasks N`: N tasks, each given one end of two channels by main and making a channel and a
-//! shared heap of its own, end in turn in each of the four ways. After each: the task owns
-//! nothing, main's sender finds the task's (given) receiver gone and main's receiver sees every
-//! sender gone. After all: the registry, the kernel heap's allocation count and the free-frame
+//! shared heap of its own, end in turn in each of the five ways (return, panic, stack overflow,
+//! page fault, kill). After each: the task owns nothing, main's sender finds the task's (given)
+//! receiver gone and main's receiver sees every sender gone. After all: the registry, the kernel heap's allocation count and the free-frame
 //! count are back at their baseline.
 //!
+//! `killed N [WHAT]`: N tasks spinning in libos calls (channel calls by default), each killed
+//! while the timer has it preempted (mostly inside libos): the kernel heap, the registry and the
+//! free frames are back at their baseline (see `killed_inside_libos` for which calls still leak).
+//!
 //! `net`: an HTTP server on port 80 whose workers (each given its `TcpStream`) write a whole
-//! `Connection: close` response and then, by path, return, panic, overflow their stack or block
-//! until main kills them. The host client reads to end of stream, so it gets its response only
+//! `Connection: close` response and then, by path, return, panic, overflow their stack, fault
+//! (a read near address 0) or block until main kills them. The host client reads to end of stream, so it gets its response only
 //! if the dead worker's stream was closed (FIN) by the kernel. `/stats` reports how many objects
 //! the dead workers still own; `/quit` ends the app.
 
@@ -52,7 +56,26 @@ enum End {
     Return,
     Panic,
     Overflow,
+    /// A page fault: a read near address 0.
+    Fault,
     Kill,
+}
+
+/// The address a faulting task reads (in the unmapped first page).
+const NULL_ADDR: usize = 0x18;
+
+/// Reads near address 0: the task ends with a page fault.
+fn null_read() -> i32 {
+    let at = core::hint::black_box(NULL_ADDR) as *const u64;
+    // SAFETY: none needed: this is the fault under test (a read in the unmapped first page); the
+    // task ends on it.
+    #[allow(unsafe_code, reason = "the fault under test")]
+    let v = unsafe { core::ptr::read_volatile(at) };
+    i32::from(v == 0)
+}
+
+fn faulted_at_null(r: &Result<i32, TaskError>) -> bool {
+    matches!(r, Err(TaskError::Fault { addr, .. }) if *addr == NULL_ADDR as u64)
 }
 
 impl End {
@@ -61,12 +84,19 @@ impl End {
             End::Return => "Return",
             End::Panic => "Panic",
             End::Overflow => "Overflow",
+            End::Fault => "Fault",
             End::Kill => "Kill",
         }
     }
 }
 
-const ENDS: [End; 4] = [End::Return, End::Panic, End::Overflow, End::Kill];
+const ENDS: [End; 5] = [
+    End::Return,
+    End::Panic,
+    End::Overflow,
+    End::Fault,
+    End::Kill,
+];
 
 /// One task that makes objects of its own, is given two channel ends, and ends as `how` says.
 fn one_task(i: usize, how: End) -> Result<(), String> {
@@ -92,6 +122,7 @@ fn one_task(i: usize, how: End) -> Result<(), String> {
                 let mut buf = [0u8; 256];
                 recurse(0, &mut buf) as i32
             }
+            End::Fault => null_read(),
             // Blocks (main sends nothing) until main kills it.
             End::Kill => rx.recv().map_or(1, |_| 2),
         }
@@ -114,6 +145,7 @@ fn one_task(i: usize, how: End) -> Result<(), String> {
         End::Return => r == Ok(0),
         End::Panic => matches!(r, Err(TaskError::Panic(_))),
         End::Overflow => matches!(r, Err(TaskError::StackOverflow { .. })),
+        End::Fault => faulted_at_null(&r),
         End::Kill => r == Err(TaskError::Killed),
     };
     if !ok {
@@ -149,6 +181,7 @@ fn bare_task(i: usize, how: End) -> Result<(), String> {
             let mut buf = [0u8; 256];
             recurse(0, &mut buf) as i32
         }
+        End::Fault => null_read(),
         End::Kill => loop {
             task::yield_now();
         },
@@ -165,6 +198,7 @@ fn bare_task(i: usize, how: End) -> Result<(), String> {
         End::Return => r == Ok(0),
         End::Panic => matches!(r, Err(TaskError::Panic(_))),
         End::Overflow => matches!(r, Err(TaskError::StackOverflow { .. })),
+        End::Fault => faulted_at_null(&r),
         End::Kill => r == Err(TaskError::Killed),
     };
     if ok {
@@ -209,7 +243,7 @@ fn tasks(n: usize, only: Option<End>) -> Result<(), String> {
     }
     println!(
         "owned: {n} tasks ({}) released every object",
-        only.map_or("return, panic, overflow, kill", End::name)
+        only.map_or("return, panic, overflow, fault, kill", End::name)
     );
     let (live1, allocs1, frames1) = measure();
     for i in 0..n {
@@ -244,6 +278,156 @@ fn tasks(n: usize, only: Option<End>) -> Result<(), String> {
         ));
     }
     println!("owned: registry, kernel heap and free frames back at baseline");
+    Ok(())
+}
+
+/// What a task killed inside libos spins in (`killed N WHAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spin {
+    /// `try_recv` on an empty channel, `try_send` on a full one, `len`.
+    Channel,
+    /// `Template::stats` on a template of its own.
+    TemplateStats,
+    /// Building (not sealing) a 16-page template: `TemplateBuilder::region` with its fill.
+    /// Leaks today: see `killed_inside_libos`.
+    TemplateBuild,
+    /// `JoinHandle::is_finished` on a grandchild that waits for the task's channel to close.
+    /// Leaks today.
+    IsFinished,
+    /// Spawning a task that returns at once and joining it. Leaks today.
+    SpawnJoin,
+}
+
+const SPINS: [(Spin, &str); 5] = [
+    (Spin::Channel, "channel"),
+    (Spin::TemplateStats, "template-stats"),
+    (Spin::TemplateBuild, "template-build"),
+    (Spin::IsFinished, "is-finished"),
+    (Spin::SpawnJoin, "spawn-join"),
+];
+
+/// One round of what a spinning task does; its result only keeps the work from being optimised
+/// away.
+fn spin_once(
+    what: Spin,
+    k: u64,
+    rx: &channel::Receiver<u64>,
+    full: &channel::Sender<u64>,
+    t: Option<&libos::space::Template>,
+    grandchild: Option<&task::JoinHandle>,
+) -> u64 {
+    use libos::space::{Kind, TemplateBuilder};
+    match what {
+        Spin::Channel => match k % 3 {
+            0 => u64::from(rx.try_recv().is_ok()),
+            1 => u64::from(full.try_send(k).is_err()),
+            _ => rx.len() as u64 + 1,
+        },
+        Spin::TemplateStats => t.map_or(0, |t| t.stats().leaves as u64),
+        Spin::TemplateBuild => u64::from(
+            TemplateBuilder::new()
+                .region("spin", 0x4000_0000, 16 * 4096, Kind::Private, |off, p| {
+                    p[0] = off as u8
+                })
+                .is_ok(),
+        ),
+        Spin::IsFinished => u64::from(grandchild.is_some_and(|g| g.is_finished())),
+        Spin::SpawnJoin => u64::from(
+            task::spawn(&[], || 0)
+                .ok()
+                .is_some_and(|g| g.join() == Ok(0)),
+        ),
+    }
+}
+
+/// `killed N WHAT`: N tasks that never yield, spinning in libos calls (`WHAT`, see [`Spin`]),
+/// each killed by main once the timer has preempted it — so mostly somewhere inside libos,
+/// holding a reference to a libos object on its stack. Afterwards the kernel heap, the registry
+/// and the free frames must be back at their baseline: a kill leaves nothing behind.
+///
+/// `channel` and `template-stats` pass (and are cases of the suite). `template-build`,
+/// `is-finished` and `spawn-join` reproduce an open bug: a task killed while preempted inside
+/// libos never runs again, so what libos code of that task held on its stack (a `Template`
+/// builder's state taken out of the registry while the app's fill runs, an `Arc` clone of a
+/// task's kill handle, a spawn's or a join's half-made state) is never dropped.
+fn killed_inside_libos(n: usize, what: Spin, name: &str) -> Result<(), String> {
+    let one = |i: usize| -> Result<(), String> {
+        let (tx, rx) = channel::bounded::<u64>(1);
+        let (full_tx, full_rx) = channel::bounded::<u64>(1);
+        full_tx
+            .send(0)
+            .map_err(|_| "the full channel's receiver is gone")?;
+        let (ready_tx, ready_rx) = channel::bounded::<u8>(1);
+        let h = libos::task::spawn_with(&[], (rx, full_tx, ready_tx), move |(rx, full, ready)| {
+            // What the spin needs, made before main may kill the task: a template, and a
+            // grandchild that ends when this task's sender goes (with the task).
+            let t = (what == Spin::TemplateStats).then(|| {
+                libos::space::TemplateBuilder::new()
+                    .region(
+                        "own",
+                        0x4000_0000,
+                        4096,
+                        libos::space::Kind::ReadOnly,
+                        |_, _| {},
+                    )
+                    .and_then(|b| b.seal())
+                    .expect("a one-page template")
+            });
+            let (g_tx, g_rx) = channel::bounded::<u8>(1);
+            let g = (what == Spin::IsFinished).then(|| {
+                task::spawn_with(&[], g_rx, |rx| i32::from(rx.recv().is_some()))
+                    .expect("spawn the grandchild")
+            });
+            ready.send(1).expect("main waits for it");
+            let mut k: u64 = 0;
+            loop {
+                k = k.wrapping_add(spin_once(what, k, &rx, &full, t.as_ref(), g.as_ref()) + 1);
+                core::hint::black_box(&g_tx);
+            }
+        })
+        .map_err(|e| format!("spawn: {e}"))?;
+        if ready_rx.recv() != Some(1) {
+            return Err(format!("spinning task {i} never got ready"));
+        }
+        // The task never yields: main has run again (and runs now) only because the timer
+        // preempted it.
+        h.kill();
+        let r = h.join();
+        if r != Err(TaskError::Killed) {
+            return Err(format!("spinning task {i} ended with {r:?}"));
+        }
+        if tx.send(1).is_ok() || full_rx.recv() != Some(0) || full_rx.recv().is_some() {
+            return Err(format!(
+                "spinning task {i}: the channel ends it was given outlived it"
+            ));
+        }
+        // Let its grandchild see the close and end.
+        for _ in 0..4 {
+            task::yield_now();
+        }
+        Ok(())
+    };
+    for i in 0..4 {
+        one(i)?;
+    }
+    let (live0, allocs0, frames0) = measure();
+    let bytes0 = libos::heap_stats().allocated_bytes;
+    for i in 0..n {
+        one(i)?;
+    }
+    let (live1, allocs1, frames1) = measure();
+    let bytes1 = libos::heap_stats().allocated_bytes;
+    println!(
+        "owned: {n} tasks killed while spinning in {name}: registry {live0} -> {live1} objects, \
+         kernel heap {bytes0} -> {bytes1} bytes in {allocs0} -> {allocs1} allocations, free \
+         frames (with the heap's) {frames0} -> {frames1}"
+    );
+    if (live1, allocs1, bytes1, frames1) != (live0, allocs0, bytes0, frames0) {
+        return Err(format!(
+            "tasks killed inside libos ({name}) left kernel heap, registry objects or frames"
+        ));
+    }
+    println!("owned: tasks killed inside libos ({name}) left nothing behind");
     Ok(())
 }
 
@@ -344,6 +528,7 @@ fn serve() -> Result<(), String> {
             "/panic" => End::Panic,
             "/kill" => End::Kill,
             "/overflow" => End::Overflow,
+            "/fault" => End::Fault,
             "/quit" => {
                 respond(&mut s, "bye\n").map_err(|e| format!("write: {e}"))?;
                 s.close();
@@ -374,6 +559,7 @@ fn serve() -> Result<(), String> {
                 End::Panic => "sent by a task that then panicked\n",
                 End::Kill => "sent by a task that was then killed\n",
                 End::Overflow => "sent by a task that then overflowed its stack\n",
+                End::Fault => "sent by a task that then faulted\n",
                 End::Return => "owned ready\n",
             };
             if respond(&mut s, body).is_err() {
@@ -387,6 +573,7 @@ fn serve() -> Result<(), String> {
                     let mut buf = [0u8; 256];
                     recurse(0, &mut buf) as i32
                 }
+                End::Fault => null_read(),
                 End::Kill => loop {
                     task::yield_now();
                 },
@@ -435,8 +622,21 @@ fn main() -> Result<(), String> {
                 .and_then(|w| ENDS.iter().copied().find(|e| e.name() == w.as_str()));
             tasks(n, only)
         }
+        Some("killed") => {
+            let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100);
+            let name = args.get(2).map_or("channel", String::as_str);
+            match SPINS.iter().find(|(_, w)| *w == name) {
+                Some(&(what, name)) => killed_inside_libos(n, what, name),
+                None => Err(format!(
+                    "killed: unknown WHAT '{name}' (one of: {})",
+                    SPINS.map(|(_, w)| w).join(", ")
+                )),
+            }
+        }
         Some("net") => serve(),
-        _ => Err(String::from("usage: test-owned tasks N | net")),
+        _ => Err(String::from(
+            "usage: test-owned tasks N | killed N [WHAT] | net",
+        )),
     }
     .map_err(|e| format!("FAIL: {e}"))?;
     println!("owned: ALL OK");

@@ -19,6 +19,8 @@ use libos::process::Zygote;
 use libos::sync::Mutex;
 use libos::task::{self, TaskError};
 
+mod requests;
+
 libos::main!(main);
 
 /// Entries of the warm map.
@@ -296,6 +298,13 @@ fn main() -> Result<(), &'static str> {
     let args = libos::args();
     println!("share mode {:?}", libos::space::mode());
     match args.first().map(String::as_str) {
+        Some("requests") => {
+            let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+            requests::run(n).map_err(|e| {
+                println!("FAIL: {e}");
+                "requests"
+            })?;
+        }
         Some("leak") => {
             let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
             leaks(n)?;
