@@ -245,6 +245,8 @@ impl<S: Send + 'static> Drop for Zygote<S> {
 /// libos::process::seal().expect("memory for the snapshot");
 /// ```
 pub fn seal() -> Result<(), Error> {
+    // Until an error is in the task's heap, a kill waits (it would leak the kernel's copy).
+    let _h = crate::mm::ctx::hold();
     let r = {
         let _k = crate::mm::ctx::kernel();
         crate::arch::irq::without(|_| {

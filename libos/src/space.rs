@@ -192,6 +192,9 @@ impl TemplateBuilder {
         self,
         f: impl FnOnce(BuilderState) -> Result<BuilderState, Error>,
     ) -> Result<TemplateBuilder, Error> {
+        // The state is out of the registry, on this stack only, until `wrap` puts it back (and
+        // the app's fill runs meanwhile): a kill waits (`mm::ctx::hold`).
+        let _h = crate::mm::ctx::hold();
         let state = {
             let _k = crate::mm::ctx::kernel();
             self.state.take()
@@ -320,6 +323,8 @@ impl TemplateBuilder {
     /// let h = libos::task::spawn(&[&t], || 0).expect("spawn");
     /// ```
     pub fn seal(self) -> Result<Template, Error> {
+        // The state is out of the registry, on this stack only: a kill waits.
+        let _h = crate::mm::ctx::hold();
         let state = {
             let _k = crate::mm::ctx::kernel();
             self.state.take()
@@ -880,6 +885,8 @@ pub(crate) fn handle_page_fault(addr: u64, error_code: u64) -> Option<Result<(),
 /// Runs libos's side of an app-facing call in kernel context (`mm::ctx`): what it allocates is
 /// libos's. The error, if any, is rehomed into the task's heap after.
 fn kcall<R>(f: impl FnOnce() -> Result<R, Error>) -> Result<R, Error> {
+    // Until the error is in the task's heap, a kill waits (it would leak the kernel's copy).
+    let _h = crate::mm::ctx::hold();
     let r = {
         let _k = crate::mm::ctx::kernel();
         f()
@@ -889,6 +896,7 @@ fn kcall<R>(f: impl FnOnce() -> Result<R, Error>) -> Result<R, Error> {
 
 /// [`kcall`] for calls that fail with a [`Fault`].
 fn kcall_fault<R>(f: impl FnOnce() -> Result<R, Fault>) -> Result<R, Fault> {
+    let _h = crate::mm::ctx::hold();
     let r = {
         let _k = crate::mm::ctx::kernel();
         f()

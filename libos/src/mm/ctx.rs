@@ -21,12 +21,16 @@ static DEPTH: AtomicUsize = AtomicUsize::new(0);
 /// Set once the first task's process memory (and so its heap) exists.
 #[cfg(not(test))]
 static READY: AtomicBool = AtomicBool::new(false);
+/// The running task's holds ([`hold`]; [`app`] callbacks count as one).
+#[cfg(not(test))]
+static HOLD: AtomicUsize = AtomicUsize::new(0);
 
 // Host tests run on several threads at once: each gets its own "CPU".
 #[cfg(test)]
 std::thread_local! {
     static DEPTH_T: AtomicUsize = const { AtomicUsize::new(0) };
     static READY_T: AtomicBool = const { AtomicBool::new(false) };
+    static HOLD_T: AtomicUsize = const { AtomicUsize::new(0) };
 }
 #[cfg(test)]
 struct Tl<T: 'static>(&'static std::thread::LocalKey<T>);
@@ -61,6 +65,8 @@ impl Tl<AtomicBool> {
 static DEPTH: Tl<AtomicUsize> = Tl(&DEPTH_T);
 #[cfg(test)]
 static READY: Tl<AtomicBool> = Tl(&READY_T);
+#[cfg(test)]
+static HOLD: Tl<AtomicUsize> = Tl(&HOLD_T);
 
 /// Kernel context while it lives: allocations go to the kernel heap.
 #[must_use = "kernel context ends when the guard is dropped"]
@@ -75,7 +81,41 @@ pub(crate) fn kernel() -> Kernel {
 
 impl Drop for Kernel {
     fn drop(&mut self) {
-        DEPTH.fetch_sub(1, Ordering::Relaxed);
+        // Back in the task's own code (no hold either): a kill point.
+        if DEPTH.fetch_sub(1, Ordering::Relaxed) == 1 && HOLD.load(Ordering::Relaxed) == 0 {
+            kill_point();
+        }
+    }
+}
+
+/// A kill that waited for the running task (it was preempted inside libos) is carried out now,
+/// if it can be (`task::glue::end_if_killed`): called where the task leaves libos for its own
+/// code. May not return.
+fn kill_point() {
+    #[cfg(target_os = "none")]
+    crate::arch::cpu::kill_hook();
+}
+
+/// While it lives, a kill of the running task waits (see [`hold`]).
+#[must_use = "the hold ends when the guard is dropped"]
+#[derive(Debug)]
+pub(crate) struct Hold(());
+
+/// Holds off kills of the running task until the guard is dropped (nests): for libos code that
+/// keeps, in app context or on its stack only, something an end would leak — a builder's state
+/// while the app's fill runs, an error on its way to being copied into the task's heap. A kill
+/// that came meanwhile is carried out when the last hold ends outside kernel context. A hold is
+/// saved across a switch with the depth.
+pub(crate) fn hold() -> Hold {
+    HOLD.fetch_add(1, Ordering::Relaxed);
+    Hold(())
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if HOLD.fetch_sub(1, Ordering::Relaxed) == 1 && DEPTH.load(Ordering::Relaxed) == 0 {
+            kill_point();
+        }
     }
 }
 
@@ -96,11 +136,27 @@ pub(crate) fn set_depth(d: usize) {
 
 /// Runs app code `f` (a callback an app gave libos) in app context, whatever the depth now: what
 /// it allocates and keeps belongs to the task.
+///
+/// While `f` runs the task is still inside libos code that holds state of its own (the
+/// callback's caller), so kills wait ([`hold`]).
 pub(crate) fn app<R>(f: impl FnOnce() -> R) -> R {
     let d = DEPTH.swap(0, Ordering::Relaxed);
+    HOLD.fetch_add(1, Ordering::Relaxed);
     let r = f();
+    HOLD.fetch_sub(1, Ordering::Relaxed);
     DEPTH.store(d, Ordering::Relaxed);
     r
+}
+
+/// The running task's holds ([`hold`], and [`app`] callbacks), saved across a switch like the
+/// depth.
+pub(crate) fn holds() -> usize {
+    HOLD.load(Ordering::Relaxed)
+}
+
+/// Restores holds saved by [`holds`] (after a switch back into the task that saved them).
+pub(crate) fn set_holds(n: usize) {
+    HOLD.store(n, Ordering::Relaxed);
 }
 
 /// True once the first task's process memory exists.

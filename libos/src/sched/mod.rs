@@ -114,6 +114,14 @@ pub trait Context {
     /// The switch from `self` (the outgoing context, already where the scheduler keeps it until
     /// it runs again) to `next` (now the running one).
     fn switch_to(&mut self, next: &mut Self) -> Self::Switch;
+    /// True when the task (not running: preempted or yielded) may be ended where it stopped. A
+    /// kill of a runnable task that may not ([`Kill::Deferred`]) is carried out at its next kill
+    /// point: a yield, sleep or join, or wherever the glue checks [`Task::kill_pending`] (the
+    /// guest: when the task leaves libos's kernel context, which may hold what an end there
+    /// would leak).
+    fn may_end_here(&self) -> bool {
+        true
+    }
 }
 
 /// What the arch glue must do after an operation.
@@ -144,6 +152,13 @@ impl<C> Task<C> {
     pub fn id(&self) -> u64 {
         self.id
     }
+
+    /// A kill of this task is waiting for its next kill point ([`Kill::Deferred`]).
+    pub fn kill_pending(&self) -> bool {
+        self.join
+            .kill_pending
+            .load(core::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl<C> fmt::Debug for Task<C> {
@@ -155,6 +170,9 @@ impl<C> fmt::Debug for Task<C> {
 /// What a task and its [`JoinHandle`] share.
 pub struct JoinState<C> {
     inner: spin::Mutex<JoinInner<C>>,
+    /// A kill came while the task could not be ended where it was ([`Kill::Deferred`]): it ends
+    /// at its next kill point.
+    kill_pending: core::sync::atomic::AtomicBool,
 }
 
 struct JoinInner<C> {
@@ -190,6 +208,7 @@ impl<C> JoinState<C> {
                 waiter: None,
                 blocked_on: None,
             }),
+            kill_pending: core::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -276,6 +295,9 @@ pub enum Kill<C: Context> {
     Ended(Box<Task<C>>),
     /// The task is the running one: it is now the zombie; carry out the step.
     Current(Step<C::Switch>),
+    /// The task is runnable where it may not be ended ([`Context::may_end_here`]): it will end,
+    /// killed, at its next kill point; nothing else changed.
+    Deferred,
 }
 
 /// Where the task whose stack the CPU is on rests while the CPU idles.
@@ -413,8 +435,19 @@ impl<C: Context> Sched<C> {
     /// The running task gives the CPU to the next runnable one, if any, and goes to the back of
     /// the run queue.
     pub fn yield_now(&mut self, now: u64) -> Step<C::Switch> {
+        if self.running_killed() {
+            return self.exit(Err(TaskError::Killed), now);
+        }
         self.wake_sleepers(now);
         self.rotate()
+    }
+
+    /// The running task has a kill waiting ([`Kill::Deferred`]) and may end here (the glue says
+    /// so through [`Context::may_end_here`] before each kill point): a kill point ends it.
+    fn running_killed(&self) -> bool {
+        self.running
+            .as_ref()
+            .is_some_and(|t| t.kill_pending() && t.ctx.may_end_here())
     }
 
     fn rotate(&mut self) -> Step<C::Switch> {
@@ -457,6 +490,9 @@ impl<C: Context> Sched<C> {
     /// The running task sleeps until `deadline` (a deadline `<= now` just yields; [`FOREVER`]
     /// sleeps until killed).
     pub fn sleep(&mut self, deadline: u64, now: u64) -> Step<C::Switch> {
+        if self.running_killed() {
+            return self.exit(Err(TaskError::Killed), now);
+        }
         if deadline <= now {
             return self.yield_now(now);
         }
@@ -483,6 +519,9 @@ impl<C: Context> Sched<C> {
     /// task blocks in `h`'s join state (keeping `h`) until that task ends or the joiner is
     /// killed, and calls [`Sched::rejoin`] when it runs again.
     pub fn join(&mut self, h: JoinHandle<C>, now: u64) -> Join<C::Switch> {
+        if self.running_killed() {
+            return Join::Wait(self.exit(Err(TaskError::Killed), now));
+        }
         let target = h.target.state;
         let mut st = target.lock();
         if let Some(r) = st.result.take() {
@@ -505,6 +544,13 @@ impl<C: Context> Sched<C> {
     /// The running task, back from a wait in [`Sched::join`]: the result of the task it joined
     /// (or, if that task has not ended, it waits again).
     pub fn rejoin(&mut self, now: u64) -> Join<C::Switch> {
+        if self.running_killed() {
+            // Its `blocked_on` goes with it (the task it joined goes on).
+            if let Some(t) = &self.running {
+                t.join.lock().blocked_on = None;
+            }
+            return Join::Wait(self.exit(Err(TaskError::Killed), now));
+        }
         let Some(cur) = self.running.take() else {
             return Join::Done(Err(TaskError::Killed));
         };
@@ -625,13 +671,28 @@ impl<C: Context> Sched<C> {
         }
     }
 
-    /// Ends the task of `h` with [`TaskError::Killed`], at once, whatever it is doing; see
-    /// [`Kill`] for what the caller must do. Its joiner (if any) becomes runnable.
+    /// Ends the task of `h` with [`TaskError::Killed`], at once — running, runnable, asleep or
+    /// blocked in a join — unless it is runnable where it may not end
+    /// ([`Context::may_end_here`]): then [`Kill::Deferred`], and it ends at its next kill point
+    /// (a yield, sleep or join, or when the glue sees [`Task::kill_pending`]). See [`Kill`] for
+    /// what the caller must do. Its joiner (if any) becomes runnable.
     pub fn kill(&mut self, h: &KillHandle<C>, now: u64) -> Kill<C> {
         let blocked_on = {
             let mut st = h.state.lock();
             if st.ended {
                 return Kill::AlreadyEnded;
+            }
+            // Runnable where it may not end (preempted inside code whose end would leak, or a
+            // joiner woken there): it ends at its next kill point.
+            if self
+                .run_queue
+                .iter()
+                .any(|t| t.id == h.id && !t.ctx.may_end_here())
+            {
+                h.state
+                    .kill_pending
+                    .store(true, core::sync::atomic::Ordering::Relaxed);
+                return Kill::Deferred;
             }
             st.blocked_on.take()
         };

@@ -29,6 +29,8 @@ use x86_64::VirtAddr;
 struct Ctx {
     id: u64,
     saved: Rc<Cell<u64>>,
+    /// The task stopped where it may not be ended (the guest: inside kernel context).
+    held: Rc<Cell<bool>>,
     drops: Rc<RefCell<Vec<u64>>>,
     _space: Option<AddressSpace<SimMem>>,
 }
@@ -70,6 +72,9 @@ impl Context for Ctx {
             load: next.saved.get(),
         }
     }
+    fn may_end_here(&self) -> bool {
+        !self.held.get()
+    }
 }
 
 impl Drop for Ctx {
@@ -102,6 +107,8 @@ struct Cpu {
     saves: Vec<(u64, u64, Place)>,
     /// Every switch into a task: (task, the token it loaded).
     loads: Vec<(u64, u64)>,
+    /// Each spawned task's "may not be ended here" flag ([`Context::may_end_here`]).
+    held: BTreeMap<u64, Rc<Cell<bool>>>,
 }
 
 impl Cpu {
@@ -113,6 +120,7 @@ impl Cpu {
         let main = Ctx {
             id: 0,
             saved,
+            held: Rc::new(Cell::new(false)),
             drops: drops.clone(),
             _space: None,
         };
@@ -124,6 +132,7 @@ impl Cpu {
             all: Vec::new(),
             saves: Vec::new(),
             loads: Vec::new(),
+            held: BTreeMap::new(),
             s,
             on: 0,
             idle: false,
@@ -162,9 +171,12 @@ impl Cpu {
         let saved = Rc::new(Cell::new(token));
         self.slots.insert(id, Rc::downgrade(&saved));
         self.tokens.insert(id, token);
+        let held = Rc::new(Cell::new(false));
+        self.held.insert(id, held.clone());
         let h = self.s.spawn(Ctx {
             id,
             saved,
+            held,
             drops: self.drops.clone(),
             _space: space,
         });
@@ -320,7 +332,13 @@ impl Cpu {
                 self.carry(step);
                 "current"
             }
+            Kill::Deferred => "deferred",
         }
+    }
+
+    /// Marks task `id` as stopped where it may (not) be ended.
+    fn hold(&self, id: u64, held: bool) {
+        self.held[&id].set(held);
     }
 
     fn advance(&mut self, dt: u64) {
@@ -582,6 +600,55 @@ fn kill_in_every_state() {
     }
     // Task 3 died blocked in its join: it never came back to retry it.
     assert_eq!(c.pending.keys().copied().collect::<Vec<_>>(), vec![3]);
+}
+
+#[test]
+fn a_kill_where_the_task_may_not_end_waits_for_its_next_kill_point() {
+    for point in ["yield", "sleep", "join"] {
+        let mut c = Cpu::new(1);
+        let victim = c.spawn();
+        let other = c.spawn();
+        c.yield_now(); // the victim runs
+        assert_eq!(c.on, 1);
+        c.hold(1, true); // preempted inside code whose end would leak
+        c.tick(); // task 2 runs
+        assert_eq!(c.on, 2);
+        assert_eq!(c.kill(victim.kill_handle()), "deferred", "{point}");
+        assert!(!c.s.is_finished(victim.kill_handle()), "{point}");
+        assert_eq!(c.drops(), Vec::<u64>::new(), "{point}: nothing ended yet");
+        c.yield_now(); // main
+        c.yield_now(); // the victim again: it goes on where it was
+        assert_eq!(c.on, 1, "{point}");
+        assert!(c.s.running().is_some_and(|t| t.kill_pending()), "{point}");
+        c.hold(1, false);
+        match point {
+            "yield" => c.yield_now(),
+            "sleep" => c.sleep_for(FOREVER),
+            _ => c.join(JoinHandle {
+                target: other.kill_handle().clone(),
+            }),
+        }
+        assert_eq!(c.drops(), vec![1], "{point}: the kill point ended it");
+        assert!(c.s.is_finished(victim.kill_handle()), "{point}");
+        assert_eq!(c.kill(victim.kill_handle()), "already ended", "{point}");
+        match c.s.join(victim, 0) {
+            Join::Done(r) => assert_eq!(r, Err(TaskError::Killed), "{point}"),
+            Join::Wait(..) => panic!("{point}: an ended task's join blocked"),
+        }
+        // The task it would have joined goes on.
+        assert!(!c.s.is_finished(other.kill_handle()), "{point}");
+    }
+}
+
+#[test]
+fn a_task_that_may_end_where_it_stopped_is_killed_at_once() {
+    let mut c = Cpu::new(1);
+    let victim = c.spawn();
+    c.yield_now();
+    c.tick(); // preempted where it may end (held is false): back to main
+    assert_eq!(c.on, 0);
+    assert_eq!(c.kill(victim.kill_handle()), "ended");
+    assert_eq!(c.drops(), vec![1]);
 }
 
 #[test]

@@ -59,9 +59,12 @@ impl Entry {
             let f = unsafe { b.assume_init_read() };
             drop(b);
             // Only now (the block is gone: a task preempted and killed from here on leaves
-            // nothing behind) may interrupts come on; the closure is app code.
-            irq::enable();
+            // nothing behind) may interrupts come on; the closure is app code. Its kernel
+            // context and holds start at nothing (the values here are the task's that switched
+            // to this one).
             crate::mm::ctx::set_depth(0);
+            crate::mm::ctx::set_holds(0);
+            irq::enable();
             f()
         }
         /// # Safety
@@ -111,6 +114,10 @@ pub(super) struct Guest {
     #[allow(dead_code, reason = "held for its Drop")]
     stack: Option<KernelStack>,
     entry: Option<Entry>,
+    /// Preempted inside libos's kernel context (the timer interrupted code at depth > 0): a kill
+    /// then waits for the task's next kill point (`Sched::kill`'s `Deferred`), since that code
+    /// may hold, on its stack only, what an end there would leak.
+    stopped_in_kernel: bool,
 }
 
 /// The arguments of one [`context::switch`].
@@ -118,15 +125,21 @@ pub(super) struct Guest {
 pub(super) struct Switch {
     /// The outgoing task's saved-stack-pointer field, inside its box where the scheduler keeps it.
     save: *mut u64,
+    /// The outgoing task's `stopped_in_kernel` field, in the same box.
+    stopped: *mut bool,
     rsp: u64,
     cr3: u64,
 }
 
 impl Context for Guest {
     type Switch = Switch;
+    fn may_end_here(&self) -> bool {
+        !self.stopped_in_kernel
+    }
     fn switch_to(&mut self, next: &mut Guest) -> Switch {
         Switch {
             save: &raw mut self.rsp,
+            stopped: &raw mut self.stopped_in_kernel,
             rsp: next.rsp,
             cr3: next.cr3,
         }
@@ -157,6 +170,7 @@ fn now() -> u64 {
 /// Sets up the main task (the app's `main`) with an empty address space of its own and loads it;
 /// with `preemption` (boot started the APIC timer), turns interrupts on so the timer preempts.
 pub(crate) fn init(preemption: bool) {
+    cpu::set_kill_hook(end_if_killed);
     let mut space = AddressSpace::new(
         &KernelMem,
         &[],
@@ -175,6 +189,7 @@ pub(crate) fn init(preemption: bool) {
         top,
         stack: None,
         entry: None,
+        stopped_in_kernel: false,
     };
     irq::without(|tok| {
         let started = with_sched(tok, |s| {
@@ -200,11 +215,54 @@ pub(crate) fn init(preemption: bool) {
     }
 }
 
-/// Records the running task as the one whose space is loaded and whose id reports show.
+/// Records the running task as the one whose space is loaded and whose id reports show, and
+/// whether a kill waits for it (carried out where it leaves libos: [`end_if_killed`]).
 fn enter_running(s: &mut Sched<Guest>) {
     if let Some(t) = s.running_mut() {
         cpu::set_running_task(t.id());
+        cpu::set_kill_pending(t.kill_pending());
         crate::space::set_current(&mut t.ctx.space);
+    }
+}
+
+/// Called (through `arch::cpu`'s hook, from `mm::ctx`) where the running task, with a kill
+/// waiting for it, leaves libos for its own code: it ends now, unless it cannot safely here
+/// (interrupts off, a kernel lock held, a shared value's lock held: a later kill point, the
+/// timer or the lock's release does it then).
+fn end_if_killed() {
+    if !in_spawned_task()
+        || !irq::are_enabled()
+        || irq::irq_locks_held() > 0
+        || SCHED.is_locked()
+        || NO_KILL.lock().contains_key(&current())
+    {
+        return;
+    }
+    end_current(Err(TaskError::Killed));
+}
+
+/// Set by the timer tick while it preempts code that was in kernel context; the switch records
+/// it in the outgoing task (`Guest::stopped_in_kernel`). Interrupts are off meanwhile.
+static PREEMPTING_KERNEL: AtomicBool = AtomicBool::new(false);
+
+/// True while the running task is inside libos code that a kill must not cut short: kernel
+/// context deeper than `base` (the caller's own level), or a hold (`mm::ctx::hold`, app code
+/// libos called back).
+fn in_kernel_code(base: usize) -> bool {
+    crate::mm::ctx::depth() > base || crate::mm::ctx::holds() > 0
+}
+
+/// Whether the running task, about to switch voluntarily (yield, sleep, join: kill points), may
+/// not be ended there: inside a hold (an app callback libos made, whose caller holds state), or
+/// holding a shared value's lock. Ask before taking the scheduler (it locks the no-kill map).
+fn held_at_kill_point() -> bool {
+    crate::mm::ctx::holds() > 0 || in_no_kill(current())
+}
+
+/// Records [`held_at_kill_point`]'s answer in the running task, for the scheduler's kill point.
+fn at_kill_point(s: &mut Sched<Guest>, held: bool) {
+    if let Some(t) = s.running_mut() {
+        t.ctx.stopped_in_kernel = held;
     }
 }
 
@@ -252,6 +310,7 @@ pub(super) fn spawn(
         top,
         stack: Some(stack),
         entry: Some(entry),
+        stopped_in_kernel: false,
     };
     irq::without(|tok| {
         let h = with_sched(tok, |s| s.spawn(ctx));
@@ -323,6 +382,11 @@ fn carry(tok: &IrqOff, step: Step<Switch>) {
 fn switch(tok: &IrqOff, sw: Switch) {
     // The kernel-context depth is this task's: kept on its stack across the switch.
     let depth = crate::mm::ctx::depth();
+    let nest = crate::mm::ctx::holds();
+    let stopped = PREEMPTING_KERNEL.swap(false, Ordering::Relaxed) || nest > 0;
+    // SAFETY: `stopped` points into the outgoing task's box, as `save` does (see below), and
+    // interrupts are off.
+    unsafe { *sw.stopped = stopped };
     // SAFETY: interrupts are off (the token); `save` points at the outgoing task's saved-RSP
     // field inside the box the scheduler keeps it in (run queue, sleepers, a join state or the
     // zombie slot), which nothing touches until that task is picked again, or, for a zombie,
@@ -332,6 +396,7 @@ fn switch(tok: &IrqOff, sw: Switch) {
     unsafe { context::switch(sw.save, sw.rsp, sw.cr3) };
     // Back in this task, possibly much later.
     crate::mm::ctx::set_depth(depth);
+    crate::mm::ctx::set_holds(nest);
     finish_switch(tok);
 }
 
@@ -399,8 +464,12 @@ fn check_no_kernel_lock() {
 pub(super) fn yield_now() {
     let _k = crate::mm::ctx::kernel();
     check_no_kernel_lock();
+    let held = held_at_kill_point();
     irq::without(|tok| {
-        let step = with_sched(tok, |s| s.yield_now(now()));
+        let step = with_sched(tok, |s| {
+            at_kill_point(s, held);
+            s.yield_now(now())
+        });
         carry(tok, step);
     });
 }
@@ -408,8 +477,12 @@ pub(super) fn yield_now() {
 pub(super) fn sleep_until(deadline: u64) {
     let _k = crate::mm::ctx::kernel();
     check_no_kernel_lock();
+    let held = held_at_kill_point();
     irq::without(|tok| {
-        let step = with_sched(tok, |s| s.sleep(deadline, now()));
+        let step = with_sched(tok, |s| {
+            at_kill_point(s, held);
+            s.sleep(deadline, now())
+        });
         carry(tok, step);
     });
 }
@@ -417,14 +490,21 @@ pub(super) fn sleep_until(deadline: u64) {
 pub(super) fn join(h: JoinHandle<Guest>) -> TaskResult {
     let _k = crate::mm::ctx::kernel();
     check_no_kernel_lock();
+    let held = held_at_kill_point();
     irq::without(|tok| {
-        let mut j = with_sched(tok, |s| s.join(h, now()));
+        let mut j = with_sched(tok, |s| {
+            at_kill_point(s, held);
+            s.join(h, now())
+        });
         loop {
             match j {
                 Join::Done(r) => return r,
                 Join::Wait(step) => {
                     carry(tok, step);
-                    j = with_sched(tok, |s| s.rejoin(now()));
+                    j = with_sched(tok, |s| {
+                        at_kill_point(s, held);
+                        s.rejoin(now())
+                    });
                 }
             }
         }
@@ -503,7 +583,8 @@ pub(super) fn kill(h: &KillHandle<Guest>) {
         return;
     }
     irq::without(|tok| match with_sched(tok, |s| s.kill(h, now())) {
-        Kill::AlreadyEnded => {}
+        // Ended already, or preempted inside libos: it ends at its next kill point.
+        Kill::AlreadyEnded | Kill::Deferred => {}
         // Dropped with interrupts off: its space goes, and no other is made meanwhile.
         Kill::Ended(task) => drop_dead(Some(task)),
         Kill::Current(step) => {
@@ -520,8 +601,22 @@ pub(crate) fn timer_tick() {
         return;
     }
     irq::without(|tok| {
+        // The trap handler's own kernel context is one level: more means the timer interrupted
+        // libos code.
+        let in_kernel = in_kernel_code(1);
+        // A kill that waited (the task was preempted inside libos) is carried out once the
+        // timer finds the task in its own code, outside a shared value's lock.
+        if !in_kernel
+            && in_spawned_task()
+            && with_sched(tok, |s| s.running().is_some_and(|t| t.kill_pending()))
+            && !NO_KILL.lock().contains_key(&current())
+        {
+            end_current(Err(TaskError::Killed));
+        }
         let step = with_sched(tok, |s| s.tick(now()));
+        PREEMPTING_KERNEL.store(in_kernel, Ordering::Relaxed);
         carry(tok, step);
+        PREEMPTING_KERNEL.store(false, Ordering::Relaxed);
     });
 }
 

@@ -9,6 +9,8 @@ use crate::space::Template;
 /// heap and statics) holds Rust objects, which raw bytes must never overwrite (nor read, as
 /// padding is uninitialised): it is refused as unmapped.
 fn check(va: u64, len: usize, write: bool) -> Result<(), templates::Fault> {
+    // Until an error is in the task's heap, a kill waits (it would leak the kernel's copy).
+    let _h = crate::mm::ctx::hold();
     let r = {
         let _k = crate::mm::ctx::kernel();
         crate::space::with_current(|space| crate::space::check_access(space, va, len, write))
@@ -80,6 +82,7 @@ pub fn write(va: u64, data: &[u8]) -> Result<(), templates::Fault> {
 /// assert_eq!(b, [0; 4]); // demand-zero
 /// ```
 pub fn map_private(name: &str, va: u64, len: u64) -> Result<(), templates::Error> {
+    let _h = crate::mm::ctx::hold();
     let r = {
         let _k = crate::mm::ctx::kernel();
         map_private_k(name, va, len)
@@ -149,6 +152,7 @@ pub(crate) fn unmap_private(va: u64, len: u64) -> Result<(), templates::Error> {
 /// assert_eq!(h.join(), Ok(1));
 /// ```
 pub fn snapshot(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
+    let _h = crate::mm::ctx::hold();
     let r = {
         let _k = crate::mm::ctx::kernel();
         snapshot_k(ranges)

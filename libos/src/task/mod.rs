@@ -124,6 +124,8 @@ impl Builder {
     {
         // The caller's copy of `f`, dropped below once the child has its own (or the spawn failed).
         let f = ManuallyDrop::new(f);
+        // Until the result is the app's (an error copied into its heap), a kill waits.
+        let _h = crate::mm::ctx::hold();
         let r = {
             let _k = crate::mm::ctx::kernel();
             self.spawn_fork(templates, &f)
@@ -412,6 +414,8 @@ impl JoinHandle {
 
     /// True once the task has ended.
     pub fn is_finished(&self) -> bool {
+        // The handle's clone lives inside kernel context (a kill waits until it is dropped).
+        let _k = crate::mm::ctx::kernel();
         let k = self.killer();
         glue::is_finished(&k)
     }
@@ -434,8 +438,8 @@ impl JoinHandle {
     /// assert_eq!(worker.join(), Err(TaskError::Killed));
     /// ```
     pub fn kill_handle(&self) -> KillHandle {
-        let k = self.killer();
         let _k = crate::mm::ctx::kernel();
+        let k = self.killer();
         KillHandle {
             id: self.id,
             inner: crate::handle::Owned::new(k),
@@ -450,11 +454,17 @@ impl JoinHandle {
     /// assert!(matches!(h.join(), Err(TaskError::Panic(_))));
     /// ```
     pub fn join(self) -> Result<i32, TaskError> {
-        let h = {
+        // The scheduler's handle goes from the registry to the scheduler inside kernel context
+        // (a join is a kill point: a kill waiting for this task ends it there, or while it is
+        // blocked), and the result's error is the kernel's until copied into the task's heap: a
+        // kill waits for that (`hold`, taken before kernel context ends).
+        let (r, _h) = {
             let _k = crate::mm::ctx::kernel();
-            self.inner.take()
+            let h = self.inner.take();
+            let r = glue::join(h);
+            (r, crate::mm::ctx::hold())
         };
-        glue::join(h).map_err(error::rehome_task_error)
+        r.map_err(error::rehome_task_error)
     }
 
     /// Ends the task (if it has not ended yet); its `join` returns [`TaskError::Killed`].
@@ -464,9 +474,10 @@ impl JoinHandle {
     /// joined goes on), or running (a task that kills itself). A task blocked in a join of this
     /// task is woken and gets `Err(TaskError::Killed)`. Its memory goes with it and libos
     /// releases the objects it owned; a [`crate::sync::Mutex`] in its memory is its own copy.
-    /// One exception: a task inside [`crate::shared::Shared::with`] (holding a lock on memory
-    /// other tasks use) ends when the closure returns, so shared data is never left
-    /// half-changed.
+    /// A task preempted inside libos code ends where it leaves it (or at its next yield, sleep
+    /// or join), so a kill never leaks what libos held for it. A task inside
+    /// [`crate::shared::Shared::with`] (holding a lock on memory other tasks use) ends when the
+    /// closure returns, so shared data is never left half-changed.
     ///
     /// ```no_run
     /// use libos::task::TaskError;
@@ -478,6 +489,7 @@ impl JoinHandle {
     /// assert_eq!(h.join(), Err(TaskError::Killed));
     /// ```
     pub fn kill(&self) {
+        let _k = crate::mm::ctx::kernel();
         let k = self.killer();
         glue::kill(&k);
     }
@@ -502,8 +514,8 @@ pub struct KillHandle {
 
 impl Clone for KillHandle {
     fn clone(&self) -> KillHandle {
-        let k = self.killer();
         let _k = crate::mm::ctx::kernel();
+        let k = self.killer();
         KillHandle {
             id: self.id,
             inner: crate::handle::Owned::new(k),
@@ -524,12 +536,15 @@ impl KillHandle {
 
     /// True once the task has ended.
     pub fn is_finished(&self) -> bool {
+        // The handle's clone lives inside kernel context (a kill waits until it is dropped).
+        let _k = crate::mm::ctx::kernel();
         let k = self.killer();
         glue::is_finished(&k)
     }
 
     /// Ends the task if it has not ended yet, as [`JoinHandle::kill`] does.
     pub fn kill(&self) {
+        let _k = crate::mm::ctx::kernel();
         let k = self.killer();
         glue::kill(&k);
     }

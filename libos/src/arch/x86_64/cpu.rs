@@ -94,3 +94,29 @@ pub fn running_task() -> u64 {
 pub fn set_running_task(id: u64) {
     RUNNING_TASK.store(id, core::sync::atomic::Ordering::Relaxed);
 }
+
+/// A kill waits for the running task (set on every switch by the scheduler's glue): kernel
+/// context's guard calls [`kill_hook`] where the task leaves libos. One CPU: one value.
+static KILL_PENDING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+/// What the scheduler's glue registered to end the running task (`task::glue::end_if_killed`);
+/// layers below the task module call it without depending on it.
+static KILL_HOOK: spin::Once<fn()> = spin::Once::new();
+
+/// Records whether a kill waits for the task now running.
+pub fn set_kill_pending(pending: bool) {
+    KILL_PENDING.store(pending, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Registers the function that ends the running task when a kill waits for it.
+pub fn set_kill_hook(f: fn()) {
+    KILL_HOOK.call_once(|| f);
+}
+
+/// Ends the running task if a kill waits for it (may not return).
+pub fn kill_hook() {
+    if KILL_PENDING.load(core::sync::atomic::Ordering::Relaxed)
+        && let Some(f) = KILL_HOOK.get()
+    {
+        f();
+    }
+}

@@ -345,11 +345,11 @@ fn spin_once(
 /// holding a reference to a libos object on its stack. Afterwards the kernel heap, the registry
 /// and the free frames must be back at their baseline: a kill leaves nothing behind.
 ///
-/// `channel` and `template-stats` pass (and are cases of the suite). `template-build`,
-/// `is-finished` and `spawn-join` reproduce an open bug: a task killed while preempted inside
-/// libos never runs again, so what libos code of that task held on its stack (a `Template`
-/// builder's state taken out of the registry while the app's fill runs, an `Arc` clone of a
-/// task's kill handle, a spawn's or a join's half-made state) is never dropped.
+/// Every `WHAT` is a case of the suite. `template-build`, `is-finished` and `spawn-join` leaked
+/// before kills of a task preempted inside libos waited for its next kill point (`sched`'s
+/// `Kill::Deferred`): what libos code held on its stack (a `Template` builder's state taken out
+/// of the registry while the app's fill runs, an `Arc` clone of a task's kill handle, a spawn's
+/// or a join's half-made state) was never dropped.
 fn killed_inside_libos(n: usize, what: Spin, name: &str) -> Result<(), String> {
     let one = |i: usize| -> Result<(), String> {
         let (tx, rx) = channel::bounded::<u64>(1);

@@ -15,11 +15,8 @@
 //! - replies (a checksum of its lookups), then ends as [`Way`] says: 90% return (half of them
 //!   forgetting every object they hold), and 10%, evenly spread, panic, fault (a write to the
 //!   read-only template, or a read near address 0) or are killed by the zygote (blocked in a
-//!   `recv`, blocked in a sleep, runnable in a yield loop, or preempted while spinning).
-//!   Not killed while blocked joining its grandchild: a task preempted on its way into a join
-//!   (`JoinHandle::join`, between taking the handle out of the registry and handing it to the
-//!   scheduler) and killed there leaks the handle; `test-owned killed N spawn-join` reproduces
-//!   that open bug of the task module.
+//!   `recv`, blocked in a sleep, blocked joining its grandchild, runnable in a yield loop, or
+//!   preempted while spinning).
 //!
 //! The zygote checks every reply, every task's end (exit code, panic message, fault address and
 //! cause), that the request task's channel ends are released (its command receiver is gone, its
@@ -91,9 +88,11 @@ enum Way {
     KillRunnable,
     /// Killed while preempted in a loop that never yields.
     KillSpinning,
+    /// Killed while blocked joining its grandchild (which waits for its parent's channel).
+    KillInJoin,
 }
 
-const WAYS: [Way; 9] = [
+const WAYS: [Way; 10] = [
     Way::Return,
     Way::ReturnForgetting,
     Way::Panic,
@@ -103,6 +102,7 @@ const WAYS: [Way; 9] = [
     Way::KillInSleep,
     Way::KillRunnable,
     Way::KillSpinning,
+    Way::KillInJoin,
 ];
 
 /// Request `n`'s way: one in ten ends badly (`n % 10 == 7`), and of those, in turn, one panics,
@@ -124,12 +124,13 @@ fn way(n: u32) -> Way {
             Way::KillInSleep,
             Way::KillRunnable,
             Way::KillSpinning,
-        ][(k / 3 % 4) as usize],
+            Way::KillInJoin,
+        ][(k / 3 % 5) as usize],
     }
 }
 
 /// One request's ways repeat with this period (every way at least once).
-const PERIOD: u32 = 10 * 3 * 4;
+const PERIOD: u32 = 10 * 3 * 10;
 
 struct State {
     map: HashMap<String, String>,
@@ -351,6 +352,8 @@ fn request(
                 x = core::hint::black_box(x.wrapping_add(live.0.len() as u64));
             }
         }
+        // The grandchild waits for `g_tx` to close, which only this task's end does.
+        Way::KillInJoin => i32::from(gh.join().is_ok()) + 6 + i32::from(g_tx.send(0).is_ok()),
     }
 }
 
@@ -365,6 +368,7 @@ struct Counts {
     killed_in_sleep: u32,
     killed_runnable: u32,
     killed_spinning: u32,
+    killed_in_join: u32,
 }
 
 impl Counts {
@@ -378,11 +382,16 @@ impl Counts {
             Way::KillInSleep => self.killed_in_sleep += 1,
             Way::KillRunnable => self.killed_runnable += 1,
             Way::KillSpinning => self.killed_spinning += 1,
+            Way::KillInJoin => self.killed_in_join += 1,
         }
     }
 
     fn killed(&self) -> u32 {
-        self.killed_in_recv + self.killed_in_sleep + self.killed_runnable + self.killed_spinning
+        self.killed_in_recv
+            + self.killed_in_sleep
+            + self.killed_runnable
+            + self.killed_spinning
+            + self.killed_in_join
     }
 }
 
@@ -391,7 +400,7 @@ impl core::fmt::Display for Counts {
         write!(
             f,
             "{} returned, {} panicked, {} faulted ({} read-only write, {} null read), {} killed \
-             ({} in recv, {} in sleep, {} runnable, {} spinning)",
+             ({} in recv, {} in sleep, {} runnable, {} spinning, {} in join)",
             self.returned,
             self.panicked,
             self.faulted_read_only + self.faulted_null,
@@ -401,7 +410,8 @@ impl core::fmt::Display for Counts {
             self.killed_in_recv,
             self.killed_in_sleep,
             self.killed_runnable,
-            self.killed_spinning
+            self.killed_spinning,
+            self.killed_in_join
         )
     }
 }
@@ -430,7 +440,11 @@ fn serve(zygote: &mut Zygote<State>, ro: &Template, n: u32) -> Result<Way, Strin
     }
     if matches!(
         how,
-        Way::KillInRecv | Way::KillInSleep | Way::KillRunnable | Way::KillSpinning
+        Way::KillInRecv
+            | Way::KillInSleep
+            | Way::KillRunnable
+            | Way::KillSpinning
+            | Way::KillInJoin
     ) {
         h.kill();
     }
