@@ -32,6 +32,8 @@ use hashbrown::HashMap;
 pub const LOOKUPS: usize = 100;
 /// The write counts the benchmark measures (the W: pages written per request).
 pub const WRITES: [u32; 4] = [0, 1, 16, 256];
+/// The `kind` of each [`WRITES`] series in the benchmark's `RESULT` lines (and its CSV).
+pub const KINDS: [&str; 4] = ["request_w0", "request_w1", "request_w16", "request_w256"];
 /// State sizes of the full benchmark: 16 MiB, 256 MiB, 1 GiB.
 pub const SIZES: [u64; 3] = [16 << 20, 256 << 20, 1 << 30];
 /// State sizes of `--quick`.
