@@ -292,8 +292,7 @@ fn main() -> i32 {
         None => {
             println!(
                 "INFO no level given: smoke (2 MiB templates, a 1 MiB warm heap, a 2 MiB request \
-                 state); pass quick or \
-                 full for more sizes"
+                 state); pass quick or full for more sizes"
             );
             Level::Smoke
         }

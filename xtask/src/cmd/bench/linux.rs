@@ -282,6 +282,11 @@ fn collect(lines: &str, system: &str, unit: Unit, run: &mut PeerRun) {
             run.complete = true;
         } else if line.starts_with("INFO kernel=") {
             run.info = Some(line["INFO ".len()..].to_owned());
+        } else if let Some(note) = line
+            .strip_prefix("INFO reqstate ")
+            .and_then(|rest| super::request_state_note(system, rest))
+        {
+            run.notes.push(note);
         }
     }
 }
