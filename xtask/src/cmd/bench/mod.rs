@@ -608,7 +608,7 @@ fn request_headline(all: &[Measurement]) -> Vec<String> {
             || "-".to_owned(),
             |o| {
                 format!(
-                    "{} ({})",
+                    "{} (= {} share)",
                     model::human(o.p50, o.unit),
                     report::ratio_text(o.p50 / s.p50)
                 )
@@ -621,8 +621,7 @@ fn request_headline(all: &[Measurement]) -> Vec<String> {
             continue;
         };
         lines.push(format!(
-            "request at {}, W={w}: Stencil share {}; copy {}; Linux fork 4 KiB {}; THP {} \
-             (x share)",
+            "request at {}, W={w}: Stencil share {}; copy {}; Linux fork 4 KiB {}; THP {}",
             model::size_name(big),
             model::human(s.p50, s.unit),
             ratio(find("stencil", "copy", w, big), s),
@@ -858,8 +857,8 @@ mod tests {
         assert_eq!(
             h,
             [
-                "request at 1 GiB, W=0: Stencil share 10.0 k; copy 20.0 M (2000x); Linux fork \
-                 4 KiB 100 M (10000x); THP 4.00 M (400x) (x share)",
+                "request at 1 GiB, W=0: Stencil share 10.0 k; copy 20.0 M (= 2000x share); \
+                 Linux fork 4 KiB 100 M (= 10000x share); THP 4.00 M (= 400x share)",
                 "requests: Stencil share below Linux fork (4 KiB and THP) at every measured size \
                  and W (4 pairs; target: lead at every W): met",
             ]

@@ -365,7 +365,7 @@ where
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
+                .position(SeriesLabelPosition::LowerRight)
                 .label_font(("sans-serif", 13))
                 .background_style(WHITE.mix(0.9))
                 .border_style(RGBColor(0xaa, 0xaa, 0xaa))
@@ -373,7 +373,8 @@ where
                 .map_err(|e| anyhow!("{e}"))?;
         }};
     }
-    let y = (ymin / 2.0..ymax * 4.0).log_scale();
+    // Room below the lowest line for the legend (lower right).
+    let y = (ymin / 12.0..ymax * 2.0).log_scale();
     if by_size {
         let x = (xmin / 1.6..xmax * 1.6).log_scale().with_key_points(xs);
         finish!(
