@@ -876,6 +876,23 @@ unsafe impl GlobalAlloc for PeerAlloc {
     }
 }
 
+/// This thread allocates from the arena while one of these lives (its drop switches back, even
+/// if the build should unwind).
+struct Building;
+
+impl Building {
+    fn start() -> Self {
+        BUILDING.set(true);
+        Building
+    }
+}
+
+impl Drop for Building {
+    fn drop(&mut self) {
+        BUILDING.set(false);
+    }
+}
+
 /// The mapping an arena serves from, registered as the arena while it lives.
 struct Arena {
     map: Mapping,
@@ -928,9 +945,10 @@ impl ArenaState {
             .and_then(|l| usize::try_from(l).ok())
             .ok_or("size too large")?;
         let arena = Arena::new(len, pages)?;
-        BUILDING.set(true);
-        let built = reqcore::State::build(size);
-        BUILDING.set(false);
+        let built = {
+            let _on = Building::start();
+            reqcore::State::build(size)
+        };
         let state = built.map_err(|e| format!("building the {} state: {e}", size_name(size)))?;
         Ok(Self { state, arena })
     }
