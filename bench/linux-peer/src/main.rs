@@ -12,6 +12,14 @@
 //! to another 4 KiB page in the same 2 MiB (`fork_second_write`: with THP it shows whether the
 //! first fault copied the whole huge page or split it and copied 4 KiB).
 //!
+//! And it runs the request benchmark's Linux side (issue #13): for each state size it builds the
+//! warm state of the shared `reqcore` crate (a `hashbrown` index plus records) in a region of
+//! its own (4 KiB pages or THP, as above), then serves requests the way a fork server does:
+//! `fork()` from the warmed process, the child runs `reqcore::handle` (100 lookups, W page
+//! writes) and stores its checksum in the shared page, the parent waits (`kind=request_wW`, from
+//! before `fork()` until `waitpid` returned) and checks the checksum against
+//! `reqcore::expected`.
+//!
 //! `cargo xtask bench` runs it twice: as `/init` (pid 1) of a Linux guest in QEMU, where it mounts
 //! `/proc` and `/sys` (only to report the clock source and check that the huge pages are real)
 //! and powers the machine off at the end, and natively on the host as context. The output is one
@@ -25,12 +33,15 @@
 //!
 //! Build: a static binary for the host target, `-C target-feature=+crt-static` on
 //! `x86_64-unknown-linux-gnu` (glibc's static libraries are part of Debian's libc6-dev), which
-//! xtask passes itself. Run by hand: `linux-peer [--quick] [--sizes 2M,16M] [--pages 4k,thp]`.
+//! xtask passes itself. Run by hand:
+//! `linux-peer [--quick] [--sizes 2M,16M] [--pages 4k,thp] [--req-sizes 16M,1G|none]`.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::ffi::{CStr, c_int, c_void};
 use std::fmt::Write as _;
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering, compiler_fence};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, compiler_fence};
 
 const PAGE: usize = 4096;
 const HUGE: usize = 2 << 20;
@@ -76,6 +87,18 @@ struct Config {
     quick: bool,
     sizes: Vec<u64>,
     pages: Vec<Pages>,
+    /// State sizes of the request series; `None`: `reqcore::SIZES` (`--quick`: `QUICK_SIZES`).
+    req_sizes: Option<Vec<u64>>,
+}
+
+impl Config {
+    fn req_sizes(&self) -> &[u64] {
+        match (&self.req_sizes, self.quick) {
+            (Some(v), _) => v,
+            (None, false) => &reqcore::SIZES,
+            (None, true) => &reqcore::QUICK_SIZES,
+        }
+    }
 }
 
 /// How many samples to take of each spawn kind.
@@ -144,6 +167,7 @@ fn parse_args(args: &[String], pid1: bool) -> Result<Config, String> {
         quick: false,
         sizes: DEFAULT_SIZES.to_vec(),
         pages: vec![Pages::Small, Pages::Thp],
+        req_sizes: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -166,6 +190,18 @@ fn parse_args(args: &[String], pid1: bool) -> Result<Config, String> {
                         _ => Err(format!("bad page kind `{s}` (4k or thp)")),
                     })
                     .collect::<Result<_, _>>()?;
+            }
+            "--req-sizes" => {
+                let list = it
+                    .next()
+                    .ok_or("--req-sizes needs a list, e.g. 16M,256M,1G, or none")?;
+                cfg.req_sizes = Some(if list == "none" {
+                    Vec::new()
+                } else {
+                    list.split(',')
+                        .map(|s| parse_size(s).ok_or_else(|| format!("bad size `{s}`")))
+                        .collect::<Result<_, _>>()?
+                });
             }
             other if pid1 => println!("INFO ignored_argument={other}"),
             other => return Err(format!("unknown argument `{other}`")),
@@ -773,6 +809,227 @@ fn huge_warning(size: u64, pages: Pages, pct: Option<u64>) -> Option<String> {
     })
 }
 
+/// The peer's allocator: the system's, except that while an [`ArenaState`] is being built every
+/// allocation comes from that state's own mapping (a bump arena, advised for 4 KiB pages or
+/// THP like the spawn series' regions), so the page size of the request state is known. Freeing
+/// inside the arena does nothing: the mapping goes away whole, after the state.
+struct PeerAlloc;
+
+#[global_allocator]
+static ALLOC: PeerAlloc = PeerAlloc;
+
+/// The arena's range (`start..end`, both 0 when there is none) and its next free byte.
+static ARENA_START: AtomicUsize = AtomicUsize::new(0);
+static ARENA_END: AtomicUsize = AtomicUsize::new(0);
+static ARENA_NEXT: AtomicUsize = AtomicUsize::new(0);
+
+std::thread_local! {
+    /// This thread's allocations go to the arena now (only the thread that builds the state:
+    /// the host tests run other threads meanwhile). Const-initialised, no destructor: reading
+    /// it never allocates.
+    static BUILDING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn building() -> bool {
+    BUILDING.try_with(Cell::get).unwrap_or(false)
+}
+
+fn arena_alloc(layout: Layout) -> *mut u8 {
+    let end = ARENA_END.load(Ordering::SeqCst);
+    let got = ARENA_NEXT.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |next| {
+        next.checked_next_multiple_of(layout.align())?
+            .checked_add(layout.size())
+            .filter(|&e| e <= end)
+    });
+    match got {
+        // `prev` passed the checks above, so its aligned value is in range.
+        Ok(prev) => prev.next_multiple_of(layout.align()) as *mut u8,
+        // Full: the allocation fails (State::build reports it as out of memory).
+        Err(_) => ptr::null_mut(),
+    }
+}
+
+fn in_arena(p: *mut u8) -> bool {
+    let p = p as usize;
+    (ARENA_START.load(Ordering::SeqCst)..ARENA_END.load(Ordering::SeqCst)).contains(&p)
+}
+
+// SAFETY: outside an arena every call goes to `System` unchanged. Inside, `arena_alloc` hands
+// out disjoint, aligned ranges of a mapping that stays mapped until every object in it is gone
+// (`ArenaState` drops its state before its arena), and a free there is a no-op; `realloc`'s
+// default (allocate, copy, free) is right for both.
+unsafe impl GlobalAlloc for PeerAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if building() {
+            return arena_alloc(layout);
+        }
+        // SAFETY: the caller's guarantees (a non-zero-size layout) are passed on unchanged.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if in_arena(ptr) {
+            return;
+        }
+        // SAFETY: `ptr` did not come from the arena, so `System` allocated it with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// This thread allocates from the arena while one of these lives (its drop switches back, even
+/// if the build should unwind).
+struct Building;
+
+impl Building {
+    fn start() -> Self {
+        BUILDING.set(true);
+        Building
+    }
+}
+
+impl Drop for Building {
+    fn drop(&mut self) {
+        BUILDING.set(false);
+    }
+}
+
+/// The mapping an arena serves from, registered as the arena while it lives.
+struct Arena {
+    map: Mapping,
+}
+
+impl Arena {
+    fn new(len: usize, pages: Pages) -> Result<Self, String> {
+        let map = Mapping::new(len, HUGE, false)?;
+        map.advise(match pages {
+            Pages::Small => libc::MADV_NOHUGEPAGE,
+            Pages::Thp => libc::MADV_HUGEPAGE,
+        })?;
+        let start = map.ptr as usize;
+        if ARENA_START
+            .compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err("an arena is already in use".to_owned());
+        }
+        ARENA_NEXT.store(start, Ordering::SeqCst);
+        ARENA_END.store(start + len, Ordering::SeqCst);
+        Ok(Self { map })
+    }
+
+    fn used(&self) -> usize {
+        ARENA_NEXT.load(Ordering::SeqCst) - self.map.ptr as usize
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        ARENA_END.store(0, Ordering::SeqCst);
+        ARENA_START.store(0, Ordering::SeqCst);
+        ARENA_NEXT.store(0, Ordering::SeqCst);
+        // `map` is unmapped after this.
+    }
+}
+
+/// A request state built in an arena of its own. Fields drop in order: the state (its frees are
+/// no-ops) before the arena that holds it.
+struct ArenaState {
+    state: reqcore::State,
+    arena: Arena,
+}
+
+impl ArenaState {
+    fn build(size: u64, pages: Pages) -> Result<Self, String> {
+        let len = size
+            .checked_add(size / 8 + 8 * MIB)
+            .and_then(|l| usize::try_from(l).ok())
+            .ok_or("size too large")?;
+        let arena = Arena::new(len, pages)?;
+        let built = {
+            let _on = Building::start();
+            reqcore::State::build(size)
+        };
+        let state = built.map_err(|e| format!("building the {} state: {e}", size_name(size)))?;
+        Ok(Self { state, arena })
+    }
+
+    /// Percent of the used part of the arena that huge pages back (None without /proc).
+    fn huge_pct(&self) -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let kib = smaps_huge_kib(&text, self.arena.map.ptr as usize)?;
+        let used = u64::try_from(self.arena.used()).ok()?.max(1);
+        Some((kib.saturating_mul(KIB).min(used)) * 100 / used)
+    }
+}
+
+/// The request series at one state size: build the state (every page written), then for each W
+/// fork a child per request that runs the shared handler on its copy; the parent checks every
+/// checksum. A wrong one is an error: the run stops rather than report a number.
+fn measure_requests(slot: &Slot, size: u64, pages: Pages, quick: bool) -> Result<(), String> {
+    let p = pages.name();
+    println!("PROGRESS reqstate size={size} pages={p}");
+    let t = now_ns();
+    let mut warm = ArenaState::build(size, pages)?;
+    let build_ms = (now_ns() - t) / 1_000_000;
+    let pct = warm.huge_pct();
+    let huge = pct.map_or_else(String::new, |p| format!(" huge_pct={p}"));
+    println!(
+        "INFO reqstate size={size} pages={p} records={} heap_bytes={} build_ms={build_ms}{huge}",
+        warm.state.records(),
+        warm.state.heap_bytes()
+    );
+    if let Some(w) = huge_warning(size, pages, pct) {
+        println!("{w}");
+    }
+    let n = reqcore::samples(size, quick);
+    for (&writes, &kind) in reqcore::WRITES.iter().zip(reqcore::KINDS.iter()) {
+        println!("PROGRESS request size={size} pages={p} n={n} writes={writes}");
+        let mut costs = Vec::with_capacity(n);
+        for i in 0..reqcore::WARMUP + n {
+            let req =
+                reqcore::Request::new(reqcore::request_seed(i as u64, writes), writes, &warm.state)
+                    .map_err(|e| e.to_string())?;
+            let want = reqcore::expected(&warm.state, &req);
+            slot.cell_at(0).store(0, Ordering::SeqCst);
+            slot.cell_at(1).store(0, Ordering::SeqCst);
+            let t0 = now_ns();
+            // SAFETY: the child runs the handler on its own copy of the state (no allocation,
+            // no lock), stores to the shared page and calls _exit; it never returns into code
+            // that could observe the fork.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                let c = reqcore::handle(&mut warm.state, &req);
+                slot.cell_at(0).store(c, Ordering::SeqCst);
+                slot.cell_at(1).store(1, Ordering::SeqCst);
+                // SAFETY: ends the child at once, without running the parent's exit handlers.
+                unsafe { libc::_exit(0) };
+            }
+            if pid < 0 {
+                return Err(os_error("fork"));
+            }
+            reap(pid)?;
+            let t1 = now_ns();
+            if slot.cell_at(1).load(Ordering::SeqCst) != 1 {
+                return Err("a request's child exited without its checksum".to_owned());
+            }
+            let got = slot.cell_at(0).load(Ordering::SeqCst);
+            if got != want {
+                return Err(format!(
+                    "request {i} (W={writes}) at {}, {p}: the child answered {got:#x}, the \
+                     direct computation {want:#x}",
+                    size_name(size)
+                ));
+            }
+            if i >= reqcore::WARMUP {
+                costs.push(t1 - t0);
+            }
+        }
+        println!("{}", result_line(kind, size, pages, &mut costs, &huge));
+    }
+    drop(warm);
+    Ok(())
+}
+
 fn read_trimmed(path: &str) -> Option<String> {
     std::fs::read_to_string(path)
         .ok()
@@ -854,6 +1111,24 @@ fn run(cfg: &Config, pid1: bool) -> Result<(), String> {
                 continue;
             }
             measure_size(&slot, cfg, size, pages)?;
+        }
+    }
+    for &pages in &cfg.pages {
+        for &size in cfg.req_sizes() {
+            // The state, a little more for its arena, and the children's copies.
+            #[allow(clippy::cast_precision_loss)]
+            let fits = ram == 0 || (size as f64) * 1.2 <= ram as f64 * MAX_RAM_FRACTION;
+            if !fits {
+                println!(
+                    "SKIP size={size} pages={} reason=\"a {} request state does not fit in {} of \
+                     RAM\"",
+                    pages.name(),
+                    size_name(size),
+                    size_name(ram / MIB * MIB)
+                );
+                continue;
+            }
+            measure_requests(&slot, size, pages, cfg.quick)?;
         }
     }
     Ok(())
@@ -961,6 +1236,15 @@ mod tests {
         assert!(as_init.quick, "pid 1 skips boot options it does not know");
         assert!(a(&["--sizes"]).is_err());
         assert!(a(&["--pages", "1g"]).is_err());
+        assert_eq!(d.req_sizes(), reqcore::SIZES);
+        assert_eq!(c.req_sizes(), reqcore::QUICK_SIZES);
+        assert_eq!(
+            a(&["--req-sizes", "2M,1G"]).unwrap().req_sizes(),
+            [2 * MIB, GIB]
+        );
+        assert!(a(&["--req-sizes", "none"]).unwrap().req_sizes().is_empty());
+        assert!(a(&["--req-sizes", "2Q"]).is_err());
+        assert!(a(&["--req-sizes"]).is_err());
     }
 
     #[test]
@@ -1067,6 +1351,32 @@ AnonHugePages:         0 kB
         // Odd page counts: the last page's neighbour is the one before it.
         assert_eq!(write_offsets(5 * PAGE, 3), (4 * PAGE, Some(3 * PAGE)));
         assert_eq!(write_offsets(PAGE, 5), (0, None));
+    }
+
+    #[test]
+    fn requests_work_natively() {
+        // A functional check (no timing assertions): every request's checksum matched the
+        // direct computation (a mismatch is an error), with both page kinds, and the arena is
+        // gone afterwards.
+        let slot = Slot::new().unwrap();
+        for pages in [Pages::Small, Pages::Thp] {
+            measure_requests(&slot, reqcore::MIN_BYTES, pages, true).unwrap();
+            assert_eq!(ARENA_START.load(Ordering::SeqCst), 0);
+        }
+        // The arena serves only while building, and frees there are no-ops.
+        let warm = ArenaState::build(reqcore::MIN_BYTES, Pages::Small).unwrap();
+        assert!(warm.arena.used() as u64 >= warm.state.heap_bytes());
+        let outside = std::hint::black_box(vec![1u8; 100]);
+        assert!(!in_arena(outside.as_ptr().cast_mut()));
+        assert!(matches!(
+            ArenaState::build(reqcore::MIN_BYTES, Pages::Small),
+            Err(e) if e.contains("already in use")
+        ));
+        drop(warm);
+        assert!(
+            ArenaState::build(reqcore::MIN_BYTES - 1, Pages::Small)
+                .is_err_and(|e| e.contains("below the smallest"))
+        );
     }
 
     #[test]

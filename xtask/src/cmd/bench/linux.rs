@@ -226,9 +226,12 @@ fn progress(label: &'static str, start: Instant) -> impl FnMut(&str) + Send + 's
                 .and_then(|s| s.parse().ok())
                 .map_or_else(|| "?".to_owned(), model::size_name);
             let pages = f.get("pages").unwrap_or(&"?");
+            let writes = f
+                .get("writes")
+                .map_or_else(String::new, |w| format!(" W={w}"));
             match f.get("n") {
-                Some(n) => format!("{what} {size} {pages} (n={n})"),
-                None => format!("{what} {size} {pages}"),
+                Some(n) => format!("{what} {size} {pages}{writes} (n={n})"),
+                None => format!("{what} {size} {pages}{writes}"),
             }
         } else if let Some(rest) = line.strip_prefix("INFO kernel=") {
             format!("running: kernel {rest}")
@@ -282,6 +285,11 @@ fn collect(lines: &str, system: &str, unit: Unit, run: &mut PeerRun) {
             run.complete = true;
         } else if line.starts_with("INFO kernel=") {
             run.info = Some(line["INFO ".len()..].to_owned());
+        } else if let Some(note) = line
+            .strip_prefix("INFO reqstate ")
+            .and_then(|rest| super::request_state_note(system, rest))
+        {
+            run.notes.push(note);
         }
     }
 }

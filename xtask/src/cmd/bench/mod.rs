@@ -208,6 +208,21 @@ pub fn run(root: &Path, cmd: &BenchCmd) -> Result<i32> {
             )
         )
     );
+    print!(
+        "{}",
+        report::request_table(
+            &all,
+            &format!(
+                "Requests from a warm state (spawn or fork, {} lookups, W page writes, exit, \
+                 join or wait; the same reqcore handler on both), {setting}: {}",
+                reqcore::LOOKUPS,
+                match unit {
+                    Unit::Ns => "p50 / p99 time",
+                    Unit::Instructions => "p50 / p99 guest instructions",
+                }
+            )
+        )
+    );
     if all.iter().any(|m| m.system == "linux") {
         notes.push(format!(
             "linux: 4, 16 and 64 GiB are not measured: the Linux guest has {} of RAM",
@@ -228,6 +243,17 @@ pub fn run(root: &Path, cmd: &BenchCmd) -> Result<i32> {
             written.push(svg_path);
         }
         Err(e) => notes.push(format!("plot: not written: {e:#}")),
+    }
+    if all.iter().any(model::is_request) {
+        let req_path = out_dir.join("requests.svg");
+        match plot::request_svg(&all, unit, &subtitle) {
+            Ok(svg) => {
+                std::fs::write(&req_path, svg)
+                    .with_context(|| format!("cannot write {}", req_path.display()))?;
+                written.push(req_path);
+            }
+            Err(e) => notes.push(format!("request plot: not written: {e:#}")),
+        }
     }
     if unit == Unit::Instructions && all.iter().any(|m| m.system == "native") {
         notes.push(
@@ -326,7 +352,17 @@ fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<Par
         if let Some(rest) = line.strip_prefix("RESULT ") {
             let f = model::fields(rest);
             let kind = f.get("kind").copied();
-            if kind == Some("spawn_first") || kind == Some("seal") {
+            if let Some(w) = kind.and_then(model::request_writes) {
+                let size = f
+                    .get("size")
+                    .and_then(|s| s.parse().ok())
+                    .map_or_else(|| "?".to_owned(), model::size_name);
+                println!(
+                    "  [{t:6.1} s] stencil: request {size} {} W={w}: p50 {}",
+                    f.get("pages").unwrap_or(&"?"),
+                    f.get("p50_ns").unwrap_or(&"?")
+                );
+            } else if kind == Some("spawn_first") || kind == Some("seal") {
                 let size = f
                     .get("size")
                     .and_then(|s| s.parse().ok())
@@ -360,6 +396,8 @@ fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<Par
     };
     let mut out = PartResult::default();
     let mut done = false;
+    // Request spawns, and how many of them found the zygote unchanged since the one before.
+    let mut req_forks = (0u64, 0u64);
     for line in serial.lines().map(str::trim) {
         if line.starts_with("RESULT ") {
             match model::parse_result(line, "stencil", unit) {
@@ -377,6 +415,16 @@ fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<Par
             }
         } else if let Some(note) = line.strip_prefix("INFO forks ").and_then(heap_forks_note) {
             out.notes.push(note);
+        } else if let Some(note) = line
+            .strip_prefix("INFO reqstate ")
+            .and_then(|rest| request_state_note("stencil", rest))
+        {
+            out.notes.push(note);
+        } else if let Some(rest) = line.strip_prefix("INFO reqforks ") {
+            let f = model::fields(rest);
+            let count = |k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            req_forks.0 += count("spawns");
+            req_forks.1 += count("clean");
         } else if let Some(rest) = line.strip_prefix("DENSITY ") {
             let f = model::fields(rest);
             out.notes.push(format!(
@@ -391,6 +439,12 @@ fn stencil_part(root: &Path, cmd: &BenchCmd, accel: Option<Accel>) -> Result<Par
         } else if line == "DONE" {
             done = true;
         }
+    }
+    if req_forks.0 > 0 {
+        out.notes.push(format!(
+            "stencil: requests: {} of {} spawns found the zygote unchanged (fork_counts)",
+            req_forks.1, req_forks.0
+        ));
     }
     println!(
         "stencil: {} results in {:.1} s",
@@ -510,6 +564,111 @@ fn heap_headline(all: &[Measurement]) -> Vec<String> {
     lines
 }
 
+/// The note for an `INFO reqstate` line (what a request series' state really holds); `None` for
+/// a malformed one.
+pub(crate) fn request_state_note(system: &str, rest: &str) -> Option<String> {
+    let f = model::fields(rest);
+    let size = model::size_name(f.get("size")?.parse().ok()?);
+    let heap: f64 = f.get("heap_bytes")?.parse().ok()?;
+    let pages = f
+        .get("pages")
+        .map_or_else(String::new, |p| format!(" ({p})"));
+    let huge = f
+        .get("huge_pct")
+        .map_or_else(String::new, |p| format!(", {p}% huge pages"));
+    Some(format!(
+        "{system}: request state of {size}{pages}: {} records + index = {:.2} MiB of heap, built \
+         in {} ms{huge}",
+        f.get("records")?,
+        heap / f64::from(1u32 << 20),
+        f.get("build_ms")?
+    ))
+}
+
+/// The request headline: per W at the largest state both systems measured, Stencil `share`
+/// beside Linux with 4 KiB pages and with THP (ratios of the p50s), and whether `share` leads
+/// at every measured size and W (DESIGN.md's target), naming where it does not.
+fn request_headline(all: &[Measurement]) -> Vec<String> {
+    let share_sizes: std::collections::BTreeSet<u64> = all
+        .iter()
+        .filter(|m| model::is_request(m) && m.system == "stencil" && m.mode == "share")
+        .map(|m| m.size)
+        .collect();
+    let linux_sizes: std::collections::BTreeSet<u64> = all
+        .iter()
+        .filter(|m| model::is_request(m) && m.system == "linux")
+        .map(|m| m.size)
+        .collect();
+    let Some(&big) = share_sizes.intersection(&linux_sizes).last() else {
+        return Vec::new();
+    };
+    let find = |system, mode, w, size| report::find_request(all, system, mode, w, size);
+    let ratio = |o: Option<&Measurement>, s: &Measurement| {
+        o.filter(|o| o.unit == s.unit && s.p50 > 0.0).map_or_else(
+            || "-".to_owned(),
+            |o| {
+                format!(
+                    "{} (= {} share)",
+                    model::human(o.p50, o.unit),
+                    report::ratio_text(o.p50 / s.p50)
+                )
+            },
+        )
+    };
+    let mut lines = Vec::new();
+    for w in reqcore::WRITES {
+        let Some(s) = find("stencil", "share", w, big) else {
+            continue;
+        };
+        lines.push(format!(
+            "request at {}, W={w}: Stencil share {}; copy {}; Linux fork 4 KiB {}; THP {}",
+            model::size_name(big),
+            model::human(s.p50, s.unit),
+            ratio(find("stencil", "copy", w, big), s),
+            ratio(find("linux", "4k", w, big), s),
+            ratio(find("linux", "thp", w, big), s)
+        ));
+    }
+    let mut wins = Vec::new();
+    let mut compared = 0;
+    for &size in share_sizes.intersection(&linux_sizes) {
+        for w in reqcore::WRITES {
+            let Some(s) = find("stencil", "share", w, size) else {
+                continue;
+            };
+            for (mode, what) in [("4k", "4 KiB"), ("thp", "THP")] {
+                if let Some(l) = find("linux", mode, w, size).filter(|l| l.unit == s.unit) {
+                    compared += 1;
+                    if l.p50 <= s.p50 {
+                        wins.push(format!(
+                            "{} W={w} {what} ({} vs {})",
+                            model::size_name(size),
+                            model::human(l.p50, l.unit),
+                            model::human(s.p50, s.unit)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if compared > 0 {
+        lines.push(if wins.is_empty() {
+            format!(
+                "requests: Stencil share below Linux fork (4 KiB and THP) at every measured \
+                 size and W ({compared} pairs; target: lead at every W): met"
+            )
+        } else {
+            format!(
+                "requests: Stencil share leads in {} of {compared} pairs (target: lead at every \
+                 W): missed; Linux is cheaper at {}",
+                compared - wins.len(),
+                wins.join(", ")
+            )
+        });
+    }
+    lines
+}
+
 /// The headline ratios DESIGN.md and issue #5 ask for, from one run's measurements.
 fn headline(all: &[Measurement]) -> Vec<String> {
     let find = |system: &str, mode: &str, kind: &str, size: u64| {
@@ -589,6 +748,7 @@ fn headline(all: &[Measurement]) -> Vec<String> {
         _ => {}
     }
     lines.extend(heap_headline(all));
+    lines.extend(request_headline(all));
     lines
 }
 
@@ -679,6 +839,54 @@ mod tests {
               (target <= 3500: met)"
             ]
         );
+    }
+
+    #[test]
+    fn request_headline_lines() {
+        let (mib16, gib) = (16 << 20, 1 << 30);
+        let mut ms = vec![
+            m("stencil", "share", "request_w0", gib, 10_000.0),
+            m("stencil", "copy", "request_w0", gib, 20_000_000.0),
+            m("linux", "4k", "request_w0", gib, 100_000_000.0),
+            m("linux", "thp", "request_w0", gib, 4_000_000.0),
+            m("stencil", "share", "request_w0", mib16, 10_000.0),
+            m("linux", "4k", "request_w0", mib16, 2_000_000.0),
+            m("linux", "thp", "request_w0", mib16, 500_000.0),
+        ];
+        let h = request_headline(&ms);
+        assert_eq!(
+            h,
+            [
+                "request at 1 GiB, W=0: Stencil share 10.0 k; copy 20.0 M (= 2000x share); \
+                 Linux fork 4 KiB 100 M (= 10000x share); THP 4.00 M (= 400x share)",
+                "requests: Stencil share below Linux fork (4 KiB and THP) at every measured size \
+                 and W (4 pairs; target: lead at every W): met",
+            ]
+        );
+        // Where Linux is cheaper, the headline says so.
+        ms.push(m("stencil", "share", "request_w256", mib16, 900_000.0));
+        ms.push(m("linux", "thp", "request_w256", mib16, 800_000.0));
+        let h = request_headline(&ms);
+        assert_eq!(
+            h.last().unwrap(),
+            "requests: Stencil share leads in 4 of 5 pairs (target: lead at every W): missed; \
+             Linux is cheaper at 16 MiB W=256 THP (800 k vs 900 k)"
+        );
+        // Without Linux figures (--only stencil) there is nothing to compare.
+        assert!(request_headline(&ms[..2]).is_empty());
+        assert_eq!(
+            request_state_note(
+                "linux",
+                "size=16777216 pages=thp records=32768 heap_bytes=16842768 build_ms=12 \
+                 huge_pct=100"
+            )
+            .as_deref(),
+            Some(
+                "linux: request state of 16 MiB (thp): 32768 records + index = 16.06 MiB of \
+                 heap, built in 12 ms, 100% huge pages"
+            )
+        );
+        assert_eq!(request_state_note("stencil", "size=1"), None);
     }
 
     #[test]

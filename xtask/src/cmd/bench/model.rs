@@ -100,6 +100,22 @@ pub fn is_heap(m: &Measurement) -> bool {
     m.system == "stencil" && HEAP_MODES.iter().any(|(mode, _)| *mode == m.mode)
 }
 
+/// The request series' kinds (`request_wW`: a whole request with W page writes, from a warm
+/// state of `size` bytes; issue #13). They have a table of their own
+/// ([`super::report::request_table`]); the mode is `share`/`copy` (Stencil) or `4k`/`thp`
+/// (Linux).
+pub const REQUEST_KIND_PREFIX: &str = "request_w";
+
+/// W of a request kind (`request_w16` → 16).
+pub fn request_writes(kind: &str) -> Option<u32> {
+    kind.strip_prefix(REQUEST_KIND_PREFIX)?.parse().ok()
+}
+
+/// Is `m` one of the request series?
+pub fn is_request(m: &Measurement) -> bool {
+    request_writes(&m.kind).is_some()
+}
+
 pub fn kind_label(kind: &str) -> &str {
     KINDS
         .iter()
@@ -259,6 +275,21 @@ mod tests {
         assert_eq!(f.len(), 3);
         assert_eq!(f["pages"], "4k");
         assert_eq!(f["size"], "1");
+    }
+
+    #[test]
+    fn request_kinds() {
+        assert_eq!(request_writes("request_w256"), Some(256));
+        assert_eq!(request_writes("request_w0"), Some(0));
+        assert_eq!(request_writes("request_wx"), None);
+        assert_eq!(request_writes("spawn_first"), None);
+        let m = parse_result(
+            "RESULT kind=request_w16 size=16777216 pages=thp n=200 p50_ns=5 p99_ns=6",
+            "linux",
+            Unit::Ns,
+        )
+        .unwrap();
+        assert!(is_request(&m));
     }
 
     #[test]

@@ -28,10 +28,14 @@ pub fn systems(ms: &[Measurement]) -> Vec<String> {
 }
 
 /// One table per system: a row per (mode, size), a column per kind (`p50 / p99`). The warm-heap
-/// series are left out (they have [`heap_table`]).
+/// and request series are left out (they have [`heap_table`] and [`request_table`]).
 pub fn table(ms: &[Measurement], heading: impl Fn(&str) -> String) -> String {
     let mut out = String::new();
-    let ms: Vec<Measurement> = ms.iter().filter(|m| !model::is_heap(m)).cloned().collect();
+    let ms: Vec<Measurement> = ms
+        .iter()
+        .filter(|m| !model::is_heap(m) && !model::is_request(m))
+        .cloned()
+        .collect();
     for system in systems(&ms) {
         let mine: Vec<&Measurement> = ms.iter().filter(|m| m.system == system).collect();
         // Known table kinds first, in their order, then kinds this table does not know.
@@ -301,6 +305,72 @@ pub fn heap_table(ms: &[Measurement], heading: &str) -> String {
     out
 }
 
+/// The request table's systems and modes, in column order: Stencil `share` and `copy` (4 KiB
+/// pages), the Linux guest with 4 KiB pages and with THP.
+pub const REQUEST_COLUMNS: &[(&str, &str, &str)] = &[
+    ("stencil", "share", "Stencil share"),
+    ("stencil", "copy", "Stencil copy"),
+    ("linux", "4k", "Linux fork, 4 KiB"),
+    ("linux", "thp", "Linux fork, THP"),
+];
+
+/// One request measurement: system, mode, W, state size.
+pub fn find_request<'a>(
+    ms: &'a [Measurement],
+    system: &str,
+    mode: &str,
+    writes: u32,
+    size: u64,
+) -> Option<&'a Measurement> {
+    ms.iter().find(|m| {
+        m.system == system
+            && m.mode == mode
+            && m.size == size
+            && model::request_writes(&m.kind) == Some(writes)
+    })
+}
+
+/// The whole request, side by side: a row per (state size, W), a column per system and mode
+/// ([`REQUEST_COLUMNS`], `p50 / p99`), then the ratios of the p50s against Stencil `share`:
+/// `copy`, Linux 4 KiB and Linux THP over `share` (above 1: `share` is cheaper). Native runs
+/// are left out (context only, other units). Empty without request measurements.
+pub fn request_table(ms: &[Measurement], heading: &str) -> String {
+    let req: Vec<&Measurement> = ms
+        .iter()
+        .filter(|m| model::is_request(m) && m.system != "native")
+        .collect();
+    let rows: BTreeSet<(u64, u32)> = req
+        .iter()
+        .filter_map(|m| Some((m.size, model::request_writes(&m.kind)?)))
+        .collect();
+    let mut grid: Vec<Vec<String>> = vec![
+        ["state", "W"]
+            .into_iter()
+            .chain(REQUEST_COLUMNS.iter().map(|c| c.2))
+            .chain(["copy / share", "4 KiB / share", "THP / share"])
+            .map(str::to_owned)
+            .collect(),
+    ];
+    for (size, w) in rows {
+        let get = |system: &str, mode: &str| find_request(ms, system, mode, w, size);
+        let mut row = vec![model::size_name(size), w.to_string()];
+        row.extend(REQUEST_COLUMNS.iter().map(|c| p50_p99(get(c.0, c.1))));
+        let share = get("stencil", "share").filter(|s| s.p50 > 0.0);
+        for (system, mode) in [("stencil", "copy"), ("linux", "4k"), ("linux", "thp")] {
+            row.push(match (share, get(system, mode)) {
+                (Some(s), Some(o)) if s.unit == o.unit => ratio_text(o.p50 / s.p50),
+                _ => "-".to_owned(),
+            });
+        }
+        grid.push(row);
+    }
+    let mut out = String::new();
+    if grid.len() > 1 {
+        render(&mut out, heading, &grid, 2);
+    }
+    out
+}
+
 /// CSV with a header; `setting` (accelerator, icount) is the same for every row of one run.
 pub fn csv(ms: &[Measurement], setting: &str) -> String {
     let mut out = String::from("system,mode,kind,size_bytes,n,p50,p99,unit,setting\n");
@@ -478,6 +548,82 @@ mod tests {
         assert!(!main.contains("heap"), "{main}");
         assert!(main.contains("share  1 GiB"), "{main}");
         assert_eq!(heap_table(&ms[..1], "== heap"), "");
+    }
+
+    #[test]
+    fn request_side_by_side() {
+        let mib16 = 16 << 20;
+        let gib = 1 << 30;
+        let ms = vec![
+            m("stencil", "share", "request_w0", mib16, 10_000.0),
+            m("stencil", "copy", "request_w0", mib16, 100_000.0),
+            m("linux", "4k", "request_w0", mib16, 1_000_000.0),
+            m("linux", "thp", "request_w0", mib16, 500_000.0),
+            m("stencil", "share", "request_w256", mib16, 800_000.0),
+            m("linux", "thp", "request_w256", mib16, 400_000.0),
+            m("stencil", "share", "request_w16", gib, 60_000.0),
+            m("native", "4k", "request_w16", gib, 1.0),
+            m("stencil", "share", "spawn_first", mib16, 1.0),
+        ];
+        let t = request_table(&ms, "== requests");
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("  ")).collect();
+        assert!(t.starts_with("\n== requests\n"), "{t}");
+        assert_eq!(rows.len(), 5, "header, rule, three rows: {t}");
+        assert!(
+            rows[0].contains("Stencil share")
+                && rows[0].contains("Linux fork, THP")
+                && rows[0].ends_with("THP / share"),
+            "{t}"
+        );
+        // Cells are at least two spaces apart.
+        let cells = |row: &str| -> Vec<String> {
+            row.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(
+            cells(rows[2]),
+            [
+                "16 MiB",
+                "0",
+                "10.0 µs / 20.0 µs",
+                "100 µs / 200 µs",
+                "1.00 ms / 2.00 ms",
+                "500 µs / 1.00 ms",
+                "10.0x",
+                "100x",
+                "50.0x"
+            ],
+            "{t}"
+        );
+        // Linux wins here: the ratio is below 1; unmeasured cells are dashes.
+        assert_eq!(
+            cells(rows[3]),
+            [
+                "16 MiB",
+                "256",
+                "800 µs / 1.60 ms",
+                "-",
+                "-",
+                "400 µs / 800 µs",
+                "-",
+                "-",
+                "0.50x"
+            ],
+            "{t}"
+        );
+        assert_eq!(
+            cells(rows[4])[..3],
+            ["1 GiB", "16", "60.0 µs / 120 µs"],
+            "{t}"
+        );
+        assert!(!t.contains("1.00 ns"), "native is left out: {t}");
+        // The other tables leave the request rows to this one.
+        let main = table(&ms, |s| format!("== {s}"));
+        assert!(!main.contains("request"), "{main}");
+        assert_eq!(request_table(&ms[8..], "== requests"), "");
     }
 
     #[test]
