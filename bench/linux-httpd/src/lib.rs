@@ -24,17 +24,52 @@ pub struct Args {
     pub limits: Limits,
     /// TCP port to listen on (`--port`, default 80).
     pub port: u16,
+    /// Page size of the warm state (`--pages 4k|thp`; default: as the system does).
+    pub pages: Option<Pages>,
+}
+
+/// How the warm state is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pages {
+    /// 4 KiB pages only: transparent huge pages off for the process and its children
+    /// (`prctl(PR_SET_THP_DISABLE)`).
+    Small,
+    /// Transparent huge pages: glibc's heap is made to grow in one step as large as the
+    /// content (`mallopt(M_TOP_PAD)`) and that part is marked `MADV_HUGEPAGE` before it is
+    /// touched, so the kernel backs it with 2 MiB pages at first touch. (Grown 128 KiB at a
+    /// time, as by default, the heap gets 4 KiB pages even under `transparent_hugepage=always`:
+    /// a huge page needs its whole 2 MiB inside the mapping when it is first touched. glibc's
+    /// `glibc.malloc.hugetlb=1` tunable acts only in the kernel's `madvise` mode, read from
+    /// /sys.)
+    Huge,
+}
+
+/// The heap's growth step for [`Pages::Huge`]: the content, 2 MiB per 64 MiB for its index,
+/// and 8 MiB of slack.
+pub fn thp_top_pad(content_mib: u64) -> u64 {
+    (content_mib + content_mib.div_ceil(32) + 8) << 20
 }
 
 /// The usage line.
 pub const USAGE: &str = "usage: linux-httpd [--content-mib N] [--request-deadline-ms N] [--port N]";
 
-/// Parses `--content-mib N --request-deadline-ms N --port N` (httpd's options, and the port).
+/// `AnonHugePages` of `/proc/meminfo`, in KiB (0 if absent).
+pub fn anon_huge_kib(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Parses `--content-mib N --request-deadline-ms N` (httpd's options), `--port N` and
+/// `--pages 4k|thp`.
 pub fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut out = Args {
         content_mib: 4,
         limits: Limits::default(),
         port: 80,
+        pages: None,
     };
     let mut i = 0;
     while i < args.len() {
@@ -64,10 +99,18 @@ pub fn parse_args(args: &[String]) -> Result<Args, String> {
                     .filter(|&p| p != 0)
                     .ok_or_else(|| String::from("--port must be 1..65535"))?;
             }
+            "--pages" => {
+                out.pages = Some(match args.get(i + 1).map(String::as_str) {
+                    Some("4k") => Pages::Small,
+                    Some("thp") => Pages::Huge,
+                    Some(v) => return Err(format!("--pages {v}: 4k or thp")),
+                    None => return Err(String::from("--pages needs 4k or thp")),
+                });
+            }
             other => {
                 return Err(format!(
                     "unknown argument '{other}' (known: --content-mib N, \
-                     --request-deadline-ms N, --port N)"
+                     --request-deadline-ms N, --port N, --pages 4k|thp)"
                 ));
             }
         }
@@ -187,8 +230,8 @@ impl Stats {
     }
 
     /// The `/stats` page: httpd's counter and latency fields (spawn = `fork()`), then the
-    /// guest's free memory in KiB.
-    pub fn page(&self, mem_free_kib: u64) -> String {
+    /// guest's free memory and its anonymous memory in huge pages, in KiB.
+    pub fn page(&self, mem_free_kib: u64, anon_huge_kib: u64) -> String {
         let mut spawn = self.spawn.clone();
         let mut start = self.start.clone();
         spawn.sort_unstable();
@@ -200,7 +243,8 @@ impl Stats {
             "tasks_spawned: {}\nspawn_failed: {}\nrequests: {}\nrequests_refused: {}\n\
              active_connections: {}\n\
              spawn_us_p50: {}\nspawn_us_p99: {}\nspawn_to_start_us_p50: {}\n\
-             spawn_to_start_us_p99: {}\nmem_free_kib: {mem_free_kib}\nspawn: fork\n",
+             spawn_to_start_us_p99: {}\nmem_free_kib: {mem_free_kib}\n\
+             anon_huge_kib: {anon_huge_kib}\nspawn: fork\n",
             self.spawned,
             self.spawn_failed,
             self.requests,
@@ -260,6 +304,27 @@ mod tests {
                 .contains("at least 1")
         );
         assert!(args(&["--sizes", "1"]).unwrap_err().contains("unknown"));
+        assert_eq!(args(&["--pages", "4k"]).unwrap().pages, Some(Pages::Small));
+        assert_eq!(args(&["--pages", "thp"]).unwrap().pages, Some(Pages::Huge));
+        assert_eq!(
+            args(&["--pages", "2m"]).unwrap_err(),
+            "--pages 2m: 4k or thp"
+        );
+        assert!(args(&["--pages"]).is_err());
+    }
+
+    #[test]
+    fn heap_step_covers_the_content() {
+        assert_eq!(thp_top_pad(0), 8 << 20);
+        assert_eq!(thp_top_pad(64), 74 << 20);
+        assert!(thp_top_pad(stencil_http::site::MAX_CONTENT_MIB) > 1 << 40);
+    }
+
+    #[test]
+    fn huge_pages_of_meminfo() {
+        let m = "MemTotal:  382000 kB\nAnonHugePages:     65536 kB\nShmemHugePages: 0 kB\n";
+        assert_eq!(anon_huge_kib(m), 65536);
+        assert_eq!(anon_huge_kib("MemTotal: 1 kB\n"), 0);
     }
 
     #[test]
@@ -294,13 +359,13 @@ mod tests {
     #[test]
     fn stats_page_fields() {
         let mut s = Stats::default();
-        assert!(s.page(0).contains("spawn_us_p50: 0.000\n"));
+        assert!(s.page(0, 0).contains("spawn_us_p50: 0.000\n"));
         for i in 1..=100u64 {
             s.record(i * 1000, i * 2000 + 5);
         }
         s.spawned = 100;
         s.requests = 99;
-        let page = s.page(1234);
+        let page = s.page(1234, 2048);
         assert!(page.contains("tasks_spawned: 100\n"), "{page}");
         assert!(page.contains("requests: 99\n"));
         // Nearest rank below: the 50th of 1..=100 is 50, the 99th is 99.
@@ -308,6 +373,7 @@ mod tests {
         assert!(page.contains("spawn_us_p99: 99.000\n"));
         assert!(page.contains("spawn_to_start_us_p50: 100.005\n"));
         assert!(page.contains("mem_free_kib: 1234\n"));
+        assert!(page.contains("anon_huge_kib: 2048\n"));
         // The ring keeps the last SAMPLES pairs.
         for _ in 0..SAMPLES {
             s.record(7, 7);

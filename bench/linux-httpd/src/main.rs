@@ -6,11 +6,16 @@
 //! 1. As `/init` (pid 1) of the Linux guest it loads the kernel modules named in
 //!    `/modules.list` (virtio, virtio-net and its dependencies: Debian builds them as modules)
 //!    with `finit_module`, brings up `lo` and `eth0` with QEMU's user-networking address
-//!    (10.0.2.15/24, default route via 10.0.2.2) by ioctl, and mounts nothing. Run any other
+//!    (10.0.2.15/24, default route via 10.0.2.2) by ioctl, and mounts `/proc` (for
+//!    `/proc/meminfo`). Run any other
 //!    way (pid ≠ 1) it skips that and serves on the host's loopback.
 //! 2. Warms the same content as httpd, built by the same code (`stencil_http::site::warm`: a
 //!    `HashMap<String, Page>` of the index, `/hello.txt` and `--content-mib` MiB of files), in
-//!    this process's heap; every byte is written before the first request.
+//!    this process's heap; every byte is written before the first request. `--pages 4k` turns
+//!    transparent huge pages off for the process (`PR_SET_THP_DISABLE`); `--pages thp` makes
+//!    glibc's heap grow in one step as large as the content (`mallopt(M_TOP_PAD)`) and marks it
+//!    `MADV_HUGEPAGE` before the content touches it, so the kernel backs it with 2 MiB pages.
+//!    `/stats` and the start-up line show `AnonHugePages`.
 //! 3. Accepts connections on `--port` (default 80, backlog 64 as httpd) and forks one child per
 //!    connection from the warmed process. The child reads the request head with
 //!    `stencil-http`'s [`RequestReader`] under httpd's limits (8 KiB, 32 headers,
@@ -37,8 +42,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use linux_httpd::{
-    Args, CLOSED, MODULE_LIST, QUIT, REFUSED_HEAD, Report, SERVED, Stats, USAGE, parse_args,
-    parse_module_list,
+    Args, CLOSED, MODULE_LIST, Pages, QUIT, REFUSED_HEAD, Report, SERVED, Stats, USAGE,
+    anon_huge_kib, parse_args, parse_module_list,
 };
 use stencil_http::site::{Site, response_head, warm};
 use stencil_http::{HeadError, Limits, Method, Request, RequestReader};
@@ -87,11 +92,48 @@ fn run(pid1: bool) -> i32 {
         }
     };
     if pid1 {
+        // /proc only for /proc/meminfo (the huge pages of the warm state).
+        let proc_ = c"/proc";
+        // SAFETY: all four strings are NUL-terminated literals; no mount data.
+        let r = unsafe {
+            libc::mount(
+                c"proc".as_ptr(),
+                proc_.as_ptr(),
+                c"proc".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            println!(
+                "linux-httpd: mount /proc: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         if let Err(e) = load_modules().and_then(|()| configure_network()) {
             println!("linux-httpd: network: {e}");
             return 6;
         }
         println!("linux-httpd: network up: {GUEST_ADDR}/24 via gateway {GATEWAY} on {NIC}, lo up");
+    }
+    match args.pages {
+        Some(Pages::Small) => {
+            // SAFETY: prctl with integer arguments only.
+            if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+                println!(
+                    "linux-httpd: PR_SET_THP_DISABLE: {}",
+                    std::io::Error::last_os_error()
+                );
+                return 6;
+            }
+        }
+        Some(Pages::Huge) => {
+            if let Err(e) = huge_heap(args.content_mib) {
+                println!("linux-httpd: --pages thp: {e}");
+                return 6;
+            }
+        }
+        None => {}
     }
     let t = Instant::now();
     let site = match warm(args.content_mib) {
@@ -101,11 +143,16 @@ fn run(pid1: bool) -> i32 {
             return 7;
         }
     };
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     println!(
-        "linux-httpd: warmed {} pages ({} KiB) as a HashMap in {} ms",
+        "linux-httpd: warmed {} pages ({} KiB) as a HashMap in {} ms; {} KiB of anonymous memory \
+         in huge pages (THP: {})",
         site.pages.len(),
         site.bytes >> 10,
-        t.elapsed().as_millis()
+        t.elapsed().as_millis(),
+        huge_kib(),
+        thp.trim()
     );
     // The guest listens on every address (the forwarded port arrives on eth0); run natively it
     // serves loopback only.
@@ -580,6 +627,60 @@ fn mem_free_kib() -> u64 {
     }
 }
 
+/// Makes the heap the content will be warmed in huge-page backed: glibc is told to grow it in
+/// one step as large as the content (`M_TOP_PAD`) and never to give it back (`M_TRIM_THRESHOLD`),
+/// one growth is forced, and the grown part is marked `MADV_HUGEPAGE` before anything touches
+/// it, so its first touch faults in 2 MiB pages.
+fn huge_heap(content_mib: u64) -> Result<(), String> {
+    let pad = libc::c_int::try_from(linux_httpd::thp_top_pad(content_mib))
+        .map_err(|_| format!("{content_mib} MiB is more than M_TOP_PAD can say"))?;
+    // SAFETY: mallopt with integer arguments only.
+    let ok = unsafe {
+        libc::mallopt(libc::M_TOP_PAD, pad) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) == 1
+    };
+    if !ok {
+        return Err(String::from("mallopt(M_TOP_PAD / M_TRIM_THRESHOLD) failed"));
+    }
+    // SAFETY: sbrk(0) only reads the current break.
+    let before = unsafe { libc::sbrk(0) } as usize;
+    // Small blocks (below the mmap threshold) until the heap grows; freed again below, into
+    // the heap's free space the content then reuses.
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    let grown = loop {
+        // SAFETY: as above.
+        let now = unsafe { libc::sbrk(0) } as usize;
+        if now != before {
+            break now;
+        }
+        if blocks.len() > 4096 {
+            return Err(String::from("the heap did not grow"));
+        }
+        blocks.push(Vec::with_capacity(64 << 10));
+    };
+    drop(blocks);
+    let start = before & !4095;
+    // SAFETY: [start, grown) is this process's heap mapping (up to the break just read),
+    // page-aligned; MADV_HUGEPAGE changes how it is backed, not its contents.
+    if unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            grown - start,
+            libc::MADV_HUGEPAGE,
+        )
+    } != 0
+    {
+        return Err(format!("madvise: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn huge_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .map(|m| anon_huge_kib(&m))
+        .unwrap_or(0)
+}
+
 /// Serves one connection from this child's copy of the site; returns the report's outcome.
 fn serve(
     s: &mut TcpStream,
@@ -604,7 +705,7 @@ fn serve(
         return Ok(SERVED);
     }
     match req.path.as_str() {
-        "/stats" => respond_text(s, "200 OK", &stats.page(mem_free_kib()))?,
+        "/stats" => respond_text(s, "200 OK", &stats.page(mem_free_kib(), huge_kib()))?,
         "/quit" => {
             respond_text(s, "200 OK", "bye\n")?;
             return Ok(QUIT);

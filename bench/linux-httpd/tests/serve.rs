@@ -178,3 +178,18 @@ fn bad_arguments_exit_2() {
     );
     assert!(text.contains("usage: linux-httpd"));
 }
+
+#[test]
+fn both_page_sizes_serve() {
+    for pages in ["4k", "thp"] {
+        let mut server = start(&["--pages", pages]);
+        let body = get(server.port, "/file/15").2;
+        assert!(
+            body.iter()
+                .enumerate()
+                .all(|(i, &b)| b == file_byte(15, i as u64))
+        );
+        let _ = get(server.port, "/quit");
+        assert!(server.child.wait().unwrap().success(), "--pages {pages}");
+    }
+}

@@ -63,8 +63,9 @@ pub struct HttpBenchCmd {
 pub enum Row {
     /// apps/httpd with `share=on` (true) or `share=off`.
     Stencil { share: bool },
-    /// bench/linux-httpd in the Linux guest.
-    Linux,
+    /// bench/linux-httpd in the Linux guest, with 4 KiB pages (false) or transparent huge
+    /// pages.
+    Linux { thp: bool },
 }
 
 impl Row {
@@ -72,7 +73,8 @@ impl Row {
         match self {
             Row::Stencil { share: true } => "share",
             Row::Stencil { share: false } => "copy",
-            Row::Linux => "linux",
+            Row::Linux { thp: false } => "linux-4k",
+            Row::Linux { thp: true } => "linux-thp",
         }
     }
 }
@@ -85,21 +87,24 @@ pub fn rows(cmd: &HttpBenchCmd) -> Result<Vec<Row>> {
         Some(m) => bail!("--mode {m}: share or copy"),
         None => vec![Row::Stencil { share: true }, Row::Stencil { share: false }],
     };
+    let linux = [Row::Linux { thp: false }, Row::Linux { thp: true }];
     Ok(match cmd.peer {
-        Peer::Linux => stencil.into_iter().chain([Row::Linux]).collect(),
+        Peer::Linux => stencil.into_iter().chain(linux).collect(),
         Peer::None => stencil,
         Peer::Only if cmd.mode.is_some() => {
             bail!("--mode picks a Stencil row, and --peer only runs none: drop one of them")
         }
-        Peer::Only => vec![Row::Linux],
+        Peer::Only => linux.to_vec(),
     })
 }
 
-/// Guest memory for every row: httpd's room to serve plus twice the content (the content and
-/// its page tables and index, with room to spare). The Linux guest gets the same: its kernel
-/// and initramfs fit in the 256 MiB part.
+/// Guest memory for every row (the same for Stencil and Linux): httpd's room to serve plus
+/// twice the content (the content and its page tables and index, with room to spare), and at
+/// least 1 GiB: Linux turns transparent huge pages off when it manages less than 512 MiB of RAM
+/// (`hugepage_init`), which a 512 MiB guest is after the kernel's own reservations.
 pub fn guest_mem(content_mib: u64) -> String {
-    format!("{}M", 256u64.saturating_add(content_mib.saturating_mul(2)))
+    let mib = 256u64.saturating_add(content_mib.saturating_mul(2));
+    format!("{}M", mib.max(1024))
 }
 
 /// What the Linux row boots.
@@ -141,7 +146,7 @@ pub fn run(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
     } else {
         None
     };
-    let linux = if rows.contains(&Row::Linux) {
+    let linux = if rows.iter().any(|r| matches!(r, Row::Linux { .. })) {
         Some(prepare_linux(root, cmd.machine)?)
     } else {
         None
@@ -160,7 +165,7 @@ pub fn run(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
                 vm.cmdline = crate::cmdline::kernel_cmdline(&options, &args)?;
                 vm
             }
-            (Row::Linux, _, Some(g)) => linux_vm(g, cmd, accel),
+            (Row::Linux { thp }, _, Some(g)) => linux_vm(g, cmd, accel, thp),
             _ => unreachable!("every row's guest was prepared above"),
         };
         vm.qemu = qemu_path.clone();
@@ -170,8 +175,8 @@ pub fn run(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
             host: port,
             guest: 80,
         }];
-        if row == Row::Linux {
-            println!("linux: {}", vm.shell_line());
+        if matches!(row, Row::Linux { .. }) {
+            println!("{}: {}", row.label(), vm.shell_line());
         }
         let (l, stats) = measure(vm, port, cmd, row)?;
         let field = |k: &str| {
@@ -180,6 +185,15 @@ pub fn run(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
                 .find_map(|line| line.strip_prefix(&format!("{k}: ")).map(str::to_owned))
                 .unwrap_or_else(|| "?".to_owned())
         };
+        if matches!(row, Row::Linux { .. }) {
+            notes.push(format!(
+                "{}: {} KiB of the guest's anonymous memory in huge pages (AnonHugePages, at the \
+                 end), {} MiB warm state",
+                row.label(),
+                field("anon_huge_kib"),
+                cmd.content_mib
+            ));
+        }
         if l.errors > 0 {
             notes.push(format!(
                 "{}: {} requests failed (counted in errors, not in req/s or latency)",
@@ -188,7 +202,7 @@ pub fn run(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
             ));
         }
         lines.push(format!(
-            "{:<6} {:>9.1} {:>9.2} {:>9.2} {:>7} {:>12} {:>12}",
+            "{:<9} {:>9.1} {:>9.2} {:>9.2} {:>7} {:>12} {:>12}",
             row.label(),
             l.rps(),
             l.percentile(50.0).as_secs_f64() * 1e3,
@@ -204,15 +218,16 @@ pub fn run(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
         cmd.machine, cmd.content_mib, cmd.path, cmd.connections, cmd.seconds
     );
     println!(
-        "{:<6} {:>9} {:>9} {:>9} {:>7} {:>12} {:>12}",
+        "{:<9} {:>9} {:>9} {:>9} {:>7} {:>12} {:>12}",
         "row", "req/s", "p50 ms", "p99 ms", "errors", "spawn p50 us", "spawn p99 us"
     );
     for r in lines {
         println!("{r}");
     }
     println!(
-        "(share/copy: apps/httpd on Stencil, spawn = Zygote::spawn_with; linux: bench/linux-httpd \
-         as /init of Linux {}, spawn = fork(); latency measured by the host client)",
+        "(share/copy: apps/httpd on Stencil, spawn = Zygote::spawn_with; linux-4k/-thp: \
+         bench/linux-httpd as /init of Linux {}, 4 KiB pages / transparent huge pages, spawn = \
+         fork(); latency measured by the host client)",
         linux
             .as_ref()
             .and_then(|g| linux_net::kernel_version(&g.kernel).ok())
@@ -224,17 +239,27 @@ pub fn run(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
     Ok(0)
 }
 
-fn linux_vm(g: &LinuxGuest, cmd: &HttpBenchCmd, accel: Accel) -> Vm {
+fn linux_vm(g: &LinuxGuest, cmd: &HttpBenchCmd, accel: Accel, thp: bool) -> Vm {
     let mut vm = Vm::new(g.kernel.clone(), cmd.machine, accel);
     vm.initrd = Some(g.initrd.clone());
-    vm.cmdline = linux_net::cmdline(cmd.machine, accel, cmd.content_mib, linux_net::host_tsc_khz);
+    vm.cmdline = linux_net::cmdline(
+        cmd.machine,
+        accel,
+        cmd.content_mib,
+        thp,
+        linux_net::host_tsc_khz,
+    );
     vm
 }
 
 /// Boots `vm`, waits for its server, loads it, reads /stats and ends it with /quit.
 fn measure(vm: Vm, port: u16, cmd: &HttpBenchCmd, row: Row) -> Result<(Load, String)> {
     // Linux boots in seconds under TCG (Stencil in milliseconds).
-    let boot = Duration::from_secs(if row == Row::Linux { 180 } else { 60 });
+    let boot = Duration::from_secs(if matches!(row, Row::Linux { .. }) {
+        180
+    } else {
+        60
+    });
     let limit = boot + Duration::from_secs(cmd.seconds + 90);
     let guest = std::thread::spawn(move || crate::qemu::run(&vm, Some(limit), false));
     let never = AtomicBool::new(false);
@@ -285,13 +310,14 @@ mod tests {
         let copy = Row::Stencil { share: false };
         let default = parse(&[]).unwrap();
         assert_eq!(default.peer, Peer::Linux);
-        assert_eq!(rows(&default).unwrap(), [share, copy, Row::Linux]);
+        let (l4k, lthp) = (Row::Linux { thp: false }, Row::Linux { thp: true });
+        assert_eq!(rows(&default).unwrap(), [share, copy, l4k, lthp]);
         let only = parse(&["--peer", "only"]).unwrap();
-        assert_eq!(rows(&only).unwrap(), [Row::Linux]);
+        assert_eq!(rows(&only).unwrap(), [l4k, lthp]);
         let none = parse(&["--peer", "none", "--mode", "copy"]).unwrap();
         assert_eq!(rows(&none).unwrap(), [copy]);
         let linux_share = parse(&["--peer", "linux", "--mode", "share"]).unwrap();
-        assert_eq!(rows(&linux_share).unwrap(), [share, Row::Linux]);
+        assert_eq!(rows(&linux_share).unwrap(), [share, l4k, lthp]);
         let clash = parse(&["--peer", "only", "--mode", "share"]).unwrap();
         assert!(rows(&clash).unwrap_err().to_string().contains("drop one"));
         assert!(parse(&["--peer", "bsd"]).is_err());
@@ -300,14 +326,15 @@ mod tests {
 
     #[test]
     fn the_linux_guest_gets_the_same_machine_and_memory() {
-        assert_eq!(guest_mem(64), "384M");
-        assert_eq!(guest_mem(0), "256M");
+        assert_eq!(guest_mem(64), "1024M");
+        assert_eq!(guest_mem(0), "1024M");
+        assert_eq!(guest_mem(1024), "2304M");
         let cmd = parse(&["--machine", "q35", "--content-mib", "16"]).unwrap();
         let g = LinuxGuest {
             kernel: "/k/vmlinuz-6.1.0-57-amd64".into(),
             initrd: "/k/httpd-q35.cpio.gz".into(),
         };
-        let mut vm = linux_vm(&g, &cmd, Accel::Tcg);
+        let mut vm = linux_vm(&g, &cmd, Accel::Tcg, true);
         vm.mem = guest_mem(cmd.content_mib);
         vm.ports = vec![PortForward {
             host: 8080,
@@ -316,11 +343,14 @@ mod tests {
         let line = vm.shell_line();
         assert!(line.contains("-M q35 "), "{line}");
         assert!(
-            line.contains(" -m 288M -smp 1 -kernel /k/vmlinuz-6.1.0-57-amd64"),
+            line.contains(" -m 1024M -smp 1 -kernel /k/vmlinuz-6.1.0-57-amd64"),
             "{line}"
         );
         assert!(line.contains(" -initrd /k/httpd-q35.cpio.gz "), "{line}");
-        assert!(line.contains("-- --content-mib 16'"), "{line}");
+        assert!(
+            line.contains("always -- --content-mib 16 --pages thp'"),
+            "{line}"
+        );
         assert!(line.contains("hostfwd=tcp:127.0.0.1:8080-:80"), "{line}");
         assert!(line.contains("virtio-net-pci"), "{line}");
     }

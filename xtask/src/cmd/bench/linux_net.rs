@@ -283,15 +283,19 @@ pub fn tsc_options(machine: Machine, accel: Accel, host_khz: impl FnOnce() -> u6
 }
 
 /// linux-httpd's kernel command line: the spawn benchmark's options, the clock options, and
-/// httpd's `--content-mib` after `--` (the kernel passes it to `/init`).
+/// after `--` (the kernel passes it to `/init`) httpd's `--content-mib` and the page size:
+/// `--pages 4k` (THP off for the server) or `--pages thp` (its heap grown so that the kernel's
+/// `transparent_hugepage=always` backs it with huge pages).
 pub fn cmdline(
     machine: Machine,
     accel: Accel,
     content_mib: u64,
+    thp: bool,
     host_khz: impl FnOnce() -> u64,
 ) -> String {
+    let pages = if thp { "thp" } else { "4k" };
     format!(
-        "{}{} -- --content-mib {content_mib}",
+        "{}{} -- --content-mib {content_mib} --pages {pages}",
         linux::GUEST_CMDLINE,
         tsc_options(machine, accel, host_khz)
     )
@@ -407,15 +411,18 @@ mod tests {
 
     #[test]
     fn clock_options_only_on_microvm_under_tcg() {
-        let line = cmdline(Machine::Microvm, Accel::Tcg, 64, || 2_599_998);
+        let line = cmdline(Machine::Microvm, Accel::Tcg, 64, false, || 2_599_998);
         assert!(
-            line.ends_with(" tsc_early_khz=2599998 tsc=reliable -- --content-mib 64"),
+            line.ends_with(" tsc_early_khz=2599998 tsc=reliable -- --content-mib 64 --pages 4k"),
             "{line}"
         );
         assert!(line.starts_with(linux::GUEST_CMDLINE));
-        let q35 = cmdline(Machine::Q35, Accel::Tcg, 4, || unreachable!());
-        assert_eq!(q35, format!("{} -- --content-mib 4", linux::GUEST_CMDLINE));
-        assert!(!cmdline(Machine::Microvm, Accel::Kvm, 4, || 1).contains("tsc"));
+        let q35 = cmdline(Machine::Q35, Accel::Tcg, 4, true, || unreachable!());
+        assert_eq!(
+            q35,
+            format!("{} -- --content-mib 4 --pages thp", linux::GUEST_CMDLINE)
+        );
+        assert!(!cmdline(Machine::Microvm, Accel::Kvm, 4, true, || 1).contains("tsc"));
         // The measured rate is a plausible one (0.1 .. 10 GHz).
         let khz = host_tsc_khz();
         assert!((100_000..10_000_000).contains(&khz), "{khz} kHz");
