@@ -116,24 +116,9 @@ fn run(pid1: bool) -> i32 {
         }
         println!("linux-httpd: network up: {GUEST_ADDR}/24 via gateway {GATEWAY} on {NIC}, lo up");
     }
-    match args.pages {
-        Some(Pages::Small) => {
-            // SAFETY: prctl with integer arguments only.
-            if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
-                println!(
-                    "linux-httpd: PR_SET_THP_DISABLE: {}",
-                    std::io::Error::last_os_error()
-                );
-                return 6;
-            }
-        }
-        Some(Pages::Huge) => {
-            if let Err(e) = huge_heap(args.content_mib) {
-                println!("linux-httpd: --pages thp: {e}");
-                return 6;
-            }
-        }
-        None => {}
+    if let Err(e) = set_pages(args.pages, args.content_mib) {
+        println!("linux-httpd: {e}");
+        return 6;
     }
     let t = Instant::now();
     let site = match warm(args.content_mib) {
@@ -624,6 +609,24 @@ fn mem_free_kib() -> u64 {
             return 0;
         }
         (info.freeram as u64).saturating_mul(u64::from(info.mem_unit)) >> 10
+    }
+}
+
+/// Applies `--pages`: THP off for 4 KiB pages, a huge-page heap for THP.
+fn set_pages(pages: Option<Pages>, content_mib: u64) -> Result<(), String> {
+    match pages {
+        Some(Pages::Small) => {
+            // SAFETY: prctl with integer arguments only.
+            if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+                return Err(format!(
+                    "PR_SET_THP_DISABLE: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(())
+        }
+        Some(Pages::Huge) => huge_heap(content_mib).map_err(|e| format!("--pages thp: {e}")),
+        None => Ok(()),
     }
 }
 
