@@ -19,11 +19,11 @@ use crate::qemu::{Accel, Firmware, Machine, PortForward, Vm};
 /// Who httpd is compared with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Peer {
-    /// Stencil's rows and the Linux row
+    /// Stencil's rows, then the Linux rows
     Linux,
     /// Stencil's rows only
     None,
-    /// The Linux row only
+    /// The Linux rows only
     Only,
 }
 
@@ -49,8 +49,9 @@ pub struct HttpBenchCmd {
     /// Only this Stencil mode (default: both)
     #[arg(long, value_parser = ["share", "copy"])]
     pub mode: Option<String>,
-    /// The peer: `linux` adds a row for bench/linux-httpd as /init of Debian's kernel (fetched
-    /// with apt-get once, cached in target/linux-peer), `none` leaves it out, `only` runs it alone
+    /// The peer: `linux` adds two rows for bench/linux-httpd as /init of Debian's kernel
+    /// (linux-4k: 4 KiB pages, linux-thp: transparent huge pages; the kernel is fetched with
+    /// apt-get once, cached in target/linux-peer), `none` leaves them out, `only` runs them alone
     #[arg(long, value_enum, default_value_t = Peer::Linux)]
     pub peer: Peer,
     /// Size of the warmed content set (the state every worker is spawned or forked from), in MiB
