@@ -6,7 +6,8 @@
 //! prints requests/s and latency percentiles in one table.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -156,6 +157,7 @@ pub fn run(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
     let mem = guest_mem(cmd.content_mib);
     let mut lines = Vec::new();
     let mut notes = Vec::new();
+    let mut failed = 0;
     for row in rows {
         let port = free_port()?;
         let mut vm = match (row, &elf, &linux) {
@@ -179,7 +181,17 @@ pub fn run(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
         if matches!(row, Row::Linux { .. }) {
             println!("{}: {}", row.label(), vm.shell_line());
         }
-        let (l, stats) = measure(vm, port, cmd, row)?;
+        let (l, stats) = match measure(vm, port, cmd, row) {
+            Ok(m) => m,
+            Err(e) if e.is::<crate::proc::Interrupted>() => return Err(e),
+            // A guest that hangs or crashes costs its row, not the table.
+            Err(e) => {
+                failed += 1;
+                notes.push(format!("{}: not measured: {e:#}", row.label()));
+                lines.push(format!("{:<9} {:>9}", row.label(), "failed"));
+                continue;
+            }
+        };
         let field = |k: &str| {
             stats
                 .lines()
@@ -237,6 +249,10 @@ pub fn run(root: &std::path::Path, cmd: &HttpBenchCmd) -> Result<i32> {
     for n in notes {
         println!("note: {n}");
     }
+    if failed > 0 {
+        eprintln!("httpbench: {failed} row(s) not measured (see the notes)");
+        return Ok(crate::qemu::EXIT_XTASK_ERROR);
+    }
     Ok(0)
 }
 
@@ -253,7 +269,8 @@ fn linux_vm(g: &LinuxGuest, cmd: &HttpBenchCmd, accel: Accel, thp: bool) -> Vm {
     vm
 }
 
-/// Boots `vm`, waits for its server, loads it, reads /stats and ends it with /quit.
+/// Boots `vm`, waits for its server, loads it, reads /stats and ends it with /quit. An error
+/// carries the guest's exit and its last serial lines.
 fn measure(vm: Vm, port: u16, cmd: &HttpBenchCmd, row: Row) -> Result<(Load, String)> {
     // Linux boots in seconds under TCG (Stencil in milliseconds).
     let boot = Duration::from_secs(if matches!(row, Row::Linux { .. }) {
@@ -262,10 +279,16 @@ fn measure(vm: Vm, port: u16, cmd: &HttpBenchCmd, row: Row) -> Result<(Load, Str
         60
     });
     let limit = boot + Duration::from_secs(cmd.seconds + 90);
-    let guest = std::thread::spawn(move || crate::qemu::run(&vm, Some(limit), false));
-    let never = AtomicBool::new(false);
+    let ended = Arc::new(AtomicBool::new(false));
+    let ended_in_guest = Arc::clone(&ended);
+    let guest = std::thread::spawn(move || {
+        let r = crate::qemu::run(&vm, Some(limit), false);
+        ended_in_guest.store(true, Ordering::Relaxed);
+        r
+    });
     let measured = (|| -> Result<(Load, String)> {
-        wait_ready(port, "/", boot, &never)?;
+        // Stops waiting as soon as the guest has ended.
+        wait_ready(port, "/", boot, &ended)?;
         let _ = load(port, &cmd.path, cmd.connections, Duration::from_secs(1));
         let l = load(
             port,
@@ -280,12 +303,17 @@ fn measure(vm: Vm, port: u16, cmd: &HttpBenchCmd, row: Row) -> Result<(Load, Str
     let run = guest
         .join()
         .map_err(|_| anyhow::anyhow!("QEMU thread panicked"))??;
+    if let Some(sig) = run.interrupted {
+        return Err(crate::proc::Interrupted(sig).into());
+    }
     measured.with_context(|| {
+        let serial = String::from_utf8_lossy(&run.serial);
+        let lines: Vec<&str> = serial.lines().collect();
         format!(
-            "{} exited {}; serial output:\n{}",
-            row.label(),
+            "the guest exited {} ({}); last serial lines:\n{}",
             run.code,
-            String::from_utf8_lossy(&run.serial)
+            run.summary.as_deref().unwrap_or("-"),
+            lines[lines.len().saturating_sub(30)..].join("\n")
         )
     })
 }

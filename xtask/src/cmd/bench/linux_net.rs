@@ -7,7 +7,7 @@
 //! initramfs carries those `.ko` files and `/init` loads them. The package ships no
 //! `modules.dep` (depmod makes it at install), so the load order comes from each module's own
 //! `.modinfo` section (`depends=`): [`load_order`] puts dependencies first. Only the files that
-//! can be needed ([`MODULE_PATTERNS`], about 600 KB) are unpacked from the package, not its
+//! can be needed ([`MODULE_PATTERNS`], about 650 KB) are unpacked from the package, not its
 //! 400 MB of modules.
 //!
 //! Which NIC transport: on microvm the virtio-mmio devices are described in QEMU's ACPI tables
