@@ -69,8 +69,9 @@ enum Cmd {
     /// Spawn benchmark: Stencil vs Linux's fork() in a Linux guest under the same QEMU, plus the
     /// host natively; table, target/bench/results.csv and target/bench/spawn.svg
     Bench(cmd::bench::BenchCmd),
-    /// HTTP benchmark: boots apps/httpd (share and copy mode), loads it from the host over a
-    /// forwarded loopback port; requests/s and latency percentiles
+    /// HTTP benchmark: boots apps/httpd (share and copy mode) and the same server forked per
+    /// connection on Linux (4 KiB pages, THP), loads each from the host over a forwarded
+    /// loopback port; requests/s and latency percentiles in one table
     Httpbench(cmd::httpbench::HttpBenchCmd),
     /// Create a service crate outside the workspace that depends on libos by path; build and
     /// boot it with `cargo xtask run --manifest-path <PATH>/Cargo.toml`

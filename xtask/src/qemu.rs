@@ -33,7 +33,7 @@ const QBOOT_PATHS: &[&str] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Machine {
-    /// Minimal virtual machine: no PCI, no ACPI; boots in milliseconds
+    /// Minimal virtual machine: no PCI, minimal ACPI (no HPET or PM timer); boots in milliseconds
     #[default]
     Microvm,
     /// A modern PC (Q35 chipset, PCIe, ACPI)

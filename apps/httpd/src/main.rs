@@ -4,7 +4,8 @@
 //! 2. Warms its state as ordinary Rust data: a `hashbrown::HashMap<String, Page>` of the served
 //!    files — an index page, a text page and `--content-mib` MiB of binary files — each `Page`
 //!    holding its response head (status line and headers with the content type and length,
-//!    rendered once) and its body.
+//!    rendered once) and its body. The content is built by `stencil_http::site`, which the
+//!    Linux peer (`bench/linux-httpd`) shares: both serve the same bytes.
 //! 3. Seals that state in a [`libos::process::Zygote`] (the snapshot).
 //! 4. Accepts connections on port 80; each one is served by a task spawned from the zygote and
 //!    given its `TcpStream` ([`Zygote::spawn_with`]), which looks the path up in its own
@@ -39,7 +40,6 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;
 
-use hashbrown::HashMap;
 use libos::channel::{self, Receiver, Sender};
 use libos::net::{self, NetError, TcpListener, TcpStream};
 use libos::println;
@@ -47,19 +47,15 @@ use libos::process::Zygote;
 use libos::sync::Mutex;
 use libos::task::JoinHandle;
 use libos::time::Instant;
+use stencil_http::site::{MAX_CONTENT_MIB, Site, response_head, warm};
 use stencil_http::{HeadError, Limits, Method, Request, RequestReader};
 
 libos::main!(main);
 
 /// Guest port the server listens on.
 const PORT: u16 = 80;
-/// Size of each binary file of the content set.
-const FILE_SIZE: u64 = 64 << 10;
 /// Connections that may wait to be accepted.
 const BACKLOG: usize = 64;
-/// Largest `--content-mib`: the content set must fit guest memory anyway; this bound only keeps
-/// the size arithmetic exact.
-const MAX_CONTENT_MIB: u64 = 1 << 20;
 /// Longest `--request-deadline-ms`: ten minutes.
 const MAX_DEADLINE_MS: u64 = 600_000;
 /// Spawn-latency samples kept for /stats.
@@ -104,31 +100,6 @@ fn record(spawn_ns: u64, start_ns: u64) {
     }
 }
 
-/// One served file, ready to write: the warm state is a map of these.
-struct Page {
-    /// The response head (with the content type and length) for a GET or HEAD of this page, rendered while warming.
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Page {
-    fn new(mime: &'static str, body: Vec<u8>) -> Page {
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nServer: stencil-httpd\r\nContent-Type: {mime}\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        Page { head, body }
-    }
-}
-
-/// The zygote's state: every served page by path.
-struct Site {
-    pages: HashMap<String, Page>,
-    /// Bytes of all bodies.
-    bytes: u64,
-}
-
 /// What a worker did, sent to the accept loop before it closes its connection: plain data, as
 /// a channel requires.
 #[derive(Debug, Clone, Copy, zerocopy::IntoBytes, zerocopy::Immutable)]
@@ -158,66 +129,6 @@ fn exit_code(e: &NetError) -> i32 {
         NetError::DhcpTimeout { .. } => 5,
         _ => 6,
     }
-}
-
-/// Byte `i` of binary file `n`: a pattern a client can check.
-fn file_byte(n: u64, i: u64) -> u8 {
-    (i.wrapping_mul(31) ^ n.wrapping_mul(7)) as u8
-}
-
-/// A body of `len` bytes made by `byte(i)`; `Err` if the memory is not there.
-fn body(len: u64, byte: impl Fn(u64) -> u8) -> Result<Vec<u8>, String> {
-    let n = usize::try_from(len).map_err(|_| format!("a {len}-byte page"))?;
-    let mut v = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| format!("no memory for a {len}-byte page"))?;
-    v.extend((0..len).map(byte));
-    Ok(v)
-}
-
-/// Builds the content set as Rust data in this task's heap.
-fn warm(content_mib: u64) -> Result<Site, String> {
-    // `main` bounds content_mib by MAX_CONTENT_MIB, so this does not overflow.
-    let files = (content_mib << 20) / FILE_SIZE;
-    let mut index = String::from(
-        "<!doctype html>\n<html><head><title>Stencil httpd</title></head><body>\n\
-         <h1>Hello from Stencil httpd</h1>\n\
-         <p>Every connection is served by a task spawned from a warmed zygote.</p>\n<ul>\n\
-         <li><a href=\"/hello.txt\">/hello.txt</a></li>\n<li><a href=\"/stats\">/stats</a></li>\n",
-    );
-    for n in 0..files.min(8) {
-        index.push_str(&format!(
-            "<li><a href=\"/file/{n}\">/file/{n}</a> ({FILE_SIZE} bytes)</li>\n"
-        ));
-    }
-    index.push_str(&format!(
-        "</ul>\n<p>{files} files of {FILE_SIZE} bytes in the zygote's heap.</p>\n</body></html>\n"
-    ));
-    let mut pages = HashMap::new();
-    pages
-        .try_reserve(
-            usize::try_from(files)
-                .unwrap_or(usize::MAX)
-                .saturating_add(2),
-        )
-        .map_err(|_| format!("no memory for an index of {files} files"))?;
-    pages.insert(
-        String::from("/"),
-        Page::new("text/html", index.into_bytes()),
-    );
-    pages.insert(
-        String::from("/hello.txt"),
-        Page::new("text/plain", b"Hello from a Stencil task!\n".to_vec()),
-    );
-    for n in 0..files {
-        let b = body(FILE_SIZE, |i| file_byte(n, i))?;
-        pages.insert(
-            format!("/file/{n}"),
-            Page::new("application/octet-stream", b),
-        );
-    }
-    let bytes = pages.values().map(|p| p.body.len() as u64).sum();
-    Ok(Site { pages, bytes })
 }
 
 fn percentile(sorted: &[u64], p: usize) -> u64 {
@@ -269,11 +180,7 @@ fn stats_page() -> String {
 }
 
 fn respond(s: &mut TcpStream, status: &str, mime: &str, len: u64) -> Result<(), NetError> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nServer: stencil-httpd\r\nContent-Type: {mime}\r\n\
-         Content-Length: {len}\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(head.as_bytes())
+    s.write_all(response_head(status, mime, len).as_bytes())
 }
 
 fn respond_text(s: &mut TcpStream, status: &str, body: &str) -> Result<(), NetError> {

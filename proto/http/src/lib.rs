@@ -20,6 +20,9 @@
 //! `deadline` has passed since the connection was accepted [5 s]: a client that trickles its
 //! request (a "slowloris") is cut off however the bytes arrive. On top of httparse's grammar the
 //! target must be in origin form (start with `/`).
+//!
+//! [`site`] is the content both servers warm and serve (Stencil's `apps/httpd` and its Linux peer
+//! `bench/linux-httpd`): the same pages, built by the same code.
 
 #![no_std]
 
@@ -30,6 +33,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 use core::time::Duration;
+
+pub mod site;
 
 /// Default for [`Limits::max_head`]: longest request head, in bytes.
 pub const DEFAULT_MAX_HEAD: usize = 8 << 10;

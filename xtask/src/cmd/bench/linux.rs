@@ -39,10 +39,16 @@ pub const SIZES: &str = "2M,16M,128M,1G";
 
 /// Builds the peer as a static executable and returns its path.
 pub fn build_peer(root: &Path) -> Result<PathBuf> {
+    build_static(root, PEER)
+}
+
+/// Builds the workspace package `package` (whose binary has its name) as a static executable
+/// for the host and returns its path.
+pub fn build_static(root: &Path, package: &str) -> Result<PathBuf> {
     if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
         bail!("the Linux peer is built for {PEER_TARGET}: run the bench on an x86_64 Linux host");
     }
-    let packages = [PEER.to_owned()];
+    let packages = [package.to_owned()];
     let req = BuildRequest {
         dir: root,
         manifest_path: None,
@@ -50,12 +56,12 @@ pub fn build_peer(root: &Path) -> Result<PathBuf> {
         release: true,
     };
     let artifacts = cargo_build::build_for(&req, PEER_TARGET, PEER_RUSTFLAGS_VAR, PEER_RUSTFLAGS)
-        .context("building bench/linux-peer (static, glibc)")?;
+        .with_context(|| format!("building {package} (static, glibc)"))?;
     artifacts
         .into_iter()
-        .find(|a| a.target_name == PEER)
+        .find(|a| a.target_name == package)
         .map(|a| a.executable)
-        .context("cargo built no linux-peer executable")
+        .with_context(|| format!("cargo built no {package} executable"))
 }
 
 /// The versioned image package named by `apt-cache depends linux-image-amd64`.
@@ -106,7 +112,8 @@ fn run_tool(cmd: &mut Command, what: &str) -> Result<String> {
 ///
 /// Nothing is installed: `apt-get download` fetches the .deb into `dir/download` and only its
 /// `./boot` directory is unpacked (`dpkg-deb --fsys-tarfile | tar`; the modules, ~400 MB, are
-/// not needed: the 8250 console, gzip initramfs support and devtmpfs are built in). A
+/// not needed here: the 8250 console, gzip initramfs support and devtmpfs are built in), with
+/// the few network modules httpbench's Linux guest loads ([`super::linux_net`]). A
 /// `boot/vmlinuz-*` already in `dir` is used as is, so a non-Debian host can drop one there.
 pub fn kernel(dir: &Path) -> Result<PathBuf> {
     if let Some(k) = find_vmlinuz(dir) {
@@ -135,52 +142,77 @@ pub fn kernel(dir: &Path) -> Result<PathBuf> {
     let package = parse_depends(&depends).with_context(|| {
         format!("`apt-cache depends {META_PACKAGE}` names no linux-image-* package:\n{depends}")
     })?;
-    let download = dir.join("download");
-    std::fs::create_dir_all(&download)
-        .with_context(|| format!("cannot create {}", download.display()))?;
     println!(
         "linux: fetching Debian's kernel package {package} with `apt-get download` (~70 MB, \
          once; cached in {})",
         dir.display()
     );
+    let deb = download(dir, &package)?;
+    // The NIC modules of httpbench's Linux guest come from the same package (a few files).
+    let mut patterns = vec!["./boot/*"];
+    patterns.extend(super::linux_net::MODULE_PATTERNS);
+    unpack(&deb, dir, &patterns)?;
+    let _ = std::fs::remove_file(&deb);
+    find_vmlinuz(dir).with_context(|| format!("{} holds no ./boot/vmlinuz-*", deb.display()))
+}
+
+/// Fetches the .deb of `package` with `apt-get download` into `dir/download` (nothing is
+/// installed) and returns its path.
+pub fn download(dir: &Path, package: &str) -> Result<PathBuf> {
+    let download = dir.join("download");
+    std::fs::create_dir_all(&download)
+        .with_context(|| format!("cannot create {}", download.display()))?;
     run_tool(
         Command::new("apt-get")
-            .args(["download", "-q", &package])
+            .args(["download", "-q", package])
             .current_dir(&download),
         &format!("apt-get download {package}"),
     )?;
-    let deb = std::fs::read_dir(&download)?
+    std::fs::read_dir(&download)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
             p.extension().is_some_and(|x| x == "deb")
                 && p.file_name()
                     .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&package))
+                    .is_some_and(|n| n.starts_with(package))
         })
-        .with_context(|| format!("apt-get download left no {package}*.deb"))?;
-    println!("linux: unpacking ./boot of {}", deb.display());
+        .with_context(|| format!("apt-get download left no {package}*.deb"))
+}
+
+/// Unpacks the members of `deb` that match `patterns` (GNU tar wildcards) into `dir`
+/// (`dpkg-deb --fsys-tarfile | tar`); a pattern that matches nothing is an error.
+pub fn unpack(deb: &Path, dir: &Path, patterns: &[&str]) -> Result<()> {
+    println!(
+        "linux: unpacking {} of {}",
+        patterns.join(" "),
+        deb.display()
+    );
     let mut dpkg = Command::new("dpkg-deb");
     dpkg.arg("--fsys-tarfile")
-        .arg(&deb)
+        .arg(deb)
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     let mut dpkg = ChildGuard::spawn(&mut dpkg, Stop::Kill).context("cannot run dpkg-deb")?;
     let tar_in = dpkg.child_mut().stdout.take().expect("piped");
-    // `-C` goes before the member pattern: GNU tar applies it to the names after it.
+    // `-C` goes before the member patterns: GNU tar applies it to the names after it.
     let tar_ok = Command::new("tar")
         .arg("-C")
         .arg(dir)
-        .args(["-x", "--wildcards", "./boot/*"])
+        .args(["-x", "--wildcards"])
+        .args(patterns)
         .stdin(tar_in)
         .status()
         .context("cannot run tar")?
         .success();
     let dpkg_ok = matches!(dpkg.wait(None)?, Ending::Exited(s) if s.success());
     if !(tar_ok && dpkg_ok) {
-        bail!("unpacking {} failed", deb.display());
+        bail!(
+            "unpacking {} from {} failed",
+            patterns.join(" "),
+            deb.display()
+        );
     }
-    let _ = std::fs::remove_file(&deb);
-    find_vmlinuz(dir).with_context(|| format!("{} holds no ./boot/vmlinuz-*", deb.display()))
+    Ok(())
 }
 
 /// Writes the initramfs (`/init` = the peer, `/dev/console`) to `dir/initramfs.cpio.gz`.

@@ -9,6 +9,7 @@
 
 mod cpio;
 mod linux;
+pub(crate) mod linux_net;
 mod model;
 mod plot;
 mod report;
