@@ -75,6 +75,14 @@ unsafe impl PhysMem for KernelMem {
     fn frame_ptr(&self, frame: PhysFrame) -> *mut u8 {
         phys_to_virt(frame.start_address().as_u64()) as *mut u8
     }
+
+    fn reuse_root(&self, kernel: &KernelHalf) -> Option<PhysFrame> {
+        crate::procmem::reuse_root(kernel)
+    }
+
+    fn keep_root(&self, root: PhysFrame, kernel: templates::KernelHalfId) -> bool {
+        crate::procmem::keep_root(root, kernel)
+    }
 }
 
 /// The engine's sealed template on the real MMU.

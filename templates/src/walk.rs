@@ -36,6 +36,7 @@ use crate::entry::{self, span};
 use crate::error::Error;
 use crate::flush::Flush;
 use crate::mem::{PhysMem, frame_at};
+use crate::space::{KernelHalf, KernelHalfId};
 use alloc::vec::Vec;
 use core::marker::PhantomData;
 use raw::ENTRIES;
@@ -175,6 +176,9 @@ pub(crate) struct Tree<M: PhysMem> {
     /// space that copies one of its tables borrows the entries) or a `Mode::Copy` space's
     /// (which borrows nothing). Otherwise a `Mode::Share` space's: `LENT_BIT` means borrowed.
     all_counted: bool,
+    /// The kernel half installed in the root's entries 256..512, if any: such a root is offered
+    /// to [`PhysMem::keep_root`] on drop, its lower half cleared.
+    kernel: Option<KernelHalfId>,
 }
 
 impl<M: PhysMem> Tree<M> {
@@ -184,6 +188,7 @@ impl<M: PhysMem> Tree<M> {
             mem: mem.clone(),
             root: alloc_table(mem)?,
             all_counted,
+            kernel: None,
         })
     }
 
@@ -196,19 +201,36 @@ impl<M: PhysMem> Tree<M> {
     /// A space's tree whose root's upper half is `kernel`, installed verbatim in entries
     /// 256..512 — the engine never follows, counts, changes or frees them (invariant 6) — and
     /// whose lower half is empty; `all_counted` for a `Mode::Copy` space. Each byte of the root
-    /// is written once: this is on the spawn path.
+    /// is written once, and none if the memory hands back a root kept from a dropped space
+    /// ([`PhysMem::reuse_root`]: already in that state): this is on the spawn path.
     pub(crate) fn with_kernel(
         mem: &M,
-        kernel: &[u64; 256],
+        kernel: &KernelHalf,
         all_counted: bool,
     ) -> Result<Self, Error> {
-        let root = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
-        raw::zero_entries(mem, root, 0, LOWER_L4);
-        raw::write_entries(mem, root, LOWER_L4, kernel);
+        let root = match mem.reuse_root(kernel) {
+            Some(root) => {
+                debug_assert!(
+                    raw::entries(mem, root, 0..LOWER_L4).all(|(_, e)| e == 0)
+                        && raw::entries(mem, root, LOWER_L4..ENTRIES)
+                            .zip(kernel.entries())
+                            .all(|((_, e), k)| e == *k),
+                    "a reused root is an empty one with this kernel half"
+                );
+                root
+            }
+            None => {
+                let root = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+                raw::zero_entries(mem, root, 0, LOWER_L4);
+                raw::write_entries(mem, root, LOWER_L4, kernel.entries());
+                root
+            }
+        };
         Ok(Tree {
             mem: mem.clone(),
             root,
             all_counted,
+            kernel: Some(kernel.id()),
         })
     }
 
@@ -254,7 +276,25 @@ impl<M: PhysMem> Drop for Tree<M> {
     fn drop(&mut self) {
         // Releases entries 0..256 only: the kernel half is never followed. A space's borrowed
         // entries are skipped: its templates, dropped after it, release them (invariant 11).
-        release_table(&self.mem, self.root, 4, self.all_counted);
+        let Some(kernel) = self.kernel else {
+            release_table(&self.mem, self.root, 4, self.all_counted);
+            return;
+        };
+        // A space's root: its tree's alone (no template or other tree points at a root).
+        let mem = &self.mem;
+        debug_assert_eq!(mem.ref_count(self.root), 1, "a root is its tree's alone");
+        for (i, e) in raw::entries(mem, self.root, 0..LOWER_L4) {
+            if entry::present(e) {
+                if counted(e, self.all_counted) {
+                    release_entry(mem, e, 4, self.all_counted);
+                }
+                raw::write(mem, self.root, i, 0);
+            }
+        }
+        // The lower half is empty again, the kernel half as installed: the memory may keep it.
+        if !mem.keep_root(self.root, kernel) {
+            mem.dec_ref(self.root);
+        }
     }
 }
 

@@ -443,6 +443,61 @@ fn kernel_half_is_copied_verbatim_and_never_followed() {
 }
 
 #[test]
+fn a_dropped_space_root_is_reused_empty_and_only_with_its_kernel_half() {
+    let m = mem();
+    m.keep_roots(1);
+    let mut entries: [PageTableEntry; 256] = core::array::from_fn(|_| PageTableEntry::new());
+    entries[3].set_addr(PhysAddr::new(0x7777_0000_0000), PageTableFlags::PRESENT);
+    let k = Box::new(KernelHalf::new(&entries));
+    let other = Box::new(KernelHalf::new(&entries));
+    let t = small_template(&m);
+    for mode in both_modes() {
+        // A space that attached a template, wrote a private page and mapped a stack: several
+        // entries of its root's lower half in use when it is dropped.
+        let mut a = AddressSpace::new(&m, &[&t], mode, Some(&k)).unwrap();
+        let x = BASE + 0x10_0000;
+        write_u64(&mut a, &m, x, 9).unwrap();
+        a.map(va(0x7f00_0000_0000), 2 * 4096, Perm::RW, "stack", true)
+            .unwrap()
+            .ignore();
+        let root = a.root();
+        let in_use = m.frames_in_use();
+        drop(a);
+        assert_eq!(m.kept_roots(), vec![root], "the root is kept, not freed");
+        // Everything below the root went: only the root itself is still allocated.
+        assert!(m.frames_in_use() < in_use);
+        // A space with another kernel half does not get it.
+        let c = AddressSpace::new(&m, &[&t], mode, Some(&other)).unwrap();
+        assert_ne!(c.root(), root);
+        assert_eq!(m.kept_roots(), vec![root]);
+        drop(c);
+        m.trim_roots();
+        // Nor does a space without one; and a space with `k` gets it, empty (SimMem checks the
+        // lower half is zero and the kernel half intact when it hands it out).
+        let mut a = AddressSpace::new(&m, &[&t], mode, Some(&k)).unwrap();
+        let root = a.root();
+        drop(a);
+        assert_eq!(m.kept_roots(), vec![root]);
+        let n = AddressSpace::new(&m, &[&t], mode, None).unwrap();
+        assert_ne!(n.root(), root);
+        drop(n);
+        a = AddressSpace::new(&m, &[&t], mode, Some(&k)).unwrap();
+        assert_eq!(a.root(), root, "reused");
+        assert!(m.kept_roots().is_empty());
+        assert_eq!(entry(&m, a.root(), 259), 0x7777_0000_0000 | 1);
+        // It works as a fresh one: the template's page reads as sealed, the write is private.
+        assert_eq!(read_u64(&mut a, &m, x), Ok(0));
+        write_u64(&mut a, &m, x, 5).unwrap();
+        assert_eq!(read_u64(&mut a, &m, x), Ok(5));
+        check_counts(&m, &[&a], &[&t], &[]);
+        drop(a);
+        m.trim_roots();
+    }
+    drop(t);
+    assert_eq!(m.frames_in_use(), 0);
+}
+
+#[test]
 fn share_spawn_is_flat_copy_spawn_is_linear() {
     let m = mem();
     let alias = pattern_frame(&m, 1);
