@@ -498,21 +498,52 @@ impl<M: PhysMem> AddressSpace<M> {
         {
             return Ok((t, Flush::None));
         }
-        // Every leaf lies in a region (the engine maps none outside one).
+        // Every leaf lies in a region (the engine maps none outside one). Only a writable leaf
+        // can change, so only its region is looked up; leaves come in address order, so the
+        // region of the last lookup is tried first.
         let regions: &[Region] = &self.regions;
-        let bits = |va: u64, e: u64| match find(regions, va) {
-            Some(r) if r.kind == Kind::Private && entry::writable(e) => {
-                entry::with_write(e, false, true)
+        let last = core::cell::Cell::new(0usize);
+        let bits = |va: u64, e: u64| {
+            if !entry::writable(e) {
+                return e;
             }
-            _ => e,
+            let r = match regions.get(last.get()).filter(|r| r.contains(va)) {
+                Some(r) => Some(r),
+                None => {
+                    let i = regions.partition_point(|r| r.end <= va);
+                    last.set(i);
+                    regions.get(i).filter(|r| r.contains(va))
+                }
+            };
+            match r {
+                Some(r) if r.kind == Kind::Private => entry::with_write(e, false, true),
+                _ => e,
+            }
         };
+        // The newest held snapshot that this one replaces (its ranges are covered: it is dropped
+        // below if a table is lent), if nothing but this space holds it: its references move
+        // into the new template instead of being taken anew and then dropped with it.
+        let spawned = self.spawned;
+        let covered_by_walk = |old: &[(u64, u64)]| {
+            old.iter()
+                .all(|&(s, e)| walk.iter().any(|&(ns, ne)| ns <= s && e <= ne))
+        };
+        let mut replaced = self.templates[spawned..]
+            .iter_mut()
+            .rev()
+            .find(|t| covered_by_walk(t.snapshot_ranges()))
+            .and_then(|t| t.sole_tree())
+            .map(|t| t.cursor());
         // Build the template's tables; dropped (and released) on any error. Every entry of the
         // new tree is counted (invariant 11).
         let mut tree = Tree::template(self.tree.mem())?;
-        let (flush, lent) = self
-            .tree
-            .cursor()
-            .snapshot_into(&mut tree.cursor(), &walk, &bits)?;
+        let (flush, lent) = self.tree.cursor().snapshot_into(
+            &mut tree.cursor(),
+            &walk,
+            &bits,
+            replaced.as_mut(),
+        )?;
+        drop(replaced);
         let regions: Vec<Region> = clipped(&self.regions, rs).collect();
         let t = Template::from_snapshot(tree, regions, walk.into_owned());
         if lent {

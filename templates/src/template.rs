@@ -420,6 +420,13 @@ impl<M: PhysMem> Template<M> {
             .collect()
     }
 
+    /// The template's tree to write, if this handle is the only one (no clone, no space holds
+    /// it): only a snapshot that is about to drop it uses this, to move its references into the
+    /// snapshot that replaces it (`AddressSpace::snapshot`). Nothing else can see the tables then.
+    pub(crate) fn sole_tree(&mut self) -> Option<&mut Tree<M>> {
+        Arc::get_mut(&mut self.inner).map(|i| &mut i.tree)
+    }
+
     /// The ranges a snapshot was taken of (empty for a built template).
     pub(crate) fn snapshot_ranges(&self) -> &[(u64, u64)] {
         &self.inner.ranges

@@ -965,6 +965,75 @@ fn snapshot_work_is_what_changed_not_the_template_size() {
     assert!(seen[0].accesses.abs_diff(seen[1].accesses) <= 3, "{seen:?}");
 }
 
+/// Re-sealing after a write when the previous snapshot is held by the space alone (a zygote whose
+/// children are gone): the new snapshot takes over the old one's references on the written path
+/// instead of taking new ones that dropping the old one gives back. Same translations, same
+/// counts and no leak as when someone else still holds the old snapshot (nothing moves then).
+#[test]
+fn a_reseal_takes_over_the_references_of_the_snapshot_it_replaces() {
+    const HEAP: u64 = 0x7f80_0000_0000;
+    let whole = [(va(HEAP), 512 * GIB)];
+    let mut seen = Vec::new();
+    for keep_old in [false, true] {
+        let m = mem();
+        let alias = pattern_frame(&m, 3);
+        let mut b = TemplateBuilder::new(&m);
+        b.add(
+            RegionSpec::new("heap", HEAP, GIB, Kind::Private)
+                .backing(Backing::Alias(alias.start_address())),
+        )
+        .unwrap();
+        let t = b.seal().unwrap();
+        let mut z = AddressSpace::new(&m, &[&t], Mode::Share, None).unwrap();
+        let (a, b2) = (HEAP + 5 * 4096, HEAP + 9 * 4096);
+        write_u64(&mut z, &m, a, 1).unwrap();
+        let (s1, _) = z.snapshot(&whole).unwrap();
+        // A child of the first snapshot that ended, or (keep_old) one still running.
+        let mut kid = Some(AddressSpace::new(&m, &[&s1], Mode::Share, None).unwrap());
+        let old = keep_old.then(|| s1.clone());
+        drop(s1);
+        if !keep_old {
+            kid = None;
+        }
+        write_u64(&mut z, &m, b2, 2).unwrap();
+        let (r, w) = work(&m, || z.snapshot(&whole).unwrap());
+        let (s2, f) = r;
+        assert_eq!(f, Flush::All);
+        assert_eq!(
+            z.held_templates().count(),
+            2,
+            "the spawn template and the new snapshot"
+        );
+        // Both writes are in the new snapshot, copy-on-write in the space and in a child of it.
+        let mut c = AddressSpace::new(&m, &[&s2], Mode::Share, None).unwrap();
+        assert_eq!(read_u64(&mut c, &m, a), Ok(1));
+        assert_eq!(read_u64(&mut c, &m, b2), Ok(2));
+        assert_eq!(read_u64(&mut c, &m, HEAP), Ok(pattern(3, 0)));
+        write_u64(&mut c, &m, a, 7).unwrap();
+        assert_eq!(read_u64(&mut z, &m, a), Ok(1));
+        write_u64(&mut z, &m, b2, 8).unwrap();
+        assert_eq!(read_u64(&mut c, &m, b2), Ok(2));
+        let mut held: Vec<&Template<SimMem>> = vec![&t, &s2];
+        held.extend(old.iter());
+        if let Some(mut kid) = kid {
+            // The old snapshot's child still sees the first write only.
+            assert_eq!(read_u64(&mut kid, &m, a), Ok(1));
+            assert_eq!(read_u64(&mut kid, &m, b2), Ok(pattern(3, 0)));
+            check_counts(&m, &[&z, &c, &kid], &held, &[alias]);
+            drop(kid);
+        } else {
+            check_counts(&m, &[&z, &c], &held, &[alias]);
+        }
+        drop((z, c, t, s2, old));
+        m.dec_ref(alias);
+        assert_eq!(m.frames_in_use(), 0, "nothing leaked");
+        seen.push(w);
+    }
+    // Moved: no reference taken on the written path (its L1 alone has 511 borrowed leaves).
+    assert!(seen[0].inc_refs <= 4, "{seen:?}");
+    assert!(seen[1].inc_refs >= 511, "{seen:?}");
+}
+
 /// Invariant 12: a template's table referenced by a later snapshot has two counted owners, and
 /// whichever is dropped last releases it and what it holds, in any order.
 #[test]
