@@ -134,6 +134,13 @@ enum Op {
         sp: usize,
         ranges: Vec<(usize, u64)>,
     },
+    /// A zygote's re-seal: snapshot `sp`, then drop the template at once, so that only the
+    /// space holds it (if it took the space's tables) and the space's next snapshot of ranges
+    /// covering these replaces it, taking its references over.
+    Reseal {
+        sp: usize,
+        ranges: Vec<(usize, u64)>,
+    },
     /// One step of a fork chain: snapshot `sp` (again at once if `twice`: in a `Share` space
     /// that holds the first snapshot, the second must be that template, `Flush::None`), then
     /// spawn a space from the snapshot alone.
@@ -245,6 +252,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (sp.clone(), access_page(), len_pages()).prop_map(|(sp, page, pages)| Op::Unmap { sp, page, pages }),
         3 => (sp.clone(), access_page(), len_pages(), perm()).prop_map(|(sp, page, pages, perm)| Op::Protect { sp, page, pages, perm }),
         3 => (sp.clone(), snapshot_ranges()).prop_map(|(sp, ranges)| Op::Snapshot { sp, ranges }),
+        2 => (sp.clone(), snapshot_ranges()).prop_map(|(sp, ranges)| Op::Reseal { sp, ranges }),
         3 => (sp.clone(), snapshot_ranges(), any::<bool>(), mode())
             .prop_map(|(sp, ranges, twice, mode)| Op::Fork { sp, ranges, twice, mode }),
         1 => sp.prop_map(|sp| Op::DropSpace { sp }),
@@ -586,6 +594,16 @@ impl World {
                     Err(Error::SplitsHugePage { .. }) => assert!(split),
                     Err(Error::OutOfFrames) => self.oom_ok(),
                     Err(e) => panic!("snapshot: {e:?}"),
+                }
+            }
+            Op::Reseal { sp, ranges } => {
+                let n = self.templates.len();
+                self.run(&Op::Snapshot {
+                    sp: *sp,
+                    ranges: ranges.clone(),
+                });
+                if self.templates.len() > n {
+                    self.templates.pop();
                 }
             }
             Op::DropSpace { sp } => {
