@@ -171,8 +171,27 @@ impl Top {
     }
 }
 
+/// While set, dropped top tables and roots are freed, not kept (`release_unkept`).
+static NO_KEEP: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Drops a spawn's space and top table without keeping any of their frames in the caches: a
+/// spawn taken back because it ate into the kernel heap's reserve gives every frame back.
+/// Interrupts are off meanwhile (so no other space is dropped while the caches are skipped).
+pub(crate) fn release_unkept(space: AddressSpace<KernelMem>, top: Top) {
+    crate::arch::irq::without(|_| {
+        NO_KEEP.store(true, core::sync::atomic::Ordering::Relaxed);
+        drop(space);
+        drop(top);
+        NO_KEEP.store(false, core::sync::atomic::Ordering::Relaxed);
+    });
+}
+
 impl Drop for Top {
     fn drop(&mut self) {
+        if NO_KEEP.load(core::sync::atomic::Ordering::Relaxed) {
+            frames().dec_ref((self.frame.start_address().as_u64() / PAGE_SIZE) as usize);
+            return;
+        }
         let mut cache = TOP_CACHE.lock();
         if cache.len() < TOP_CACHE_MAX && cache.try_reserve(1).is_ok() {
             cache.push(self.frame);
@@ -216,7 +235,7 @@ pub(crate) fn reuse_root(kernel: &templates::KernelHalf) -> Option<PhysFrame> {
 /// kernel half every libos space gets and there is room; true if kept.
 pub(crate) fn keep_root(root: PhysFrame, kernel: templates::KernelHalfId) -> bool {
     let half = crate::space::kernel_half();
-    if kernel != half.id() {
+    if kernel != half.id() || NO_KEEP.load(core::sync::atomic::Ordering::Relaxed) {
         return false;
     }
     let mut cache = ROOT_CACHE.lock();

@@ -86,8 +86,9 @@ pub unsafe trait PhysMem: Clone {
     /// and cleared them), entries 256..512 as the engine installed them, except for whatever the
     /// implementation's own user wrote there (the engine never writes them: invariant 6). `true`:
     /// the implementation keeps it (the reference is now its own) and may hand it out again from
-    /// `reuse_root` once entries 256..512 are that kernel half's again; `false` (the default): the
-    /// engine frees it.
+    /// `reuse_root` once entries 256..512 are that kernel half's again (including the bits a CPU
+    /// sets in entries it walks: preset `ACCESSED` in the kernel half, or rewrite them); `false`
+    /// (the default): the engine frees it.
     fn keep_root(&self, root: PhysFrame, kernel: KernelHalfId) -> bool {
         let _ = (root, kernel);
         false

@@ -210,13 +210,20 @@ impl<M: PhysMem> Tree<M> {
     ) -> Result<Self, Error> {
         let root = match mem.reuse_root(kernel) {
             Some(root) => {
-                debug_assert!(
-                    raw::entries(mem, root, 0..LOWER_L4).all(|(_, e)| e == 0)
-                        && raw::entries(mem, root, LOWER_L4..ENTRIES)
-                            .zip(kernel.entries())
-                            .all(|((_, e), k)| e == *k),
-                    "a reused root is an empty one with this kernel half"
-                );
+                if cfg!(debug_assertions) {
+                    let bad = raw::entries(mem, root, 0..ENTRIES).find(|&(i, e)| {
+                        e != if i < LOWER_L4 {
+                            0
+                        } else {
+                            kernel.entries()[i - LOWER_L4]
+                        }
+                    });
+                    if let Some((i, e)) = bad {
+                        panic!(
+                            "a reused root is not an empty one with this kernel half: entry {i} is {e:#x}"
+                        );
+                    }
+                }
                 root
             }
             None => {

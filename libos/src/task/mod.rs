@@ -264,8 +264,7 @@ impl Builder {
         }) {
             Ok(h) => h,
             Err((space, top, stack, entry)) => {
-                crate::arch::irq::without(|_| drop(space));
-                drop(top);
+                crate::procmem::release_unkept(space, top);
                 crate::stack::release(stack);
                 drop(entry);
                 return Err(SpawnError::OutOfMemory);

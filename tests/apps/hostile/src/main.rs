@@ -374,6 +374,12 @@ fn spawn_reserve() -> Result<(), String> {
             task::sleep(core::time::Duration::from_secs(3600));
             0
         };
+        // Seal main's memory first (what the spawn's fork point would do: the push below wrote
+        // it), so that `before` counts what the spawn itself takes: a refused spawn gives back
+        // all of it, but not the snapshot its fork point made of main, which main keeps.
+        if libos::process::seal().is_err() {
+            return check(false, "sealing main's memory before a spawn");
+        }
         let before = libos::free_frames();
         match task::spawn(&[], sleeper) {
             Ok(h) => {
