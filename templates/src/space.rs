@@ -543,7 +543,6 @@ impl<M: PhysMem> AddressSpace<M> {
             &bits,
             replaced.as_mut(),
         )?;
-        drop(replaced);
         let regions: Vec<Region> = clipped(&self.regions, rs).collect();
         let t = Template::from_snapshot(tree, regions, walk.into_owned());
         if lent {
