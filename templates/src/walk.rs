@@ -1110,7 +1110,8 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
             }
             let at = va + i as u64 * span(level);
             let old = from.map_or(0, |f| raw::read(mem, f, i));
-            let moved = self.borrowed(e) && old == e;
+            let borrowed = self.borrowed(e);
+            let moved = borrowed && old == e;
             if moved {
                 // The replaced template's reference, which its drop would give back: the new
                 // template takes it over instead of taking one more.
@@ -1119,14 +1120,14 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
             let new = if entry::is_leaf(e, level) {
                 let b = bits(at, e);
                 changed |= b != e;
-                if self.borrowed(e) && !moved {
+                if borrowed && !moved {
                     // The template counts every entry: take the reference it did not hold.
                     retain_leaf(mem, e, level);
                 }
                 b
             } else {
                 let child = frame_at(entry::addr(e));
-                if self.borrowed(e) {
+                if borrowed {
                     if !moved {
                         mem.inc_ref(child);
                     }
@@ -1140,7 +1141,10 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
                 }
                 e
             };
-            raw::write(mem, table, i, new | entry::LENT);
+            if new | entry::LENT != e {
+                // A borrowed entry already is a template's, as it stays: no need to write it.
+                raw::write(mem, table, i, new | entry::LENT);
+            }
         }
         changed
     }

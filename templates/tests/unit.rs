@@ -965,6 +965,34 @@ fn snapshot_work_is_what_changed_not_the_template_size() {
     assert!(seen[0].accesses.abs_diff(seen[1].accesses) <= 3, "{seen:?}");
 }
 
+/// A template claims exactly the 1 GiB slots its regions touch, across 512 GiB ranges and
+/// word boundaries of the slot bitmaps (2 MiB pages over one aliased run, to stay small).
+#[test]
+fn a_template_claims_exactly_the_slots_its_regions_touch() {
+    let m = mem();
+    let run = m.alloc_huge_frame().unwrap();
+    let mut b = TemplateBuilder::new(&m);
+    // Slots 62..=65 of range 0 (a word boundary at 64) and 510..=513 (ranges 0 and 1).
+    for (name, slot, n) in [("a", 62u64, 4u64), ("b", 510, 4)] {
+        b.add(
+            RegionSpec::new(
+                name,
+                slot * GIB + MIB2 * 511,
+                (n - 2) * GIB + 2 * MIB2,
+                Kind::ReadOnly,
+            )
+            .huge()
+            .backing(Backing::Alias(run.start_address())),
+        )
+        .unwrap();
+    }
+    let t = b.seal().unwrap();
+    assert_eq!(t.slots(), vec![62, 63, 64, 65, 510, 511, 512, 513]);
+    drop(t);
+    m.dec_ref_huge(run);
+    assert_eq!(m.frames_in_use(), 0);
+}
+
 /// Re-sealing after a write when the previous snapshot is held by the space alone (a zygote whose
 /// children are gone): the new snapshot takes over the old one's references on the written path
 /// instead of taking new ones that dropping the old one gives back. Same translations, same
