@@ -13,7 +13,8 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
 use ::x86_64::registers::control::Cr3Flags;
-use ::x86_64::structures::paging::{PageTable, PhysFrame, Size2MiB};
+use ::x86_64::structures::paging::page_table::PageTableEntry;
+use ::x86_64::structures::paging::{PageTable, PageTableFlags, PhysFrame, Size2MiB};
 use ::x86_64::{PhysAddr, VirtAddr};
 use templates::{Access, AddressSpace, Backing, Flush, KernelHalf, PhysMem, RegionSpec};
 
@@ -74,6 +75,14 @@ unsafe impl PhysMem for KernelMem {
 
     fn frame_ptr(&self, frame: PhysFrame) -> *mut u8 {
         phys_to_virt(frame.start_address().as_u64()) as *mut u8
+    }
+
+    fn reuse_root(&self, kernel: &KernelHalf) -> Option<PhysFrame> {
+        crate::procmem::reuse_root(kernel)
+    }
+
+    fn keep_root(&self, root: PhysFrame, kernel: templates::KernelHalfId) -> bool {
+        crate::procmem::keep_root(root, kernel)
     }
 }
 
@@ -584,7 +593,17 @@ pub(crate) fn kernel_half() -> &'static KernelHalf {
         // SAFETY: the kernel L4 is a live table reached through the direct map; we only read it.
         let l4 =
             unsafe { &*(phys_to_virt(kernel_root().start_address().as_u64()) as *const PageTable) };
-        KernelHalf::from_table(l4)
+        // `ACCESSED` preset on every present entry, so that no CPU ever writes the kernel half of
+        // a task's root (it sets that bit in an entry it walks): a kept root's upper half is
+        // still exactly this when it is reused (`PhysMem::reuse_root`).
+        let entries: [PageTableEntry; 256] = core::array::from_fn(|i| {
+            let mut e = l4[256 + i].clone();
+            if e.flags().contains(PageTableFlags::PRESENT) {
+                e.set_flags(e.flags() | PageTableFlags::ACCESSED);
+            }
+            e
+        });
+        KernelHalf::new(&entries)
     })
 }
 

@@ -69,7 +69,7 @@ pub use entry::{COW_BIT, LENT_BIT, PIECE_BIT};
 pub use error::{Error, Fault, Name};
 pub use flush::Flush;
 pub use mem::PhysMem;
-pub use space::{Access, AddressSpace, KernelHalf, Mode};
+pub use space::{Access, AddressSpace, KernelHalf, KernelHalfId, Mode};
 pub use template::Translation;
 pub use template::{
     Backing, Kind, PageSize, Perm, Region, RegionSpec, Template, TemplateBuilder, TemplateStats,

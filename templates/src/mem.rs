@@ -1,5 +1,6 @@
 //! The physical-memory abstraction: the only way the engine reaches frames.
 
+use crate::space::{KernelHalf, KernelHalfId};
 use x86_64::PhysAddr;
 use x86_64::structures::paging::{PhysFrame, Size2MiB};
 
@@ -71,6 +72,27 @@ pub unsafe trait PhysMem: Clone {
     }
     /// Where the frame's 4096 bytes can be read and written.
     fn frame_ptr(&self, frame: PhysFrame) -> *mut u8;
+    /// A root table for a new space with the kernel half `kernel`, from the ones
+    /// [`keep_root`](Self::keep_root) kept: count 1, entries 0..256 zero and entries 256..512
+    /// exactly `kernel`'s. The engine then writes none of its 512 entries (a fresh root costs a
+    /// fill of all of them: this is the spawn path). `None` (the default: nothing is kept) makes
+    /// the engine allocate and fill one.
+    fn reuse_root(&self, kernel: &KernelHalf) -> Option<PhysFrame> {
+        let _ = kernel;
+        None
+    }
+    /// Offered the root of a space being dropped, made with the kernel half whose identity is
+    /// `kernel`: count 1 (the space's reference), entries 0..256 zero again (the engine released
+    /// and cleared them), entries 256..512 as the engine installed them, except for whatever the
+    /// implementation's own user wrote there (the engine never writes them: invariant 6). `true`:
+    /// the implementation keeps it (the reference is now its own) and may hand it out again from
+    /// `reuse_root` once entries 256..512 are that kernel half's again (including the bits a CPU
+    /// sets in entries it walks: preset `ACCESSED` in the kernel half, or rewrite them); `false`
+    /// (the default): the engine frees it.
+    fn keep_root(&self, root: PhysFrame, kernel: KernelHalfId) -> bool {
+        let _ = (root, kernel);
+        false
+    }
 }
 
 pub(crate) fn frame_at(addr: u64) -> PhysFrame {

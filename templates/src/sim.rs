@@ -7,7 +7,7 @@
 
 use crate::entry;
 use crate::mem::PhysMem;
-use crate::space::Access;
+use crate::space::{Access, KernelHalf, KernelHalfId};
 use crate::walk::raw;
 use alloc::boxed::Box;
 use alloc::rc::Rc;
@@ -53,6 +53,10 @@ struct Book {
     free_huge: Vec<usize>,
     allocs: u64,
     fail_at: Option<u64>,
+    /// Roots of dropped spaces kept for reuse (`keep_root`), with their kernel half's identity.
+    roots: Vec<(PhysFrame, KernelHalfId)>,
+    /// How many roots `keep_root` keeps at most (0: none, the default).
+    roots_max: usize,
 }
 
 impl Drop for Inner {
@@ -111,6 +115,8 @@ impl SimMem {
                 free_huge: Vec::new(),
                 allocs: 0,
                 fail_at: None,
+                roots: Vec::new(),
+                roots_max: 0,
             }),
             accesses: Cell::new(0),
             inc_refs: Cell::new(0),
@@ -128,6 +134,26 @@ impl SimMem {
     /// Change the budget (frames in use may exceed it; allocation then fails).
     pub fn set_budget(&self, budget: usize) {
         self.inner.book.borrow_mut().budget = budget;
+    }
+
+    /// Keep up to `max` roots of dropped spaces for reuse (`PhysMem::keep_root` /
+    /// `reuse_root`, as libos does); 0 (the default) keeps none. Kept roots stay allocated
+    /// (count 1): see [`kept_roots`](Self::kept_roots) and [`trim_roots`](Self::trim_roots).
+    pub fn keep_roots(&self, max: usize) {
+        self.inner.book.borrow_mut().roots_max = max;
+    }
+
+    /// The roots kept for reuse now.
+    pub fn kept_roots(&self) -> Vec<PhysFrame> {
+        self.inner.book.borrow().roots.iter().map(|r| r.0).collect()
+    }
+
+    /// Frees every kept root.
+    pub fn trim_roots(&self) {
+        let roots = core::mem::take(&mut self.inner.book.borrow_mut().roots);
+        for (r, _) in roots {
+            self.dec_ref(r);
+        }
     }
 
     /// Make the `n`-th allocation from now (1-based) fail, once. `None` cancels.
@@ -297,6 +323,38 @@ unsafe impl PhysMem for SimMem {
         let c = &self.inner.counts[i];
         c.set(c.get().checked_add(1).expect("reference count overflow"));
         self.inner.inc_refs.set(self.inner.inc_refs.get() + 1);
+    }
+
+    fn reuse_root(&self, kernel: &KernelHalf) -> Option<PhysFrame> {
+        let id = kernel.id();
+        let root = {
+            let mut b = self.inner.book.borrow_mut();
+            let at = b.roots.iter().rposition(|r| r.1 == id)?;
+            b.roots.swap_remove(at).0
+        };
+        // What the contract promises the engine, checked: the engine cleared the lower half
+        // when it gave the root back, and never wrote the kernel half.
+        let w = self.words(root);
+        assert!(
+            w[..256].iter().all(|&e| e == 0),
+            "a kept root's lower half is not empty"
+        );
+        assert_eq!(
+            &w[256..],
+            &kernel.entries()[..],
+            "a kept root's kernel half changed"
+        );
+        assert_eq!(self.ref_count(root), 1, "a kept root has one reference");
+        Some(root)
+    }
+
+    fn keep_root(&self, root: PhysFrame, kernel: KernelHalfId) -> bool {
+        let mut b = self.inner.book.borrow_mut();
+        if b.roots.len() >= b.roots_max {
+            return false;
+        }
+        b.roots.push((root, kernel));
+        true
     }
 
     fn dec_ref(&self, f: PhysFrame) -> u32 {

@@ -9,6 +9,7 @@ use crate::template::{Kind, PageSize, Perm, Region, Template, Translation, check
 use crate::walk::{SpaceStats, Tree};
 use alloc::borrow::Cow;
 use alloc::vec::Vec;
+use smallvec::SmallVec;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::page_table::{PageTable, PageTableEntry};
 use x86_64::{PhysAddr, VirtAddr};
@@ -42,7 +43,25 @@ pub struct KernelHalf {
     entries: [u64; 256],
 }
 
+/// Which [`KernelHalf`] a space was made with: its address, as an identity only (never
+/// dereferenced). [`PhysMem::keep_root`] gets it with the root of a dropped space, so an
+/// implementation that keeps roots for reuse ([`PhysMem::reuse_root`]) can tell whose kernel
+/// half is in them. A `KernelHalf` that lives as long as the program (a `static`'s) has an
+/// identity no other one shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KernelHalfId(usize);
+
 impl KernelHalf {
+    /// This kernel half's identity (see [`KernelHalfId`]).
+    pub fn id(&self) -> KernelHalfId {
+        KernelHalfId(core::ptr::from_ref(self) as usize)
+    }
+
+    /// The 256 raw entries (L4 entries 256..512).
+    pub fn entries(&self) -> &[u64; 256] {
+        &self.entries
+    }
+
     /// From the 256 upper entries of an L4.
     pub fn new(entries: &[PageTableEntry; 256]) -> Self {
         let mut raw = [0u64; 256];
@@ -72,7 +91,7 @@ pub struct AddressSpace<M: PhysMem> {
     /// templates' tables and frames, which must outlive it (invariant 11).
     /// (The mode is the tree's: a `Mode::Copy` space's counts all its entries.)
     tree: Tree<M>,
-    regions: Vec<Region>,
+    regions: Regions,
     /// The templates the space holds until its tree is gone: they keep alive whatever the tree
     /// borrows (invariant 11). First the `spawned` ones attached at spawn, held for the space's
     /// whole life; then the snapshots of this space that took its own tables over (invariant
@@ -80,9 +99,13 @@ pub struct AddressSpace<M: PhysMem> {
     /// contain all of an earlier held one's drops the earlier one (the later template counts
     /// everything the tree borrows there), so snapshotting the same ranges again and again
     /// holds one.
-    templates: Vec<Template<M>>,
+    templates: SmallVec<[Template<M>; 4]>,
     spawned: usize,
 }
+
+/// A space's regions, sorted by address: inline for the usual few (a task's heap and statics, an
+/// app template's regions), so that spawning allocates nothing for them.
+type Regions = SmallVec<[Region; 4]>;
 
 impl<M: PhysMem> AddressSpace<M> {
     /// A new space with `templates` attached (their claimed 1 GiB slots must be disjoint) and the
@@ -115,7 +138,7 @@ impl<M: PhysMem> AddressSpace<M> {
         // A `Copy` space counts every entry and borrows nothing (invariant 11).
         let copy = mode == Mode::Copy;
         let mut tree = match kernel {
-            Some(k) => Tree::with_kernel(mem, &k.entries, copy)?,
+            Some(k) => Tree::with_kernel(mem, k, copy)?,
             None => Tree::new(mem, copy)?,
         };
         let mut c = tree.cursor();
@@ -150,12 +173,13 @@ impl<M: PhysMem> AddressSpace<M> {
                 }
             }
         }
-        let mut regions: Vec<Region> = templates
+        let mut regions: Regions = templates
             .iter()
             .flat_map(|t| t.regions().iter().cloned())
             .collect();
         regions.sort_by_key(|r| r.start);
-        let templates: Vec<Template<M>> = templates.iter().map(|t| (*t).clone()).collect();
+        let templates: SmallVec<[Template<M>; 4]> =
+            templates.iter().map(|t| (*t).clone()).collect();
         Ok(AddressSpace {
             tree,
             regions,
@@ -474,21 +498,51 @@ impl<M: PhysMem> AddressSpace<M> {
         {
             return Ok((t, Flush::None));
         }
-        // Every leaf lies in a region (the engine maps none outside one).
-        let regions = &self.regions;
-        let bits = |va: u64, e: u64| match find(regions, va) {
-            Some(r) if r.kind == Kind::Private && entry::writable(e) => {
-                entry::with_write(e, false, true)
+        // Every leaf lies in a region (the engine maps none outside one). Only a writable leaf
+        // can change, so only its region is looked up; leaves come in address order, so the
+        // region of the last lookup is tried first.
+        let regions: &[Region] = &self.regions;
+        let last = core::cell::Cell::new(0usize);
+        let bits = |va: u64, e: u64| {
+            if !entry::writable(e) {
+                return e;
             }
-            _ => e,
+            let r = match regions.get(last.get()).filter(|r| r.contains(va)) {
+                Some(r) => Some(r),
+                None => {
+                    let i = regions.partition_point(|r| r.end <= va);
+                    last.set(i);
+                    regions.get(i).filter(|r| r.contains(va))
+                }
+            };
+            match r {
+                Some(r) if r.kind == Kind::Private => entry::with_write(e, false, true),
+                _ => e,
+            }
         };
+        // The newest held snapshot that this one replaces (its ranges are covered: it is dropped
+        // below if a table is lent), if nothing but this space holds it: its references move
+        // into the new template instead of being taken anew and then dropped with it.
+        let spawned = self.spawned;
+        let covered_by_walk = |old: &[(u64, u64)]| {
+            old.iter()
+                .all(|&(s, e)| walk.iter().any(|&(ns, ne)| ns <= s && e <= ne))
+        };
+        let mut replaced = self.templates[spawned..]
+            .iter_mut()
+            .rev()
+            .find(|t| covered_by_walk(t.snapshot_ranges()))
+            .and_then(|t| t.sole_tree())
+            .map(|t| t.cursor());
         // Build the template's tables; dropped (and released) on any error. Every entry of the
         // new tree is counted (invariant 11).
         let mut tree = Tree::template(self.tree.mem())?;
-        let (flush, lent) = self
-            .tree
-            .cursor()
-            .snapshot_into(&mut tree.cursor(), &walk, &bits)?;
+        let (flush, lent) = self.tree.cursor().snapshot_into(
+            &mut tree.cursor(),
+            &walk,
+            &bits,
+            replaced.as_mut(),
+        )?;
         let regions: Vec<Region> = clipped(&self.regions, rs).collect();
         let t = Template::from_snapshot(tree, regions, walk.into_owned());
         if lent {
@@ -606,7 +660,9 @@ fn same_regions(regions: &[Region], ranges: &[(u64, u64)], theirs: &[Region]) ->
             } = t;
             let same = *start == r.start.max(s)
                 && *end == r.end.min(e)
-                && *name == r.name
+                // The same name is most often the same allocation (a snapshot's regions are
+                // clones of the space's): no need to compare the bytes then.
+                && (alloc::sync::Arc::ptr_eq(name, &r.name) || *name == r.name)
                 && *kind == r.kind
                 && *perm == r.perm
                 && *demand_zero == r.demand_zero
@@ -637,8 +693,8 @@ fn check_huge_split(regions: &[Region], start: u64, end: u64) -> Result<(), Erro
 }
 
 /// Remove `start..end` from `regions`; returns the removed pieces.
-fn carve(regions: &mut Vec<Region>, start: u64, end: u64) -> Vec<Region> {
-    let mut kept = Vec::with_capacity(regions.len() + 1);
+fn carve(regions: &mut Regions, start: u64, end: u64) -> Vec<Region> {
+    let mut kept = Regions::with_capacity(regions.len() + 1);
     let mut removed = Vec::new();
     for r in regions.drain(..) {
         if r.end <= start || end <= r.start {

@@ -383,8 +383,14 @@ impl<M: PhysMem> Template<M> {
     ) -> Self {
         let mut claims: Vec<Claim> = Vec::new();
         for r in &regions {
-            for s in (r.start / SIZE_1G)..=((r.end - 1) / SIZE_1G) {
-                let (l4, j) = ((s >> 9) as usize, (s & 511) as usize);
+            // The region's 1 GiB slots, a run per 512 GiB range, set a word at a time (a
+            // task's heap region spans 256 slots: this is on the re-seal's path).
+            let last = (r.end - 1) / SIZE_1G;
+            let mut s = r.start / SIZE_1G;
+            while s <= last {
+                let l4 = (s >> 9) as usize;
+                let range_last = s | 511;
+                let (j0, j1) = ((s & 511) as usize, (last.min(range_last) & 511) as usize);
                 let at = match claims.iter().position(|c| c.l4 == l4) {
                     Some(at) => at,
                     None => {
@@ -392,7 +398,12 @@ impl<M: PhysMem> Template<M> {
                         claims.len() - 1
                     }
                 };
-                claims[at].bits[j / 64] |= 1 << (j % 64);
+                for w in j0 / 64..=j1 / 64 {
+                    let lo = if w == j0 / 64 { j0 % 64 } else { 0 };
+                    let hi = if w == j1 / 64 { j1 % 64 } else { 63 };
+                    claims[at].bits[w] |= (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+                }
+                s = range_last + 1;
             }
         }
         claims.sort_unstable_by_key(|c| c.l4);
@@ -418,6 +429,13 @@ impl<M: PhysMem> Template<M> {
         claims
             .flat_map(|c| c.slots().map(move |j| ((c.l4 as u64) << 9) | j as u64))
             .collect()
+    }
+
+    /// The template's tree to write, if this handle is the only one (no clone, no space holds
+    /// it): only a snapshot that is about to drop it uses this, to move its references into the
+    /// snapshot that replaces it (`AddressSpace::snapshot`). Nothing else can see the tables then.
+    pub(crate) fn sole_tree(&mut self) -> Option<&mut Tree<M>> {
+        Arc::get_mut(&mut self.inner).map(|i| &mut i.tree)
     }
 
     /// The ranges a snapshot was taken of (empty for a built template).

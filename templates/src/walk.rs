@@ -36,6 +36,7 @@ use crate::entry::{self, span};
 use crate::error::Error;
 use crate::flush::Flush;
 use crate::mem::{PhysMem, frame_at};
+use crate::space::{KernelHalf, KernelHalfId};
 use alloc::vec::Vec;
 use core::marker::PhantomData;
 use raw::ENTRIES;
@@ -175,6 +176,9 @@ pub(crate) struct Tree<M: PhysMem> {
     /// space that copies one of its tables borrows the entries) or a `Mode::Copy` space's
     /// (which borrows nothing). Otherwise a `Mode::Share` space's: `LENT_BIT` means borrowed.
     all_counted: bool,
+    /// The kernel half installed in the root's entries 256..512, if any: such a root is offered
+    /// to [`PhysMem::keep_root`] on drop, its lower half cleared.
+    kernel: Option<KernelHalfId>,
 }
 
 impl<M: PhysMem> Tree<M> {
@@ -184,6 +188,7 @@ impl<M: PhysMem> Tree<M> {
             mem: mem.clone(),
             root: alloc_table(mem)?,
             all_counted,
+            kernel: None,
         })
     }
 
@@ -196,19 +201,43 @@ impl<M: PhysMem> Tree<M> {
     /// A space's tree whose root's upper half is `kernel`, installed verbatim in entries
     /// 256..512 — the engine never follows, counts, changes or frees them (invariant 6) — and
     /// whose lower half is empty; `all_counted` for a `Mode::Copy` space. Each byte of the root
-    /// is written once: this is on the spawn path.
+    /// is written once, and none if the memory hands back a root kept from a dropped space
+    /// ([`PhysMem::reuse_root`]: already in that state): this is on the spawn path.
     pub(crate) fn with_kernel(
         mem: &M,
-        kernel: &[u64; 256],
+        kernel: &KernelHalf,
         all_counted: bool,
     ) -> Result<Self, Error> {
-        let root = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
-        raw::zero_entries(mem, root, 0, LOWER_L4);
-        raw::write_entries(mem, root, LOWER_L4, kernel);
+        let root = match mem.reuse_root(kernel) {
+            Some(root) => {
+                if cfg!(debug_assertions) {
+                    let bad = raw::entries(mem, root, 0..ENTRIES).find(|&(i, e)| {
+                        e != if i < LOWER_L4 {
+                            0
+                        } else {
+                            kernel.entries()[i - LOWER_L4]
+                        }
+                    });
+                    if let Some((i, e)) = bad {
+                        panic!(
+                            "a reused root is not an empty one with this kernel half: entry {i} is {e:#x}"
+                        );
+                    }
+                }
+                root
+            }
+            None => {
+                let root = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+                raw::zero_entries(mem, root, 0, LOWER_L4);
+                raw::write_entries(mem, root, LOWER_L4, kernel.entries());
+                root
+            }
+        };
         Ok(Tree {
             mem: mem.clone(),
             root,
             all_counted,
+            kernel: Some(kernel.id()),
         })
     }
 
@@ -254,7 +283,25 @@ impl<M: PhysMem> Drop for Tree<M> {
     fn drop(&mut self) {
         // Releases entries 0..256 only: the kernel half is never followed. A space's borrowed
         // entries are skipped: its templates, dropped after it, release them (invariant 11).
-        release_table(&self.mem, self.root, 4, self.all_counted);
+        let Some(kernel) = self.kernel else {
+            release_table(&self.mem, self.root, 4, self.all_counted);
+            return;
+        };
+        // A space's root: its tree's alone (no template or other tree points at a root).
+        let mem = &self.mem;
+        debug_assert_eq!(mem.ref_count(self.root), 1, "a root is its tree's alone");
+        for (i, e) in raw::entries(mem, self.root, 0..LOWER_L4) {
+            if entry::present(e) {
+                if counted(e, self.all_counted) {
+                    release_entry(mem, e, 4, self.all_counted);
+                }
+                raw::write(mem, self.root, i, 0);
+            }
+        }
+        // The lower half is empty again, the kernel half as installed: the memory may keep it.
+        if !mem.keep_root(self.root, kernel) {
+            mem.dec_ref(self.root);
+        }
     }
 }
 
@@ -902,11 +949,20 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
     /// (invisible); then, allocating nothing, rewrite those leaves and lend the owned tables.
     /// Returns the flush for this tree (`Flush::All` if a leaf lost `WRITABLE`, else
     /// `Flush::None`) and whether a table was lent.
+    ///
+    /// `replaced`: the cursor of a template tree that is dropped right after this snapshot if it
+    /// lends a table, and that nothing else can reach (its template's only handle). Where a
+    /// table being lent borrows an entry that the same position of `replaced` holds, through
+    /// tables only `replaced` reaches (count 1 all the way down from its root), the reference
+    /// moves: `replaced`'s entry is cleared instead of the new template taking one more, which
+    /// `replaced`'s drop would then give back. So re-sealing after a write costs the entries of
+    /// the tables on the written path once, not twice plus the old template's release.
     pub(crate) fn snapshot_into(
         &mut self,
         dst: &mut CursorMut<'_, M>,
         ranges: &[(u64, u64)],
         bits: &dyn Fn(u64, u64) -> u64,
+        mut replaced: Option<&mut CursorMut<'_, M>>,
     ) -> Result<(Flush, bool), Error> {
         debug_assert!(dst.all_counted, "a snapshot builds a template's tree");
         let mut plan = SnapshotPlan {
@@ -933,7 +989,10 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
         let lent = !plan.lend.is_empty();
         for &(s, i, d, level, va) in &plan.lend {
             let e = raw::read(mem, s, i);
-            changed |= self.lend_subtree(frame_at(entry::addr(e)), level - 1, va, bits);
+            let from = replaced
+                .as_deref_mut()
+                .and_then(|r| r.sole_table(va, level - 1));
+            changed |= self.lend_subtree(frame_at(entry::addr(e)), level - 1, va, bits, from);
             // The template's entry takes the space's reference; the space's is borrowed now.
             raw::write(mem, d, i, e | entry::LENT);
             raw::write(mem, s, i, e | entry::LENT);
@@ -1031,12 +1090,17 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
     /// and everything it owns below into a template's tables, in place (see
     /// [`snapshot_into`](Self::snapshot_into)). Allocates nothing. Returns whether a leaf's
     /// bits changed (lost `WRITABLE`).
+    ///
+    /// `from`: the table at the same position of a replaced template's tree that only that
+    /// template reaches (see [`snapshot_into`](Self::snapshot_into)); a borrowed entry equal to
+    /// its entry there takes that reference over (the entry there is cleared).
     fn lend_subtree(
         &self,
         table: PhysFrame,
         level: u8,
         va: u64,
         bits: &dyn Fn(u64, u64) -> u64,
+        from: Option<PhysFrame>,
     ) -> bool {
         let mem = self.mem;
         let mut changed = false;
@@ -1045,27 +1109,68 @@ impl<'a, M: PhysMem> CursorMut<'a, M> {
                 continue;
             }
             let at = va + i as u64 * span(level);
+            let old = from.map_or(0, |f| raw::read(mem, f, i));
+            let borrowed = self.borrowed(e);
+            let moved = borrowed && old == e;
+            if moved {
+                // The replaced template's reference, which its drop would give back: the new
+                // template takes it over instead of taking one more.
+                raw::write(mem, from.expect("`old` is 0 without `from`"), i, 0);
+            }
             let new = if entry::is_leaf(e, level) {
                 let b = bits(at, e);
                 changed |= b != e;
-                if self.borrowed(e) {
+                if borrowed && !moved {
                     // The template counts every entry: take the reference it did not hold.
                     retain_leaf(mem, e, level);
                 }
                 b
             } else {
                 let child = frame_at(entry::addr(e));
-                if self.borrowed(e) {
-                    mem.inc_ref(child);
+                if borrowed {
+                    if !moved {
+                        mem.inc_ref(child);
+                    }
                 } else {
                     debug_assert_eq!(mem.ref_count(child), 1, "an owned table");
-                    changed |= self.lend_subtree(child, level - 1, at, bits);
+                    // The replaced template's table at the same position, if only it reaches it.
+                    let below = (entry::present(old) && !entry::is_leaf(old, level))
+                        .then(|| frame_at(entry::addr(old)))
+                        .filter(|&c| mem.ref_count(c) == 1);
+                    changed |= self.lend_subtree(child, level - 1, at, bits, below);
                 }
                 e
             };
-            raw::write(mem, table, i, new | entry::LENT);
+            if new | entry::LENT != e {
+                // A borrowed entry already is a template's, as it stays: no need to write it.
+                raw::write(mem, table, i, new | entry::LENT);
+            }
         }
         changed
+    }
+
+    /// The table at `level` on `va`'s path in this tree (a replaced template's), if every table
+    /// on the path, root included, has count 1: reached by this tree alone, so its entries are
+    /// released when the tree is dropped.
+    fn sole_table(&mut self, va: u64, level: u8) -> Option<PhysFrame> {
+        let mem = self.mem;
+        let mut table = self.root;
+        if mem.ref_count(table) != 1 {
+            return None;
+        }
+        let mut l = 4u8;
+        while l > level {
+            let e = raw::read(mem, table, entry::index(va, l));
+            if !entry::present(e) || entry::is_leaf(e, l) {
+                return None;
+            }
+            table = frame_at(entry::addr(e));
+            if mem.ref_count(table) != 1 {
+                return None;
+            }
+            l -= 1;
+        }
+        Some(table)
     }
 
     /// Phase 1 of removing `start..end` (4 KiB aligned): unshare every table that the range

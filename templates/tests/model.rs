@@ -134,6 +134,13 @@ enum Op {
         sp: usize,
         ranges: Vec<(usize, u64)>,
     },
+    /// A zygote's re-seal: snapshot `sp`, then drop the template at once, so that only the
+    /// space holds it (if it took the space's tables) and the space's next snapshot of ranges
+    /// covering these replaces it, taking its references over.
+    Reseal {
+        sp: usize,
+        ranges: Vec<(usize, u64)>,
+    },
     /// One step of a fork chain: snapshot `sp` (again at once if `twice`: in a `Share` space
     /// that holds the first snapshot, the second must be that template, `Flush::None`), then
     /// spawn a space from the snapshot alone.
@@ -245,6 +252,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (sp.clone(), access_page(), len_pages()).prop_map(|(sp, page, pages)| Op::Unmap { sp, page, pages }),
         3 => (sp.clone(), access_page(), len_pages(), perm()).prop_map(|(sp, page, pages, perm)| Op::Protect { sp, page, pages, perm }),
         3 => (sp.clone(), snapshot_ranges()).prop_map(|(sp, ranges)| Op::Snapshot { sp, ranges }),
+        2 => (sp.clone(), snapshot_ranges()).prop_map(|(sp, ranges)| Op::Reseal { sp, ranges }),
         3 => (sp.clone(), snapshot_ranges(), any::<bool>(), mode())
             .prop_map(|(sp, ranges, twice, mode)| Op::Fork { sp, ranges, twice, mode }),
         1 => sp.prop_map(|sp| Op::DropSpace { sp }),
@@ -277,6 +285,20 @@ struct World {
     trace: Vec<String>,
     /// Content key of each test frame (by physical address).
     keys: HashMap<u64, u64>,
+    /// The kernel half every space gets (boxed: its identity is its address), as in libos, whose
+    /// memory reuses the roots of dropped spaces (`SimMem::keep_roots`).
+    kernel: Box<KernelHalf>,
+}
+
+/// A kernel half as the model's spaces get it: two entries that point at frames the simulated
+/// memory does not have (following one would panic), the rest empty.
+fn model_kernel_half() -> Box<KernelHalf> {
+    use x86_64::structures::paging::PageTableFlags as F;
+    use x86_64::structures::paging::page_table::PageTableEntry;
+    let mut entries: [PageTableEntry; 256] = core::array::from_fn(|_| PageTableEntry::new());
+    entries[0].set_addr(PhysAddr::new(0x7777_0000_0000), F::PRESENT | F::WRITABLE);
+    entries[255].set_addr(PhysAddr::new(0x1000), F::PRESENT | F::GLOBAL);
+    Box::new(KernelHalf::new(&entries))
 }
 
 /// The words of a test frame with content key `key` (independent of physical addresses, so
@@ -330,7 +352,7 @@ impl World {
                 }
                 let ts: Vec<&Template<SimMem>> =
                     idx.iter().map(|&i| &self.templates[i].t).collect();
-                match AddressSpace::new(&self.m, &ts, *mode, None) {
+                match AddressSpace::new(&self.m, &ts, *mode, Some(&self.kernel)) {
                     Ok(s) => {
                         assert!(!conflict, "spawn should have failed with a slot conflict");
                         let mut pages = BTreeMap::new();
@@ -574,6 +596,16 @@ impl World {
                     Err(e) => panic!("snapshot: {e:?}"),
                 }
             }
+            Op::Reseal { sp, ranges } => {
+                let n = self.templates.len();
+                self.run(&Op::Snapshot {
+                    sp: *sp,
+                    ranges: ranges.clone(),
+                });
+                if self.templates.len() > n {
+                    self.templates.pop();
+                }
+            }
             Op::DropSpace { sp } => {
                 if let Some(i) = self.sp(*sp) {
                     self.spaces.remove(i);
@@ -813,7 +845,9 @@ impl World {
         let templates: Vec<&Template<SimMem>> = self.templates.iter().map(|t| &t.t).collect();
         // Templates dropped by the test stay alive while a space spawned from them lives:
         // `check_counts` adds the ones the spaces hold.
-        let ext: Vec<PhysFrame> = self.external.iter().map(|e| e.0).collect();
+        let mut ext: Vec<PhysFrame> = self.external.iter().map(|e| e.0).collect();
+        // Roots of dropped spaces the memory keeps for reuse: one reference each, nothing below.
+        ext.extend(self.m.kept_roots());
         check_counts(&self.m, &spaces, &templates, &ext);
     }
 }
@@ -829,6 +863,7 @@ fn splits(pages: &BTreeMap<u64, MPage>, b: u64) -> bool {
 /// allocations made and the number of out-of-frames errors seen.
 fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>, u64, usize) {
     let m = SimMem::new(1 << 16);
+    m.keep_roots(2);
     let mut w = World {
         m: m.clone(),
         templates: vec![],
@@ -838,6 +873,7 @@ fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>,
         ooms: 0,
         trace: vec![],
         keys: HashMap::new(),
+        kernel: model_kernel_half(),
     };
     m.fail_nth_alloc(fail_at);
     for op in builds.iter().chain(ops) {
@@ -860,6 +896,7 @@ fn run_program(builds: &[Op], ops: &[Op], fail_at: Option<u64>) -> (Vec<String>,
     } = w;
     drop(spaces);
     drop(templates);
+    m.trim_roots();
     for (f, huge) in external {
         if huge {
             m.dec_ref_huge(PhysFrame::containing_address(f.start_address()));

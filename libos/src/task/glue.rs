@@ -293,6 +293,11 @@ pub(super) type Unspawned = (
 /// every kernel-heap object it needs exist, before anything can run it: interrupts stay off) says
 /// so; else the task is taken back and its space and stack are returned for the caller to
 /// release.
+#[allow(
+    clippy::result_large_err,
+    reason = "the error hands the task's parts back on the rare out-of-memory path, once; boxing \
+              them would allocate on that path"
+)]
 pub(super) fn spawn(
     space: AddressSpace<KernelMem>,
     top: crate::procmem::Top,

@@ -172,8 +172,8 @@ fn snapshot_k(ranges: &[(u64, u64)]) -> Result<Template, templates::Error> {
     .map(Template::from_engine)
 }
 
-/// Returns the frames of cached task stacks (freed but still mapped) and top tables to the frame
-/// allocator, so that a leak check compares like with like.
+/// Returns the frames of cached task stacks (freed but still mapped), top tables and root tables
+/// to the frame allocator, so that a leak check compares like with like.
 ///
 /// ```no_run
 /// libos::task::trim_caches();

@@ -269,8 +269,7 @@ impl Builder {
         }) {
             Ok(h) => h,
             Err((space, top, stack, entry)) => {
-                crate::arch::irq::without(|_| drop(space));
-                top.discard();
+                crate::procmem::release_unkept(space, top);
                 crate::stack::release(stack);
                 drop(entry);
                 return Err(SpawnError::OutOfMemory);

@@ -387,11 +387,12 @@ fn spawn_reserve() -> Result<(), String> {
             task::sleep(core::time::Duration::from_secs(3600));
             0
         };
-        // Sealed first, so the spawn's own snapshot of main's memory is the unchanged one (it
-        // takes no frame): what a refused spawn leaves is then exactly what it took. (Without
-        // it, the snapshot of main's last write stays held by main: a few frames that depend
-        // on where that write fell, not on the spawn.)
-        let _ = libos::process::seal();
+        // Seal main's memory first (what the spawn's fork point would do: the push below wrote
+        // it), so that `before` counts what the spawn itself takes: a refused spawn gives back
+        // all of it, but not the snapshot its fork point made of main, which main keeps.
+        if libos::process::seal().is_err() {
+            return check(false, "sealing main's memory before a spawn");
+        }
         let before = frames_and_heap();
         match task::spawn(&[], sleeper) {
             Ok(h) => {
