@@ -1017,7 +1017,7 @@ pub enum SharedError {
         /// The task that ended holding it.
         task: u64,
     },
-    /// Another task holds the lock ([`Shared::try_lock`] only).
+    /// Another task holds the lock ([`Shared::try_with`] only).
     Busy {
         /// The task holding it.
         holder: u64,
