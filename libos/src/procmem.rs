@@ -171,24 +171,21 @@ impl Top {
     }
 }
 
-/// While set, dropped top tables and roots are freed, not kept (`release_unkept`).
-static NO_KEEP: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-
 /// Drops a spawn's space and top table without keeping any of their frames in the caches: a
 /// spawn taken back because it ate into the kernel heap's reserve gives every frame back.
 /// Interrupts are off meanwhile (so no other space is dropped while the caches are skipped).
 pub(crate) fn release_unkept(space: AddressSpace<KernelMem>, top: Top) {
     crate::arch::irq::without(|_| {
-        NO_KEEP.store(true, core::sync::atomic::Ordering::Relaxed);
+        crate::space::NO_KEEP.store(true, core::sync::atomic::Ordering::Relaxed);
         drop(space);
         drop(top);
-        NO_KEEP.store(false, core::sync::atomic::Ordering::Relaxed);
+        crate::space::NO_KEEP.store(false, core::sync::atomic::Ordering::Relaxed);
     });
 }
 
 impl Drop for Top {
     fn drop(&mut self) {
-        if NO_KEEP.load(core::sync::atomic::Ordering::Relaxed) {
+        if crate::space::NO_KEEP.load(core::sync::atomic::Ordering::Relaxed) {
             frames().dec_ref((self.frame.start_address().as_u64() / PAGE_SIZE) as usize);
             return;
         }
@@ -206,51 +203,11 @@ impl Drop for Top {
 /// Gives the cached top tables and root tables back to the frame allocator
 /// (`task::trim_caches`).
 pub(crate) fn trim_top_cache() {
-    for cache in [&TOP_CACHE, &ROOT_CACHE] {
-        let frames_back: alloc::vec::Vec<PhysFrame> = core::mem::take(&mut *cache.lock());
-        for f in frames_back {
-            frames().dec_ref((f.start_address().as_u64() / PAGE_SIZE) as usize);
-        }
+    let frames_back: alloc::vec::Vec<PhysFrame> = core::mem::take(&mut *TOP_CACHE.lock());
+    for f in frames_back {
+        frames().dec_ref((f.start_address().as_u64() / PAGE_SIZE) as usize);
     }
-}
-
-/// Root tables of dropped spaces, kept for reuse (`PhysMem::reuse_root`): each one's lower half
-/// is empty (the engine cleared it) and its upper half is the kernel half's exactly, so a spawn
-/// that takes one writes none of its 512 entries.
-static ROOT_CACHE: crate::arch::irq::IrqMutex<alloc::vec::Vec<PhysFrame>> =
-    crate::arch::irq::IrqMutex::new(alloc::vec::Vec::new());
-/// Root tables kept at most.
-const ROOT_CACHE_MAX: usize = 64;
-
-/// A kept root table for a space with the kernel half `kernel`: only for the one every libos
-/// space gets ([`crate::space::kernel_half`]), whose roots are the only ones kept.
-pub(crate) fn reuse_root(kernel: &templates::KernelHalf) -> Option<PhysFrame> {
-    if !core::ptr::eq(kernel, crate::space::kernel_half()) {
-        return None;
-    }
-    ROOT_CACHE.lock().pop()
-}
-
-/// Keeps the root of a dropped space made with `kernel` (its lower half empty) if it is the
-/// kernel half every libos space gets and there is room; true if kept.
-pub(crate) fn keep_root(root: PhysFrame, kernel: templates::KernelHalfId) -> bool {
-    let half = crate::space::kernel_half();
-    if kernel != half.id() || NO_KEEP.load(core::sync::atomic::Ordering::Relaxed) {
-        return false;
-    }
-    let mut cache = ROOT_CACHE.lock();
-    if cache.len() >= ROOT_CACHE_MAX || cache.try_reserve(1).is_err() {
-        return false;
-    }
-    // SAFETY: `root` is the dropped space's, whose only reference the engine hands over here;
-    // no CPU has it loaded (its task ended, or its `Space` was left), so this write of its
-    // entry 511 (which `Top::install` pointed at the task's top table) through the direct map
-    // is the only access. Entry 511 is the kernel half's again, as the kept roots must be.
-    unsafe {
-        *table(root.start_address().as_u64()).add(511) = half.entries()[511 - 256];
-    }
-    cache.push(root);
-    true
+    crate::space::trim_root_cache();
 }
 
 /// The engine's entry for the shadow slot under `root` (L4 255, L3 511), or 0 if absent.

@@ -78,11 +78,64 @@ unsafe impl PhysMem for KernelMem {
     }
 
     fn reuse_root(&self, kernel: &KernelHalf) -> Option<PhysFrame> {
-        crate::procmem::reuse_root(kernel)
+        reuse_root(kernel)
     }
 
     fn keep_root(&self, root: PhysFrame, kernel: templates::KernelHalfId) -> bool {
-        crate::procmem::keep_root(root, kernel)
+        keep_root(root, kernel)
+    }
+}
+
+/// While set, dropped top tables (`procmem::Top`) and roots are freed, not kept
+/// (`procmem::release_unkept`).
+pub(crate) static NO_KEEP: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
+
+/// Root tables of dropped spaces, kept for reuse (`PhysMem::reuse_root`): each one's lower half
+/// is empty (the engine cleared it) and its upper half is the kernel half's exactly, so a spawn
+/// that takes one writes none of its 512 entries.
+static ROOT_CACHE: crate::arch::irq::IrqMutex<alloc::vec::Vec<PhysFrame>> =
+    crate::arch::irq::IrqMutex::new(alloc::vec::Vec::new());
+/// Root tables kept at most.
+const ROOT_CACHE_MAX: usize = 64;
+
+/// A kept root table for a space with the kernel half `kernel`: only for the one every libos
+/// space gets ([`kernel_half`]), whose roots are the only ones kept.
+fn reuse_root(kernel: &templates::KernelHalf) -> Option<PhysFrame> {
+    if !core::ptr::eq(kernel, kernel_half()) {
+        return None;
+    }
+    ROOT_CACHE.lock().pop()
+}
+
+/// Keeps the root of a dropped space made with `kernel` (its lower half empty) if it is the
+/// kernel half every libos space gets and there is room; true if kept.
+fn keep_root(root: PhysFrame, kernel: templates::KernelHalfId) -> bool {
+    let half = kernel_half();
+    if kernel != half.id() || NO_KEEP.load(core::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    let mut cache = ROOT_CACHE.lock();
+    if cache.len() >= ROOT_CACHE_MAX || cache.try_reserve(1).is_err() {
+        return false;
+    }
+    // SAFETY: `root` is the dropped space's, whose only reference the engine hands over here;
+    // no CPU has it loaded (its task ended, or its `Space` was left), so this write of its
+    // entry 511 (which `Top::install` pointed at the task's top table) through the direct map
+    // is the only access. Entry 511 is the kernel half's again, as the kept roots must be.
+    unsafe {
+        *(phys_to_virt(root.start_address().as_u64()) as *mut u64).add(511) =
+            half.entries()[511 - 256];
+    }
+    cache.push(root);
+    true
+}
+
+/// Gives the kept root tables back to the frame allocator (`task::trim_caches`).
+pub(crate) fn trim_root_cache() {
+    let frames_back: Vec<PhysFrame> = core::mem::take(&mut *ROOT_CACHE.lock());
+    for f in frames_back {
+        frames().dec_ref(pfn(f));
     }
 }
 

@@ -59,6 +59,7 @@ extern crate alloc;
 pub mod entry;
 mod error;
 mod flush;
+mod half;
 mod mem;
 pub mod sim;
 mod space;

@@ -1,6 +1,6 @@
 //! The physical-memory abstraction: the only way the engine reaches frames.
 
-use crate::space::{KernelHalf, KernelHalfId};
+use crate::half::{KernelHalf, KernelHalfId};
 use x86_64::PhysAddr;
 use x86_64::structures::paging::{PhysFrame, Size2MiB};
 

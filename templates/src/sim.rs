@@ -6,8 +6,9 @@
 //! by the kernel.
 
 use crate::entry;
+use crate::half::{KernelHalf, KernelHalfId};
 use crate::mem::PhysMem;
-use crate::space::{Access, KernelHalf, KernelHalfId};
+use crate::space::Access;
 use crate::walk::raw;
 use alloc::boxed::Box;
 use alloc::rc::Rc;

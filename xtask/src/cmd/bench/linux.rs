@@ -34,6 +34,16 @@ pub const GUEST_MEM: &str = "3G";
 /// `-no-reboot` turns into QEMU exiting (no silent hang).
 pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet panic=-1 transparent_hugepage=always";
 
+/// What is unpacked from the kernel package for the NIC (GNU tar wildcards; used by
+/// `linux_net`): every virtio transport and core module, virtio-net and the failover modules it
+/// depends on.
+pub const MODULE_PATTERNS: [&str; 4] = [
+    "./lib/modules/*/kernel/drivers/virtio/*.ko",
+    "./lib/modules/*/kernel/drivers/net/virtio_net.ko",
+    "./lib/modules/*/kernel/drivers/net/net_failover.ko",
+    "./lib/modules/*/kernel/net/core/failover.ko",
+];
+
 /// Sizes the peer is asked to measure (all fit in the 3 GiB guest).
 pub const SIZES: &str = "2M,16M,128M,1G";
 
@@ -150,7 +160,7 @@ pub fn kernel(dir: &Path) -> Result<PathBuf> {
     let deb = download(dir, &package)?;
     // The NIC modules of httpbench's Linux guest come from the same package (a few files).
     let mut patterns = vec!["./boot/*"];
-    patterns.extend(super::linux_net::MODULE_PATTERNS);
+    patterns.extend(MODULE_PATTERNS);
     unpack(&deb, dir, &patterns)?;
     let _ = std::fs::remove_file(&deb);
     find_vmlinuz(dir).with_context(|| format!("{} holds no ./boot/vmlinuz-*", deb.display()))

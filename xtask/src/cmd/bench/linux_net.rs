@@ -34,14 +34,7 @@ pub use super::linux::kernel;
 /// The package name of linux-httpd (and its binary).
 pub const HTTPD: &str = "linux-httpd";
 
-/// What is unpacked from the kernel package for the NIC (GNU tar wildcards): every virtio
-/// transport and core module, virtio-net and the failover modules it depends on.
-pub const MODULE_PATTERNS: [&str; 4] = [
-    "./lib/modules/*/kernel/drivers/virtio/*.ko",
-    "./lib/modules/*/kernel/drivers/net/virtio_net.ko",
-    "./lib/modules/*/kernel/drivers/net/net_failover.ko",
-    "./lib/modules/*/kernel/net/core/failover.ko",
-];
+pub use super::linux::MODULE_PATTERNS;
 
 /// The modules the NIC needs on `machine` (their dependencies are added by [`load_order`]).
 pub fn nic_modules(machine: Machine) -> [&'static str; 2] {
