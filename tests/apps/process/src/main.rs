@@ -42,6 +42,7 @@ fn check(ok: bool, what: &str) -> Result<(), &'static str> {
     }
 }
 
+/// The warm state of both zygotes here (this file's and `requests`'s).
 struct State {
     map: HashMap<String, String>,
     list: Vec<String>,
@@ -55,13 +56,18 @@ fn value(i: u32) -> String {
     format!("value-{}", i.wrapping_mul(2_654_435_761) % 1_000_003)
 }
 
-fn warm() -> State {
-    let mut map = HashMap::with_capacity(ENTRIES as usize);
-    for i in 0..ENTRIES {
+/// A state of `entries` map entries and `items` list items.
+fn warm_sized(entries: u32, items: u32) -> State {
+    let mut map = HashMap::with_capacity(entries as usize);
+    for i in 0..entries {
         map.insert(key(i), value(i));
     }
-    let list = (0..1000).map(|i| format!("item {i}")).collect();
+    let list = (0..items).map(|i| format!("item {i}")).collect();
     State { map, list }
+}
+
+fn warm() -> State {
+    warm_sized(ENTRIES, 1000)
 }
 
 /// What child `n` does with the state; its exit code is a checksum the zygote recomputes.

@@ -33,7 +33,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use hashbrown::HashMap;
+use super::{State, key, value, warm_sized};
 use libos::channel::{self, Receiver, Sender};
 use libos::handle;
 use libos::println;
@@ -132,26 +132,8 @@ fn way(n: u32) -> Way {
 /// One request's ways repeat with this period (every way at least once).
 const PERIOD: u32 = 10 * 3 * 10;
 
-struct State {
-    map: HashMap<String, String>,
-    list: Vec<String>,
-}
-
-fn key(i: u32) -> String {
-    format!("key-{i}")
-}
-
-fn value(i: u32) -> String {
-    format!("value-{}", i.wrapping_mul(2_654_435_761) % 1_000_003)
-}
-
 fn warm() -> State {
-    let mut map = HashMap::with_capacity(ENTRIES as usize);
-    for i in 0..ENTRIES {
-        map.insert(key(i), value(i));
-    }
-    let list = (0..ITEMS).map(|i| format!("item {i}")).collect();
-    State { map, list }
+    warm_sized(ENTRIES, ITEMS)
 }
 
 /// The zygote's state as `warm` made it, and its statics as it left them.
